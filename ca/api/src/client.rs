@@ -1,0 +1,1 @@
+//! HTTPS client for the CA API (written next).

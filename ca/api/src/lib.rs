@@ -1,0 +1,14 @@
+//! Types and checks shared by every Palisade component: SPIFFE identities, certificate
+//! reading, the policy model and its evaluation, the CA API's wire types, and (feature
+//! `client`) an HTTPS client for that API. No component depends on another's server code.
+
+pub mod cert;
+pub mod policy;
+pub mod spiffe;
+pub mod tls;
+pub mod wire;
+
+#[cfg(feature = "client")]
+pub mod client;
+
+pub use spiffe::SpiffeId;

@@ -1,0 +1,62 @@
+//! The one crypto choke point, and chain verification built on rustls's WebPKI verifiers.
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::{CertificateDer, UnixTime};
+
+use crate::cert::{CertError, spiffe_id_from_cert};
+use crate::spiffe::SpiffeId;
+
+/// The ALPN protocol of mesh connections between proxies.
+pub const MESH_ALPN: &[u8] = b"palisade/1";
+
+/// The rustls crypto provider every Palisade component uses. Nothing else names a provider.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// Installs [`crypto_provider`] as the process default (for libraries that ask for it).
+pub fn install_default_provider() {
+    let _ = CryptoProvider::install_default((*crypto_provider()).clone());
+}
+
+/// A root store holding every root of a trust bundle.
+pub fn root_store(bundle: &[CertificateDer<'static>]) -> Result<RootCertStore, CertError> {
+    let mut roots = RootCertStore::empty();
+    for root in bundle {
+        roots
+            .add(root.clone())
+            .map_err(|e| CertError::Untrusted(format!("trust bundle root is unusable: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(CertError::Untrusted(
+            "the trust bundle holds no root".into(),
+        ));
+    }
+    Ok(roots)
+}
+
+/// Verifies a workload chain (leaf first) against `roots` for client and server use, with
+/// rustls's WebPKI verifier, and returns the leaf's SPIFFE ID.
+pub fn verify_workload_chain(
+    roots: Arc<RootCertStore>,
+    chain: &[CertificateDer<'static>],
+    now: UnixTime,
+) -> Result<SpiffeId, CertError> {
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| CertError::Untrusted("the chain is empty".into()))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, crypto_provider())
+        .build()
+        .map_err(|e| CertError::Untrusted(e.to_string()))?;
+    verifier
+        .verify_client_cert(leaf, intermediates, now)
+        .map_err(|e| CertError::Untrusted(e.to_string()))?;
+    spiffe_id_from_cert(leaf)
+}

@@ -1,0 +1,300 @@
+//! The CA API's wire types: certificate issuance, trust bundle, errors, and the mesh watch.
+//! docs/ca-api.md describes the same shapes for readers.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::InboundPolicy;
+use crate::spiffe::SpiffeId;
+
+pub const PATH_CERTIFICATES: &str = "/v1/certificates";
+pub const PATH_TRUST_BUNDLE: &str = "/v1/trust-bundle";
+pub const PATH_MESH_WATCH: &str = "/v1/mesh/watch";
+
+/// The audience a service-account token must be bound to.
+pub const TOKEN_AUDIENCE: &str = "palisade-ca";
+/// Largest request body the CA reads.
+pub const MAX_REQUEST_BODY_BYTES: usize = 64 * 1024;
+/// Shortest and longest certificate lifetime a caller may ask for, in seconds.
+pub const MIN_TTL_SECONDS: u64 = 5 * 60;
+pub const MAX_TTL_SECONDS: u64 = 24 * 60 * 60;
+
+/// Body of `POST /v1/certificates`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRequest {
+    /// PEM CSR, self-signed by the key the certificate will carry.
+    pub csr: String,
+    /// Requested lifetime; the CA's `--cert-ttl` when absent. Must lie in 5m..24h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// Answer 200 of `POST /v1/certificates`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateResponse {
+    pub spiffe_id: String,
+    /// Leaf PEM first, then the intermediate.
+    pub certificate_chain: Vec<String>,
+    /// Every root PEM the mesh trusts.
+    pub trust_bundle: Vec<String>,
+    /// RFC 3339.
+    pub expires_at: String,
+}
+
+/// Answer of `GET /v1/trust-bundle`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustBundleResponse {
+    pub trust_bundle: Vec<String>,
+}
+
+/// Every error the CA API answers, as `{"error": {"code": ..., "message": ...}}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    // 400
+    MalformedRequest,
+    InvalidCsr,
+    UnsupportedKey,
+    ForbiddenCsrContent,
+    InvalidTtl,
+    InvalidWatchQuery,
+    TlsRequired,
+    // 401
+    MissingToken,
+    InvalidToken,
+    ExpiredToken,
+    WrongAudience,
+    MissingClientCertificate,
+    UntrustedClientCertificate,
+    // 403
+    IdentityMismatch,
+    // 404, 405
+    NotFound,
+    MethodNotAllowed,
+    // 413
+    BodyTooLarge,
+    // 429
+    RateLimited,
+    // 503
+    NotReady,
+    // 500
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn status(self) -> u16 {
+        use ErrorCode::*;
+        match self {
+            MalformedRequest | InvalidCsr | UnsupportedKey | ForbiddenCsrContent | InvalidTtl
+            | InvalidWatchQuery | TlsRequired => 400,
+            MissingToken
+            | InvalidToken
+            | ExpiredToken
+            | WrongAudience
+            | MissingClientCertificate
+            | UntrustedClientCertificate => 401,
+            IdentityMismatch => 403,
+            NotFound => 404,
+            MethodNotAllowed => 405,
+            BodyTooLarge => 413,
+            RateLimited => 429,
+            NotReady => 503,
+            Internal => 500,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            MalformedRequest => "malformed_request",
+            InvalidCsr => "invalid_csr",
+            UnsupportedKey => "unsupported_key",
+            ForbiddenCsrContent => "forbidden_csr_content",
+            InvalidTtl => "invalid_ttl",
+            InvalidWatchQuery => "invalid_watch_query",
+            TlsRequired => "tls_required",
+            MissingToken => "missing_token",
+            InvalidToken => "invalid_token",
+            ExpiredToken => "expired_token",
+            WrongAudience => "wrong_audience",
+            MissingClientCertificate => "missing_client_certificate",
+            UntrustedClientCertificate => "untrusted_client_certificate",
+            IdentityMismatch => "identity_mismatch",
+            NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+            BodyTooLarge => "body_too_large",
+            RateLimited => "rate_limited",
+            NotReady => "not_ready",
+            Internal => "internal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    /// What was wrong and what to do.
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}
+
+/// What a proxy asks the mesh watch about: `?pod_ip=IP&destination=IP&destination=IP…`.
+///
+/// `pod_ip` names the proxy's own workload, whose inbound policy the stream then carries (the
+/// workload must have the identity of the client certificate). Each `destination` asks whether
+/// that address is meshed and which identity it must present.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchQuery {
+    pub pod_ip: Option<IpAddr>,
+    pub destinations: Vec<IpAddr>,
+}
+
+/// The most destinations one watch may ask about.
+pub const MAX_WATCH_DESTINATIONS: usize = 256;
+
+impl WatchQuery {
+    pub fn to_query_string(&self) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        if let Some(ip) = self.pod_ip {
+            parts.push(format!("pod_ip={ip}"));
+        }
+        parts.extend(self.destinations.iter().map(|d| format!("destination={d}")));
+        parts.join("&")
+    }
+
+    pub fn parse(query: &str) -> Result<Self, String> {
+        let mut q = WatchQuery::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+            let ip = || -> Result<IpAddr, String> {
+                value
+                    .parse()
+                    .map_err(|_| format!("{key}={value:?} is not an IP address"))
+            };
+            match key {
+                "pod_ip" if q.pod_ip.is_none() => q.pod_ip = Some(ip()?),
+                "pod_ip" => return Err("pod_ip given twice: a proxy watches one workload".into()),
+                "destination" => q.destinations.push(ip()?),
+                other => {
+                    return Err(format!(
+                        "unknown parameter {other:?}: use pod_ip=<own IP> and destination=<IP> (repeatable)"
+                    ));
+                }
+            }
+        }
+        if q.pod_ip.is_none() && q.destinations.is_empty() {
+            return Err("ask for something: pod_ip=<own IP> and/or destination=<IP>".into());
+        }
+        if q.destinations.len() > MAX_WATCH_DESTINATIONS {
+            return Err(format!(
+                "{} destinations asked; at most {MAX_WATCH_DESTINATIONS} per watch: open another watch",
+                q.destinations.len()
+            ));
+        }
+        q.destinations.sort();
+        q.destinations.dedup();
+        Ok(q)
+    }
+}
+
+/// One line of the mesh watch stream (newline-delimited JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchMessage {
+    /// `snapshot` for the first message, `update` after; every message is complete for what the
+    /// watch asked, so a proxy replaces its state with each one.
+    #[serde(rename = "type")]
+    pub kind: WatchMessageKind,
+    /// Grows with every change of the control plane's state.
+    pub version: u64,
+    /// The inbound policy of the proxy's own workload, when `pod_ip` was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundPolicy>,
+    /// One entry per destination asked, in the order of their addresses.
+    #[serde(default)]
+    pub destinations: Vec<Destination>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchMessageKind {
+    Snapshot,
+    Update,
+}
+
+/// Whether an address is a meshed workload, and the identity it must present.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Destination {
+    pub address: IpAddr,
+    pub meshed: bool,
+    /// Present when `meshed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<SpiffeId>,
+    /// `namespace/name` of the workload, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_shape_is_the_documented_one() {
+        let body = ErrorBody::new(ErrorCode::WrongAudience, "use audience palisade-ca");
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"error":{"code":"wrong_audience","message":"use audience palisade-ca"}}"#
+        );
+        assert_eq!(ErrorCode::WrongAudience.status(), 401);
+        assert_eq!(ErrorCode::BodyTooLarge.status(), 413);
+        let json = serde_json::to_value(ErrorCode::UntrustedClientCertificate).unwrap();
+        assert_eq!(json, ErrorCode::UntrustedClientCertificate.as_str());
+    }
+
+    #[test]
+    fn watch_query_round_trip_and_errors() {
+        let q = WatchQuery::parse(
+            "pod_ip=10.77.0.2&destination=10.77.0.4&destination=10.77.0.3&destination=10.77.0.3",
+        )
+        .unwrap();
+        assert_eq!(q.pod_ip, Some("10.77.0.2".parse().unwrap()));
+        assert_eq!(q.destinations.len(), 2);
+        assert_eq!(WatchQuery::parse(&q.to_query_string()).unwrap(), q);
+        for (bad, expect) in [
+            ("", "ask for something"),
+            ("pod_ip=10.0.0.300", "not an IP address"),
+            ("pod_ip=1.1.1.1&pod_ip=1.1.1.2", "twice"),
+            ("all=true", "unknown parameter"),
+            ("destination", "not key=value"),
+        ] {
+            let err = WatchQuery::parse(bad).unwrap_err();
+            assert!(err.contains(expect), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn certificate_request_refuses_unknown_fields() {
+        let err =
+            serde_json::from_str::<CertificateRequest>(r#"{"csr":"x","spiffe":"y"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"));
+    }
+}

@@ -1,0 +1,1 @@
+//! palisade-injector (see docs/DESIGN.md).

@@ -1,0 +1,232 @@
+//! What every injected pod gets unless an annotation overrides it: the proxy image, how to reach
+//! the CA, sidecar mode and the proxy's resources. Built from the command line (`serve`), checked
+//! once in [`InjectorSettings::validate`], then shared read-only by every review.
+
+use crate::annotations::{self, Quantity, ValueError};
+
+/// Ports and ids of the proxy contract (DESIGN.md, "Proxy").
+pub const PROXY_UID: i64 = 1337;
+pub const INBOUND_PORT: u16 = 15006;
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const ADMIN_PORT: u16 = 15021;
+
+pub const PROXY_CONTAINER: &str = "palisade-proxy";
+pub const INIT_CONTAINER: &str = "palisade-init";
+pub const TOKEN_VOLUME: &str = "palisade-token";
+pub const TRUST_VOLUME: &str = "palisade-trust-anchors";
+pub const TRUST_CONFIGMAP: &str = "palisade-trust-anchors";
+pub const TRUST_KEY: &str = "ca.pem";
+pub const TOKEN_AUDIENCE: &str = "palisade-ca";
+pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
+pub const TOKEN_DIR: &str = "/var/run/palisade/token";
+pub const TRUST_DIR: &str = "/var/run/palisade/trust";
+
+/// The injector's defaults, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectorSettings {
+    pub proxy_image: String,
+    /// `host:port` of the CA, for `PALISADE_CA_ADDR`.
+    pub ca_addr: String,
+    /// DNS name the proxy verifies on the CA's certificate, for `PALISADE_CA_NAME`.
+    pub ca_name: String,
+    /// The proxy as a native sidecar (init container with `restartPolicy: Always`) or, for
+    /// clusters before Kubernetes 1.29, as the first regular container.
+    pub native_sidecar: bool,
+    pub cpu_request: Quantity,
+    pub cpu_limit: Option<Quantity>,
+    pub memory_request: Quantity,
+    pub memory_limit: Quantity,
+    /// `PALISADE_LOG` unless the pod's `palisade.dev/log-level` says otherwise.
+    pub log_level: String,
+}
+
+/// The settings as typed on the command line, before validation.
+#[derive(Debug, Clone)]
+pub struct RawSettings {
+    pub proxy_image: String,
+    pub ca_addr: String,
+    pub ca_name: String,
+    pub native_sidecar: bool,
+    pub cpu_request: String,
+    pub cpu_limit: Option<String>,
+    pub memory_request: String,
+    pub memory_limit: String,
+    pub log_level: String,
+}
+
+impl Default for RawSettings {
+    fn default() -> Self {
+        Self {
+            proxy_image: concat!("palisade-proxy:", env!("CARGO_PKG_VERSION")).to_owned(),
+            ca_addr: "palisade-ca.palisade-system.svc:15012".to_owned(),
+            ca_name: "palisade-ca.palisade-system.svc".to_owned(),
+            native_sidecar: true,
+            cpu_request: "100m".to_owned(),
+            cpu_limit: None,
+            memory_request: "64Mi".to_owned(),
+            memory_limit: "256Mi".to_owned(),
+            log_level: "info".to_owned(),
+        }
+    }
+}
+
+impl RawSettings {
+    /// Checks each value and the relations between them; errors name the flag.
+    pub fn validate(&self) -> Result<InjectorSettings, ValueError> {
+        let flag_error = |flag: &str, value: &str, reason: &str, accepted| ValueError {
+            setting: flag.to_owned(),
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+            accepted,
+        };
+        if self.proxy_image.trim().is_empty() || self.proxy_image.contains(char::is_whitespace)
+        {
+            return Err(flag_error(
+                "--proxy-image",
+                &self.proxy_image,
+                "not an image reference",
+                "an image reference such as \"registry.example/palisade-proxy:0.1.0\"",
+            ));
+        }
+        match self.ca_addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => {
+                return Err(flag_error(
+                    "--ca-addr",
+                    &self.ca_addr,
+                    "not host:port",
+                    "host:port, e.g. \"palisade-ca.palisade-system.svc:15012\"",
+                ));
+            }
+        }
+        if self.ca_name.is_empty() || self.ca_name.contains(|c: char| c.is_whitespace() || c == ':')
+        {
+            return Err(flag_error(
+                "--ca-name",
+                &self.ca_name,
+                "not a DNS name",
+                "the DNS name on the CA's certificate, e.g. \"palisade-ca.palisade-system.svc\"",
+            ));
+        }
+        let settings = InjectorSettings {
+            proxy_image: self.proxy_image.clone(),
+            ca_addr: self.ca_addr.clone(),
+            ca_name: self.ca_name.clone(),
+            native_sidecar: self.native_sidecar,
+            cpu_request: Quantity::cpu("--proxy-cpu-request", &self.cpu_request)?,
+            cpu_limit: self
+                .cpu_limit
+                .as_deref()
+                .map(|v| Quantity::cpu("--proxy-cpu-limit", v))
+                .transpose()?,
+            memory_request: Quantity::memory("--proxy-memory-request", &self.memory_request)?,
+            memory_limit: Quantity::memory("--proxy-memory-limit", &self.memory_limit)?,
+            log_level: annotations::parse_log_level("--proxy-log-level", &self.log_level)?,
+        };
+        settings.resources(None, None).map_err(|e| ValueError {
+            setting: e.setting.replace("palisade.dev/proxy-", "--proxy-"),
+            ..e
+        })?;
+        Ok(settings)
+    }
+}
+
+/// The proxy's resources for one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyResources {
+    pub cpu_request: Quantity,
+    pub cpu_limit: Option<Quantity>,
+    pub memory_request: Quantity,
+    pub memory_limit: Quantity,
+}
+
+impl InjectorSettings {
+    /// Resources with a pod's overrides applied. A request above its limit would make the API
+    /// server reject the pod with a message about our container, so it is refused here with
+    /// one about the annotation instead.
+    pub fn resources(
+        &self,
+        cpu_request: Option<&Quantity>,
+        memory_limit: Option<&Quantity>,
+    ) -> Result<ProxyResources, ValueError> {
+        let resources = ProxyResources {
+            cpu_request: cpu_request.unwrap_or(&self.cpu_request).clone(),
+            cpu_limit: self.cpu_limit.clone(),
+            memory_request: self.memory_request.clone(),
+            memory_limit: memory_limit.unwrap_or(&self.memory_limit).clone(),
+        };
+        if let Some(limit) = &resources.cpu_limit
+            && resources.cpu_request.milli > limit.milli
+        {
+            return Err(ValueError {
+                setting: annotations::PROXY_CPU_REQUEST.to_owned(),
+                value: resources.cpu_request.text.clone(),
+                reason: format!("it is above the proxy's CPU limit {}", limit.text),
+                accepted: "a CPU quantity no larger than the injector's --proxy-cpu-limit",
+            });
+        }
+        if resources.memory_limit.milli < resources.memory_request.milli {
+            return Err(ValueError {
+                setting: annotations::PROXY_MEMORY_LIMIT.to_owned(),
+                value: resources.memory_limit.text.clone(),
+                reason: format!(
+                    "it is below the proxy's memory request {}",
+                    resources.memory_request.text
+                ),
+                accepted: "a memory quantity no smaller than the injector's --proxy-memory-request",
+            });
+        }
+        Ok(resources)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = RawSettings::default().validate().unwrap();
+        assert!(s.native_sidecar);
+        assert_eq!(s.memory_limit.text, "256Mi");
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        let cases: [(&str, fn(&mut RawSettings)); 5] = [
+            ("--ca-addr", |r| r.ca_addr = "no-port".into()),
+            ("--proxy-image", |r| r.proxy_image = " ".into()),
+            ("--proxy-cpu-request", |r| r.cpu_request = "lots".into()),
+            ("--proxy-log-level", |r| r.log_level = "loud".into()),
+            ("--proxy-memory-limit", |r| r.memory_limit = "1Mi".into()),
+        ];
+        for (flag, break_it) in cases {
+            let mut raw = RawSettings::default();
+            break_it(&mut raw);
+            let err = raw.validate().unwrap_err();
+            assert_eq!(err.setting, flag, "{err}");
+        }
+    }
+
+    #[test]
+    fn memory_limit_below_request_is_refused_naming_the_annotation() {
+        let s = RawSettings::default().validate().unwrap();
+        let low = Quantity::memory("x", "32Mi").unwrap();
+        let err = s.resources(None, Some(&low)).unwrap_err();
+        assert_eq!(err.setting, annotations::PROXY_MEMORY_LIMIT);
+        assert!(err.to_string().contains("64Mi"), "{err}");
+    }
+
+    #[test]
+    fn cpu_request_above_limit_is_refused() {
+        let raw = RawSettings {
+            cpu_limit: Some("500m".into()),
+            ..RawSettings::default()
+        };
+        let s = raw.validate().unwrap();
+        let high = Quantity::cpu("x", "1").unwrap();
+        assert!(s.resources(Some(&high), None).is_err());
+        let ok = Quantity::cpu("x", "500m").unwrap();
+        assert_eq!(s.resources(Some(&ok), None).unwrap().cpu_request.text, "500m");
+    }
+}

@@ -1,0 +1,274 @@
+//! The objects the injector adds to a pod: `palisade-init`, the proxy container and its two
+//! volumes. Written as JSON literals so that they read like the manifests in docs/injector.md;
+//! the Python tests validate them against the Kubernetes schema.
+
+use serde_json::{Value, json};
+
+use crate::settings::{
+    ADMIN_PORT, INBOUND_PORT, INIT_CONTAINER, OUTBOUND_PORT, PROXY_CONTAINER, PROXY_UID,
+    ProxyResources, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_VOLUME,
+    TRUST_CONFIGMAP, TRUST_DIR, TRUST_KEY, TRUST_VOLUME,
+};
+use crate::{annotations::PodOverrides, settings::InjectorSettings};
+
+/// Everything that varies per pod in the injected objects.
+#[derive(Debug, Clone)]
+pub struct SidecarSpec<'a> {
+    pub settings: &'a InjectorSettings,
+    pub overrides: &'a PodOverrides,
+    pub resources: ProxyResources,
+}
+
+fn resources_json(r: &ProxyResources) -> Value {
+    let mut limits = serde_json::Map::new();
+    limits.insert("memory".into(), r.memory_limit.text.clone().into());
+    if let Some(cpu) = &r.cpu_limit {
+        limits.insert("cpu".into(), cpu.text.clone().into());
+    }
+    json!({
+        "requests": {"cpu": r.cpu_request.text, "memory": r.memory_request.text},
+        "limits": limits,
+    })
+}
+
+fn join<T: ToString>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `palisade-proxy init …`: the capture rules. The admin port is always skipped inbound so
+/// that the kubelet's probes reach the proxy itself rather than the capture listener.
+pub fn init_container(spec: &SidecarSpec<'_>) -> Value {
+    let mut skip_inbound = vec![ADMIN_PORT];
+    skip_inbound.extend(&spec.overrides.skip_inbound_ports);
+    skip_inbound.sort_unstable();
+    skip_inbound.dedup();
+    let mut command = vec![
+        "palisade-proxy".to_owned(),
+        "init".to_owned(),
+        "--proxy-uid".to_owned(),
+        PROXY_UID.to_string(),
+        "--inbound-port".to_owned(),
+        INBOUND_PORT.to_string(),
+        "--outbound-port".to_owned(),
+        OUTBOUND_PORT.to_string(),
+        "--skip-inbound-ports".to_owned(),
+        join(&skip_inbound),
+    ];
+    if !spec.overrides.skip_outbound_ports.is_empty() {
+        command.push("--skip-outbound-ports".to_owned());
+        command.push(join(&spec.overrides.skip_outbound_ports));
+    }
+    if !spec.overrides.skip_outbound_cidrs.is_empty() {
+        command.push("--skip-outbound-cidrs".to_owned());
+        command.push(spec.overrides.skip_outbound_cidrs.join(","));
+    }
+    json!({
+        "name": INIT_CONTAINER,
+        "image": spec.settings.proxy_image,
+        "command": command,
+        "resources": resources_json(&spec.resources),
+        // iptables needs root and these two capabilities, nothing more; its lock file lives
+        // under /run, so the root filesystem stays writable for this short-lived container.
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": false,
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": false,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    })
+}
+
+fn field_env(name: &str, path: &str) -> Value {
+    json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}})
+}
+
+fn ready_probe(period: i32, failures: i32) -> Value {
+    json!({
+        "httpGet": {"path": "/ready", "port": ADMIN_PORT, "scheme": "HTTP"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 1,
+    })
+}
+
+/// `palisade-proxy run`, configured by the `PALISADE_*` variables of DESIGN.md.
+pub fn proxy_container(spec: &SidecarSpec<'_>) -> Value {
+    let s = spec.settings;
+    let log = spec.overrides.log_level.as_deref().unwrap_or(&s.log_level);
+    let mut container = json!({
+        "name": PROXY_CONTAINER,
+        "image": s.proxy_image,
+        "command": ["palisade-proxy", "run"],
+        "env": [
+            {"name": "PALISADE_CA_ADDR", "value": s.ca_addr},
+            {"name": "PALISADE_CA_NAME", "value": s.ca_name},
+            {"name": "PALISADE_TRUST_ANCHORS", "value": format!("{TRUST_DIR}/{TRUST_KEY}")},
+            {"name": "PALISADE_TOKEN_FILE", "value": format!("{TOKEN_DIR}/token")},
+            field_env("PALISADE_NAMESPACE", "metadata.namespace"),
+            field_env("PALISADE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            field_env("PALISADE_POD_NAME", "metadata.name"),
+            field_env("PALISADE_POD_IP", "status.podIP"),
+            {"name": "PALISADE_INBOUND_LISTEN", "value": format!("0.0.0.0:{INBOUND_PORT}")},
+            {"name": "PALISADE_OUTBOUND_LISTEN", "value": format!("127.0.0.1:{OUTBOUND_PORT}")},
+            {"name": "PALISADE_ADMIN_LISTEN", "value": format!("0.0.0.0:{ADMIN_PORT}")},
+            {"name": "PALISADE_LOG", "value": log},
+        ],
+        "ports": [{"name": "palisade-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
+        "readinessProbe": ready_probe(2, 3),
+        "resources": resources_json(&spec.resources),
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
+            {"name": TRUST_VOLUME, "mountPath": TRUST_DIR, "readOnly": true},
+        ],
+        "securityContext": {
+            "runAsUser": PROXY_UID,
+            "runAsGroup": PROXY_UID,
+            "runAsNonRoot": true,
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    });
+    let object = container
+        .as_object_mut()
+        .expect("a json! object literal is an object");
+    if s.native_sidecar {
+        // The kubelet starts the next init container only once this probe passes, so the
+        // app's own init containers already run with a ready proxy.
+        object.insert("restartPolicy".into(), "Always".into());
+        object.insert("startupProbe".into(), ready_probe(1, 300));
+    } else {
+        // The kubelet starts containers in order and waits for each postStart hook.
+        object.insert(
+            "lifecycle".into(),
+            json!({"postStart": {"exec": {"command": ["palisade-proxy", "wait-ready"]}}}),
+        );
+    }
+    container
+}
+
+pub fn token_volume() -> Value {
+    json!({
+        "name": TOKEN_VOLUME,
+        "projected": {"sources": [{"serviceAccountToken": {
+            "audience": TOKEN_AUDIENCE,
+            "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
+            "path": "token",
+        }}]},
+    })
+}
+
+pub fn trust_volume() -> Value {
+    json!({
+        "name": TRUST_VOLUME,
+        "configMap": {"name": TRUST_CONFIGMAP, "items": [{"key": TRUST_KEY, "path": TRUST_KEY}]},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::RawSettings;
+
+    fn spec_with<'a>(settings: &'a InjectorSettings, overrides: &'a PodOverrides) -> SidecarSpec<'a> {
+        SidecarSpec {
+            settings,
+            overrides,
+            resources: settings.resources(None, None).unwrap(),
+        }
+    }
+
+    #[test]
+    fn init_always_skips_the_admin_port_and_passes_overrides() {
+        let settings = RawSettings::default().validate().unwrap();
+        let overrides = PodOverrides {
+            skip_inbound_ports: vec![22, 15021],
+            skip_outbound_ports: vec![5432],
+            skip_outbound_cidrs: vec!["10.0.0.0/8".into()],
+            ..PodOverrides::default()
+        };
+        let init = init_container(&spec_with(&settings, &overrides));
+        assert_eq!(
+            init["command"],
+            json!([
+                "palisade-proxy", "init", "--proxy-uid", "1337", "--inbound-port", "15006",
+                "--outbound-port", "15001", "--skip-inbound-ports", "22,15021",
+                "--skip-outbound-ports", "5432", "--skip-outbound-cidrs", "10.0.0.0/8"
+            ])
+        );
+        assert_eq!(
+            init["securityContext"]["capabilities"],
+            json!({"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]})
+        );
+    }
+
+    #[test]
+    fn init_without_overrides_has_no_empty_flags() {
+        let settings = RawSettings::default().validate().unwrap();
+        let overrides = PodOverrides::default();
+        let init = init_container(&spec_with(&settings, &overrides));
+        let command: Vec<&str> = init["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(!command.contains(&"--skip-outbound-ports"));
+        assert!(!command.contains(&"--skip-outbound-cidrs"));
+        assert!(command.ends_with(&["--skip-inbound-ports", "15021"]));
+    }
+
+    #[test]
+    fn native_sidecar_has_restart_policy_and_startup_probe() {
+        let settings = RawSettings::default().validate().unwrap();
+        let overrides = PodOverrides::default();
+        let proxy = proxy_container(&spec_with(&settings, &overrides));
+        assert_eq!(proxy["restartPolicy"], "Always");
+        assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
+        assert!(proxy.get("lifecycle").is_none());
+    }
+
+    #[test]
+    fn classic_sidecar_waits_for_readiness_in_post_start() {
+        let settings = RawSettings {
+            native_sidecar: false,
+            ..RawSettings::default()
+        }
+        .validate()
+        .unwrap();
+        let overrides = PodOverrides::default();
+        let proxy = proxy_container(&spec_with(&settings, &overrides));
+        assert!(proxy.get("restartPolicy").is_none());
+        assert_eq!(
+            proxy["lifecycle"]["postStart"]["exec"]["command"],
+            json!(["palisade-proxy", "wait-ready"])
+        );
+    }
+
+    #[test]
+    fn proxy_log_level_comes_from_the_override() {
+        let settings = RawSettings::default().validate().unwrap();
+        let overrides = PodOverrides {
+            log_level: Some("debug".into()),
+            ..PodOverrides::default()
+        };
+        let proxy = proxy_container(&spec_with(&settings, &overrides));
+        let log = proxy["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "PALISADE_LOG")
+            .unwrap();
+        assert_eq!(log["value"], "debug");
+    }
+}

@@ -1,0 +1,1 @@
+//! palisade-proxy (see docs/DESIGN.md).
