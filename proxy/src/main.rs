@@ -1,4 +1,5 @@
+//! palisade-proxy (see docs/proxy.md).
 fn main() {
-    eprintln!("palisade-proxy: not built yet; see docs/DESIGN.md");
+    eprintln!("palisade-proxy: `run` and `init` are not built yet; see docs/proxy.md");
     std::process::exit(2);
 }

@@ -1,0 +1,43 @@
+//! When to renew and how long to wait after a failure: pure functions.
+
+use std::time::Duration;
+
+/// Unix time at which to renew a certificate valid from `not_before` to `not_after`: at half
+/// its lifetime, moved by `jitter` (in `-1.0..=1.0`) times 10% of the lifetime.
+pub fn renew_at(not_before: i64, not_after: i64, jitter: f64) -> i64 {
+    let lifetime = (not_after - not_before).max(0) as f64;
+    let jitter = jitter.clamp(-1.0, 1.0);
+    not_before + (lifetime * (0.5 + 0.1 * jitter)).round() as i64
+}
+
+/// Wait before retry number `attempt` (0 for the first retry): `base` doubled each time,
+/// capped at `cap`.
+pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+    base.checked_mul(factor).unwrap_or(cap).min(cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renews_at_half_life_within_ten_percent() {
+        assert_eq!(renew_at(1000, 4600, 0.0), 2800);
+        assert_eq!(renew_at(1000, 4600, 1.0), 1000 + 2160);
+        assert_eq!(renew_at(1000, 4600, -1.0), 1000 + 1440);
+        // Jitter outside the range is clamped, never past 60%.
+        assert_eq!(renew_at(1000, 4600, 7.0), 1000 + 2160);
+        // A nonsense validity renews immediately.
+        assert_eq!(renew_at(1000, 900, 0.0), 1000);
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let b = Duration::from_secs(1);
+        let cap = Duration::from_secs(60);
+        let waits: Vec<u64> = (0..9).map(|a| backoff(a, b, cap).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff(200, b, cap), cap);
+    }
+}

@@ -1,0 +1,101 @@
+//! `CertStore`: the one resolver both TLS configs use. The leaf is swapped atomically; the
+//! store starts empty so that every handshake fails closed until the first certificate.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use palisade_ca_api::SpiffeId;
+use rustls::SignatureScheme;
+use rustls::client::ResolvesClientCert;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::clock::Clock;
+
+/// A certificate the proxy holds, with what it says about itself.
+pub struct Installed {
+    pub key: Arc<CertifiedKey>,
+    pub spiffe_id: SpiffeId,
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+impl std::fmt::Debug for Installed {
+    // Never print key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Installed")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("serial", &self.serial)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Holds the current leaf and key. Implements both resolver traits, so the server and client
+/// configs are built once and a rotation is seen by the next handshake.
+pub struct CertStore {
+    current: ArcSwapOption<Installed>,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore")
+            .field("current", &self.current.load())
+            .finish()
+    }
+}
+
+impl CertStore {
+    pub fn new(clock: Clock) -> Self {
+        CertStore {
+            current: ArcSwapOption::empty(),
+            clock,
+        }
+    }
+
+    pub fn install(&self, installed: Installed) {
+        self.current.store(Some(Arc::new(installed)));
+    }
+
+    /// The installed certificate, expired or not.
+    pub fn current(&self) -> Option<Arc<Installed>> {
+        self.current.load_full()
+    }
+
+    /// The installed certificate when it is valid now; an expired one is never handed out.
+    pub fn valid(&self) -> Option<Arc<Installed>> {
+        let now = self.clock.unix();
+        self.current
+            .load_full()
+            .filter(|c| c.not_before <= now && now < c.not_after)
+    }
+
+    fn valid_key(&self) -> Option<Arc<CertifiedKey>> {
+        self.valid().map(|c| c.key.clone())
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.valid_key()
+    }
+}
+
+impl ResolvesClientCert for CertStore {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.valid_key()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.valid().is_some()
+    }
+}

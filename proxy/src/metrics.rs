@@ -1,0 +1,260 @@
+//! Counters and gauges, rendered as Prometheus text. Label values come from small fixed sets
+//! (directions, reasons, results), so the label maps stay bounded.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A counter family keyed by its rendered label set.
+#[derive(Debug, Default)]
+struct Family(Mutex<BTreeMap<String, u64>>);
+
+impl Family {
+    fn add(&self, labels: &[(&str, &str)], n: u64) {
+        let key = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+            .collect::<Vec<_>>()
+            .join(",");
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default() += n;
+    }
+
+    fn get(&self, labels: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(labels)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (labels, v) in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+        }
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    opened: Family,
+    closed: Family,
+    active: [AtomicI64; 2],
+    bytes: Family,
+    handshake_failures: Family,
+    decisions: Family,
+    plaintext_inbound: Family,
+    refused: Family,
+    cert_not_after: AtomicI64,
+    rotations: AtomicU64,
+    rotation_failures: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn connection_opened(&self, d: Direction) {
+        self.opened.add(&[("direction", d.as_str())], 1);
+        self.active[d.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self, d: Direction) {
+        self.closed.add(&[("direction", d.as_str())], 1);
+        self.active[d.index()].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn active(&self, d: Direction) -> i64 {
+        self.active[d.index()].load(Ordering::Relaxed)
+    }
+
+    /// `flow` is `to_upstream` (what the accepted side sent) or `to_downstream`.
+    pub fn bytes(&self, d: Direction, flow: &'static str, n: u64) {
+        if n > 0 {
+            self.bytes
+                .add(&[("direction", d.as_str()), ("flow", flow)], n);
+        }
+    }
+
+    pub fn handshake_failed(&self, d: Direction, reason: &str) {
+        self.handshake_failures
+            .add(&[("direction", d.as_str()), ("reason", reason)], 1);
+    }
+
+    pub fn decision(&self, result: &str, reason: &str) {
+        self.decisions
+            .add(&[("result", result), ("reason", reason)], 1);
+    }
+
+    /// An inbound caller treated as plaintext; `detection` says why.
+    pub fn plaintext_inbound(&self, detection: &str) {
+        self.plaintext_inbound.add(&[("detection", detection)], 1);
+    }
+
+    /// A connection refused before any relaying (limit reached, destination unknown, ...).
+    pub fn refused(&self, d: Direction, reason: &str) {
+        self.refused
+            .add(&[("direction", d.as_str()), ("reason", reason)], 1);
+    }
+
+    pub fn certificate_installed(&self, not_after: i64) {
+        self.cert_not_after.store(not_after, Ordering::Relaxed);
+    }
+
+    pub fn rotation_succeeded(&self) {
+        self.rotations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rotation_failed(&self) {
+        self.rotation_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rotations(&self) -> (u64, u64) {
+        (
+            self.rotations.load(Ordering::Relaxed),
+            self.rotation_failures.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Test helper: a decision counter's value (`result`, `reason`).
+    pub fn decision_count(&self, result: &str, reason: &str) -> u64 {
+        self.decisions
+            .get(&format!("result=\"{result}\",reason=\"{reason}\""))
+    }
+
+    /// Test helper: handshake failures for a direction and reason.
+    pub fn handshake_failure_count(&self, d: Direction, reason: &str) -> u64 {
+        self.handshake_failures
+            .get(&format!("direction=\"{}\",reason=\"{reason}\"", d.as_str()))
+    }
+
+    /// Test helper: refusals for a direction and reason.
+    pub fn refused_count(&self, d: Direction, reason: &str) -> u64 {
+        self.refused
+            .get(&format!("direction=\"{}\",reason=\"{reason}\"", d.as_str()))
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        self.opened.render(
+            &mut out,
+            "palisade_connections_opened_total",
+            "TCP connections accepted, by direction.",
+        );
+        self.closed.render(
+            &mut out,
+            "palisade_connections_closed_total",
+            "TCP connections finished, by direction.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP palisade_connections_active Connections open now, by direction.\n# TYPE palisade_connections_active gauge"
+        );
+        for d in [Direction::Inbound, Direction::Outbound] {
+            let _ = writeln!(
+                out,
+                "palisade_connections_active{{direction=\"{}\"}} {}",
+                d.as_str(),
+                self.active(d)
+            );
+        }
+        self.bytes.render(
+            &mut out,
+            "palisade_bytes_total",
+            "Bytes relayed, by direction and flow (to_upstream: from the accepted side; to_downstream: back to it).",
+        );
+        self.handshake_failures.render(
+            &mut out,
+            "palisade_tls_handshake_failures_total",
+            "Failed mesh TLS handshakes, by direction and reason.",
+        );
+        self.decisions.render(
+            &mut out,
+            "palisade_policy_decisions_total",
+            "Inbound policy decisions, by result (allow, deny, audit_deny) and reason.",
+        );
+        self.plaintext_inbound.render(
+            &mut out,
+            "palisade_inbound_plaintext_total",
+            "Inbound callers treated as plaintext, by how they were detected.",
+        );
+        self.refused.render(
+            &mut out,
+            "palisade_connections_refused_total",
+            "Connections refused before relaying, by direction and reason.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP palisade_certificate_not_after_seconds Not-after of the installed certificate, Unix time.\n# TYPE palisade_certificate_not_after_seconds gauge\npalisade_certificate_not_after_seconds {}",
+            self.cert_not_after.load(Ordering::Relaxed)
+        );
+        let (ok, failed) = self.rotations();
+        let _ = writeln!(
+            out,
+            "# HELP palisade_certificate_rotations_total Certificates obtained.\n# TYPE palisade_certificate_rotations_total counter\npalisade_certificate_rotations_total {ok}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP palisade_certificate_rotation_failures_total Failed certificate requests.\n# TYPE palisade_certificate_rotation_failures_total counter\npalisade_certificate_rotation_failures_total {failed}"
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_labels() {
+        let m = Metrics::new();
+        m.connection_opened(Direction::Inbound);
+        m.connection_opened(Direction::Inbound);
+        m.connection_closed(Direction::Inbound);
+        m.decision("deny", "no_rule_matched");
+        m.handshake_failed(Direction::Inbound, "bad\"quote");
+        m.certificate_installed(1_700_000_000);
+        let text = m.render();
+        assert!(text.contains("palisade_connections_opened_total{direction=\"inbound\"} 2"));
+        assert!(text.contains("palisade_connections_active{direction=\"inbound\"} 1"));
+        assert!(text.contains(
+            "palisade_policy_decisions_total{result=\"deny\",reason=\"no_rule_matched\"} 1"
+        ));
+        assert!(text.contains("reason=\"bad\\\"quote\""));
+        assert!(text.contains("palisade_certificate_not_after_seconds 1700000000"));
+        assert_eq!(m.decision_count("deny", "no_rule_matched"), 1);
+    }
+}

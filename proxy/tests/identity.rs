@@ -1,0 +1,244 @@
+//! Identity and rotation: fresh keys, token read afresh, answers verified before the swap,
+//! renewal at half-life with jitter, backoff, and an expired certificate never presented.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use palisade_ca_api::SpiffeId;
+use palisade_proxy::clock::Clock;
+use palisade_proxy::identity::{CertStore, Identity, IdentityConfig, IdentityError, run_rotation};
+use palisade_proxy::metrics::Metrics;
+use palisade_proxy::tls::TrustBundle;
+use rustls::client::ResolvesClientCert;
+use support::fake_ca::{Answer, Authority, FakeCa, unreachable};
+use tokio::sync::watch;
+
+const ME: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+struct Rig {
+    ca: Arc<FakeCa>,
+    identity: Arc<Identity>,
+    _dir: tempfile::TempDir,
+    token: std::path::PathBuf,
+}
+
+fn rig() -> Rig {
+    let clock = Clock::anchored(SystemTime::now());
+    let ca = FakeCa::new(clock.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "token-1\n").unwrap();
+    let store = Arc::new(CertStore::new(clock.clone()));
+    let bundle = Arc::new(TrustBundle::new(vec![ca.authority.root_der()]).unwrap());
+    let identity = Arc::new(Identity {
+        config: IdentityConfig {
+            spiffe_id: ME.parse().unwrap(),
+            token_file: token.clone(),
+            ttl_seconds: None,
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(30),
+        },
+        store,
+        bundle,
+        source: ca.clone(),
+        metrics: Arc::new(Metrics::new()),
+        clock,
+    });
+    Rig {
+        ca,
+        identity,
+        _dir: dir,
+        token,
+    }
+}
+
+fn csr_public_key(csr: &str) -> Vec<u8> {
+    use rcgen::PublicKeyData;
+    rcgen::CertificateSigningRequestParams::from_pem(csr)
+        .unwrap()
+        .public_key
+        .der_bytes()
+        .to_vec()
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_starts_empty_and_fills_with_a_verified_certificate() {
+    let r = rig();
+    let store = &r.identity.store;
+    assert!(store.valid().is_none());
+    assert!(!ResolvesClientCert::has_certs(store.as_ref()));
+    let installed = r.identity.renew_once().await.unwrap();
+    assert_eq!(installed.spiffe_id, ME.parse::<SpiffeId>().unwrap());
+    assert!(store.valid().is_some());
+    assert!(ResolvesClientCert::has_certs(store.as_ref()));
+    assert_eq!(r.ca.seen.lock().unwrap()[0].token, "token-1");
+    assert!(r.identity.metrics.render().contains(&format!(
+        "palisade_certificate_not_after_seconds {}",
+        installed.not_after
+    )));
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_request_has_a_fresh_key_and_reads_the_token_again() {
+    let r = rig();
+    r.identity.renew_once().await.unwrap();
+    std::fs::write(&r.token, "token-2").unwrap();
+    r.identity.renew_once().await.unwrap();
+    let seen = r.ca.seen.lock().unwrap().clone();
+    assert_eq!(seen[0].token, "token-1");
+    assert_eq!(seen[1].token, "token-2");
+    assert_ne!(csr_public_key(&seen[0].csr), csr_public_key(&seen[1].csr));
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(&seen[0].csr).unwrap();
+    assert_eq!(csr.params.subject_alt_names.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn missing_or_empty_token_file_is_an_error_naming_it() {
+    let r = rig();
+    std::fs::remove_file(&r.token).unwrap();
+    let err = r.identity.renew_once().await.unwrap_err();
+    assert!(matches!(err, IdentityError::TokenFile { .. }), "{err}");
+    assert!(err.to_string().contains("token"), "{err}");
+    std::fs::write(&r.token, "  \n").unwrap();
+    assert!(matches!(
+        r.identity.renew_once().await.unwrap_err(),
+        IdentityError::EmptyToken(_)
+    ));
+    assert_eq!(r.ca.requests(), 0);
+    assert!(r.identity.store.valid().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_for_another_identity_is_refused_and_not_installed() {
+    let r = rig();
+    r.identity.renew_once().await.unwrap();
+    let before = r.identity.store.current().unwrap().serial.clone();
+    let ca = r.ca.clone();
+    let clock = r.identity.clock.clone();
+    r.ca.script([Answer::Custom(Box::new(move |csr| {
+        ca.response_for(ca.authority.sign_csr_as(
+            csr,
+            &clock,
+            Duration::from_secs(3600),
+            Some("spiffe://cluster.local/ns/shop/sa/admin"),
+        ))
+    }))]);
+    let err = r.identity.renew_once().await.unwrap_err();
+    assert!(matches!(err, IdentityError::WrongIdentity { .. }), "{err}");
+    assert_eq!(r.identity.store.current().unwrap().serial, before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_certificate_signed_for_another_key_is_refused() {
+    let r = rig();
+    let ca = r.ca.clone();
+    r.ca.script([Answer::Custom(Box::new(move |_csr| {
+        let leaf = ca.authority.leaf(ME);
+        ca.response_for(palisade_ca_api::cert::cert_to_pem(&leaf.chain[0]))
+    }))]);
+    let err = r.identity.renew_once().await.unwrap_err();
+    assert!(err.to_string().contains("not for the key"), "{err}");
+    assert!(r.identity.store.current().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chain_from_an_unrelated_root_is_refused_even_with_its_bundle() {
+    let r = rig();
+    let other = Arc::new(Authority::new("evil"));
+    let clock = r.identity.clock.clone();
+    r.ca.script([Answer::Custom(Box::new(move |csr| {
+        palisade_ca_api::wire::CertificateResponse {
+            spiffe_id: ME.into(),
+            certificate_chain: vec![
+                other.sign_csr(csr, &clock, Duration::from_secs(3600)),
+                other.intermediate.pem(),
+            ],
+            trust_bundle: vec![other.root_pem()],
+            expires_at: String::new(),
+        }
+    }))]);
+    let err = r.identity.renew_once().await.unwrap_err();
+    assert!(matches!(err, IdentityError::BadAnswer(_)), "{err}");
+    assert!(r.identity.store.current().is_none());
+    assert_eq!(r.identity.bundle.ders().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bundle_that_keeps_a_current_root_is_adopted() {
+    let r = rig();
+    let new_root = Authority::new("next");
+    r.ca.extra_roots.lock().unwrap().push(new_root.root_pem());
+    r.identity.renew_once().await.unwrap();
+    let ders = r.identity.bundle.ders();
+    assert_eq!(ders.len(), 2);
+    assert!(ders.contains(&new_root.root_der()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn renews_between_40_and_60_percent_of_lifetime() {
+    let r = rig();
+    r.ca.set_default(Answer::Issue(Duration::from_secs(1000)));
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(run_rotation(r.identity.clone(), stopped));
+    // The certificate is valid from now-60s for 1060s: renewal between 424 and 636 s of its
+    // life, i.e. between 364 and 576 s from now.
+    tokio::time::sleep(Duration::from_secs(360)).await;
+    assert_eq!(r.ca.requests(), 1);
+    tokio::time::sleep(Duration::from_secs(220)).await;
+    assert_eq!(r.ca.requests(), 2);
+    assert_eq!(r.identity.metrics.rotations(), (2, 0));
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_back_off_exponentially_and_the_proxy_waits_for_the_ca() {
+    let r = rig();
+    r.ca.script([
+        Answer::Fail(unreachable()),
+        Answer::Fail(unreachable()),
+        Answer::Fail(unreachable()),
+        Answer::Fail(unreachable()),
+    ]);
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(run_rotation(r.identity.clone(), stopped));
+    tokio::time::sleep(Duration::from_millis(14_500)).await;
+    // A control plane down at start-up: no certificate, so not ready.
+    assert!(r.identity.store.valid().is_none());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = r.ca.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 5);
+    let gaps: Vec<u64> = seen
+        .windows(2)
+        .map(|w| (w[1].at - w[0].at).as_secs())
+        .collect();
+    assert_eq!(gaps, [1, 2, 4, 8]);
+    assert!(r.identity.store.valid().is_some());
+    assert_eq!(r.identity.metrics.rotations(), (1, 4));
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_current_certificate_serves_until_expiry_and_is_never_presented_after() {
+    let r = rig();
+    r.ca.script([Answer::Issue(Duration::from_secs(600))]);
+    r.ca.set_default(Answer::Fail(unreachable()));
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(run_rotation(r.identity.clone(), stopped));
+    // A control plane that goes down later: the certificate keeps serving ...
+    tokio::time::sleep(Duration::from_secs(500)).await;
+    assert!(r.ca.requests() > 1);
+    assert!(r.identity.store.valid().is_some());
+    assert!(ResolvesClientCert::has_certs(r.identity.store.as_ref()));
+    // ... until it expires; then it is never handed to a handshake.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(r.identity.store.current().is_some());
+    assert!(r.identity.store.valid().is_none());
+    assert!(!ResolvesClientCert::has_certs(r.identity.store.as_ref()));
+    assert!(ResolvesClientCert::resolve(r.identity.store.as_ref(), &[], &[]).is_none());
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
