@@ -1,1 +1,4 @@
-//! palisade-ca
+//! palisade-ca: the certificate authority and control plane of Palisade.
+
+pub mod csr;
+pub mod keys;

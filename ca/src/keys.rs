@@ -1,0 +1,426 @@
+//! The CA's key material: a generated root and intermediate kept in the state directory, or a
+//! root or intermediate brought by the operator. Everything is validated at start-up, and every
+//! refusal names the file at fault.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use palisade_ca_api::cert::{cert_to_pem, parse_pem_certs};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use time::{Duration, OffsetDateTime};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+pub const ROOT_CERT_FILE: &str = "root.pem";
+pub const ROOT_KEY_FILE: &str = "root-key.pem";
+pub const INTERMEDIATE_CERT_FILE: &str = "intermediate.pem";
+pub const INTERMEDIATE_KEY_FILE: &str = "intermediate-key.pem";
+
+const ROOT_LIFETIME: Duration = Duration::days(3650);
+const INTERMEDIATE_LIFETIME: Duration = Duration::days(365);
+/// A stored intermediate closer than this to expiry is replaced at start-up.
+const INTERMEDIATE_RENEW_BEFORE: Duration = Duration::days(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("cannot write {0}: {1} (is --state-dir writable?)")]
+    Write(PathBuf, std::io::Error),
+    #[error("{0} is not usable: {1}")]
+    Parse(PathBuf, String),
+    #[error(
+        "the key in {key} does not belong to the certificate in {cert}: give the matching pair"
+    )]
+    Mismatch { key: PathBuf, cert: PathBuf },
+    #[error(
+        "{0} is not a CA certificate (basicConstraints cA=true is required to issue certificates)"
+    )]
+    NotCa(PathBuf),
+    #[error("{0} expired at {1}: renew it, or let the CA generate its own by removing the flag")]
+    Expired(PathBuf, OffsetDateTime),
+    #[error("{0} is not valid yet (notBefore {1}): check the clock")]
+    NotYetValid(PathBuf, OffsetDateTime),
+    #[error("the chain in {0} does not link: {1}")]
+    Chain(PathBuf, String),
+    #[error(
+        "{file} holds a root but {missing} is missing: restore it, or move the state directory away to start a new root"
+    )]
+    Incomplete { file: PathBuf, missing: PathBuf },
+    #[error("cannot create keys: {0}")]
+    Generate(String),
+}
+
+/// Where the signing keys come from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum KeySource {
+    /// A root made on first start and kept in the state directory.
+    #[default]
+    Generated,
+    /// An operator's root (cert and key); the CA makes its intermediate from it.
+    ExternalRoot { cert: PathBuf, key: PathBuf },
+    /// An operator's intermediate with its chain up to the root; the root key stays offline.
+    ExternalIntermediate {
+        cert: PathBuf,
+        key: PathBuf,
+        chain: PathBuf,
+    },
+}
+
+/// What the CA signs with and what it publishes as trust anchors.
+pub struct KeyMaterial {
+    /// Every root the mesh trusts; the first is the one that issued the intermediate.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Certificates between the leaf and the root, issuing intermediate first.
+    pub intermediates: Vec<CertificateDer<'static>>,
+    pub intermediate_key: KeyPair,
+    pub intermediate_not_after: OffsetDateTime,
+}
+
+impl std::fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyMaterial")
+            .field("roots", &self.roots.len())
+            .field("intermediates", &self.intermediates.len())
+            .field("intermediate_key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl KeyMaterial {
+    /// The rcgen issuer for the intermediate.
+    pub fn issuer(&self) -> Result<Issuer<'static, KeyPair>, KeyError> {
+        let key = KeyPair::try_from(self.intermediate_key.serialize_der())
+            .map_err(|e| KeyError::Generate(e.to_string()))?;
+        Issuer::from_ca_cert_der(&self.intermediates[0], key)
+            .map_err(|e| KeyError::Generate(e.to_string()))
+    }
+}
+
+/// Loads the key material, creating what is missing (mode 0600 for keys).
+pub fn load_or_create(
+    state_dir: &Path,
+    source: &KeySource,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<KeyMaterial, KeyError> {
+    fs::create_dir_all(state_dir).map_err(|e| KeyError::Write(state_dir.into(), e))?;
+    match source {
+        KeySource::ExternalIntermediate { cert, key, chain } => {
+            load_external_intermediate(cert, key, chain, now)
+        }
+        KeySource::ExternalRoot { cert, key } => {
+            let root = load_ca_cert(cert, now)?;
+            let root_key = load_key_for(key, cert, &root)?;
+            ensure_intermediate(state_dir, root, &root_key, trust_domain, now)
+        }
+        KeySource::Generated => {
+            let (cert, key) = (
+                state_dir.join(ROOT_CERT_FILE),
+                state_dir.join(ROOT_KEY_FILE),
+            );
+            let (root, root_key) = match (cert.exists(), key.exists()) {
+                (true, true) => {
+                    let root = load_ca_cert(&cert, now)?;
+                    let root_key = load_key_for(&key, &cert, &root)?;
+                    (root, root_key)
+                }
+                (false, false) => {
+                    let (root, root_key) = generate_root(trust_domain, now)?;
+                    write_private(&key, root_key.serialize_pem().as_bytes())?;
+                    write_public(&cert, cert_to_pem(&root).as_bytes())?;
+                    tracing::info!(path = %cert.display(), "created a new root CA");
+                    (root, root_key)
+                }
+                (true, false) => {
+                    return Err(KeyError::Incomplete {
+                        file: cert,
+                        missing: key,
+                    });
+                }
+                (false, true) => {
+                    return Err(KeyError::Incomplete {
+                        file: key,
+                        missing: cert,
+                    });
+                }
+            };
+            ensure_intermediate(state_dir, root, &root_key, trust_domain, now)
+        }
+    }
+}
+
+fn ensure_intermediate(
+    state_dir: &Path,
+    root: CertificateDer<'static>,
+    root_key: &KeyPair,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<KeyMaterial, KeyError> {
+    let (cert, key) = (
+        state_dir.join(INTERMEDIATE_CERT_FILE),
+        state_dir.join(INTERMEDIATE_KEY_FILE),
+    );
+    if cert.exists() && key.exists() {
+        let stored = read_certs(&cert)?.remove(0);
+        let usable = issued_by(&stored, &root)
+            && not_after(&stored).is_ok_and(|t| t - INTERMEDIATE_RENEW_BEFORE > now);
+        if usable {
+            let ikey = load_key_for(&key, &cert, &stored)?;
+            let intermediate_not_after =
+                not_after(&stored).map_err(|e| KeyError::Parse(cert, e))?;
+            return Ok(KeyMaterial {
+                roots: vec![root],
+                intermediates: vec![stored],
+                intermediate_key: ikey,
+                intermediate_not_after,
+            });
+        }
+        tracing::info!(path = %cert.display(), "stored intermediate is near expiry or from another root; issuing a new one");
+    }
+    let (intermediate, ikey) = generate_intermediate(&root, root_key, trust_domain, now)?;
+    write_private(&key, ikey.serialize_pem().as_bytes())?;
+    write_public(&cert, cert_to_pem(&intermediate).as_bytes())?;
+    Ok(KeyMaterial {
+        roots: vec![root],
+        intermediates: vec![intermediate],
+        intermediate_key: ikey,
+        intermediate_not_after: now + INTERMEDIATE_LIFETIME,
+    })
+}
+
+fn load_external_intermediate(
+    cert: &Path,
+    key: &Path,
+    chain: &Path,
+    now: OffsetDateTime,
+) -> Result<KeyMaterial, KeyError> {
+    let intermediate = load_ca_cert(cert, now)?;
+    let ikey = load_key_for(key, cert, &intermediate)?;
+    let chain_certs = read_certs(chain)?;
+    let mut path = vec![intermediate.clone()];
+    for (i, c) in chain_certs.iter().enumerate() {
+        check_ca(chain, c, now)?;
+        let child = path.last().expect("path starts non-empty");
+        if !issued_by(child, c) {
+            return Err(KeyError::Chain(
+                chain.into(),
+                format!(
+                    "certificate #{i} of the chain did not issue the one before it (order: intermediate's issuer first, root last)"
+                ),
+            ));
+        }
+        path.push(c.clone());
+    }
+    let root = path.last().expect("non-empty").clone();
+    if !issued_by(&root, &root) {
+        return Err(KeyError::Chain(
+            chain.into(),
+            "the chain must end with the self-signed root".into(),
+        ));
+    }
+    let intermediate_not_after =
+        not_after(&intermediate).map_err(|e| KeyError::Parse(cert.into(), e))?;
+    let intermediates = path[..path.len() - 1].to_vec();
+    Ok(KeyMaterial {
+        roots: vec![root],
+        intermediates,
+        intermediate_key: ikey,
+        intermediate_not_after,
+    })
+}
+
+fn ca_name(trust_domain: &str, common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, format!("Palisade {trust_domain}"));
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn ca_params(
+    dn: DistinguishedName,
+    path_len: u8,
+    now: OffsetDateTime,
+    lifetime: Duration,
+) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = now - Duration::minutes(5);
+    p.not_after = now + lifetime;
+    p.serial_number = Some(random_serial());
+    p.use_authority_key_identifier_extension = true;
+    p
+}
+
+fn generate_root(
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<(CertificateDer<'static>, KeyPair), KeyError> {
+    let key = KeyPair::generate().map_err(|e| KeyError::Generate(e.to_string()))?;
+    let mut params = ca_params(
+        ca_name(trust_domain, "Palisade Root CA"),
+        1,
+        now,
+        ROOT_LIFETIME,
+    );
+    params.use_authority_key_identifier_extension = false;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| KeyError::Generate(e.to_string()))?;
+    Ok((cert.der().clone(), key))
+}
+
+fn generate_intermediate(
+    root: &CertificateDer<'static>,
+    root_key: &KeyPair,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<(CertificateDer<'static>, KeyPair), KeyError> {
+    let key = KeyPair::generate().map_err(|e| KeyError::Generate(e.to_string()))?;
+    let params = ca_params(
+        ca_name(trust_domain, "Palisade Intermediate CA"),
+        0,
+        now,
+        INTERMEDIATE_LIFETIME,
+    );
+    let issuer =
+        Issuer::from_ca_cert_der(root, root_key).map_err(|e| KeyError::Generate(e.to_string()))?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(|e| KeyError::Generate(e.to_string()))?;
+    Ok((cert.der().clone(), key))
+}
+
+/// A random, positive 128-bit serial number.
+pub fn random_serial() -> SerialNumber {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system RNG works");
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x40; // keep 16 significant bytes
+    SerialNumber::from_slice(&bytes)
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, KeyError> {
+    let text = fs::read_to_string(path).map_err(|e| KeyError::Read(path.into(), e))?;
+    parse_pem_certs(&text).map_err(|e| KeyError::Parse(path.into(), e.to_string()))
+}
+
+fn load_ca_cert(path: &Path, now: OffsetDateTime) -> Result<CertificateDer<'static>, KeyError> {
+    let cert = read_certs(path)?.remove(0);
+    check_ca(path, &cert, now)?;
+    Ok(cert)
+}
+
+fn check_ca(path: &Path, der: &CertificateDer<'_>, now: OffsetDateTime) -> Result<(), KeyError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| KeyError::Parse(path.into(), e.to_string()))?;
+    if !cert.is_ca() {
+        return Err(KeyError::NotCa(path.into()));
+    }
+    let validity = cert.validity();
+    if validity.not_after.to_datetime() <= now {
+        return Err(KeyError::Expired(
+            path.into(),
+            validity.not_after.to_datetime(),
+        ));
+    }
+    if validity.not_before.to_datetime() > now {
+        return Err(KeyError::NotYetValid(
+            path.into(),
+            validity.not_before.to_datetime(),
+        ));
+    }
+    Ok(())
+}
+
+fn not_after(der: &CertificateDer<'_>) -> Result<OffsetDateTime, String> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    Ok(cert.validity().not_after.to_datetime())
+}
+
+/// Whether `child`'s signature verifies with `parent`'s key and names it as issuer.
+fn issued_by(child: &CertificateDer<'_>, parent: &CertificateDer<'_>) -> bool {
+    let (Ok((_, c)), Ok((_, p))) = (
+        X509Certificate::from_der(child),
+        X509Certificate::from_der(parent),
+    ) else {
+        return false;
+    };
+    c.issuer() == p.subject() && c.verify_signature(Some(p.public_key())).is_ok()
+}
+
+fn load_key_for(
+    key_path: &Path,
+    cert_path: &Path,
+    cert: &CertificateDer<'_>,
+) -> Result<KeyPair, KeyError> {
+    let text = fs::read_to_string(key_path).map_err(|e| KeyError::Read(key_path.into(), e))?;
+    let key = KeyPair::from_pem(&text).map_err(|e| {
+        KeyError::Parse(
+            key_path.into(),
+            format!("not a PKCS#8 PEM private key of a supported type: {e}"),
+        )
+    })?;
+    tighten_permissions(key_path);
+    let (_, parsed) = X509Certificate::from_der(cert)
+        .map_err(|e| KeyError::Parse(cert_path.into(), e.to_string()))?;
+    if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(KeyError::Mismatch {
+            key: key_path.into(),
+            cert: cert_path.into(),
+        });
+    }
+    Ok(key)
+}
+
+fn tighten_permissions(path: &Path) {
+    if let Ok(meta) = fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "private key readable by others; setting mode 0600");
+            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
+        }
+    }
+}
+
+/// Writes a private key: created with mode 0600, written in full, then renamed into place.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
+    write_atomic(path, contents, 0o600)
+}
+
+fn write_public(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
+    write_atomic(path, contents, 0o644)
+}
+
+fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyError> {
+    let tmp = path.with_extension("tmp");
+    let err = |e| KeyError::Write(path.into(), e);
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(contents).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+#[path = "keys_tests.rs"]
+mod tests;
