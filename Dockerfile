@@ -1,0 +1,93 @@
+# syntax=docker/dockerfile:1
+#
+# Palisade's images, one target each (see docs/install.md, "Building the images"):
+#
+#   docker build --target palisade-ca         -t ghcr.io/palisade-mesh/palisade-ca:0.1.0 .
+#   docker build --target palisade-injector   -t ghcr.io/palisade-mesh/palisade-injector:0.1.0 .
+#   docker build --target palisade-proxy      -t ghcr.io/palisade-mesh/palisade-proxy:0.1.0 .
+#   docker build --target palisade-proxy-init -t ghcr.io/palisade-mesh/palisade-proxy-init:0.1.0 .
+#
+# The binaries are built once, in the `build` stage, by the same cargo command the tests run
+# (scripts/test.sh), in release mode. Runtime images are distroless: no shell, no package
+# manager, the binary and the C runtime it links (libc, libgcc) only.
+
+ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
+ARG DEBIAN_IMAGE=docker.io/library/debian:bookworm-slim
+ARG DISTROLESS=gcr.io/distroless/cc-debian12
+
+# ---- build: every binary of the workspace ----------------------------------------------------
+FROM ${RUST_IMAGE} AS build
+WORKDIR /src
+# Only the sources: a local target/ must not reach the build context's layers.
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY ca ./ca
+COPY proxy ./proxy
+COPY injector ./injector
+COPY benches ./benches
+COPY tests ./tests
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --workspace --bins --locked --release \
+ && install -D -m 0755 -t /out \
+      target/release/palisade-ca target/release/palisade-injector target/release/palisade-proxy
+
+# ---- iptables for the init image: both backends, files only ---------------------------------
+# The files of iptables and the libraries it links, copied into /rootfs so the init image gets
+# iptables without Debian's shell or apt. `iptables` points at the nft backend, as on Debian
+# and current distributions; iptables-legacy* and iptables-nft* are both there for
+# `palisade-proxy init` to pick the one the node's kernel rules use.
+FROM ${DEBIAN_IMAGE} AS iptables
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables \
+ && rm -rf /var/lib/apt/lists/*
+RUN set -eux; \
+    mkdir -p /rootfs; \
+    dpkg -L iptables libip4tc2 libip6tc2 libxtables12 libmnl0 libnftnl11 \
+             libnetfilter-conntrack3 libnfnetlink0 \
+      | while read -r f; do \
+          if [ -f "$f" ] || [ -L "$f" ]; then \
+            echo "$(readlink -f "$(dirname "$f")")/$(basename "$f")"; \
+          fi; \
+        done \
+      | grep -v -e '^/usr/share/' -e '-apply$' > /tmp/files; \
+    tar --no-recursion -cf - -T /tmp/files | tar -xf - -C /rootfs; \
+    for t in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do \
+      ln -s xtables-nft-multi "/rootfs/usr/sbin/$t"; \
+    done; \
+    mkdir -p /rootfs/run; \
+    test -x /rootfs/usr/sbin/xtables-legacy-multi; \
+    test -x /rootfs/usr/sbin/xtables-nft-multi
+
+# ---- runtime images ---------------------------------------------------------------------------
+FROM ${DISTROLESS}:nonroot AS palisade-ca
+COPY --from=build /out/palisade-ca /usr/local/bin/palisade-ca
+USER 65532:65532
+EXPOSE 15012 15014
+ENTRYPOINT ["/usr/local/bin/palisade-ca"]
+CMD ["serve"]
+
+FROM ${DISTROLESS}:nonroot AS palisade-injector
+COPY --from=build /out/palisade-injector /usr/local/bin/palisade-injector
+USER 65532:65532
+EXPOSE 15017 15014
+ENTRYPOINT ["/usr/local/bin/palisade-injector"]
+CMD ["serve"]
+
+# The sidecar runs as uid 1337: the capture rules skip that uid's own traffic.
+FROM ${DISTROLESS}:nonroot AS palisade-proxy
+COPY --from=build /out/palisade-proxy /usr/local/bin/palisade-proxy
+USER 1337:1337
+EXPOSE 15001 15006 15021
+ENTRYPOINT ["/usr/local/bin/palisade-proxy"]
+CMD ["run"]
+
+# The init container: `palisade-proxy init` writes the nat rules, once per pod. iptables needs
+# uid 0 with NET_ADMIN and NET_RAW (the injector grants those two capabilities only, to this
+# container only).
+FROM ${DISTROLESS}:latest AS palisade-proxy-init
+COPY --from=iptables /rootfs/ /
+COPY --from=build /out/palisade-proxy /usr/local/bin/palisade-proxy
+USER 0:0
+ENTRYPOINT ["/usr/local/bin/palisade-proxy"]
+CMD ["init"]

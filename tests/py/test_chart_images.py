@@ -1,0 +1,103 @@
+"""The Dockerfile builds every image the chart references, from one build stage that runs the
+tests' own cargo command, into distroless runtime images without a shell or package manager.
+(No container engine runs here: the Dockerfile is checked as text.)"""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from chart_support import CHART_DIR, DOCKERFILE, REPO
+
+RUNTIME_TARGETS = {"palisade-ca", "palisade-injector", "palisade-proxy", "palisade-proxy-init"}
+
+
+def stages():
+    """{stage name: {"from": image, "instructions": [(KEYWORD, text)]}} in file order."""
+    text = DOCKERFILE.read_text()
+    text = re.sub(r"\\\n", " ", text)  # join continuation lines
+    args, out, current = {}, {}, None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "ARG" and current is None:
+            name, _, default = rest.partition("=")
+            args[name.strip()] = default.strip()
+            continue
+        if keyword == "FROM":
+            m = re.match(r"(?P<image>\S+)\s+AS\s+(?P<name>\S+)$", rest, re.IGNORECASE)
+            assert m, f"every stage is named: {line}"
+            image = re.sub(r"\$\{(\w+)\}", lambda v: args[v[1]], m["image"])
+            current = m["name"]
+            out[current] = {"from": image, "instructions": []}
+            continue
+        out[current]["instructions"].append((keyword, rest))
+    return out
+
+
+def test_one_target_per_image():
+    s = stages()
+    assert RUNTIME_TARGETS <= set(s)
+
+
+def test_targets_are_the_repositories_the_chart_uses():
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    repositories = {
+        values["ca"]["image"]["repository"],
+        values["injector"]["image"]["repository"],
+        values["proxy"]["image"]["repository"],
+        values["proxy"]["initImage"]["repository"],
+    }
+    assert repositories == RUNTIME_TARGETS
+
+
+def test_runtime_images_are_distroless_without_shell_or_package_manager():
+    s = stages()
+    for target in RUNTIME_TARGETS:
+        stage = s[target]
+        assert stage["from"].startswith("gcr.io/distroless/"), (target, stage["from"])
+        keywords = [k for k, _ in stage["instructions"]]
+        # Nothing runs in a runtime stage (there is no shell to run it); files come by COPY.
+        assert "RUN" not in keywords and "ADD" not in keywords, target
+        entry = [v for k, v in stage["instructions"] if k == "ENTRYPOINT"]
+        assert entry and entry[0].startswith('["/usr/local/bin/'), f"{target}: exec-form entrypoint"
+        for k, v in stage["instructions"]:
+            if k == "COPY":
+                assert "--from=" in v, f"{target}: copies only from build stages: {v}"
+
+
+def test_users():
+    s = stages()
+    users = {t: [v for k, v in s[t]["instructions"] if k == "USER"][-1] for t in RUNTIME_TARGETS}
+    assert users["palisade-ca"] == "65532:65532"
+    assert users["palisade-injector"] == "65532:65532"
+    # DESIGN.md: the proxy runs as uid 1337, which the capture rules skip.
+    assert users["palisade-proxy"] == "1337:1337"
+    # iptables needs uid 0 (with NET_ADMIN/NET_RAW granted to that container alone).
+    assert users["palisade-proxy-init"] == "0:0"
+    for t in ("palisade-ca", "palisade-injector", "palisade-proxy"):
+        assert s[t]["from"].endswith(":nonroot"), t
+
+
+def test_build_runs_the_tests_cargo_command():
+    s = stages()
+    runs = " ".join(v for k, v in s["build"]["instructions"] if k == "RUN")
+    test_script = (REPO / "scripts" / "test.sh").read_text()
+    m = re.search(r"^cargo build [^\n]*$", test_script, re.MULTILINE)
+    assert m, "scripts/test.sh builds with cargo"
+    assert m[0].strip() + " --release" in runs
+    for binary in ("palisade-ca", "palisade-injector", "palisade-proxy"):
+        assert f"target/release/{binary}" in runs
+
+
+def test_init_image_has_both_iptables_backends():
+    s = stages()
+    run = " ".join(v for k, v in s["iptables"]["instructions"] if k == "RUN")
+    assert "xtables-legacy-multi" in run and "xtables-nft-multi" in run
+    init = s["palisade-proxy-init"]["instructions"]
+    assert ("COPY", "--from=iptables /rootfs/ /") in init
+    assert ("COPY", "--from=build /out/palisade-proxy /usr/local/bin/palisade-proxy") in init
