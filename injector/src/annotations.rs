@@ -22,8 +22,7 @@ pub const APP_PROBES: &str = "palisade.dev/app-probes";
 const PORTS_FORM: &str = "comma-separated port numbers 1-65535, e.g. \"8080,9090\"";
 const CIDRS_FORM: &str = "comma-separated CIDRs, e.g. \"10.0.0.0/8,fd00::/8\"";
 const CPU_FORM: &str = "a Kubernetes CPU quantity above zero, e.g. \"100m\" or \"0.5\"";
-const MEMORY_FORM: &str =
-    "a Kubernetes memory quantity above zero, e.g. \"128Mi\" or \"1Gi\" (suffixes Ki Mi Gi Ti k M G T)";
+const MEMORY_FORM: &str = "a Kubernetes memory quantity above zero, e.g. \"128Mi\" or \"1Gi\" (suffixes Ki Mi Gi Ti k M G T)";
 const LOG_FORM: &str = "a level (trace, debug, info, warn, error, off) or comma-separated \
      target=level directives, e.g. \"info,palisade_proxy=debug\"";
 const INJECT_FORM: &str = "\"enabled\" or \"disabled\"";
@@ -257,11 +256,21 @@ fn decimal_milli(text: &str, unit: u128) -> Option<u128> {
     if whole.len() > 20 || fraction.len() > 9 {
         return None;
     }
-    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let scale = 10u128.pow(fraction.len() as u32);
-    let fraction: u128 = if fraction.is_empty() { 0 } else { fraction.parse().ok()? };
+    let fraction: u128 = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse().ok()?
+    };
     // Round up like the API server: 0.0001 CPU is 1m, not 0.
-    let milli_num = (whole * scale + fraction).checked_mul(unit)?.checked_mul(1000)?;
+    let milli_num = (whole * scale + fraction)
+        .checked_mul(unit)?
+        .checked_mul(1000)?;
     Some(milli_num.div_ceil(scale))
 }
 
@@ -290,7 +299,10 @@ mod tests {
         for bad in ["0", "65536", "80-90", "http", "-1"] {
             let err = parse_ports(SKIP_INBOUND_PORTS, bad).unwrap_err();
             let text = err.to_string();
-            assert!(text.starts_with("palisade.dev/skip-inbound-ports="), "{text}");
+            assert!(
+                text.starts_with("palisade.dev/skip-inbound-ports="),
+                "{text}"
+            );
             assert!(text.contains("1-65535"), "{text}");
         }
     }
@@ -301,7 +313,13 @@ mod tests {
             parse_cidrs("x", "10.0.0.0/8, fd00::/8").unwrap(),
             vec!["10.0.0.0/8".to_string(), "fd00::/8".to_string()]
         );
-        for bad in ["10.0.0.0", "10.0.0.0/33", "fd00::/129", "example.com/8", "10.0.0.0/x"] {
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "example.com/8",
+            "10.0.0.0/x",
+        ] {
             let err = parse_cidrs(SKIP_OUTBOUND_CIDRS, bad).unwrap_err();
             assert!(err.to_string().contains("10.0.0.0/8,fd00::/8"), "{err}");
         }
@@ -326,11 +344,20 @@ mod tests {
             Quantity::memory("x", "1.5Gi").unwrap().milli,
             3 * (1u128 << 29) * 1000
         );
-        assert_eq!(Quantity::memory("x", "128M").unwrap().milli, 128_000_000_000);
-        assert!(Quantity::memory("x", "128Mi").unwrap().milli > Quantity::memory("x", "128M").unwrap().milli);
+        assert_eq!(
+            Quantity::memory("x", "128M").unwrap().milli,
+            128_000_000_000
+        );
+        assert!(
+            Quantity::memory("x", "128Mi").unwrap().milli
+                > Quantity::memory("x", "128M").unwrap().milli
+        );
         for bad in ["", "0", "0Mi", "Mi", "128MB", "128 Mi", "-1Gi", "1.2.3Gi"] {
             let err = Quantity::memory(PROXY_MEMORY_LIMIT, bad).unwrap_err();
-            assert!(err.to_string().contains("palisade.dev/proxy-memory-limit"), "{err}");
+            assert!(
+                err.to_string().contains("palisade.dev/proxy-memory-limit"),
+                "{err}"
+            );
         }
     }
 
@@ -381,7 +408,10 @@ mod tests {
         assert!(parse_inject(INJECT, "disabled").unwrap());
         assert!(!parse_inject(INJECT, "enabled").unwrap());
         let err = parse_inject(INJECT, "false").unwrap_err();
-        assert!(err.to_string().contains("\"enabled\" or \"disabled\""), "{err}");
+        assert!(
+            err.to_string().contains("\"enabled\" or \"disabled\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -202,8 +202,14 @@ mod tests {
             ])
         );
         assert_eq!(records["db/readyz"], json!({"tcpSocket": {"port": 5432}}));
-        assert_eq!(records["db/startupz"], json!({"grpc": {"port": 9090, "service": "health"}}));
-        assert!(!records.contains_key("db/livez"), "exec probes stay as they are");
+        assert_eq!(
+            records["db/startupz"],
+            json!({"grpc": {"port": 9090, "service": "health"}})
+        );
+        assert!(
+            !records.contains_key("db/livez"),
+            "exec probes stay as they are"
+        );
     }
 
     #[test]
@@ -213,7 +219,10 @@ mod tests {
             "readinessProbe": {"tcpSocket": {"port": "metrics"}},
         }));
         let err = rewrite(&c).unwrap_err().to_string();
-        assert!(err.contains("\"web\" readinessProbe uses port \"metrics\""), "{err}");
+        assert!(
+            err.contains("\"web\" readinessProbe uses port \"metrics\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -226,6 +235,9 @@ mod tests {
     #[test]
     fn out_of_range_port_is_an_error() {
         let c = container(json!({"name": "web", "livenessProbe": {"grpc": {"port": 70000}}}));
-        assert!(matches!(rewrite(&c), Err(ProbeError::BadPort { port: 70000, .. })));
+        assert!(matches!(
+            rewrite(&c),
+            Err(ProbeError::BadPort { port: 70000, .. })
+        ));
     }
 }

@@ -79,8 +79,7 @@ impl RawSettings {
             reason: reason.to_owned(),
             accepted,
         };
-        if self.proxy_image.trim().is_empty() || self.proxy_image.contains(char::is_whitespace)
-        {
+        if self.proxy_image.trim().is_empty() || self.proxy_image.contains(char::is_whitespace) {
             return Err(flag_error(
                 "--proxy-image",
                 &self.proxy_image,
@@ -99,7 +98,10 @@ impl RawSettings {
                 ));
             }
         }
-        if self.ca_name.is_empty() || self.ca_name.contains(|c: char| c.is_whitespace() || c == ':')
+        if self.ca_name.is_empty()
+            || self
+                .ca_name
+                .contains(|c: char| c.is_whitespace() || c == ':')
         {
             return Err(flag_error(
                 "--ca-name",
@@ -193,7 +195,8 @@ mod tests {
 
     #[test]
     fn bad_flags_are_named() {
-        let cases: [(&str, fn(&mut RawSettings)); 5] = [
+        type Breaker = fn(&mut RawSettings);
+        let cases: [(&str, Breaker); 5] = [
             ("--ca-addr", |r| r.ca_addr = "no-port".into()),
             ("--proxy-image", |r| r.proxy_image = " ".into()),
             ("--proxy-cpu-request", |r| r.cpu_request = "lots".into()),
@@ -227,6 +230,9 @@ mod tests {
         let high = Quantity::cpu("x", "1").unwrap();
         assert!(s.resources(Some(&high), None).is_err());
         let ok = Quantity::cpu("x", "500m").unwrap();
-        assert_eq!(s.resources(Some(&ok), None).unwrap().cpu_request.text, "500m");
+        assert_eq!(
+            s.resources(Some(&ok), None).unwrap().cpu_request.text,
+            "500m"
+        );
     }
 }

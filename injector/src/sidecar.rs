@@ -180,7 +180,10 @@ mod tests {
     use super::*;
     use crate::settings::RawSettings;
 
-    fn spec_with<'a>(settings: &'a InjectorSettings, overrides: &'a PodOverrides) -> SidecarSpec<'a> {
+    fn spec_with<'a>(
+        settings: &'a InjectorSettings,
+        overrides: &'a PodOverrides,
+    ) -> SidecarSpec<'a> {
         SidecarSpec {
             settings,
             overrides,
@@ -201,9 +204,20 @@ mod tests {
         assert_eq!(
             init["command"],
             json!([
-                "palisade-proxy", "init", "--proxy-uid", "1337", "--inbound-port", "15006",
-                "--outbound-port", "15001", "--skip-inbound-ports", "22,15021",
-                "--skip-outbound-ports", "5432", "--skip-outbound-cidrs", "10.0.0.0/8"
+                "palisade-proxy",
+                "init",
+                "--proxy-uid",
+                "1337",
+                "--inbound-port",
+                "15006",
+                "--outbound-port",
+                "15001",
+                "--skip-inbound-ports",
+                "22,15021",
+                "--skip-outbound-ports",
+                "5432",
+                "--skip-outbound-cidrs",
+                "10.0.0.0/8"
             ])
         );
         assert_eq!(

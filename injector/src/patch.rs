@@ -1,0 +1,248 @@
+//! The RFC 6902 JSON patch that injects a pod. Pure: a typed pod and the settings in, the list
+//! of operations out. Operations that address existing array elements by index (probe
+//! rewrites) come before the insertions that shift those indices.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::annotations::{self, ValueError, parse_overrides};
+use crate::probes::{ProbeError, rewrite_probes};
+use crate::settings::{
+    ADMIN_PORT, INBOUND_PORT, INIT_CONTAINER, InjectorSettings, OUTBOUND_PORT, PROXY_CONTAINER,
+    TOKEN_VOLUME, TRUST_VOLUME,
+};
+use crate::sidecar::{self, SidecarSpec};
+
+/// The label that marks an injected pod (the CA treats such pods as meshed).
+pub const INJECTED_LABEL: &str = "palisade.dev/injected";
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum PatchOp {
+    Add { path: String, value: Value },
+    Replace { path: String, value: Value },
+    Remove { path: String },
+}
+
+/// Escapes one reference token of a JSON pointer (RFC 6901): `~` → `~0`, `/` → `~1`.
+pub fn pointer_token(key: &str) -> Cow<'_, str> {
+    if key.contains(['~', '/']) {
+        Cow::Owned(key.replace('~', "~0").replace('/', "~1"))
+    } else {
+        Cow::Borrowed(key)
+    }
+}
+
+/// Why a pod that should be injected cannot be: the pod is denied with this message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InjectError {
+    #[error("{0}")]
+    Annotation(#[from] ValueError),
+    #[error("{0}")]
+    Probe(#[from] ProbeError),
+    #[error(
+        "the pod already has a {kind} named {name:?}, a name palisade-injector reserves for its \
+         own; rename it, or opt the pod out with the label palisade.dev/inject=disabled"
+    )]
+    ReservedName { kind: &'static str, name: String },
+    #[error(
+        "container {container:?} declares port {port}, which palisade-proxy uses \
+         ({INBOUND_PORT}, {OUTBOUND_PORT} and {ADMIN_PORT} are reserved); move the app to \
+         another port, or opt the pod out with the label palisade.dev/inject=disabled"
+    )]
+    ReservedPort { container: String, port: i32 },
+    #[error("the pod has no spec; send a complete Pod object")]
+    NoSpec,
+}
+
+impl InjectError {
+    /// The annotation at fault, for metrics; `None` when it is not an annotation.
+    pub fn annotation(&self) -> Option<&str> {
+        match self {
+            Self::Annotation(e) => Some(&e.setting),
+            _ => None,
+        }
+    }
+}
+
+/// The patch for one pod, and warnings for the API client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Injection {
+    pub ops: Vec<PatchOp>,
+    pub warnings: Vec<String>,
+}
+
+fn check_reserved(pod_containers: &[&Container], volumes: &[&str]) -> Result<(), InjectError> {
+    for c in pod_containers {
+        if c.name == INIT_CONTAINER || c.name == PROXY_CONTAINER {
+            return Err(InjectError::ReservedName {
+                kind: "container",
+                name: c.name.clone(),
+            });
+        }
+        for port in c.ports.iter().flatten() {
+            let reserved = [INBOUND_PORT, OUTBOUND_PORT, ADMIN_PORT];
+            if reserved
+                .iter()
+                .any(|r| i32::from(*r) == port.container_port)
+            {
+                return Err(InjectError::ReservedPort {
+                    container: c.name.clone(),
+                    port: port.container_port,
+                });
+            }
+        }
+    }
+    if let Some(name) = volumes
+        .iter()
+        .find(|v| **v == TOKEN_VOLUME || **v == TRUST_VOLUME)
+    {
+        return Err(InjectError::ReservedName {
+            kind: "volume",
+            name: (*name).to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Adds `key: value` to the map at `map_pointer`, creating the map when the pod has none.
+fn add_to_map(ops: &mut Vec<PatchOp>, map_pointer: &str, exists: bool, key: &str, value: Value) {
+    if exists {
+        ops.push(PatchOp::Add {
+            path: format!("{map_pointer}/{}", pointer_token(key)),
+            value,
+        });
+    } else {
+        let mut map = serde_json::Map::new();
+        map.insert(key.to_owned(), value);
+        ops.push(PatchOp::Add {
+            path: map_pointer.to_owned(),
+            value: Value::Object(map),
+        });
+    }
+}
+
+/// Inserts `items` at the front of the array at `pointer`, or creates it.
+fn insert_front(ops: &mut Vec<PatchOp>, pointer: &str, existing: usize, items: Vec<Value>) {
+    if existing == 0 {
+        ops.push(PatchOp::Add {
+            path: pointer.to_owned(),
+            value: Value::Array(items),
+        });
+    } else {
+        for (i, item) in items.into_iter().enumerate() {
+            ops.push(PatchOp::Add {
+                path: format!("{pointer}/{i}"),
+                value: item,
+            });
+        }
+    }
+}
+
+/// Builds the patch that injects `pod`. The caller has already decided that it should be
+/// injected (see `decision`).
+pub fn build_patch(pod: &Pod, settings: &InjectorSettings) -> Result<Injection, InjectError> {
+    let spec = pod.spec.as_ref().ok_or(InjectError::NoSpec)?;
+    let (overrides, warnings) = parse_overrides(pod.metadata.annotations.as_ref())?;
+    let resources = settings.resources(
+        overrides.cpu_request.as_ref(),
+        overrides.memory_limit.as_ref(),
+    )?;
+    let init_containers = spec.init_containers.as_deref().unwrap_or_default();
+    let all: Vec<&Container> = spec.containers.iter().chain(init_containers).collect();
+    let volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    check_reserved(&all, &volumes)?;
+
+    let mut ops = Vec::new();
+    let mut probes = BTreeMap::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        rewrite_probes(c, &format!("/spec/containers/{i}"), &mut ops, &mut probes)?;
+    }
+    for (i, c) in init_containers.iter().enumerate() {
+        // Only sidecars (restartPolicy: Always) may have probes among init containers.
+        if c.restart_policy.as_deref() == Some("Always") {
+            rewrite_probes(
+                c,
+                &format!("/spec/initContainers/{i}"),
+                &mut ops,
+                &mut probes,
+            )?;
+        }
+    }
+
+    let sidecar = SidecarSpec {
+        settings,
+        overrides: &overrides,
+        resources,
+    };
+    let init = sidecar::init_container(&sidecar);
+    let proxy = sidecar::proxy_container(&sidecar);
+    if settings.native_sidecar {
+        insert_front(
+            &mut ops,
+            "/spec/initContainers",
+            init_containers.len(),
+            vec![init, proxy],
+        );
+    } else {
+        insert_front(
+            &mut ops,
+            "/spec/initContainers",
+            init_containers.len(),
+            vec![init],
+        );
+        insert_front(
+            &mut ops,
+            "/spec/containers",
+            spec.containers.len(),
+            vec![proxy],
+        );
+    }
+    let new_volumes = [sidecar::token_volume(), sidecar::trust_volume()];
+    if volumes.is_empty() {
+        ops.push(PatchOp::Add {
+            path: "/spec/volumes".into(),
+            value: Value::Array(new_volumes.into()),
+        });
+    } else {
+        for volume in new_volumes {
+            ops.push(PatchOp::Add {
+                path: "/spec/volumes/-".into(),
+                value: volume,
+            });
+        }
+    }
+
+    let meta = &pod.metadata;
+    add_to_map(
+        &mut ops,
+        "/metadata/labels",
+        meta.labels.is_some(),
+        INJECTED_LABEL,
+        "true".into(),
+    );
+    if !probes.is_empty() {
+        let record = serde_json::to_string(&probes).unwrap_or_default();
+        add_to_map(
+            &mut ops,
+            "/metadata/annotations",
+            meta.annotations.is_some(),
+            annotations::APP_PROBES,
+            record.into(),
+        );
+    }
+    Ok(Injection { ops, warnings })
+}
+
+#[cfg(test)]
+#[path = "patch_tests.rs"]
+mod tests;

@@ -1,0 +1,306 @@
+//! One AdmissionReview in, one out: parsing, the decision, the patch and the response body.
+//! No I/O, so every path is tested without sockets; the server only moves bytes.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube_core::GroupVersionKind;
+use kube_core::admission::{AdmissionRequest, META_API_VERSION_V1, META_KIND, Operation};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::decision::{SkipReason, skip_pod, skip_request};
+use crate::patch::{InjectError, build_patch};
+use crate::settings::InjectorSettings;
+
+/// Input that is not an AdmissionReview the injector can answer: HTTP 400 with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("the body is not a JSON AdmissionReview: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error(
+        "apiVersion is {0:?}, but palisade-injector answers only \"admission.k8s.io/v1\"; set \
+         admissionReviewVersions: [\"v1\"] in the MutatingWebhookConfiguration"
+    )]
+    ApiVersion(Option<String>),
+    #[error("kind is {0:?}, but the body of POST /mutate must be an \"AdmissionReview\"")]
+    Kind(Option<String>),
+    #[error("the AdmissionReview has no request; send the review the API server built")]
+    NoRequest,
+    #[error(
+        "request.uid is missing or empty; the API server sets it and the response must echo it"
+    )]
+    NoUid,
+    #[error("request is malformed: {0}")]
+    BadRequest(#[source] serde_json::Error),
+    #[error("request.object is missing; a Pod CREATE review must carry the Pod being created")]
+    NoObject,
+    #[error("request.object is not a valid Pod: {0}")]
+    BadPod(#[source] serde_json::Error),
+}
+
+impl ReviewError {
+    /// Stable snake_case code for the JSON error body and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotJson(_) => "not_json",
+            Self::ApiVersion(_) => "wrong_api_version",
+            Self::Kind(_) => "wrong_kind",
+            Self::NoRequest => "missing_request",
+            Self::NoUid => "missing_uid",
+            Self::BadRequest(_) => "malformed_request",
+            Self::NoObject => "missing_object",
+            Self::BadPod(_) => "malformed_pod",
+        }
+    }
+}
+
+/// What was decided, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Injected,
+    Skipped(SkipReason),
+    Denied(DenyReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    InvalidAnnotation,
+    InvalidInjectValue,
+    InvalidProbe,
+    ReservedName,
+    ReservedPort,
+    NoSpec,
+}
+
+impl DenyReason {
+    pub const ALL: [DenyReason; 6] = [
+        Self::InvalidAnnotation,
+        Self::InvalidInjectValue,
+        Self::InvalidProbe,
+        Self::ReservedName,
+        Self::ReservedPort,
+        Self::NoSpec,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidAnnotation => "invalid_annotation",
+            Self::InvalidInjectValue => "invalid_inject_value",
+            Self::InvalidProbe => "invalid_probe",
+            Self::ReservedName => "reserved_name",
+            Self::ReservedPort => "reserved_port",
+            Self::NoSpec => "no_spec",
+        }
+    }
+
+    fn of(error: &InjectError) -> Self {
+        match error {
+            InjectError::Annotation(_) => Self::InvalidAnnotation,
+            InjectError::Probe(_) => Self::InvalidProbe,
+            InjectError::ReservedName { .. } => Self::ReservedName,
+            InjectError::ReservedPort { .. } => Self::ReservedPort,
+            InjectError::NoSpec => Self::NoSpec,
+        }
+    }
+}
+
+/// The answer to one review.
+#[derive(Debug)]
+pub struct ReviewOutcome {
+    /// The AdmissionReview response, JSON.
+    pub body: Vec<u8>,
+    pub verdict: Verdict,
+    /// `namespace/name` (or `generateName…`) of the pod, for logs.
+    pub subject: String,
+    /// The denial message, for logs.
+    pub message: Option<String>,
+    /// How long building the patch took, when one was built.
+    pub patch_build: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[serde(borrow)]
+    request: Option<&'a RawValue>,
+}
+
+/// The fields needed to decide before the object is parsed as a Pod.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestHead<'a> {
+    uid: Option<String>,
+    kind: GroupVersionKind,
+    operation: Operation,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, borrow)]
+    object: Option<&'a RawValue>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseReview<'a> {
+    api_version: &'static str,
+    kind: &'static str,
+    response: Response<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Response<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
+    audit_annotations: BTreeMap<&'static str, String>,
+}
+
+#[derive(Serialize)]
+struct Status {
+    status: &'static str,
+    code: u16,
+    reason: &'static str,
+    message: String,
+}
+
+fn respond(response: Response<'_>) -> Vec<u8> {
+    let review = ResponseReview {
+        api_version: META_API_VERSION_V1,
+        kind: META_KIND,
+        response,
+    };
+    // Serialising plain strings, maps and numbers cannot fail.
+    serde_json::to_vec(&review).unwrap_or_default()
+}
+
+fn allowed(uid: &str, decision: String) -> Response<'_> {
+    Response {
+        uid,
+        allowed: true,
+        status: None,
+        patch: None,
+        patch_type: None,
+        warnings: Vec::new(),
+        audit_annotations: BTreeMap::from([("decision", decision)]),
+    }
+}
+
+/// Answers one AdmissionReview body.
+pub fn review(body: &[u8], settings: &InjectorSettings) -> Result<ReviewOutcome, ReviewError> {
+    let envelope: Envelope<'_> = serde_json::from_slice(body).map_err(ReviewError::NotJson)?;
+    if envelope.api_version.as_deref() != Some(META_API_VERSION_V1) {
+        return Err(ReviewError::ApiVersion(envelope.api_version));
+    }
+    if envelope.kind.as_deref() != Some(META_KIND) {
+        return Err(ReviewError::Kind(envelope.kind));
+    }
+    let raw = envelope.request.ok_or(ReviewError::NoRequest)?;
+    if raw.get() == "null" {
+        return Err(ReviewError::NoRequest);
+    }
+    let head: RequestHead<'_> = serde_json::from_str(raw.get()).map_err(ReviewError::BadRequest)?;
+    let uid = head
+        .uid
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .ok_or(ReviewError::NoUid)?;
+    let namespace = head.namespace.as_deref().unwrap_or_default();
+    let mut subject = format!("{namespace}/{}", head.name.as_deref().unwrap_or_default());
+
+    let skipped = |reason: SkipReason, subject: String| ReviewOutcome {
+        body: respond(allowed(uid, format!("skipped: {}", reason.as_str()))),
+        verdict: Verdict::Skipped(reason),
+        subject,
+        message: None,
+        patch_build: None,
+    };
+    if let Some(reason) = skip_request(&head.kind, &head.operation, head.sub_resource.as_deref()) {
+        return Ok(skipped(reason, subject));
+    }
+    let request: AdmissionRequest<Pod> = serde_json::from_str(raw.get()).map_err(|e| {
+        // Say whether the Pod or the envelope around it is at fault.
+        match head.object.map(|o| serde_json::from_str::<Pod>(o.get())) {
+            Some(Err(pod_error)) => ReviewError::BadPod(pod_error),
+            _ => ReviewError::BadRequest(e),
+        }
+    })?;
+    let pod = request.object.ok_or(ReviewError::NoObject)?;
+    if head.name.as_deref().unwrap_or_default().is_empty() {
+        let generate = pod.metadata.generate_name.as_deref().unwrap_or_default();
+        subject = format!("{namespace}/{generate}…");
+    }
+
+    let deny = |reason: DenyReason, message: String, subject: String| ReviewOutcome {
+        body: respond(Response {
+            uid,
+            allowed: false,
+            status: Some(Status {
+                status: "Failure",
+                code: 400,
+                reason: "BadRequest",
+                message: message.clone(),
+            }),
+            patch: None,
+            patch_type: None,
+            warnings: Vec::new(),
+            audit_annotations: BTreeMap::from([(
+                "decision",
+                format!("denied: {}", reason.as_str()),
+            )]),
+        }),
+        verdict: Verdict::Denied(reason),
+        subject,
+        message: Some(message),
+        patch_build: None,
+    };
+    match skip_pod(&pod) {
+        Err(e) => return Ok(deny(DenyReason::InvalidInjectValue, e.to_string(), subject)),
+        Ok(Some(reason)) => return Ok(skipped(reason, subject)),
+        Ok(None) => {}
+    }
+
+    let started = Instant::now();
+    let injection = match build_patch(&pod, settings) {
+        Ok(injection) => injection,
+        Err(e) => return Ok(deny(DenyReason::of(&e), e.to_string(), subject)),
+    };
+    let patch_json = serde_json::to_vec(&injection.ops).unwrap_or_default();
+    let patch = base64::engine::general_purpose::STANDARD.encode(patch_json);
+    let patch_build = started.elapsed();
+    let body = respond(Response {
+        uid,
+        allowed: true,
+        status: None,
+        patch: Some(patch),
+        patch_type: Some("JSONPatch"),
+        warnings: injection.warnings,
+        audit_annotations: BTreeMap::from([("decision", "injected".to_owned())]),
+    });
+    Ok(ReviewOutcome {
+        body,
+        verdict: Verdict::Injected,
+        subject,
+        message: None,
+        patch_build: Some(patch_build),
+    })
+}
+
+#[cfg(test)]
+#[path = "review_tests.rs"]
+mod tests;

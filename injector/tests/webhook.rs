@@ -1,0 +1,189 @@
+//! The webhook over real sockets: HTTPS on 127.0.0.1:0, the admin port, certificate reload.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use serde_json::Value;
+use support::{Client, Pki, pod_review, serve_config, tls_connector, write_leaf};
+
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    let status = raw[9..12].parse().unwrap();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn injects_over_https_and_counts_every_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let files = write_leaf(dir.path(), &pki.leaf());
+    let bound = palisade_injector::start(serve_config(files)).await.unwrap();
+    let mut client = Client::connect(bound.webhook_addr, &tls_connector(&pki.ca_der)).await;
+
+    let (status, body) = client
+        .post(serde_json::to_vec(&pod_review("u-1")).unwrap())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["response"]["uid"], "u-1");
+    assert_eq!(body["response"]["allowed"], true);
+    assert_eq!(body["response"]["patchType"], "JSONPatch");
+
+    // The same connection carries on after errors, as the API server's pool expects.
+    let (status, body) = client.post(b"{\"kind\":".to_vec()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "not_json");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a JSON AdmissionReview")
+    );
+
+    let mut v1beta1 = pod_review("u-2");
+    v1beta1["apiVersion"] = "admission.k8s.io/v1beta1".into();
+    let (status, body) = client.post(serde_json::to_vec(&v1beta1).unwrap()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("admissionReviewVersions"));
+
+    let mut update = pod_review("u-3");
+    update["request"]["operation"] = "UPDATE".into();
+    let (status, body) = client.post(serde_json::to_vec(&update).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert!(body["response"].get("patch").is_none());
+
+    let (status, _) = client.request("GET", "/mutate", Vec::new()).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let (status, body) = client.request("POST", "/validate", Vec::new()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(String::from_utf8_lossy(&body).contains("POST /mutate"));
+
+    assert_eq!(admin_get(bound.admin_addr, "/ready").await.0, 200);
+    assert_eq!(admin_get(bound.admin_addr, "/live").await.0, 200);
+    let (status, metrics) = admin_get(bound.admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "palisade_injector_reviews_total{result=\"injected\",reason=\"injected\"} 1",
+        "palisade_injector_reviews_total{result=\"skipped\",reason=\"not_create\"} 1",
+        "palisade_injector_reviews_total{result=\"rejected\",reason=\"not_json\"} 1",
+        "palisade_injector_reviews_total{result=\"rejected\",reason=\"wrong_api_version\"} 1",
+        "palisade_injector_patch_build_seconds_count 1",
+        "palisade_injector_review_duration_seconds_count 2",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    bound.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_with_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let bound = palisade_injector::start(serve_config(write_leaf(dir.path(), &pki.leaf())))
+        .await
+        .unwrap();
+    let mut client = Client::connect(bound.webhook_addr, &tls_connector(&pki.ca_der)).await;
+    let mut review = pod_review("big");
+    review["request"]["object"]["metadata"]["annotations"] =
+        serde_json::json!({"filler": "x".repeat(70 * 1024)});
+    let (status, body) = client.post(serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(String::from_utf8_lossy(&body).contains("--max-request-bytes"));
+    let (_, metrics) = admin_get(bound.admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains("reason=\"body_too_large\"} 1"),
+        "{metrics}"
+    );
+    bound.shutdown().await;
+}
+
+#[tokio::test]
+async fn certificate_is_reloaded_when_the_files_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let first = pki.leaf();
+    let files = write_leaf(dir.path(), &first);
+    let bound = palisade_injector::start(serve_config(files.clone()))
+        .await
+        .unwrap();
+    let connector = tls_connector(&pki.ca_der);
+    assert_eq!(
+        Client::connect(bound.webhook_addr, &connector)
+            .await
+            .peer_cert,
+        first.der
+    );
+
+    // A half-written pair (new certificate, old key) is rejected and the old one keeps serving.
+    let second = pki.leaf();
+    support::write_atomically(&files.cert, &second.cert_pem);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        Client::connect(bound.webhook_addr, &connector)
+            .await
+            .peer_cert,
+        first.der
+    );
+
+    support::write_atomically(&files.key, &second.key_pem);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let served = Client::connect(bound.webhook_addr, &connector)
+            .await
+            .peer_cert;
+        if served == second.der {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = admin_get(bound.admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains("palisade_injector_tls_reloads_total{result=\"success\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("palisade_injector_tls_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+    bound.shutdown().await;
+}
+
+#[tokio::test]
+async fn start_fails_with_a_message_naming_the_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let files = write_leaf(dir.path(), &pki.leaf());
+    std::fs::write(&files.key, "not a key").unwrap();
+    let err = palisade_injector::start(serve_config(files.clone()))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("tls.key"), "{err}");
+
+    let missing = palisade_injector::tls::CertFiles {
+        cert: dir.path().join("absent.crt"),
+        key: files.key,
+    };
+    let err = palisade_injector::start(serve_config(missing))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("absent.crt"), "{err}");
+}
