@@ -7,7 +7,7 @@ import pytest
 import kubernetes_validate
 from kubernetes_validate.utils import SchemaNotFoundError
 
-from chart_support import KUBE_MIN, VALUE_SETS, crd_documents, install_dry_run, render
+from chart_support import CHART_DIR, KUBE_MIN, VALUE_SETS, crd_documents, install_dry_run, render
 
 KUBE_NEWEST = kubernetes_validate.utils.latest_version()
 KUBE_VERSIONS = [KUBE_MIN, KUBE_NEWEST]
@@ -146,3 +146,36 @@ def test_crd_file_is_present():
 def test_crd_validates_strictly(version):
     for doc in crd_documents():
         _validate(doc, version)
+
+
+def test_kubernetes_validate_cli_strict(tmp_path):
+    # The same check through the command line the issue names, over every file at once.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from chart_support import write_manifests
+
+    folders = write_manifests(tmp_path)
+    files = sorted(str(p) for folder in folders.values() for p in Path(folder).glob("*.yaml"))
+    cli = Path(sys.executable).with_name("kubernetes-validate")
+    for version in KUBE_VERSIONS:
+        proc = subprocess.run([str(cli), "--strict", "--quiet", "-k", version, *files],
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "ERROR" not in proc.stdout
+        # Only the custom resources have no schema to check against.
+        warned = {line.split("kind ")[1].split(" ")[0] for line in proc.stdout.splitlines() if line.startswith("WARN")}
+        assert warned == {"ServiceMonitor", "Certificate", "Issuer"}, proc.stdout
+
+
+def test_helm_lint_strict():
+    import helm_python
+
+    def problems(values, namespace):
+        report = helm_python.lint(str(CHART_DIR), values, strict=True, namespace=namespace, kube_version=KUBE_MIN)
+        return report["errors"] + [m for m in report["messages"] if m["severity"] >= 2]
+
+    for vs in VALUE_SETS.values():
+        assert problems(vs.values, vs.namespace) == [], vs.name
+    assert problems({"ca": {"replicas": "two"}}, "palisade-system") != []
