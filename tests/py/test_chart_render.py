@@ -179,3 +179,11 @@ def test_helm_lint_strict():
     for vs in VALUE_SETS.values():
         assert problems(vs.values, vs.namespace) == [], vs.name
     assert problems({"ca": {"replicas": "two"}}, "palisade-system") != []
+
+
+def test_duplicate_keys_are_caught():
+    # The loader every test reads the manifests with refuses what PyYAML would silently merge.
+    from chart_support import load_all
+
+    with pytest.raises(Exception, match="duplicate key"):
+        load_all("metadata:\n  labels:\n    a: x\n    a: y\n")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
-import yaml
 
-from chart_support import CHART_DIR, DEFAULT_NAMESPACE, RELEASE, render
+
+from chart_support import CHART_DIR, DEFAULT_NAMESPACE, RELEASE, load_all, render
 from chart_support.fake_kube import serve
 
 SECRET_PATH = f"/api/v1/namespaces/{DEFAULT_NAMESPACE}/secrets/palisade-injector-tls"
@@ -24,7 +24,7 @@ def render_upgrade(cluster_objects):
         with helm.Config(kubeconfig_content=kubeconfig, namespace=DEFAULT_NAMESPACE, storage_driver="memory") as cfg, \
                 helm.Chart.load(os.fspath(CHART_DIR)) as chart:
             files = cfg.render(chart, {}, name=RELEASE, namespace=DEFAULT_NAMESPACE, is_upgrade=True)
-    objects = [d for d in yaml.safe_load_all(files["palisade/templates/injector-webhook.yaml"]) if d]
+    objects = load_all(files["palisade/templates/injector-webhook.yaml"])
     by_kind = {o["kind"]: o for o in objects}
     return by_kind["Secret"], by_kind["MutatingWebhookConfiguration"], fake.requests
 

@@ -32,15 +32,6 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end }}
 
-{{- define "palisade.imagePullSecrets" -}}
-{{- with .Values.image.pullSecrets }}
-imagePullSecrets:
-{{- range . }}
-  - name: {{ . | quote }}
-{{- end }}
-{{- end }}
-{{- end }}
-
 {{/* DNS name of the CA service: what every proxy verifies the CA's certificate against. */}}
 {{- define "palisade.ca.host" -}}
 palisade-ca.{{ .Release.Namespace }}.svc

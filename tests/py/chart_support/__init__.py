@@ -90,6 +90,30 @@ VALUE_SETS: dict[str, ValueSet] = {
 }
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML as the API machinery reads it: a key given twice in one mapping is an error
+    (PyYAML would silently keep the last one)."""
+
+
+def _no_duplicate_keys(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def load_all(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.load_all(text, Loader=StrictLoader) if d]
+
+
 @dataclass(frozen=True)
 class Rendered:
     value_set: ValueSet
@@ -98,7 +122,7 @@ class Rendered:
 
     @functools.cached_property
     def objects(self) -> list[dict[str, Any]]:
-        return [d for d in yaml.safe_load_all(self.manifest) if d]
+        return load_all(self.manifest)
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [o for o in self.objects if o["kind"] == kind]
@@ -168,7 +192,7 @@ def crd_documents() -> list[dict[str, Any]]:
         crds = chart.crds
     docs = []
     for crd in crds:
-        docs.extend(d for d in yaml.safe_load_all(crd["data"]) if d)
+        docs.extend(load_all(crd["data"]))
     return docs
 
 
