@@ -1,5 +1,6 @@
-"""checkov's Kubernetes policies pass on every rendered value set and the CRD, with zero failed
-checks. A check may be skipped only by an annotation in the chart that gives the reason.
+"""checkov's Kubernetes policies pass on every rendered value set and the CRD, and its Dockerfile
+policies on the Dockerfile, with zero failed checks. A check may be skipped only in the chart
+(an annotation) or the Dockerfile (a comment), with the reason.
 
 checkov runs once, over one directory holding every value set's manifest in its own folder
 (it takes ~10 s to start, so one run instead of one per value set). `--skip-download` keeps it
@@ -16,32 +17,52 @@ import sys
 
 import pytest
 
-from chart_support import VALUE_SETS, write_manifests
+import shutil
+
+from chart_support import DOCKERFILE, VALUE_SETS, write_manifests
 
 CHECKOV = pathlib.Path(sys.executable).with_name("checkov")
 # Every skip the chart asks for, and why: the value set decides whether it is needed.
 EXPECTED_SKIPS = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_38"}
 
 
-def run_checkov(directory: pathlib.Path) -> dict:
+def run_checkov(directory: pathlib.Path, frameworks=("kubernetes",)) -> dict[str, dict]:
     env = dict(os.environ, BC_SKIP_MAPPING="TRUE", CHECKOV_RUN_SCA_PACKAGE_SCAN_V2="false", LOG_LEVEL="ERROR")
     proc = subprocess.run(
-        [os.fspath(CHECKOV), "--framework", "kubernetes", "-d", os.fspath(directory),
+        [os.fspath(CHECKOV), "--framework", *frameworks, "-d", os.fspath(directory),
          "--skip-download", "--output", "json", "--soft-fail"],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )
     assert proc.returncode == 0, f"checkov exited {proc.returncode}: {proc.stderr[-3000:]}"
     report = json.loads(proc.stdout)
     reports = report if isinstance(report, list) else [report]
-    (k8s,) = [r for r in reports if r.get("check_type") == "kubernetes"]
-    return k8s
+    by_type = {r.get("check_type"): r for r in reports}
+    assert set(by_type) == set(frameworks), f"checkov reported {sorted(by_type)}"
+    return by_type
 
 
 @pytest.fixture(scope="module")
-def checkov_report(tmp_path_factory):
+def reports(tmp_path_factory):
     root = tmp_path_factory.mktemp("rendered")
     write_manifests(root)
-    return run_checkov(root)
+    (root / "dockerfile").mkdir()
+    shutil.copy(DOCKERFILE, root / "dockerfile" / "Dockerfile")
+    return run_checkov(root, ("kubernetes", "dockerfile"))
+
+
+@pytest.fixture(scope="module")
+def checkov_report(reports):
+    return reports["kubernetes"]
+
+
+def test_dockerfile_passes(reports):
+    report = reports["dockerfile"]
+    failed = [f"{r['check_id']} {r['check_name']}" for r in report["results"]["failed_checks"]]
+    assert failed == [], failed
+    assert report["summary"]["passed"] > 20
+    skipped = report["results"]["skipped_checks"]
+    assert [r["check_id"] for r in skipped] == ["CKV_DOCKER_2"]
+    assert "HEALTHCHECK" in skipped[0]["check_result"]["suppress_comment"]
 
 
 def folder_of(result) -> str:
@@ -87,6 +108,6 @@ def test_checkov_catches_a_privileged_container(tmp_path):
         "spec:\n  containers:\n  - name: c\n    image: busybox:1\n"
         "    securityContext: {privileged: true, runAsUser: 0}\n"
     )
-    report = run_checkov(tmp_path)
+    report = run_checkov(tmp_path)["kubernetes"]
     failed = {r["check_id"] for r in report["results"]["failed_checks"]}
     assert {"CKV_K8S_16", "CKV_K8S_20"} <= failed
