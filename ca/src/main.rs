@@ -1,0 +1,284 @@
+//! `palisade-ca`: parse flags, install the crypto provider, start tracing, run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use palisade_ca::auth::jwks::JwksSource;
+use palisade_ca::auth::local::LocalIssuer;
+use palisade_ca::config::{AuthMode, MeshSource, ServeConfig, parse_duration};
+use palisade_ca::keys::KeySource;
+
+#[derive(Parser)]
+#[command(
+    name = "palisade-ca",
+    version,
+    about = "Palisade certificate authority and control plane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the CA API (:15012) and the admin endpoints (:15014).
+    Serve(Box<ServeArgs>),
+    /// Print a service-account-shaped token signed by the local issuer (embedded mode).
+    Token(TokenArgs),
+    /// Print the trust bundle (PEM) of the CA in the state directory.
+    Bundle {
+        /// State directory of the CA.
+        #[arg(long, env = "PALISADE_STATE_DIR")]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SourceArg {
+    File,
+    Kube,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AuthArg {
+    Local,
+    Kube,
+    Jwks,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Where keys (mode 0600) and the local token issuer live.
+    #[arg(long, env = "PALISADE_STATE_DIR")]
+    state_dir: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The CA's own namespace (its identity and DNS name palisade-ca.<ns>.svc).
+    #[arg(long, env = "PALISADE_NAMESPACE", default_value = "palisade-system")]
+    namespace: String,
+    /// Where workloads and policies come from.
+    #[arg(long, env = "PALISADE_SOURCE", value_enum, default_value = "file")]
+    source: SourceArg,
+    /// The mesh file (with --source file); reloaded when it changes.
+    #[arg(long, env = "PALISADE_MESH_FILE", required_if_eq("source", "file"))]
+    mesh_file: Option<PathBuf>,
+    /// How service-account tokens are checked.
+    #[arg(long, env = "PALISADE_AUTH", value_enum, default_value = "local")]
+    auth: AuthArg,
+    /// `iss` of service-account tokens (with --auth jwks).
+    #[arg(
+        long,
+        env = "PALISADE_JWKS_ISSUER",
+        default_value = "https://kubernetes.default.svc.cluster.local"
+    )]
+    jwks_issuer: String,
+    /// JWKS document of the token issuer (with --auth jwks).
+    #[arg(long, env = "PALISADE_JWKS_FILE", conflicts_with = "jwks_url")]
+    jwks_file: Option<PathBuf>,
+    /// URL of the token issuer's JWKS (with --auth jwks).
+    #[arg(long, env = "PALISADE_JWKS_URL")]
+    jwks_url: Option<String>,
+    /// CA certificate that signs an https --jwks-url.
+    #[arg(long, env = "PALISADE_JWKS_CA_FILE")]
+    jwks_ca_file: Option<PathBuf>,
+    /// API listen address.
+    #[arg(long, env = "PALISADE_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Admin listen address (/ready, /live, /metrics).
+    #[arg(long, env = "PALISADE_ADMIN_LISTEN", default_value = "0.0.0.0:15014")]
+    admin_listen: SocketAddr,
+    /// Default certificate lifetime (5m..24h).
+    #[arg(long, env = "PALISADE_CERT_TTL", default_value = "1h", value_parser = parse_duration)]
+    cert_ttl: std::time::Duration,
+    /// TESTING ONLY: allow lifetimes below 5 minutes.
+    #[arg(long, env = "PALISADE_ALLOW_SHORT_TTL_FOR_TESTING")]
+    allow_short_ttl_for_testing: bool,
+    /// Your own root certificate (with --root-key): the CA makes its intermediate from it.
+    #[arg(
+        long,
+        env = "PALISADE_ROOT_CERT",
+        requires = "root_key",
+        conflicts_with = "intermediate_cert"
+    )]
+    root_cert: Option<PathBuf>,
+    /// Private key of --root-cert (PKCS#8 PEM).
+    #[arg(long, env = "PALISADE_ROOT_KEY", requires = "root_cert")]
+    root_key: Option<PathBuf>,
+    /// Your own intermediate (with --intermediate-key and --intermediate-chain); the root key stays offline.
+    #[arg(long, env = "PALISADE_INTERMEDIATE_CERT", requires_all = ["intermediate_key", "intermediate_chain"])]
+    intermediate_cert: Option<PathBuf>,
+    /// Private key of --intermediate-cert (PKCS#8 PEM).
+    #[arg(long, env = "PALISADE_INTERMEDIATE_KEY")]
+    intermediate_key: Option<PathBuf>,
+    /// Certificates above --intermediate-cert, its issuer first, the root last.
+    #[arg(long, env = "PALISADE_INTERMEDIATE_CHAIN")]
+    intermediate_chain: Option<PathBuf>,
+    /// Extra roots (PEM) to publish in the trust bundle, e.g. the next root during a rotation.
+    #[arg(long, env = "PALISADE_EXTRA_TRUST_ROOTS")]
+    extra_trust_roots: Option<PathBuf>,
+    /// Certificate requests per second allowed per identity (0: no limit).
+    #[arg(long, env = "PALISADE_RATE_LIMIT", default_value_t = 10)]
+    rate_limit: u32,
+    /// Burst of certificate requests allowed per identity.
+    #[arg(long, env = "PALISADE_RATE_LIMIT_BURST", default_value_t = 20)]
+    rate_limit_burst: u32,
+    /// Log filter (tracing syntax), e.g. info or palisade_ca=debug.
+    #[arg(long, env = "PALISADE_LOG", default_value = "info")]
+    log: String,
+    /// Log format: json or plain.
+    #[arg(long, env = "PALISADE_LOG_FORMAT", default_value = "plain", value_parser = ["json", "plain"])]
+    log_format: String,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// State directory of the CA (holds the local issuer key).
+    #[arg(long, env = "PALISADE_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Namespace of the service account.
+    #[arg(long)]
+    namespace: String,
+    /// Service account name.
+    #[arg(long)]
+    service_account: String,
+    /// Pod name to put in the token's claims.
+    #[arg(long)]
+    pod: Option<String>,
+    /// Token audience.
+    #[arg(long, default_value = palisade_ca_api::wire::TOKEN_AUDIENCE)]
+    audience: String,
+    /// Token lifetime.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    ttl: std::time::Duration,
+}
+
+fn init_tracing(filter: &str, format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| {
+        format!(
+            "PALISADE_LOG/--log {filter:?} is not a tracing filter (e.g. info, palisade_ca=debug)"
+        )
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
+    Ok(())
+}
+
+fn serve_config(a: ServeArgs) -> anyhow::Result<ServeConfig> {
+    let source = match a.source {
+        SourceArg::File => MeshSource::File(
+            a.mesh_file
+                .context("--mesh-file is required with --source file")?,
+        ),
+        SourceArg::Kube => MeshSource::Kube,
+    };
+    let auth = match a.auth {
+        AuthArg::Local => AuthMode::Local,
+        AuthArg::Kube => AuthMode::Kube,
+        AuthArg::Jwks => AuthMode::Jwks {
+            issuer: a.jwks_issuer,
+            source: match (a.jwks_file, a.jwks_url) {
+                (Some(f), None) => JwksSource::File(f),
+                (None, Some(url)) => JwksSource::Url {
+                    url,
+                    ca_file: a.jwks_ca_file,
+                },
+                _ => anyhow::bail!("--auth jwks needs --jwks-file FILE or --jwks-url URL"),
+            },
+        },
+    };
+    let keys = match (
+        a.root_cert,
+        a.root_key,
+        a.intermediate_cert,
+        a.intermediate_key,
+        a.intermediate_chain,
+    ) {
+        (Some(cert), Some(key), None, _, _) => KeySource::ExternalRoot { cert, key },
+        (None, None, Some(cert), Some(key), Some(chain)) => {
+            KeySource::ExternalIntermediate { cert, key, chain }
+        }
+        (None, None, None, None, None) => KeySource::Generated,
+        _ => anyhow::bail!(
+            "give --root-cert with --root-key, or --intermediate-cert with --intermediate-key and --intermediate-chain"
+        ),
+    };
+    let mut config = ServeConfig::embedded(a.state_dir, std::path::PathBuf::new());
+    config.trust_domain = a.trust_domain;
+    config.namespace = a.namespace;
+    config.source = source;
+    config.auth = auth;
+    config.listen = a.listen;
+    config.admin_listen = a.admin_listen;
+    config.cert_ttl = a.cert_ttl;
+    config.allow_short_ttl_for_testing = a.allow_short_ttl_for_testing;
+    config.keys = keys;
+    config.extra_trust_roots = a.extra_trust_roots;
+    config.rate_limit_per_identity = a.rate_limit;
+    config.rate_limit_burst = a.rate_limit_burst;
+    Ok(config)
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    palisade_ca_api::tls::install_default_provider();
+    match Cli::parse().command {
+        Command::Serve(args) => {
+            init_tracing(&args.log, &args.log_format)?;
+            let config = serve_config(*args)?;
+            if config.allow_short_ttl_for_testing {
+                tracing::warn!(
+                    "--allow-short-ttl-for-testing is set: certificates may live less than 5 minutes; never use this in production"
+                );
+            }
+            let running = palisade_ca::server::start(config).await?;
+            wait_for_signal().await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            running.shutdown().await;
+            Ok(())
+        }
+        Command::Token(t) => {
+            let issuer = LocalIssuer::load_or_create(&t.state_dir)?;
+            let token = issuer
+                .mint(
+                    &t.namespace,
+                    &t.service_account,
+                    t.pod.as_deref(),
+                    &t.audience,
+                    t.ttl,
+                )
+                .map_err(anyhow::Error::msg)?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Bundle { state_dir } => {
+            let path = state_dir.join(palisade_ca::keys::ROOT_CERT_FILE);
+            let pem = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "cannot read {}: start `palisade-ca serve --state-dir {}` once first",
+                    path.display(),
+                    state_dir.display()
+                )
+            })?;
+            print!("{pem}");
+            Ok(())
+        }
+    }
+}

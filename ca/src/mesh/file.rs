@@ -1,0 +1,241 @@
+//! The `file` source: a mesh file (YAML), validated with errors that give the path inside the
+//! file, and reloaded when it changes. A bad reload keeps the last good state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use palisade_ca_api::policy::{DefaultPolicy, MeshPolicySpec, NamedPolicy};
+use palisade_ca_api::spiffe::{validate_namespace, validate_service_account};
+use serde::Deserialize;
+
+use super::{MeshPublisher, MeshState, Workload};
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshFileError {
+    #[error("cannot read mesh file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("mesh file {file}: {path}: {message}")]
+    Invalid {
+        file: PathBuf,
+        path: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MeshFile {
+    #[serde(default)]
+    trust_domain: Option<String>,
+    #[serde(default)]
+    default_policy: DefaultPolicy,
+    /// Per-namespace settings (what the `palisade.dev/default-policy` annotation says in a cluster).
+    #[serde(default)]
+    namespaces: Vec<NamespaceEntry>,
+    #[serde(default)]
+    workloads: Vec<WorkloadEntry>,
+    #[serde(default)]
+    policies: Vec<PolicyEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NamespaceEntry {
+    name: String,
+    default_policy: DefaultPolicy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WorkloadEntry {
+    name: String,
+    namespace: String,
+    service_account: String,
+    #[serde(default)]
+    ips: Vec<IpAddr>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyEntry {
+    metadata: Metadata,
+    spec: MeshPolicySpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Metadata {
+    name: String,
+    namespace: String,
+}
+
+/// Parses and validates a mesh file for a CA of `trust_domain`.
+pub fn parse_mesh_file(
+    file: &Path,
+    text: &str,
+    trust_domain: &str,
+) -> Result<MeshState, MeshFileError> {
+    let invalid = |path: String, message: String| MeshFileError::Invalid {
+        file: file.into(),
+        path,
+        message,
+    };
+    let de = serde_yaml::Deserializer::from_str(text);
+    let mesh: MeshFile = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde_yaml appends " at line L column C"; keep it, it helps find the spot.
+        invalid(
+            if path == "." {
+                "(top level)".into()
+            } else {
+                path
+            },
+            inner,
+        )
+    })?;
+    if let Some(td) = &mesh.trust_domain {
+        if td != trust_domain {
+            return Err(invalid(
+                "trustDomain".into(),
+                format!(
+                    "{td:?} differs from the CA's --trust-domain {trust_domain:?}: make them equal"
+                ),
+            ));
+        }
+    }
+    let mut namespace_defaults = HashMap::new();
+    for (i, ns) in mesh.namespaces.iter().enumerate() {
+        validate_namespace(&ns.name)
+            .map_err(|e| invalid(format!("namespaces[{i}].name"), e.to_string()))?;
+        namespace_defaults.insert(ns.name.clone(), ns.default_policy);
+    }
+    let mut seen_ips: HashMap<IpAddr, usize> = HashMap::new();
+    let mut workloads = Vec::with_capacity(mesh.workloads.len());
+    for (i, w) in mesh.workloads.into_iter().enumerate() {
+        validate_namespace(&w.namespace)
+            .map_err(|e| invalid(format!("workloads[{i}].namespace"), e.to_string()))?;
+        validate_service_account(&w.service_account)
+            .map_err(|e| invalid(format!("workloads[{i}].serviceAccount"), e.to_string()))?;
+        if w.name.is_empty() {
+            return Err(invalid(format!("workloads[{i}].name"), "is empty".into()));
+        }
+        for (j, ip) in w.ips.iter().enumerate() {
+            if let Some(other) = seen_ips.insert(*ip, i) {
+                return Err(invalid(
+                    format!("workloads[{i}].ips[{j}]"),
+                    format!(
+                        "{ip} is already the address of workloads[{other}]: an address belongs to one workload"
+                    ),
+                ));
+            }
+        }
+        workloads.push(Workload {
+            name: w.name,
+            namespace: w.namespace,
+            service_account: w.service_account,
+            ips: w.ips,
+            labels: w.labels,
+        });
+    }
+    let mut policies = Vec::with_capacity(mesh.policies.len());
+    let mut names = HashMap::new();
+    for (i, p) in mesh.policies.into_iter().enumerate() {
+        validate_namespace(&p.metadata.namespace)
+            .map_err(|e| invalid(format!("policies[{i}].metadata.namespace"), e.to_string()))?;
+        if p.metadata.name.is_empty() {
+            return Err(invalid(
+                format!("policies[{i}].metadata.name"),
+                "is empty".into(),
+            ));
+        }
+        if let Some(j) = names.insert((p.metadata.namespace.clone(), p.metadata.name.clone()), i) {
+            return Err(invalid(
+                format!("policies[{i}].metadata"),
+                format!("same name and namespace as policies[{j}]"),
+            ));
+        }
+        p.spec
+            .target_selector
+            .validate()
+            .map_err(|m| invalid(format!("policies[{i}].spec.targetSelector"), m))?;
+        if let Some(j) = p.spec.ports.iter().position(|port| *port == 0) {
+            return Err(invalid(
+                format!("policies[{i}].spec.ports[{j}]"),
+                "0 is not a port: use 1..65535".into(),
+            ));
+        }
+        policies.push(NamedPolicy {
+            name: p.metadata.name,
+            namespace: p.metadata.namespace,
+            spec: p.spec,
+        });
+    }
+    Ok(MeshState::new(
+        trust_domain.to_owned(),
+        mesh.default_policy,
+        namespace_defaults,
+        workloads,
+        policies,
+    ))
+}
+
+pub fn load_mesh_file(path: &Path, trust_domain: &str) -> Result<MeshState, MeshFileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| MeshFileError::Read(path.into(), e))?;
+    parse_mesh_file(path, &text, trust_domain)
+}
+
+/// How often the file is checked for changes: well inside the one-second propagation budget.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Re-reads the mesh file whenever its contents change and publishes the new state; a file that
+/// does not validate is logged and counted, and the last good state stays.
+pub async fn reload_loop(
+    path: PathBuf,
+    trust_domain: String,
+    publisher: MeshPublisher,
+    metrics: std::sync::Arc<Metrics>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+        let Ok(now) = std::fs::read(&path) else {
+            continue;
+        };
+        if last.as_deref() == Some(now.as_slice()) {
+            continue;
+        }
+        last = Some(now.clone());
+        let result = std::str::from_utf8(&now)
+            .map_err(|_| MeshFileError::Invalid {
+                file: path.clone(),
+                path: "(file)".into(),
+                message: "not UTF-8".into(),
+            })
+            .and_then(|text| parse_mesh_file(&path, text, &trust_domain));
+        match result {
+            Ok(state) => {
+                publisher.publish(state);
+                metrics.mesh_reload(true);
+                tracing::info!(file = %path.display(), "mesh file reloaded");
+            }
+            Err(error) => {
+                metrics.mesh_reload(false);
+                tracing::error!(%error, "mesh file rejected; still serving the last good state");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "file_tests.rs"]
+mod tests;
