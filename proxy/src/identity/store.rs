@@ -5,10 +5,13 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use palisade_ca_api::SpiffeId;
+use palisade_ca_api::cert::check_leaf_profile;
+use palisade_ca_api::tls::crypto_provider;
 use rustls::SignatureScheme;
 use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::clock::Clock;
 
@@ -21,6 +24,28 @@ pub struct Installed {
     pub not_before: i64,
     /// Unix seconds.
     pub not_after: i64,
+}
+
+impl Installed {
+    /// A certificate and key held elsewhere (tests, demos): checked for the mesh leaf profile.
+    pub fn from_chain(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, String> {
+        let leaf = chain.first().ok_or("the chain is empty")?;
+        let info = check_leaf_profile(leaf).map_err(|e| e.to_string())?;
+        let signing = crypto_provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| e.to_string())?;
+        Ok(Installed {
+            key: Arc::new(CertifiedKey::new(chain, signing)),
+            spiffe_id: info.spiffe_id,
+            serial: info.serial,
+            not_before: info.not_before.unix_timestamp(),
+            not_after: info.not_after.unix_timestamp(),
+        })
+    }
 }
 
 impl std::fmt::Debug for Installed {

@@ -4,3 +4,4 @@
 
 pub mod fake_ca;
 pub mod fake_mesh;
+pub mod rig;

@@ -1,0 +1,198 @@
+//! The admin endpoint (`:15021`): readiness, liveness, metrics, identity, app health checks
+//! on the kubelet's behalf, and `POST /shutdown` for loopback callers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::identity::CertStore;
+use crate::mesh::MeshState;
+use crate::metrics::Metrics;
+use crate::probes::{AppProbes, check};
+
+/// What the admin endpoint reads and the one thing it can do (start the shutdown).
+pub struct AdminState {
+    pub store: Arc<CertStore>,
+    pub mesh: Arc<MeshState>,
+    pub metrics: Arc<Metrics>,
+    pub probes: AppProbes,
+    pub probe_timeout: Duration,
+    /// Set when the drain has begun: not ready from then on.
+    pub draining: Arc<AtomicBool>,
+    /// Starts the shutdown (as SIGTERM does).
+    pub shutdown: watch::Sender<bool>,
+}
+
+/// Why the proxy is not ready, if it is not. Pure.
+pub fn readiness(cert_valid: bool, has_snapshot: bool, draining: bool) -> Result<(), &'static str> {
+    if draining {
+        Err("draining: shutting down")
+    } else if !cert_valid {
+        Err("no valid certificate (none issued yet, or the last one expired)")
+    } else if !has_snapshot {
+        Err("no mesh state from the control plane yet")
+    } else {
+        Ok(())
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body.into())))
+        .expect("static response parts")
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(value.to_string())))
+        .expect("static response parts")
+}
+
+/// Answers one admin request.
+pub async fn route(
+    state: &AdminState,
+    peer: SocketAddr,
+    method: &Method,
+    path: &str,
+) -> Response<Full<Bytes>> {
+    match (method, path) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => {
+            let r = readiness(
+                state.store.valid().is_some(),
+                state.mesh.has_snapshot(),
+                state.draining.load(Ordering::Acquire),
+            );
+            match r {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+            }
+        }
+        (&Method::GET, "/metrics") => Response::builder()
+            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            .body(Full::new(Bytes::from(state.metrics.render())))
+            .expect("static response parts"),
+        (&Method::GET, "/identity") => match state.store.current() {
+            Some(c) => json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "spiffe_id": c.spiffe_id.to_string(),
+                    "serial": c.serial,
+                    "not_before": c.not_before,
+                    "not_after": c.not_after,
+                    "valid": state.store.valid().is_some(),
+                }),
+            ),
+            None => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "no certificate yet"}),
+            ),
+        },
+        (&Method::POST, "/shutdown") => {
+            if !peer.ip().is_loopback() {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "shutdown is accepted from loopback callers only\n",
+                );
+            }
+            tracing::info!("shutdown requested on the admin port");
+            let _ = state.shutdown.send(true);
+            text(StatusCode::OK, "shutting down\n")
+        }
+        (&Method::GET, p) if p.starts_with("/app-health/") => {
+            let key = &p["/app-health/".len()..];
+            match state.probes.get(key) {
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    format!("no probe recorded for {key:?} (see PALISADE_APP_PROBES)\n"),
+                ),
+                Some(probe) => match check(probe, state.probe_timeout).await {
+                    Ok(msg) => text(StatusCode::OK, format!("{msg}\n")),
+                    Err(msg) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{msg}\n")),
+                },
+            }
+        }
+        (_, "/live" | "/ready" | "/metrics" | "/identity" | "/shutdown") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: /ready /live /metrics /identity /app-health/<container>/<probe> POST /shutdown\n",
+        ),
+    }
+}
+
+/// Serves the admin endpoint until `stop` turns true.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, peer)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let state = state.clone();
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let state = state.clone();
+                    async move {
+                        Ok::<_, Infallible>(route(&state, peer, req.method(), req.uri().path()).await)
+                    }
+                });
+                tasks.spawn(async move {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+                });
+                while tasks.try_join_next().is_some() {}
+                if tasks.len() > 256 {
+                    // Bounded: a flood of admin connections waits for the oldest to finish.
+                    let _ = tasks.join_next().await;
+                }
+            }
+            _ = crate::datapath::until_true(&mut stop) => break,
+        }
+    }
+    tasks.abort_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_with_a_certificate_a_snapshot_and_no_drain() {
+        assert!(readiness(true, true, false).is_ok());
+        assert!(
+            readiness(false, true, false)
+                .unwrap_err()
+                .contains("certificate")
+        );
+        assert!(
+            readiness(true, false, false)
+                .unwrap_err()
+                .contains("mesh state")
+        );
+        assert!(
+            readiness(true, true, true)
+                .unwrap_err()
+                .contains("draining")
+        );
+    }
+}

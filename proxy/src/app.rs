@@ -1,0 +1,215 @@
+//! Wiring: bind the listeners, start the tasks, and drain on shutdown. `start` returns the
+//! real addresses so tests bind on port 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::datapath::{DataPath, Limits, accept_loop};
+use crate::identity::{CertStore, Identity, run_rotation};
+use crate::inbound::{self, InboundTarget};
+use crate::mesh::{MeshState, run_watch};
+use crate::metrics::{Direction, Metrics};
+use crate::outbound::{self, OutboundTarget};
+use crate::probes::AppProbes;
+use crate::source::MeshSource;
+use crate::tls::{TlsError, TrustBundle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on {1} ({0}): {2}")]
+    Bind(&'static str, SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Where to listen and how to behave.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub inbound_listen: SocketAddr,
+    pub outbound_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub inbound_target: InboundTarget,
+    pub outbound_target: OutboundTarget,
+    pub limits: Limits,
+    pub drain_timeout: Duration,
+    pub probes: AppProbes,
+    pub probe_timeout: Duration,
+}
+
+/// The components, built by the caller (from the config in production, by hand in tests).
+pub struct Parts {
+    pub store: Arc<CertStore>,
+    pub bundle: Arc<TrustBundle>,
+    pub mesh: Arc<MeshState>,
+    pub metrics: Arc<Metrics>,
+    /// Runs the rotation task when present.
+    pub identity: Option<Arc<Identity>>,
+    /// Follows the mesh watch when present.
+    pub mesh_source: Option<Arc<dyn MeshSource>>,
+}
+
+/// A running proxy.
+pub struct Bound {
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub data_path: Arc<DataPath>,
+    shutdown: watch::Sender<bool>,
+    done: JoinHandle<()>,
+}
+
+impl Bound {
+    /// Starts the drain (as SIGTERM and `POST /shutdown` do).
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the proxy has drained and stopped.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| AppError::Bind(what, addr, e))
+}
+
+/// Binds everything and starts the tasks.
+pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> {
+    let inbound_l = bind("inbound", settings.inbound_listen).await?;
+    let outbound_l = bind("outbound", settings.outbound_listen).await?;
+    let admin_l = bind("admin", settings.admin_listen).await?;
+    let addrs = (
+        inbound_l
+            .local_addr()
+            .map_err(|e| AppError::Bind("inbound", settings.inbound_listen, e))?,
+        outbound_l
+            .local_addr()
+            .map_err(|e| AppError::Bind("outbound", settings.outbound_listen, e))?,
+        admin_l
+            .local_addr()
+            .map_err(|e| AppError::Bind("admin", settings.admin_listen, e))?,
+    );
+
+    let dp = Arc::new(DataPath::new(
+        parts.store.clone(),
+        parts.bundle.clone(),
+        parts.mesh.clone(),
+        parts.metrics.clone(),
+        settings.limits.clone(),
+    )?);
+
+    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    let (stop_inbound, stop_inbound_rx) = watch::channel(false);
+    let (abort, abort_rx) = watch::channel(false);
+    let (stop_background, stop_background_rx) = watch::channel(false);
+    let never = watch::channel(false);
+    let draining = Arc::new(AtomicBool::new(false));
+
+    let mut tasks = Vec::new();
+    let in_target = settings.inbound_target;
+    tasks.push(tokio::spawn(accept_loop(
+        inbound_l,
+        Direction::Inbound,
+        dp.clone(),
+        stop_inbound_rx,
+        abort_rx.clone(),
+        move |s, peer, dp| inbound::handle(s, peer, dp, in_target),
+    )));
+    let out_target = settings.outbound_target;
+    let out_listen = addrs.1;
+    // Outbound keeps accepting during the drain: the app may still need it.
+    let never_rx = never.1.clone();
+    tasks.push(tokio::spawn(accept_loop(
+        outbound_l,
+        Direction::Outbound,
+        dp.clone(),
+        never_rx,
+        abort_rx.clone(),
+        move |s, peer, dp| outbound::handle(s, peer, dp, out_target, out_listen),
+    )));
+    if let Some(identity) = parts.identity.clone() {
+        tasks.push(tokio::spawn(run_rotation(
+            identity,
+            stop_background_rx.clone(),
+        )));
+    }
+    if let Some(source) = parts.mesh_source.clone() {
+        tasks.push(tokio::spawn(run_watch(
+            parts.mesh.clone(),
+            source,
+            stop_background_rx.clone(),
+        )));
+    }
+    let admin_state = Arc::new(AdminState {
+        store: parts.store.clone(),
+        mesh: parts.mesh.clone(),
+        metrics: parts.metrics.clone(),
+        probes: settings.probes.clone(),
+        probe_timeout: settings.probe_timeout,
+        draining: draining.clone(),
+        shutdown: shutdown_tx.clone(),
+    });
+    let admin_task = tokio::spawn(admin::serve(
+        admin_l,
+        admin_state,
+        stop_background_rx.clone(),
+    ));
+
+    let metrics = parts.metrics.clone();
+    let drain_timeout = settings.drain_timeout;
+    let done = tokio::spawn(async move {
+        let _ = shutdown_rx.wait_for(|s| *s).await;
+        draining.store(true, Ordering::Release);
+        let _ = stop_inbound.send(true);
+        tracing::info!(
+            drain_timeout_ms = drain_timeout.as_millis() as u64,
+            "draining: not ready, inbound closed, outbound open until its connections end or the deadline"
+        );
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        loop {
+            let open = metrics.active(Direction::Inbound) + metrics.active(Direction::Outbound);
+            if open <= 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    open,
+                    "drain deadline reached; closing the remaining connections"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = abort.send(true);
+        let _ = stop_background.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+        let _ = admin_task.await;
+        drop(never);
+        tracing::info!("stopped");
+    });
+
+    Ok(Bound {
+        inbound: addrs.0,
+        outbound: addrs.1,
+        admin: addrs.2,
+        data_path: dp,
+        shutdown: shutdown_tx,
+        done,
+    })
+}

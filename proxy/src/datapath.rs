@@ -1,0 +1,175 @@
+//! What both listeners share, and the accept loop they both use.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::denial_log::{DenialLog, RateLimiter};
+use crate::identity::CertStore;
+use crate::mesh::MeshState;
+use crate::metrics::{Direction, Metrics};
+use crate::tls::{ClientConfigs, TrustBundle};
+
+/// Timeouts and caps of the data path.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// How long the inbound side peeks for a ClientHello.
+    pub detect_window: Duration,
+    /// How long the outbound side waits for the control plane's first word on a destination.
+    pub destination_wait: Duration,
+    /// Concurrent connections per direction.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3600),
+            detect_window: Duration::from_millis(200),
+            destination_wait: Duration::from_secs(2),
+            max_connections: 8192,
+        }
+    }
+}
+
+/// Shared state of the data path: built once, read by every connection.
+pub struct DataPath {
+    pub store: Arc<CertStore>,
+    pub bundle: Arc<TrustBundle>,
+    pub server_config: Arc<ServerConfig>,
+    pub client_configs: ClientConfigs,
+    pub mesh: Arc<MeshState>,
+    pub metrics: Arc<Metrics>,
+    pub denials: DenialLog,
+    pub limits: Limits,
+}
+
+impl DataPath {
+    pub fn new(
+        store: Arc<CertStore>,
+        bundle: Arc<TrustBundle>,
+        mesh: Arc<MeshState>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Result<Self, crate::tls::TlsError> {
+        Ok(DataPath {
+            server_config: crate::tls::server_config(store.clone(), bundle.clone())?,
+            client_configs: ClientConfigs::new(store.clone(), bundle.clone()),
+            store,
+            bundle,
+            mesh,
+            metrics,
+            denials: DenialLog::default(),
+            limits,
+        })
+    }
+}
+
+/// Counts a connection closed when dropped.
+pub struct OpenConnection {
+    metrics: Arc<Metrics>,
+    direction: Direction,
+}
+
+impl OpenConnection {
+    pub fn new(metrics: Arc<Metrics>, direction: Direction) -> Self {
+        metrics.connection_opened(direction);
+        OpenConnection { metrics, direction }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.metrics.connection_closed(self.direction);
+    }
+}
+
+/// Connects with a timeout and TCP_NODELAY.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out after {timeout:?}"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Accepts until `stop_accepting` turns true, each connection handled in a task this loop
+/// owns, at most `limits.max_connections` at once. Then waits for the open connections to
+/// end, or aborts them when `abort` turns true.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    direction: Direction,
+    data_path: Arc<DataPath>,
+    mut stop_accepting: watch::Receiver<bool>,
+    mut abort: watch::Receiver<bool>,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<DataPath>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let max = data_path.limits.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    let limit_log = RateLimiter::new(1, 1);
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: wait a little rather than spin.
+                        tracing::warn!(direction = direction.as_str(), error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    data_path.metrics.refused(direction, "connection_limit");
+                    if let Some(suppressed) = limit_log.admit() {
+                        tracing::warn!(direction = direction.as_str(), limit = max, peer = %peer, suppressed_since_last = suppressed,
+                            "connection limit reached: refusing new connections until some close (PALISADE_MAX_CONNECTIONS)");
+                    }
+                    drop(stream);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let span = tracing::info_span!("conn", direction = direction.as_str(), peer.ip = %peer.ip(), peer.port = peer.port());
+                let fut = handle(stream, peer, data_path.clone());
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    fut.await;
+                }.instrument(span));
+                while tasks.try_join_next().is_some() {}
+            }
+            _ = until_true(&mut stop_accepting) => break,
+            _ = until_true(&mut abort) => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = until_true(&mut abort) => tasks.abort_all(),
+        _ = async { while tasks.join_next().await.is_some() {} } => {}
+    }
+}
+
+/// Resolves once `rx` holds `true` (or its sender is gone); holds no borrow across awaits.
+pub async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}

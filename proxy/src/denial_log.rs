@@ -1,0 +1,150 @@
+//! Denials (and audit would-denies) as one structured JSON event each, rate-limited so that a
+//! flood of refused callers cannot flood the log. Suppressed events are counted and reported
+//! with the next event that gets through.
+
+use std::sync::Mutex;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+/// One policy event, as logged.
+#[derive(Debug, Clone, Serialize)]
+pub struct DenialEvent {
+    /// `deny` or `audit_deny`.
+    pub result: &'static str,
+    /// The caller's SPIFFE ID, or `unauthenticated`.
+    pub caller: String,
+    pub caller_address: String,
+    /// `namespace/name` of the workload protected, when known.
+    pub target: String,
+    pub port: u16,
+    /// The policy that decided (`namespace/name`, or `default:<policy>`).
+    pub policy: String,
+    pub reason: &'static str,
+}
+
+/// A token bucket: `burst` events at once, refilled at `per_second`.
+#[derive(Debug)]
+pub struct RateLimiter {
+    state: Mutex<Bucket>,
+    per_second: f64,
+    burst: f64,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    suppressed: u64,
+}
+
+impl RateLimiter {
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        RateLimiter {
+            state: Mutex::new(Bucket {
+                tokens: burst as f64,
+                at: Instant::now(),
+                suppressed: 0,
+            }),
+            per_second: per_second as f64,
+            burst: burst as f64,
+        }
+    }
+
+    /// `Some(suppressed since the last admitted event)` when this event may be logged.
+    pub fn admit(&self) -> Option<u64> {
+        let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * self.per_second).min(self.burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Some(std::mem::take(&mut b.suppressed))
+        } else {
+            b.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// Logs denial events through `tracing` (target `palisade::policy`) as one JSON field.
+#[derive(Debug)]
+pub struct DenialLog {
+    limiter: RateLimiter,
+}
+
+impl Default for DenialLog {
+    fn default() -> Self {
+        DenialLog {
+            limiter: RateLimiter::new(10, 50),
+        }
+    }
+}
+
+impl DenialLog {
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        DenialLog {
+            limiter: RateLimiter::new(per_second, burst),
+        }
+    }
+
+    /// Logs `event` unless the rate limit is reached; returns whether it was logged.
+    pub fn record(&self, event: &DenialEvent) -> bool {
+        let Some(suppressed) = self.limiter.admit() else {
+            return false;
+        };
+        let json = serde_json::to_string(event).unwrap_or_default();
+        tracing::warn!(
+            target: "palisade::policy",
+            event = %json,
+            suppressed_since_last = suppressed,
+            "connection {}", if event.result == "deny" { "denied" } else { "would be denied (audit)" }
+        );
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn bursts_are_limited_and_suppressions_reported() {
+        let l = RateLimiter::new(2, 3);
+        assert_eq!(l.admit(), Some(0));
+        assert_eq!(l.admit(), Some(0));
+        assert_eq!(l.admit(), Some(0));
+        assert_eq!(l.admit(), None);
+        assert_eq!(l.admit(), None);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(l.admit(), Some(2));
+        assert_eq!(l.admit(), None);
+    }
+
+    #[test]
+    fn event_serialises_every_field() {
+        let e = DenialEvent {
+            result: "deny",
+            caller: "spiffe://cluster.local/ns/a/sa/b".into(),
+            caller_address: "10.77.0.3:4242".into(),
+            target: "shop/api".into(),
+            port: 8080,
+            policy: "shop/api-from-web".into(),
+            reason: "no_rule_matched",
+        };
+        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
+        for k in [
+            "result",
+            "caller",
+            "caller_address",
+            "target",
+            "port",
+            "policy",
+            "reason",
+        ] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+    }
+}

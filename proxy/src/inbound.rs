@@ -1,0 +1,227 @@
+//! Inbound: connections to this workload, captured by iptables. A mesh caller (TLS with ALPN
+//! `palisade/1`) is authenticated by its client certificate; anyone else is a plaintext
+//! caller. Policy decides; allowed connections are forwarded to `127.0.0.1:<original port>`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use palisade_ca_api::SpiffeId;
+use palisade_ca_api::cert::spiffe_id_from_cert;
+use palisade_ca_api::policy::{Caller, InboundPolicy, evaluate_inbound};
+use tokio::net::TcpStream;
+
+use crate::datapath::{DataPath, OpenConnection, connect};
+use crate::denial_log::DenialEvent;
+use crate::detect::{Sniff, sniff};
+use crate::metrics::Direction;
+use crate::relay::relay;
+use crate::tls::handshake_failure_reason;
+
+/// Which local port a connection was meant for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundTarget {
+    /// `SO_ORIGINAL_DST`; connections that were not redirected are refused.
+    OriginalDst,
+    /// Every connection is for this port (tests and demos on loopback, no iptables).
+    FixedPort(u16),
+}
+
+/// The outcome of a policy check, as the data path uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// `allow`, `deny` or `audit_deny`.
+    pub result: &'static str,
+    pub reason: &'static str,
+    pub policy: String,
+}
+
+/// Decides on one connection. Without a policy from the control plane yet, refuse. Pure.
+pub fn decide(policy: Option<&InboundPolicy>, port: u16, caller: Caller<'_>) -> Verdict {
+    match policy {
+        None => Verdict {
+            allowed: false,
+            result: "deny",
+            reason: "no_policy_yet",
+            policy: "none".into(),
+        },
+        Some(p) => {
+            let d = evaluate_inbound(p, port, caller);
+            Verdict {
+                allowed: d.allowed,
+                result: d.result(),
+                reason: d.reason.as_str(),
+                policy: d.policy,
+            }
+        }
+    }
+}
+
+/// Handles one captured connection.
+pub async fn handle(stream: TcpStream, peer: SocketAddr, dp: Arc<DataPath>, target: InboundTarget) {
+    let _open = OpenConnection::new(dp.metrics.clone(), Direction::Inbound);
+    let port = match target {
+        InboundTarget::FixedPort(p) => p,
+        InboundTarget::OriginalDst => {
+            let local = match stream.local_addr() {
+                Ok(l) => l,
+                Err(_) => return,
+            };
+            match crate::orig_dst::original_dst(&stream, local) {
+                Ok(d) if d.port() != local.port() => d.port(),
+                Ok(_) | Err(_) => {
+                    dp.metrics.refused(Direction::Inbound, "not_redirected");
+                    tracing::warn!(
+                        "connection reached the inbound port directly, not through the capture rules; closing"
+                    );
+                    return;
+                }
+            }
+        }
+    };
+    let sniffed = match sniff(&stream, dp.limits.detect_window).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "connection failed during detection");
+            return;
+        }
+    };
+    let upstream_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    match sniffed {
+        Sniff::Mesh => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(dp.server_config.clone());
+            let accepted =
+                tokio::time::timeout(dp.limits.handshake_timeout, acceptor.accept(stream))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            let tls = match accepted {
+                Ok(t) => t,
+                Err(e) => {
+                    let reason = handshake_failure_reason(&e);
+                    dp.metrics.handshake_failed(Direction::Inbound, reason);
+                    tracing::info!(reason, error = %e, "mTLS handshake with a caller failed");
+                    return;
+                }
+            };
+            let caller_id: Option<SpiffeId> = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|leaf| spiffe_id_from_cert(leaf).ok());
+            let Some(caller_id) = caller_id else {
+                dp.metrics
+                    .handshake_failed(Direction::Inbound, "no_identity");
+                return;
+            };
+            tracing::debug!(peer.id = %caller_id, "caller authenticated");
+            if !admit(&dp, peer, port, Caller::Authenticated(&caller_id)) {
+                return;
+            }
+            let upstream = match connect(upstream_addr, dp.limits.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    dp.metrics.refused(Direction::Inbound, "app_unreachable");
+                    tracing::info!(port, error = %e, "the app does not accept on this port");
+                    return;
+                }
+            };
+            finish(&dp, relay(tls, upstream, dp.limits.idle_timeout).await);
+        }
+        Sniff::Plaintext(_) | Sniff::NeedMore => {
+            let how = match sniffed {
+                Sniff::Plaintext(h) => h,
+                _ => "incomplete_client_hello",
+            };
+            dp.metrics.plaintext_inbound(how);
+            if !admit(&dp, peer, port, Caller::Unauthenticated) {
+                return;
+            }
+            let upstream = match connect(upstream_addr, dp.limits.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    dp.metrics.refused(Direction::Inbound, "app_unreachable");
+                    tracing::info!(port, error = %e, "the app does not accept on this port");
+                    return;
+                }
+            };
+            finish(&dp, relay(stream, upstream, dp.limits.idle_timeout).await);
+        }
+    }
+}
+
+/// Evaluates policy, counts the decision, logs a denial or would-deny; true when allowed.
+fn admit(dp: &DataPath, peer: SocketAddr, port: u16, caller: Caller<'_>) -> bool {
+    let policy = dp.mesh.inbound();
+    let verdict = decide(policy.as_deref(), port, caller);
+    dp.metrics.decision(verdict.result, verdict.reason);
+    if verdict.result != "allow" {
+        dp.denials.record(&DenialEvent {
+            result: verdict.result,
+            caller: match caller {
+                Caller::Authenticated(id) => id.to_string(),
+                Caller::Unauthenticated => "unauthenticated".into(),
+            },
+            caller_address: peer.to_string(),
+            target: policy.map(|p| p.workload.clone()).unwrap_or_default(),
+            port,
+            policy: verdict.policy.clone(),
+            reason: verdict.reason,
+        });
+    }
+    verdict.allowed
+}
+
+fn finish(dp: &DataPath, result: Result<(u64, u64), crate::relay::RelayError>) {
+    match result {
+        Ok((up, down)) => {
+            dp.metrics.bytes(Direction::Inbound, "to_upstream", up);
+            dp.metrics.bytes(Direction::Inbound, "to_downstream", down);
+        }
+        Err(e) => tracing::debug!(error = %e, "inbound connection ended"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_ca_api::policy::DefaultPolicy;
+
+    fn policy(default_policy: DefaultPolicy) -> InboundPolicy {
+        InboundPolicy {
+            trust_domain: "cluster.local".into(),
+            workload: "shop/api".into(),
+            namespace: "shop".into(),
+            default_policy,
+            policies: vec![],
+        }
+    }
+
+    #[test]
+    fn without_a_policy_everyone_is_refused() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let v = decide(None, 8080, Caller::Authenticated(&id));
+        assert!(!v.allowed);
+        assert_eq!(v.reason, "no_policy_yet");
+    }
+
+    #[test]
+    fn defaults_apply_to_plaintext_and_mesh_callers() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let p = policy(DefaultPolicy::AllAuthenticated);
+        assert!(decide(Some(&p), 80, Caller::Authenticated(&id)).allowed);
+        let v = decide(Some(&p), 80, Caller::Unauthenticated);
+        assert_eq!(
+            (v.allowed, v.result, v.reason),
+            (false, "deny", "plaintext_not_allowed")
+        );
+        assert!(
+            decide(
+                Some(&policy(DefaultPolicy::All)),
+                80,
+                Caller::Unauthenticated
+            )
+            .allowed
+        );
+    }
+}

@@ -1,0 +1,351 @@
+//! What the control plane says: the inbound policy of this workload, and for each destination
+//! the proxy has met, whether it is meshed and which identity it must present.
+//!
+//! One watch stream carries both (`pod_ip` plus the destinations asked about). When a new
+//! destination appears the stream is reopened with the accumulated set (after a short
+//! debounce, so a burst of new destinations costs one reopen). The set is bounded: past
+//! `max_destinations` the least recently used one is dropped, so memory does not grow with
+//! the size of the cluster. Answers survive a control-plane outage: the last state keeps
+//! serving; only destinations never answered fail closed.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use palisade_ca_api::policy::InboundPolicy;
+use palisade_ca_api::wire::{Destination, MAX_WATCH_DESTINATIONS, WatchMessage, WatchQuery};
+use tokio::sync::{Notify, watch};
+
+use crate::identity::backoff;
+use crate::source::MeshSource;
+
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// This workload's address, whose inbound policy is watched.
+    pub pod_ip: Option<IpAddr>,
+    /// Destinations remembered at once (at most [`MAX_WATCH_DESTINATIONS`]).
+    pub max_destinations: usize,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// How long to gather new destinations before reopening the watch.
+    pub debounce: Duration,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            pod_ip: None,
+            max_destinations: MAX_WATCH_DESTINATIONS,
+            backoff_base: Duration::from_millis(200),
+            backoff_cap: Duration::from_secs(10),
+            debounce: Duration::from_millis(20),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    answer: Option<Destination>,
+    last_used: u64,
+}
+
+/// The destinations asked about, least-recently-used bounded. Pure bookkeeping.
+#[derive(Debug)]
+pub struct DestinationTable {
+    entries: HashMap<IpAddr, Entry>,
+    tick: u64,
+    cap: usize,
+}
+
+impl DestinationTable {
+    pub fn new(cap: usize) -> Self {
+        DestinationTable {
+            entries: HashMap::new(),
+            tick: 0,
+            cap: cap.clamp(1, MAX_WATCH_DESTINATIONS),
+        }
+    }
+
+    /// Marks `ip` used; adds it when absent (evicting the least recently used past the cap).
+    /// Returns its answer, if any, and whether it was added.
+    pub fn touch(&mut self, ip: IpAddr) -> (Option<Destination>, bool) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(e) = self.entries.get_mut(&ip) {
+            e.last_used = tick;
+            return (e.answer.clone(), false);
+        }
+        if self.entries.len() >= self.cap
+            && let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(ip, _)| *ip)
+        {
+            self.entries.remove(&oldest);
+        }
+        self.entries.insert(
+            ip,
+            Entry {
+                answer: None,
+                last_used: tick,
+            },
+        );
+        (None, true)
+    }
+
+    pub fn answer(&self, ip: IpAddr) -> Option<Destination> {
+        self.entries.get(&ip).and_then(|e| e.answer.clone())
+    }
+
+    /// The addresses to ask about, sorted.
+    pub fn wanted(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self.entries.keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// Records the answers of a watch message for the addresses still remembered.
+    pub fn apply(&mut self, destinations: &[Destination]) {
+        for d in destinations {
+            if let Some(e) = self.entries.get_mut(&d.address) {
+                e.answer = Some(d.clone());
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The proxy's view of the control plane.
+pub struct MeshState {
+    config: MeshConfig,
+    inbound: ArcSwapOption<InboundPolicy>,
+    first_message: AtomicBool,
+    table: Mutex<DestinationTable>,
+    changed: watch::Sender<u64>,
+    interest: Notify,
+}
+
+impl std::fmt::Debug for MeshState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshState")
+            .field("inbound", &self.inbound.load().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeshState {
+    pub fn new(config: MeshConfig) -> Self {
+        MeshState {
+            table: Mutex::new(DestinationTable::new(config.max_destinations)),
+            config,
+            inbound: ArcSwapOption::empty(),
+            first_message: AtomicBool::new(false),
+            changed: watch::channel(0).0,
+            interest: Notify::new(),
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, DestinationTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The inbound policy, once the control plane has sent one.
+    pub fn inbound(&self) -> Option<Arc<InboundPolicy>> {
+        self.inbound.load_full()
+    }
+
+    /// Whether a first message has arrived (part of readiness).
+    pub fn has_snapshot(&self) -> bool {
+        self.first_message.load(Ordering::Acquire)
+    }
+
+    /// Replaces the state with one watch message (each is complete for what was asked).
+    pub fn apply(&self, message: &WatchMessage) {
+        if self.config.pod_ip.is_some() {
+            self.inbound.store(message.inbound.clone().map(Arc::new));
+        }
+        self.table().apply(&message.destinations);
+        self.first_message.store(true, Ordering::Release);
+        self.changed.send_modify(|v| *v = message.version);
+    }
+
+    /// Installs an inbound policy directly (tests and the demo without a control plane).
+    pub fn set_inbound(&self, policy: Option<InboundPolicy>) {
+        self.inbound.store(policy.map(Arc::new));
+        self.first_message.store(true, Ordering::Release);
+    }
+
+    /// Records an answer directly (tests and the demo without a control plane).
+    pub fn set_destination(&self, destination: Destination) {
+        let mut t = self.table();
+        t.touch(destination.address);
+        t.apply(std::slice::from_ref(&destination));
+        drop(t);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn query(&self) -> WatchQuery {
+        WatchQuery {
+            pod_ip: self.config.pod_ip,
+            destinations: self.table().wanted(),
+        }
+    }
+
+    /// What the control plane says about `ip`, waiting at most `wait` for a first answer.
+    /// `None` means it could not say: the caller must fail closed.
+    pub async fn lookup(&self, ip: IpAddr, wait: Duration) -> Option<Destination> {
+        let mut changed = self.changed.subscribe();
+        let (answer, added) = self.table().touch(ip);
+        if answer.is_some() {
+            return answer;
+        }
+        if added {
+            self.interest.notify_one();
+        }
+        tokio::time::timeout(wait, async {
+            loop {
+                changed.changed().await.ok()?;
+                if let Some(a) = self.table().answer(ip) {
+                    return Some(a);
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+/// Keeps one watch open with what `state` needs, reopening it when that grows and retrying
+/// with capped backoff when the control plane is away. Returns when `shutdown` turns true.
+pub async fn run_watch(
+    state: Arc<MeshState>,
+    source: Arc<dyn MeshSource>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut attempt: u32 = 0;
+    loop {
+        let query = state.query();
+        if query.pod_ip.is_none() && query.destinations.is_empty() {
+            tokio::select! {
+                _ = state.interest.notified() => continue,
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+        let failed = tokio::select! {
+            failed = follow(&state, source.as_ref(), &query, &mut attempt) => failed,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        if failed {
+            let wait = backoff(attempt, state.config.backoff_base, state.config.backoff_cap);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+/// Follows one watch until it fails (true) or must be reopened with a new query (false).
+async fn follow(
+    state: &MeshState,
+    source: &dyn MeshSource,
+    query: &WatchQuery,
+    attempt: &mut u32,
+) -> bool {
+    let mut stream = match source.watch(query).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the mesh watch; keeping the last known state");
+            return true;
+        }
+    };
+    loop {
+        tokio::select! {
+            message = stream.next_message() => match message {
+                Ok(Some(m)) => {
+                    *attempt = 0;
+                    state.apply(&m);
+                }
+                Ok(None) => {
+                    tracing::warn!("the control plane ended the mesh watch; reopening");
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "mesh watch failed; keeping the last known state");
+                    return true;
+                }
+            },
+            _ = state.interest.notified() => {
+                tokio::time::sleep(state.config.debounce).await;
+                if state.query() != *query {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn table_evicts_the_least_recently_used_past_its_cap() {
+        let mut t = DestinationTable::new(2);
+        assert_eq!(t.touch(ip("10.0.0.1")), (None, true));
+        assert_eq!(t.touch(ip("10.0.0.2")), (None, true));
+        assert_eq!(t.touch(ip("10.0.0.1")), (None, false));
+        t.touch(ip("10.0.0.3"));
+        assert_eq!(t.wanted(), vec![ip("10.0.0.1"), ip("10.0.0.3")]);
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn table_keeps_answers_only_for_remembered_addresses() {
+        let mut t = DestinationTable::new(4);
+        t.touch(ip("10.0.0.1"));
+        t.apply(&[
+            Destination {
+                address: ip("10.0.0.1"),
+                meshed: false,
+                spiffe_id: None,
+                workload: None,
+            },
+            Destination {
+                address: ip("10.0.0.9"),
+                meshed: false,
+                spiffe_id: None,
+                workload: None,
+            },
+        ]);
+        assert!(t.answer(ip("10.0.0.1")).is_some());
+        assert!(t.answer(ip("10.0.0.9")).is_none());
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn cap_is_bounded_by_the_watch_limit() {
+        let mut t = DestinationTable::new(100_000);
+        for i in 0..1000u32 {
+            t.touch(IpAddr::from(i.to_be_bytes()));
+        }
+        assert_eq!(t.len(), MAX_WATCH_DESTINATIONS);
+    }
+}

@@ -1,0 +1,320 @@
+//! `/app-health/<container>/<probe>`: the kubelet's original probes, checked on its behalf.
+//!
+//! The injector rewrites each HTTP, TCP and gRPC probe to the proxy's admin port and records
+//! the original in the pod annotation `palisade.dev/app-probes`, a JSON object keyed by
+//! `<container>/<livez|readyz|startupz>`; the proxy reads it from `PALISADE_APP_PROBES` (the
+//! downward API maps the annotation to it). Checks go to the app on 127.0.0.1 with the
+//! kubelet's rules: HTTP status 200..399 passes, a TCP connect passes, gRPC `SERVING` passes.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// One recorded probe.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AppProbe {
+    HttpGet(HttpGet),
+    TcpSocket(TcpSocket),
+    Grpc(Grpc),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpGet {
+    pub port: u16,
+    #[serde(default)]
+    pub path: Option<String>,
+    /// `HTTP` (default) or `HTTPS`.
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub http_headers: Vec<Header>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Header {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct TcpSocket {
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Grpc {
+    pub port: u16,
+    #[serde(default)]
+    pub service: Option<String>,
+}
+
+/// Probes by `<container>/<probe>`.
+pub type AppProbes = BTreeMap<String, AppProbe>;
+
+/// Parses the recorded probes (the annotation's JSON).
+pub fn parse_probes(json: &str) -> Result<AppProbes, String> {
+    let probes: AppProbes = serde_json::from_str(json).map_err(|e| {
+        format!(
+            "{e}: expected {{\"<container>/<probe>\": {{\"httpGet\": {{\"port\": N, \"path\": \"/..\"}}}} | {{\"tcpSocket\": {{\"port\": N}}}} | {{\"grpc\": {{\"port\": N}}}}}}"
+        )
+    })?;
+    for key in probes.keys() {
+        if key.split('/').count() != 2 || key.starts_with('/') || key.ends_with('/') {
+            return Err(format!("{key:?} is not \"<container>/<probe>\""));
+        }
+    }
+    Ok(probes)
+}
+
+/// The result of one check: pass or fail with what went wrong.
+pub type ProbeResult = Result<String, String>;
+
+/// Runs `probe` against the app on loopback within `timeout`.
+pub async fn check(probe: &AppProbe, timeout: Duration) -> ProbeResult {
+    match tokio::time::timeout(timeout, check_inner(probe)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+async fn check_inner(probe: &AppProbe) -> ProbeResult {
+    match probe {
+        AppProbe::TcpSocket(t) => tokio::net::TcpStream::connect(local(t.port))
+            .await
+            .map(|_| format!("tcp {} accepts", t.port))
+            .map_err(|e| format!("tcp {}: {e}", t.port)),
+        AppProbe::HttpGet(h) => {
+            let tcp = tokio::net::TcpStream::connect(local(h.port))
+                .await
+                .map_err(|e| format!("http {}: {e}", h.port))?;
+            if h.scheme
+                .as_deref()
+                .is_some_and(|s| s.eq_ignore_ascii_case("https"))
+            {
+                let connector = tokio_rustls::TlsConnector::from(insecure_probe_config());
+                let tls = connector
+                    .connect(
+                        rustls_pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into()),
+                        tcp,
+                    )
+                    .await
+                    .map_err(|e| format!("https {}: {e}", h.port))?;
+                http_get(tls, h).await
+            } else {
+                http_get(tcp, h).await
+            }
+        }
+        AppProbe::Grpc(g) => grpc_check(g).await,
+    }
+}
+
+async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, h: &HttpGet) -> ProbeResult {
+    let path = h
+        .path
+        .as_deref()
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or("/");
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUser-Agent: kube-probe/palisade\r\nAccept: */*\r\nConnection: close\r\n",
+        h.port
+    );
+    for hd in &h.http_headers {
+        if hd.name.contains(['\r', '\n', ':']) || hd.value.contains(['\r', '\n']) {
+            return Err(format!("header {:?} is malformed", hd.name));
+        }
+        req.push_str(&format!("{}: {}\r\n", hd.name, hd.value));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 64];
+    let mut n = 0;
+    while n < 12 {
+        let r = s.read(&mut head[n..]).await.map_err(|e| e.to_string())?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    let line = String::from_utf8_lossy(&head[..n]);
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {line:?}"))?;
+    if (200..400).contains(&status) {
+        Ok(format!("http {status}"))
+    } else {
+        Err(format!("http {status}"))
+    }
+}
+
+async fn grpc_check(g: &Grpc) -> ProbeResult {
+    let tcp = tokio::net::TcpStream::connect(local(g.port))
+        .await
+        .map_err(|e| format!("grpc {}: {e}", g.port))?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .map_err(|e| format!("grpc {}: {e}", g.port))?;
+    let driver = tokio::spawn(conn);
+    // HealthCheckRequest { service = 1 }, length-prefixed.
+    let service = g.service.clone().unwrap_or_default();
+    let mut message = Vec::new();
+    if !service.is_empty() && service.len() < 128 {
+        message.push(0x0a);
+        message.push(service.len() as u8);
+        message.extend_from_slice(service.as_bytes());
+    }
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let req = http::Request::post(format!(
+        "http://127.0.0.1:{}/grpc.health.v1.Health/Check",
+        g.port
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(Full::new(Bytes::from(body)))
+    .map_err(|e| e.to_string())?;
+    let result = async {
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let header_status = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let collected = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or(header_status);
+        if status.as_deref() != Some("0") {
+            return Err(format!(
+                "grpc status {}",
+                status.unwrap_or_else(|| "missing".into())
+            ));
+        }
+        let bytes = collected.to_bytes();
+        // HealthCheckResponse { status = 1 (varint) }: SERVING is 1.
+        if bytes.len() >= 7 && bytes[5] == 0x08 && bytes[6] == 1 {
+            Ok("grpc SERVING".to_owned())
+        } else {
+            Err("grpc health is not SERVING".to_owned())
+        }
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+/// HTTPS probes, like the kubelet's, do not verify the app's certificate: the probe checks
+/// liveness on loopback, not identity, and never carries mesh traffic.
+fn insecure_probe_config() -> Arc<rustls::ClientConfig> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    #[derive(Debug)]
+    struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &[rustls_pki_types::CertificateDer<'_>],
+            _: &rustls_pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls_pki_types::UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &rustls_pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &rustls_pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = palisade_ca_api::tls::crypto_provider();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("the provider supports the default versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_injector_record() {
+        let p = parse_probes(
+            r#"{"web/livez": {"httpGet": {"path": "/healthz", "port": 8080, "httpHeaders": [{"name": "X-A", "value": "b"}]}},
+                "web/readyz": {"tcpSocket": {"port": 8080}},
+                "web/startupz": {"grpc": {"port": 9090}}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.len(), 3);
+        assert!(matches!(
+            p["web/readyz"],
+            AppProbe::TcpSocket(TcpSocket { port: 8080 })
+        ));
+        assert!(matches!(&p["web/livez"], AppProbe::HttpGet(h) if h.http_headers.len() == 1));
+    }
+
+    #[test]
+    fn refuses_malformed_records() {
+        for bad in [
+            "[]",
+            r#"{"web/livez": {"exec": {}}}"#,
+            r#"{"web": {"tcpSocket": {"port": 1}}}"#,
+            r#"{"web/livez": {"tcpSocket": {"port": 70000}}}"#,
+        ] {
+            assert!(parse_probes(bad).is_err(), "{bad}");
+        }
+    }
+}
