@@ -187,3 +187,16 @@ def test_duplicate_keys_are_caught():
 
     with pytest.raises(Exception, match="duplicate key"):
         load_all("metadata:\n  labels:\n    a: x\n    a: y\n")
+
+
+@pytest.mark.parametrize("kube_version", ["1.28.0", KUBE_NEWEST])
+def test_installs_on_every_supported_kubernetes(kube_version):
+    release = install_dry_run({}, kube_version=kube_version)
+    assert "kind: MutatingWebhookConfiguration" in release["manifest"]
+
+
+def test_refuses_kubernetes_older_than_1_28():
+    import helm_python
+
+    with pytest.raises(helm_python.HelmError, match="kubeVersion|Kubernetes version"):
+        install_dry_run({}, kube_version="1.27.9")
