@@ -132,6 +132,8 @@ def assert_restricted(pod_spec, where):
     psc = pod_spec.get("securityContext", {})
     assert not pod_spec.get("hostNetwork") and not pod_spec.get("hostPID") and not pod_spec.get("hostIPC"), where
     assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+    assert not psc.get("sysctls"), where
+    assert psc.get("seLinuxOptions", {}).get("type", "container_t") in {"container_t", "container_init_t", "container_kvm_t"}, where
     for vol in pod_spec.get("volumes", []):
         assert set(vol) - {"name"} <= {"emptyDir", "secret", "configMap", "projected", "downwardAPI"}, (where, vol)
     for c in containers(pod_spec):
@@ -145,6 +147,8 @@ def assert_restricted(pod_spec, where):
         assert sc.get("capabilities", {}).get("drop") == ["ALL"], at
         assert not sc.get("capabilities", {}).get("add"), at
         assert sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type") == "RuntimeDefault", at
+        assert sc.get("procMount", "Default") == "Default", at
+        assert sc.get("appArmorProfile", {}).get("type", "RuntimeDefault") in {"RuntimeDefault", "Localhost"}, at
         for p in c.get("ports", []):
             assert "hostPort" not in p, at
         res = c.get("resources", {})
