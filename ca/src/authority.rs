@@ -126,6 +126,8 @@ impl Authority {
         ttl: Duration,
         now: OffsetDateTime,
     ) -> Result<CertificateParams, SignError> {
+        // Certificates carry whole seconds; so does everything reported about them.
+        let now = now.replace_nanosecond(0).unwrap_or(now);
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(

@@ -1,0 +1,226 @@
+//! Issued certificates have the DESIGN.md profile, chain to the root (x509-parser, rustls and the
+//! openssl command line agree), and the mesh watch follows the mesh file.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use palisade_ca_api::cert::check_leaf_profile;
+use palisade_ca_api::wire::{WatchMessageKind, WatchQuery};
+use rustls_pki_types::UnixTime;
+use support::{TestCa, chain_ders};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+#[tokio::test]
+async fn leaf_profile_and_chain() {
+    let ca = TestCa::start().await;
+    let (_key, resp) = ca.identity("shop", "web").await;
+    assert_eq!(resp.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(resp.certificate_chain.len(), 2, "leaf then intermediate");
+    let chain = chain_ders(&resp);
+    let info = check_leaf_profile(&chain[0]).unwrap();
+    assert_eq!(info.spiffe_id.to_string(), resp.spiffe_id);
+    assert_eq!(info.serial.len(), 32, "128-bit serial: {}", info.serial);
+    let lifetime = info.not_after - info.not_before;
+    assert_eq!(
+        lifetime.whole_seconds(),
+        3600 + 60,
+        "notBefore = now - 60s, notAfter = now + 1h"
+    );
+    let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
+    let (_, inter) = X509Certificate::from_der(&chain[1]).unwrap();
+    assert!(
+        leaf.verify_signature(Some(inter.public_key())).is_ok(),
+        "leaf is signed by the intermediate"
+    );
+    assert_eq!(leaf.issuer(), inter.subject());
+    assert!(inter.is_ca());
+    let id = palisade_ca_api::tls::verify_workload_chain(ca.roots.clone(), &chain, UnixTime::now())
+        .unwrap();
+    assert_eq!(id.to_string(), resp.spiffe_id);
+    let expires = time::OffsetDateTime::parse(
+        &resp.expires_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(expires, info.not_after);
+    assert_eq!(resp.trust_bundle.len(), 1);
+    ca.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn openssl_verifies_the_chain_for_client_and_server_use() {
+    let ca = TestCa::start().await;
+    let (_key, resp) = ca.identity("shop", "api").await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.pem");
+    let untrusted = dir.path().join("intermediate.pem");
+    let leaf = dir.path().join("leaf.pem");
+    std::fs::write(&root, resp.trust_bundle.concat()).unwrap();
+    std::fs::write(&untrusted, &resp.certificate_chain[1]).unwrap();
+    std::fs::write(&leaf, &resp.certificate_chain[0]).unwrap();
+    for purpose in ["sslclient", "sslserver"] {
+        let out = Command::new("openssl")
+            .args(["verify", "-purpose", purpose, "-CAfile"])
+            .arg(&root)
+            .arg("-untrusted")
+            .arg(&untrusted)
+            .arg(&leaf)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "{purpose}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Without the intermediate the leaf does not verify: the chain really is leaf <- intermediate <- root.
+    let out = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&root)
+        .arg(&leaf)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&leaf)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("URI:spiffe://cluster.local/ns/shop/sa/api"),
+        "{text}"
+    );
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
+    assert!(text.contains("Digital Signature"), "{text}");
+    assert!(text.contains("CA:FALSE"), "{text}");
+    ca.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_root_survives_a_restart() {
+    let ca = TestCa::start().await;
+    let before = ca.client(None).trust_bundle().await.unwrap();
+    let TestCa { dir, running, .. } = ca;
+    running.shutdown().await;
+    let again = TestCa::start_in(dir, |_| {}).await;
+    let after = again.client(None).trust_bundle().await.unwrap();
+    assert_eq!(before, after);
+    again.running.shutdown().await;
+}
+
+struct CertResolver(std::sync::Arc<rustls::sign::CertifiedKey>);
+
+impl std::fmt::Debug for CertResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertResolver")
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertResolver {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn watch_sends_a_snapshot_then_updates_when_the_mesh_file_changes() {
+    let ca = TestCa::start().await;
+    let (key, resp) = ca.identity("shop", "api").await;
+    let signing = palisade_ca_api::tls::crypto_provider()
+        .key_provider
+        .load_private_key(rustls_pki_types::PrivateKeyDer::Pkcs8(
+            key.serialize_der().into(),
+        ))
+        .unwrap();
+    let ck = rustls::sign::CertifiedKey::new(chain_ders(&resp), signing);
+    let client = ca.client(Some(std::sync::Arc::new(CertResolver(
+        std::sync::Arc::new(ck),
+    ))));
+    let query = WatchQuery {
+        pod_ip: Some("10.77.0.3".parse().unwrap()),
+        destinations: vec!["10.77.0.2".parse().unwrap(), "10.77.0.9".parse().unwrap()],
+    };
+    let mut stream = client.watch(&query).await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.kind, WatchMessageKind::Snapshot);
+    let inbound = first.inbound.unwrap();
+    assert_eq!(inbound.workload, "shop/api");
+    assert_eq!(inbound.policies[0].name, "shop/api-from-web");
+    assert!(first.destinations[0].meshed && !first.destinations[1].meshed);
+
+    // Give 10.77.0.9 to a new workload and drop the policy: both reach this watch.
+    let changed = support::MESH.replace(
+        "policies:",
+        "  - {name: db, namespace: shop, serviceAccount: db, ips: [10.77.0.9]}\npolicies: []\nunused:",
+    );
+    let changed = changed[..changed.find("unused:").unwrap()].to_string();
+    std::fs::write(ca.mesh_file(), changed).unwrap();
+    let update = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .expect("update within 2 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(update.kind, WatchMessageKind::Update);
+    assert!(update.version > first.version);
+    assert!(update.inbound.unwrap().policies.is_empty());
+    assert_eq!(
+        update.destinations[1]
+            .spiffe_id
+            .as_ref()
+            .unwrap()
+            .to_string(),
+        "spiffe://cluster.local/ns/shop/sa/db"
+    );
+
+    // A file that does not validate changes nothing, and is counted.
+    std::fs::write(ca.mesh_file(), "workloads: [{name: x}]").unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), stream.next())
+            .await
+            .is_err(),
+        "no update for a bad file"
+    );
+    let metrics = reqwest_metrics(ca.running.admin_addr).await;
+    assert!(
+        metrics.contains("palisade_ca_mesh_reloads_total{result=\"rejected\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("palisade_ca_mesh_last_reload_ok 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("palisade_ca_watch_streams 1"), "{metrics}");
+    assert!(
+        metrics.contains("palisade_ca_certificates_issued_total{authenticator=\"local\"} 1"),
+        "{metrics}"
+    );
+
+    // Shutdown ends the stream.
+    ca.running.shutdown().await;
+    assert!(matches!(stream.next().await, Ok(None) | Err(_)));
+}
+
+async fn reqwest_metrics(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
+}
