@@ -7,6 +7,7 @@ pub mod admin;
 pub mod app;
 pub mod ca_client;
 pub mod clock;
+pub mod config;
 pub mod datapath;
 pub mod denial_log;
 pub mod detect;

@@ -1,0 +1,360 @@
+//! `palisade-proxy run` configuration: every `PALISADE_*` variable, parsed from a map so
+//! tests pass a `HashMap`. Errors name the variable and the bad value.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use palisade_ca_api::SpiffeId;
+use palisade_ca_api::spiffe::{
+    validate_namespace, validate_service_account, validate_trust_domain,
+};
+use palisade_ca_api::wire::{MAX_TTL_SECONDS, MAX_WATCH_DESTINATIONS, MIN_TTL_SECONDS};
+
+use crate::probes::{AppProbes, parse_probes};
+
+/// Where variables come from.
+pub trait Env {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+impl Env for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+impl Env for HashMap<&str, &str> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).map(|v| (*v).to_owned())
+    }
+}
+
+/// The process environment (only `main` uses it).
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name} is not set: {hint}")]
+    Missing {
+        name: &'static str,
+        hint: &'static str,
+    },
+    #[error("{name}={value:?} is invalid: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Plain,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub ca_addr: String,
+    pub ca_name: String,
+    pub trust_anchors: PathBuf,
+    pub token_file: PathBuf,
+    pub spiffe_id: SpiffeId,
+    pub pod_name: Option<String>,
+    pub pod_ip: IpAddr,
+    pub inbound_listen: SocketAddr,
+    pub outbound_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub log: String,
+    pub log_format: LogFormat,
+    pub inbound_detect_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub destination_wait: Duration,
+    pub ca_timeout: Duration,
+    pub max_connections: usize,
+    pub max_destinations: usize,
+    pub cert_ttl: Option<Duration>,
+    pub probe_timeout: Duration,
+    pub app_probes: AppProbes,
+    /// Test/demo mode: every outbound connection goes here instead of `SO_ORIGINAL_DST`.
+    pub outbound_destination: Option<SocketAddr>,
+    /// Test/demo mode: every inbound connection is for this port instead of `SO_ORIGINAL_DST`.
+    pub inbound_forward_port: Option<u16>,
+}
+
+/// Parses `200ms`, `30s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| "add a unit: ms, s, m or h (for example 30s)".to_owned())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a whole number with a unit: ms, s, m or h".to_owned())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        other => return Err(format!("unknown unit {other:?}: use ms, s, m or h")),
+    };
+    Ok(d)
+}
+
+struct Reader<'a, E: Env> {
+    env: &'a E,
+}
+
+impl<E: Env> Reader<'_, E> {
+    fn raw(&self, name: &'static str) -> Option<String> {
+        self.env.get(name).filter(|v| !v.trim().is_empty())
+    }
+
+    fn required(&self, name: &'static str, hint: &'static str) -> Result<String, ConfigError> {
+        self.raw(name).ok_or(ConfigError::Missing { name, hint })
+    }
+
+    fn parsed<T>(
+        &self,
+        name: &'static str,
+        default: Option<&str>,
+        hint: &'static str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let value = match (self.raw(name), default) {
+            (Some(v), _) => v,
+            (None, Some(d)) => d.to_owned(),
+            (None, None) => return Err(ConfigError::Missing { name, hint }),
+        };
+        parse(value.trim()).map_err(|reason| ConfigError::Invalid {
+            name,
+            value,
+            reason,
+        })
+    }
+
+    fn optional<T>(
+        &self,
+        name: &'static str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.raw(name) {
+            None => Ok(None),
+            Some(v) => parse(v.trim())
+                .map(Some)
+                .map_err(|reason| ConfigError::Invalid {
+                    name,
+                    value: v,
+                    reason,
+                }),
+        }
+    }
+
+    fn duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        self.parsed(name, Some(default), "", parse_duration)
+    }
+}
+
+fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| "expected IP:port, for example 0.0.0.0:15006".to_owned())
+}
+
+fn host_port(s: &str) -> Result<String, String> {
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| {
+        "expected host:port, for example palisade-ca.palisade-system.svc:15012".to_owned()
+    })?;
+    if host.is_empty() {
+        return Err("the host is empty".into());
+    }
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("port {port:?} is not 1-65535"))?;
+    Ok(s.to_owned())
+}
+
+fn count(min: usize, max: usize) -> impl Fn(&str) -> Result<usize, String> {
+    move |s| {
+        s.parse::<usize>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| format!("expected a whole number from {min} to {max}"))
+    }
+}
+
+impl Config {
+    pub fn from_env(env: &impl Env) -> Result<Config, ConfigError> {
+        let r = Reader { env };
+        let trust_domain = r.parsed("PALISADE_TRUST_DOMAIN", Some("cluster.local"), "", |s| {
+            validate_trust_domain(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| e.to_string())
+        })?;
+        let namespace = r.parsed(
+            "PALISADE_NAMESPACE",
+            None,
+            "set it to the pod's namespace (downward API metadata.namespace)",
+            |s| {
+                validate_namespace(s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            },
+        )?;
+        let service_account = r.parsed(
+            "PALISADE_SERVICE_ACCOUNT",
+            None,
+            "set it to the pod's service account (downward API spec.serviceAccountName)",
+            |s| {
+                validate_service_account(s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            },
+        )?;
+        let spiffe_id =
+            SpiffeId::new(&trust_domain, &namespace, &service_account).map_err(|e| {
+                ConfigError::Invalid {
+                    name: "PALISADE_SERVICE_ACCOUNT",
+                    value: service_account.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        let config = Config {
+            ca_addr: r.parsed(
+                "PALISADE_CA_ADDR",
+                None,
+                "set it to the CA's host:port, for example palisade-ca.palisade-system.svc:15012",
+                host_port,
+            )?,
+            ca_name: r.parsed("PALISADE_CA_NAME", Some("palisade-ca.palisade-system.svc"), "", |s| {
+                rustls_pki_types::ServerName::try_from(s.to_owned())
+                    .map(|_| s.to_owned())
+                    .map_err(|_| "expected the DNS name on the CA's certificate".to_owned())
+            })?,
+            trust_anchors: PathBuf::from(r.required(
+                "PALISADE_TRUST_ANCHORS",
+                "set it to the PEM file of the mesh's trust anchors (the palisade-trust-anchors ConfigMap)",
+            )?),
+            token_file: PathBuf::from(r.required(
+                "PALISADE_TOKEN_FILE",
+                "set it to the projected service-account token (audience palisade-ca)",
+            )?),
+            spiffe_id,
+            pod_name: r.raw("PALISADE_POD_NAME"),
+            pod_ip: r.parsed(
+                "PALISADE_POD_IP",
+                None,
+                "set it to the pod's IP (downward API status.podIP)",
+                |s| s.parse::<IpAddr>().map_err(|_| "expected an IP address".to_owned()),
+            )?,
+            inbound_listen: r.parsed("PALISADE_INBOUND_LISTEN", Some("0.0.0.0:15006"), "", socket_addr)?,
+            outbound_listen: r.parsed("PALISADE_OUTBOUND_LISTEN", Some("127.0.0.1:15001"), "", socket_addr)?,
+            admin_listen: r.parsed("PALISADE_ADMIN_LISTEN", Some("0.0.0.0:15021"), "", socket_addr)?,
+            log: r.parsed("PALISADE_LOG", Some("info"), "", |s| {
+                tracing_subscriber::EnvFilter::try_new(s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| format!("not a tracing filter ({e}): use info, debug, or palisade_proxy=debug,info"))
+            })?,
+            log_format: r.parsed("PALISADE_LOG_FORMAT", Some("json"), "", |s| match s {
+                "json" => Ok(LogFormat::Json),
+                "plain" => Ok(LogFormat::Plain),
+                _ => Err("use json or plain".to_owned()),
+            })?,
+            inbound_detect_timeout: r.duration("PALISADE_INBOUND_DETECT_TIMEOUT", "200ms")?,
+            drain_timeout: r.duration("PALISADE_DRAIN_TIMEOUT", "30s")?,
+            connect_timeout: r.duration("PALISADE_CONNECT_TIMEOUT", "5s")?,
+            handshake_timeout: r.duration("PALISADE_HANDSHAKE_TIMEOUT", "5s")?,
+            idle_timeout: r.duration("PALISADE_IDLE_TIMEOUT", "1h")?,
+            destination_wait: r.duration("PALISADE_DESTINATION_WAIT", "2s")?,
+            ca_timeout: r.duration("PALISADE_CA_TIMEOUT", "10s")?,
+            max_connections: r.parsed("PALISADE_MAX_CONNECTIONS", Some("8192"), "", count(1, 1_000_000))?,
+            max_destinations: r.parsed(
+                "PALISADE_MAX_DESTINATIONS",
+                Some("256"),
+                "",
+                count(1, MAX_WATCH_DESTINATIONS),
+            )?,
+            cert_ttl: r.optional("PALISADE_CERT_TTL", |s| {
+                let d = parse_duration(s)?;
+                if (MIN_TTL_SECONDS..=MAX_TTL_SECONDS).contains(&d.as_secs()) {
+                    Ok(d)
+                } else {
+                    Err("the CA issues from 5m to 24h".to_owned())
+                }
+            })?,
+            probe_timeout: r.duration("PALISADE_PROBE_TIMEOUT", "1s")?,
+            app_probes: r.optional("PALISADE_APP_PROBES", parse_probes)?.unwrap_or_default(),
+            outbound_destination: r.optional("PALISADE_OUTBOUND_DESTINATION", socket_addr)?,
+            inbound_forward_port: r.optional("PALISADE_INBOUND_FORWARD_PORT", |s| {
+                s.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| "expected a port 1-65535".to_owned())
+            })?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks across variables.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ports = [
+            ("PALISADE_INBOUND_LISTEN", self.inbound_listen),
+            ("PALISADE_OUTBOUND_LISTEN", self.outbound_listen),
+            ("PALISADE_ADMIN_LISTEN", self.admin_listen),
+        ];
+        for (i, (name, a)) in ports.iter().enumerate() {
+            for (other, b) in &ports[i + 1..] {
+                if a.port() != 0 && a.port() == b.port() {
+                    return Err(ConfigError::Invalid {
+                        name,
+                        value: a.to_string(),
+                        reason: format!("same port as {other}; each listener needs its own"),
+                    });
+                }
+            }
+        }
+        if self.inbound_detect_timeout > Duration::from_secs(10)
+            || self.inbound_detect_timeout.is_zero()
+        {
+            return Err(ConfigError::Invalid {
+                name: "PALISADE_INBOUND_DETECT_TIMEOUT",
+                value: format!("{:?}", self.inbound_detect_timeout),
+                reason: "use a short window from 1ms to 10s (default 200ms)".into(),
+            });
+        }
+        for (name, d) in [
+            ("PALISADE_CONNECT_TIMEOUT", self.connect_timeout),
+            ("PALISADE_HANDSHAKE_TIMEOUT", self.handshake_timeout),
+            ("PALISADE_IDLE_TIMEOUT", self.idle_timeout),
+            ("PALISADE_DESTINATION_WAIT", self.destination_wait),
+            ("PALISADE_CA_TIMEOUT", self.ca_timeout),
+            ("PALISADE_PROBE_TIMEOUT", self.probe_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid {
+                    name,
+                    value: "0".into(),
+                    reason: "must be more than zero".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

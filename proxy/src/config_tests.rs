@@ -1,0 +1,120 @@
+use super::*;
+
+fn base() -> HashMap<&'static str, &'static str> {
+    HashMap::from([
+        ("PALISADE_CA_ADDR", "palisade-ca.palisade-system.svc:15012"),
+        ("PALISADE_TRUST_ANCHORS", "/var/run/palisade/trust/ca.pem"),
+        ("PALISADE_TOKEN_FILE", "/var/run/palisade/token/token"),
+        ("PALISADE_NAMESPACE", "shop"),
+        ("PALISADE_SERVICE_ACCOUNT", "web"),
+        ("PALISADE_POD_IP", "10.77.0.2"),
+    ])
+}
+
+#[test]
+fn defaults_are_the_documented_ones() {
+    let c = Config::from_env(&base()).unwrap();
+    assert_eq!(
+        c.spiffe_id.to_string(),
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    assert_eq!(c.ca_name, "palisade-ca.palisade-system.svc");
+    assert_eq!(c.inbound_listen, "0.0.0.0:15006".parse().unwrap());
+    assert_eq!(c.outbound_listen, "127.0.0.1:15001".parse().unwrap());
+    assert_eq!(c.admin_listen, "0.0.0.0:15021".parse().unwrap());
+    assert_eq!(c.inbound_detect_timeout, Duration::from_millis(200));
+    assert_eq!(c.drain_timeout, Duration::from_secs(30));
+    assert_eq!(c.log_format, LogFormat::Json);
+    assert_eq!(c.max_destinations, 256);
+    assert!(c.app_probes.is_empty());
+    assert!(c.outbound_destination.is_none());
+}
+
+#[test]
+fn missing_required_variables_are_named() {
+    for name in [
+        "PALISADE_CA_ADDR",
+        "PALISADE_TRUST_ANCHORS",
+        "PALISADE_TOKEN_FILE",
+        "PALISADE_NAMESPACE",
+        "PALISADE_SERVICE_ACCOUNT",
+        "PALISADE_POD_IP",
+    ] {
+        let mut env = base();
+        env.remove(name);
+        let err = Config::from_env(&env).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Missing { name: n, .. } if n == name),
+            "{name}: {err}"
+        );
+        assert!(err.to_string().contains(name));
+    }
+}
+
+#[test]
+fn every_malformed_variable_is_named_with_its_value() {
+    let cases: &[(&str, &str)] = &[
+        ("PALISADE_CA_ADDR", "no-port"),
+        ("PALISADE_CA_ADDR", "host:99999"),
+        ("PALISADE_CA_NAME", "not a name!"),
+        ("PALISADE_NAMESPACE", "Shop_Upper"),
+        ("PALISADE_SERVICE_ACCOUNT", "-bad-"),
+        ("PALISADE_TRUST_DOMAIN", "has space"),
+        ("PALISADE_POD_IP", "10.0.0.300"),
+        ("PALISADE_INBOUND_LISTEN", "15006"),
+        ("PALISADE_OUTBOUND_LISTEN", "localhost:15001"),
+        ("PALISADE_ADMIN_LISTEN", "0.0.0.0:99999"),
+        ("PALISADE_LOG", "palisade=[[[bad"),
+        ("PALISADE_LOG_FORMAT", "xml"),
+        ("PALISADE_INBOUND_DETECT_TIMEOUT", "200"),
+        ("PALISADE_INBOUND_DETECT_TIMEOUT", "1h"),
+        ("PALISADE_DRAIN_TIMEOUT", "soon"),
+        ("PALISADE_CONNECT_TIMEOUT", "0s"),
+        ("PALISADE_HANDSHAKE_TIMEOUT", "5 seconds"),
+        ("PALISADE_IDLE_TIMEOUT", "-1s"),
+        ("PALISADE_DESTINATION_WAIT", "2d"),
+        ("PALISADE_CA_TIMEOUT", "x"),
+        ("PALISADE_MAX_CONNECTIONS", "0"),
+        ("PALISADE_MAX_CONNECTIONS", "many"),
+        ("PALISADE_MAX_DESTINATIONS", "257"),
+        ("PALISADE_CERT_TTL", "1m"),
+        ("PALISADE_CERT_TTL", "48h"),
+        ("PALISADE_PROBE_TIMEOUT", "1"),
+        ("PALISADE_APP_PROBES", "{not json"),
+        (
+            "PALISADE_APP_PROBES",
+            r#"{"web": {"tcpSocket": {"port": 80}}}"#,
+        ),
+        ("PALISADE_OUTBOUND_DESTINATION", "nowhere"),
+        ("PALISADE_INBOUND_FORWARD_PORT", "0"),
+    ];
+    for (name, value) in cases {
+        let mut env = base();
+        env.insert(name, value);
+        let err = Config::from_env(&env).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(name), "{name}={value}: {text}");
+        assert!(
+            matches!(err, ConfigError::Invalid { .. }),
+            "{name}={value}: {text}"
+        );
+    }
+}
+
+#[test]
+fn listeners_must_not_share_a_port() {
+    let mut env = base();
+    env.insert("PALISADE_ADMIN_LISTEN", "0.0.0.0:15006");
+    let err = Config::from_env(&env).unwrap_err().to_string();
+    assert!(err.contains("same port"), "{err}");
+}
+
+#[test]
+fn durations_parse_with_units() {
+    assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
+    assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+    assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+    assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+    assert!(parse_duration("30").unwrap_err().contains("unit"));
+    assert!(parse_duration("").is_err());
+}
