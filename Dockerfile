@@ -5,7 +5,6 @@
 #   docker build --target palisade-ca         -t ghcr.io/palisade-mesh/palisade-ca:0.1.0 .
 #   docker build --target palisade-injector   -t ghcr.io/palisade-mesh/palisade-injector:0.1.0 .
 #   docker build --target palisade-proxy      -t ghcr.io/palisade-mesh/palisade-proxy:0.1.0 .
-#   docker build --target palisade-proxy-init -t ghcr.io/palisade-mesh/palisade-proxy-init:0.1.0 .
 #
 # The binaries are built once, in the `build` stage, by the same cargo command the tests run
 # (scripts/test.sh), in release mode. Runtime images are distroless: no shell, no package
@@ -32,11 +31,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 -t /out \
       target/release/palisade-ca target/release/palisade-injector target/release/palisade-proxy
 
-# ---- iptables for the init image: both backends, files only ---------------------------------
-# The files of iptables and the libraries it links, copied into /rootfs so the init image gets
-# iptables without Debian's shell or apt. `iptables` points at the nft backend, as on Debian
-# and current distributions; iptables-legacy* and iptables-nft* are both there for
-# `palisade-proxy init` to pick the one the node's kernel rules use.
+# ---- iptables for palisade-init: both backends, files only ------------------------------------
+# The injector runs the pod's init container palisade-init (`palisade-proxy init`) from the proxy
+# image (palisade-injector --proxy-image), so that image carries iptables. Here the files of
+# iptables and the libraries it links are copied into /rootfs, so it gets iptables without
+# Debian's shell or apt. `iptables` points at the nft backend, as on Debian and current
+# distributions; iptables-legacy* and iptables-nft* are both there for `palisade-proxy init` to
+# pick the one the node's kernel rules use.
 FROM docker.io/library/debian:bookworm-slim AS iptables
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables \
@@ -74,20 +75,13 @@ EXPOSE 15017 15014
 ENTRYPOINT ["/usr/local/bin/palisade-injector"]
 CMD ["serve"]
 
-# The sidecar runs as uid 1337: the capture rules skip that uid's own traffic.
+# The sidecar runs as uid 1337: the capture rules skip that uid's own traffic. The same image
+# runs palisade-init, which the injector starts as uid 0 with NET_ADMIN and NET_RAW only; the
+# sidecar itself has every capability dropped, so iptables can do nothing there.
 FROM gcr.io/distroless/cc-debian12:nonroot AS palisade-proxy
+COPY --from=iptables /rootfs/ /
 COPY --from=build /out/palisade-proxy /usr/local/bin/palisade-proxy
 USER 1337:1337
 EXPOSE 15001 15006 15021
 ENTRYPOINT ["/usr/local/bin/palisade-proxy"]
 CMD ["run"]
-
-# The init container: `palisade-proxy init` writes the nat rules, once per pod. iptables needs
-# uid 0 with NET_ADMIN and NET_RAW (the injector grants those two capabilities only, to this
-# container only). Same base as the others; only the user differs.
-FROM gcr.io/distroless/cc-debian12:nonroot AS palisade-proxy-init
-COPY --from=iptables /rootfs/ /
-COPY --from=build /out/palisade-proxy /usr/local/bin/palisade-proxy
-USER 0:0
-ENTRYPOINT ["/usr/local/bin/palisade-proxy"]
-CMD ["init"]

@@ -10,7 +10,7 @@ import yaml
 
 from chart_support import CHART_DIR, DOCKERFILE, REPO
 
-RUNTIME_TARGETS = {"palisade-ca", "palisade-injector", "palisade-proxy", "palisade-proxy-init"}
+RUNTIME_TARGETS = {"palisade-ca", "palisade-injector", "palisade-proxy"}
 
 
 def stages():
@@ -50,7 +50,6 @@ def test_targets_are_the_repositories_the_chart_uses():
         values["ca"]["image"]["repository"],
         values["injector"]["image"]["repository"],
         values["proxy"]["image"]["repository"],
-        values["proxy"]["initImage"]["repository"],
     }
     assert repositories == RUNTIME_TARGETS
 
@@ -77,9 +76,7 @@ def test_users():
     assert users["palisade-injector"] == "65532:65532"
     # DESIGN.md: the proxy runs as uid 1337, which the capture rules skip.
     assert users["palisade-proxy"] == "1337:1337"
-    # iptables needs uid 0 (with NET_ADMIN/NET_RAW granted to that container alone).
-    assert users["palisade-proxy-init"] == "0:0"
-    for t in ("palisade-ca", "palisade-injector", "palisade-proxy"):
+    for t in RUNTIME_TARGETS:
         assert s[t]["from"].endswith(":nonroot"), t
 
 
@@ -94,10 +91,14 @@ def test_build_runs_the_tests_cargo_command():
         assert f"target/release/{binary}" in runs
 
 
-def test_init_image_has_both_iptables_backends():
+def test_proxy_image_carries_both_iptables_backends_for_palisade_init():
+    # palisade-injector runs palisade-init from --proxy-image (injector/src/cli.rs), so the
+    # proxy image is also the init image.
     s = stages()
     run = " ".join(v for k, v in s["iptables"]["instructions"] if k == "RUN")
     assert "xtables-legacy-multi" in run and "xtables-nft-multi" in run
-    init = s["palisade-proxy-init"]["instructions"]
-    assert ("COPY", "--from=iptables /rootfs/ /") in init
-    assert ("COPY", "--from=build /out/palisade-proxy /usr/local/bin/palisade-proxy") in init
+    proxy = s["palisade-proxy"]["instructions"]
+    assert ("COPY", "--from=iptables /rootfs/ /") in proxy
+    assert ("COPY", "--from=build /out/palisade-proxy /usr/local/bin/palisade-proxy") in proxy
+    for t in RUNTIME_TARGETS - {"palisade-proxy"}:
+        assert ("COPY", "--from=iptables /rootfs/ /") not in s[t]["instructions"], t

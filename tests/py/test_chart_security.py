@@ -53,12 +53,9 @@ def test_ca_rbac_is_exactly_what_kubernetes_mode_needs(name):
     assert access(role["rules"]) == CA_NAMESPACED_ACCESS
     # Reads and updates of Secrets are limited to the CA's own keys by name; only create (which
     # cannot be limited by name) is open, and only in the release namespace.
-    expected_keys = ["palisade-ca-keys"]
-    if rendered.value_set.values.get("ca", {}).get("externalKeysSecret"):
-        expected_keys.append(rendered.value_set.values["ca"]["externalKeysSecret"])
     for rule in role["rules"]:
         if set(rule["verbs"]) & {"get", "update"}:
-            assert rule["resourceNames"] == expected_keys
+            assert rule["resourceNames"] == ["palisade-ca-keys"]
         else:
             assert rule["verbs"] == ["create"] and "resourceNames" not in rule
     # No secrets anywhere cluster-wide.
@@ -199,7 +196,18 @@ def test_ca_command_line(name):
     (c,) = pod["containers"]
     sub, flags = arg_pairs(c["args"])
     assert sub == "serve"
+    external = vs.values.get("ca", {}).get("externalCA", {})
+    external_flags = {}
+    if external.get("type") == "root":
+        external_flags = {"--root-cert": "/etc/palisade/external-ca/tls.crt", "--root-key": "/etc/palisade/external-ca/tls.key"}
+    elif external.get("secretName"):
+        external_flags = {
+            "--intermediate-cert": "/etc/palisade/external-ca/tls.crt",
+            "--intermediate-key": "/etc/palisade/external-ca/tls.key",
+            "--intermediate-chain": "/etc/palisade/external-ca/ca.crt",
+        }
     assert flags == {
+        **external_flags,
         "--source": "kube",
         "--auth": "kube",
         "--namespace": ns,
@@ -212,6 +220,10 @@ def test_ca_command_line(name):
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/var/lib/palisade"]]
+    if external.get("secretName"):
+        assert volumes[mounts["/etc/palisade/external-ca"]]["secret"]["secretName"] == external["secretName"]
+    else:
+        assert "/etc/palisade/external-ca" not in mounts
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["PALISADE_DEFAULT_POLICY"] == vs.values.get("defaultPolicy", "all-authenticated")
     svc = rendered.one("Service", "palisade-ca")
@@ -239,8 +251,19 @@ def test_injector_command_line(name):
     }
     assert "/palisade-proxy" in proxy_image
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["PALISADE_CA_NAME"] == f"palisade-ca.{vs.namespace}.svc"
-    assert "/palisade-proxy-init" in env["PALISADE_INIT_IMAGE"]
+    proxy = vs.values.get("proxy", {})
+    cpu_limit = proxy.get("resources", {}).get("limits", {}).get("cpu")
+    # The flags' environment twins in palisade-injector's command line (injector/src/cli.rs).
+    assert env == {
+        "PALISADE_LOG": vs.values.get("log", {}).get("level", "info"),
+        "PALISADE_LOG_FORMAT": vs.values.get("log", {}).get("format", "json"),
+        "PALISADE_CA_NAME": f"palisade-ca.{vs.namespace}.svc",
+        "PALISADE_PROXY_CPU_REQUEST": "100m",
+        "PALISADE_PROXY_MEMORY_REQUEST": "64Mi",
+        "PALISADE_PROXY_MEMORY_LIMIT": "256Mi",
+        "PALISADE_PROXY_LOG_LEVEL": proxy.get("log", {}).get("level", "info"),
+        **({"PALISADE_PROXY_CPU_LIMIT": cpu_limit} if cpu_limit else {}),
+    }
     (mount,) = c["volumeMounts"]
     assert mount["mountPath"] == "/etc/palisade/webhook" and mount["readOnly"] is True
 
@@ -258,8 +281,6 @@ def test_images_follow_the_values():
     (inj,) = pinned.one("Deployment", "palisade-injector")["spec"]["template"]["spec"]["containers"]
     _, flags = arg_pairs(inj["args"])
     assert flags["--proxy-image"] == "registry.example.com:5000/mirror/palisade-proxy:0.1.1"
-    env = {e["name"]: e.get("value") for e in inj["env"]}
-    assert env["PALISADE_INIT_IMAGE"] == "registry.example.com:5000/mirror/palisade-proxy-init@sha256:" + "c" * 64
 
 
 def _cert(b64):

@@ -58,7 +58,7 @@ VALUE_SETS: dict[str, ValueSet] = {
             {
                 "trustDomain": "prod.example.org",
                 "defaultPolicy": "deny",
-                "ca": {"certTTL": "30m", "externalKeysSecret": "corp-intermediate"},
+                "ca": {"certTTL": "30m", "externalCA": {"secretName": "corp-intermediate", "type": "intermediate"}},
                 "injector": {"excludeNamespaces": ["legacy", "batch"]},
                 "log": {"level": "debug", "format": "plain"},
             },
@@ -80,9 +80,12 @@ VALUE_SETS: dict[str, ValueSet] = {
             "pinned-digests",
             {
                 "image": {"registry": "registry.example.com:5000/mirror", "pullSecrets": ["mirror-creds"]},
-                "ca": {"image": {"digest": "sha256:" + "a" * 64, "pullPolicy": "Always"}},
+                "ca": {
+                    "image": {"digest": "sha256:" + "a" * 64, "pullPolicy": "Always"},
+                    "externalCA": {"secretName": "corp-root", "type": "root"},
+                },
                 "injector": {"image": {"digest": "sha256:" + "b" * 64, "pullPolicy": "Always"}},
-                "proxy": {"image": {"tag": "0.1.1"}, "initImage": {"digest": "sha256:" + "c" * 64}},
+                "proxy": {"image": {"tag": "0.1.1"}, "resources": {"limits": {"cpu": "2"}}, "log": {"level": "debug"}},
                 "networkPolicy": {"enabled": True},
             },
         ),
