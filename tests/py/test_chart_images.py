@@ -5,6 +5,7 @@ tests' own cargo command, into distroless runtime images without a shell or pack
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import yaml
 
@@ -102,3 +103,47 @@ def test_proxy_image_carries_both_iptables_backends_for_palisade_init():
     assert ("COPY", "--from=build /out/palisade-proxy /usr/local/bin/palisade-proxy") in proxy
     for t in RUNTIME_TARGETS - {"palisade-proxy"}:
         assert ("COPY", "--from=iptables /rootfs/ /") not in s[t]["instructions"], t
+
+
+# The programs `palisade-proxy init` runs (proxy/src/init.rs picks a backend by rule count).
+INIT_PROGRAMS = ["iptables", "iptables-legacy", "iptables-nft", "iptables-legacy-save", "iptables-nft-save"]
+# What distroless/cc provides of its own: glibc (libc6).
+GLIBC = {"libc.so.6", "libm.so.6", "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1", "linux-vdso.so.1"}
+
+
+def test_iptables_stage_collects_a_working_iptables(tmp_path):
+    """Run the Dockerfile's own collection step against this machine's Debian (the same
+    bookworm the stage starts from): both backends and every program palisade-init calls end
+    up in the root filesystem, with every library they link except glibc."""
+    import shutil
+    import subprocess
+
+    missing = [tool for tool in ("dpkg", "ldd") if not shutil.which(tool)]
+    missing += [] if Path("/usr/sbin/xtables-nft-multi").exists() else ["iptables"]
+    assert not missing, f"needs Debian's iptables installed (scripts/test.sh installs it): {missing}"
+    runs = [v for k, v in stages()["iptables"]["instructions"] if k == "RUN"]
+    (collect,) = [r for r in runs if "/rootfs" in r]
+    rootfs = tmp_path / "rootfs"
+    script = collect.replace("/tmp/files", str(tmp_path / "files")).replace("/rootfs", str(rootfs))
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    sbin = rootfs / "usr" / "sbin"
+    for program in INIT_PROGRAMS:
+        target = (sbin / program).resolve()
+        assert target.is_relative_to(rootfs) and target.is_file(), f"{program} -> {target}"
+    assert not (sbin / "iptables-apply").exists(), "shell scripts are left out: there is no shell"
+    for f in rootfs.rglob("*"):
+        assert not f.name.endswith((".sh",)) and f.name not in {"sh", "bash", "dash", "apt", "dpkg"}, f
+
+    libdirs = sorted({str(p.parent) for p in rootfs.rglob("*.so.*")})
+    env = {"LD_LIBRARY_PATH": ":".join(libdirs), "PATH": "/usr/bin:/bin"}
+    binaries = [sbin / "xtables-nft-multi", sbin / "xtables-legacy-multi", *rootfs.rglob("xtables/*.so")]
+    for binary in binaries:
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env, check=False).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            name = parts[0].rsplit("/", 1)[-1]
+            resolved = parts[2] if len(parts) > 2 and parts[1] == "=>" else ""
+            assert "not found" not in line, f"{binary.name}: {line.strip()}"
+            assert name in GLIBC or resolved.startswith(str(rootfs)), f"{binary.name} links {line.strip()} from the host"
