@@ -13,12 +13,14 @@ pub mod denial_log;
 pub mod detect;
 pub mod identity;
 pub mod inbound;
+pub mod init;
 pub mod mesh;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
 pub mod probes;
 pub mod relay;
+pub mod run;
 pub mod source;
 pub mod tls;
 

@@ -1,5 +1,152 @@
-//! palisade-proxy (see docs/proxy.md).
-fn main() {
-    eprintln!("palisade-proxy: `run` and `init` are not built yet; see docs/proxy.md");
-    std::process::exit(2);
+//! palisade-proxy: parse the command line, install the crypto provider, start tracing, run.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use palisade_proxy::config::{Config, LogFormat, ProcessEnv, parse_duration};
+use palisade_proxy::init::{self, InitOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "palisade-proxy",
+    version,
+    about = "Palisade mesh sidecar (docs/proxy.md)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy, configured by the PALISADE_* environment variables (docs/proxy.md).
+    Run,
+    /// Install the traffic-capture rules (idempotent).
+    Init(InitArgs),
+    /// Wait until the proxy's /ready answers 200 (for a postStart hook).
+    WaitReady {
+        /// Admin address of the proxy.
+        #[arg(long, env = "PALISADE_WAIT_ADMIN", default_value = "127.0.0.1:15021")]
+        admin: std::net::SocketAddr,
+        /// How long to wait (ms, s, m, h).
+        #[arg(long, env = "PALISADE_WAIT_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// The proxy's uid: its own traffic is never captured.
+    #[arg(long, env = "PALISADE_PROXY_UID", default_value_t = 1337)]
+    proxy_uid: u32,
+    /// Where inbound TCP is redirected.
+    #[arg(long, env = "PALISADE_INBOUND_PORT", default_value_t = 15006)]
+    inbound_port: u16,
+    /// Where outbound TCP is redirected.
+    #[arg(long, env = "PALISADE_OUTBOUND_PORT", default_value_t = 15001)]
+    outbound_port: u16,
+    /// The admin port, never captured (kubelet probes reach it directly).
+    #[arg(long, env = "PALISADE_ADMIN_PORT", default_value_t = 15021)]
+    admin_port: u16,
+    /// Inbound ports left alone, comma-separated.
+    #[arg(long, env = "PALISADE_SKIP_INBOUND_PORTS", default_value = "")]
+    skip_inbound_ports: String,
+    /// Outbound ports left alone, comma-separated.
+    #[arg(long, env = "PALISADE_SKIP_OUTBOUND_PORTS", default_value = "")]
+    skip_outbound_ports: String,
+    /// Outbound IPv4 CIDRs left alone, comma-separated.
+    #[arg(long, env = "PALISADE_SKIP_OUTBOUND_CIDRS", default_value = "")]
+    skip_outbound_cidrs: String,
+    /// Print the commands instead of running them.
+    #[arg(long, env = "PALISADE_DRY_RUN")]
+    dry_run: bool,
+}
+
+fn init_tracing(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Plain => builder.init(),
+    }
+}
+
+fn run_init(a: InitArgs) -> Result<(), init::InitError> {
+    let options = InitOptions {
+        proxy_uid: a.proxy_uid,
+        inbound_port: a.inbound_port,
+        outbound_port: a.outbound_port,
+        admin_port: a.admin_port,
+        skip_inbound_ports: init::parse_ports("--skip-inbound-ports", &a.skip_inbound_ports)?,
+        skip_outbound_ports: init::parse_ports("--skip-outbound-ports", &a.skip_outbound_ports)?,
+        skip_outbound_cidrs: init::parse_cidrs("--skip-outbound-cidrs", &a.skip_outbound_cidrs)?,
+    };
+    let backend = init::detect_backend();
+    if a.dry_run {
+        println!("# backend: {}", backend.binary());
+        for line in init::script(backend.binary(), &options) {
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    init::apply(backend.binary(), &options)?;
+    eprintln!(
+        "palisade-proxy init: capture rules installed with {}",
+        backend.binary()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    palisade_ca_api::tls::install_default_provider();
+    match cli.command {
+        Command::Init(a) => match run_init(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("palisade-proxy init: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::WaitReady { admin, timeout } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            match rt.block_on(palisade_proxy::run::wait_ready(admin, timeout)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("palisade-proxy wait-ready: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run => {
+            let config = match Config::from_env(&ProcessEnv) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("palisade-proxy: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_tracing(&config.log, config.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            match rt.block_on(palisade_proxy::run::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "palisade-proxy stopped");
+                    eprintln!("palisade-proxy: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
 }

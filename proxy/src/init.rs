@@ -1,0 +1,378 @@
+//! `palisade-proxy init`: the nat rules that capture the pod's TCP traffic.
+//!
+//! Two chains of our own, `PALISADE_INBOUND` (jumped to from PREROUTING, redirecting to the
+//! inbound port) and `PALISADE_OUTBOUND` (from OUTPUT, redirecting to the outbound port).
+//! Each run flushes and refills those chains and adds each jump only when it is missing, so
+//! running twice leaves one set of rules. The rules are built by a pure function; only
+//! `apply` runs `iptables`, with the backend (legacy or nft) the host already uses.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+pub const INBOUND_CHAIN: &str = "PALISADE_INBOUND";
+pub const OUTBOUND_CHAIN: &str = "PALISADE_OUTBOUND";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{flag} {value:?} is invalid: {reason}")]
+    Invalid {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "cannot run {0}: {1} (is iptables installed, and does the container have NET_ADMIN and NET_RAW?)"
+    )]
+    Spawn(String, std::io::Error),
+    #[error("`{command}` failed: {stderr}")]
+    Failed { command: String, stderr: String },
+}
+
+/// What to capture and what to leave alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitOptions {
+    pub proxy_uid: u32,
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    pub admin_port: u16,
+    pub skip_inbound_ports: Vec<u16>,
+    pub skip_outbound_ports: Vec<u16>,
+    /// Validated `a.b.c.d/len`.
+    pub skip_outbound_cidrs: Vec<String>,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            proxy_uid: 1337,
+            inbound_port: 15006,
+            outbound_port: 15001,
+            admin_port: 15021,
+            skip_inbound_ports: vec![],
+            skip_outbound_ports: vec![],
+            skip_outbound_cidrs: vec![],
+        }
+    }
+}
+
+/// Parses `P,P,...` (empty is none).
+pub fn parse_ports(flag: &'static str, s: &str) -> Result<Vec<u16>, InitError> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|n| *n != 0)
+                .ok_or_else(|| InitError::Invalid {
+                    flag,
+                    value: s.to_owned(),
+                    reason: format!(
+                        "{p:?} is not a port 1-65535; write ports comma-separated, like 22,3306"
+                    ),
+                })
+        })
+        .collect()
+}
+
+/// Parses `a.b.c.d/len,...` (empty is none); a bare address means `/32`.
+pub fn parse_cidrs(flag: &'static str, s: &str) -> Result<Vec<String>, InitError> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            let bad = |reason: &str| InitError::Invalid {
+                flag,
+                value: s.to_owned(),
+                reason: format!("{c:?} {reason}; write IPv4 CIDRs comma-separated, like 10.0.0.0/8,169.254.169.254/32"),
+            };
+            let (ip, len) = c.split_once('/').unwrap_or((c, "32"));
+            let ip: Ipv4Addr = ip.parse().map_err(|_| bad("is not an IPv4 address"))?;
+            let len: u8 = len
+                .parse()
+                .ok()
+                .filter(|l| *l <= 32)
+                .ok_or_else(|| bad("has a prefix length outside 0-32"))?;
+            Ok(format!("{ip}/{len}"))
+        })
+        .collect()
+}
+
+fn args(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_owned).collect()
+}
+
+/// One chain's rules (arguments after `-t nat -A <chain>`). Pure.
+pub fn chain_rules(o: &InitOptions) -> Vec<(&'static str, Vec<String>)> {
+    let mut rules = Vec::new();
+    // Inbound: the admin port (kubelet probes) and skipped ports reach the app directly.
+    rules.push((
+        INBOUND_CHAIN,
+        args(&format!("-p tcp --dport {} -j RETURN", o.admin_port)),
+    ));
+    for p in &o.skip_inbound_ports {
+        rules.push((
+            INBOUND_CHAIN,
+            args(&format!("-p tcp --dport {p} -j RETURN")),
+        ));
+    }
+    rules.push((
+        INBOUND_CHAIN,
+        args(&format!("-p tcp -j REDIRECT --to-ports {}", o.inbound_port)),
+    ));
+    // Outbound: never the proxy's own traffic (it would loop), nor loopback.
+    rules.push((
+        OUTBOUND_CHAIN,
+        args(&format!("-m owner --uid-owner {} -j RETURN", o.proxy_uid)),
+    ));
+    rules.push((OUTBOUND_CHAIN, args("-o lo -j RETURN")));
+    rules.push((OUTBOUND_CHAIN, args("-d 127.0.0.0/8 -j RETURN")));
+    for p in &o.skip_outbound_ports {
+        rules.push((
+            OUTBOUND_CHAIN,
+            args(&format!("-p tcp --dport {p} -j RETURN")),
+        ));
+    }
+    for c in &o.skip_outbound_cidrs {
+        rules.push((OUTBOUND_CHAIN, args(&format!("-d {c} -j RETURN"))));
+    }
+    rules.push((
+        OUTBOUND_CHAIN,
+        args(&format!(
+            "-p tcp -j REDIRECT --to-ports {}",
+            o.outbound_port
+        )),
+    ));
+    rules
+}
+
+/// The jumps into our chains: (parent chain, rule). Pure.
+pub fn jump_rules() -> Vec<(&'static str, Vec<String>)> {
+    vec![
+        ("PREROUTING", args(&format!("-p tcp -j {INBOUND_CHAIN}"))),
+        ("OUTPUT", args(&format!("-p tcp -j {OUTBOUND_CHAIN}"))),
+    ]
+}
+
+/// Every command `apply` runs on a host where our chains do not exist yet, for `--dry-run`.
+pub fn script(binary: &str, o: &InitOptions) -> Vec<String> {
+    let mut out = Vec::new();
+    for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+        out.push(format!("{binary} -t nat -N {chain}"));
+        out.push(format!("{binary} -t nat -F {chain}"));
+    }
+    for (chain, rule) in chain_rules(o) {
+        out.push(format!("{binary} -t nat -A {chain} {}", rule.join(" ")));
+    }
+    for (parent, rule) in jump_rules() {
+        out.push(format!("{binary} -t nat -A {parent} {}", rule.join(" ")));
+    }
+    out
+}
+
+/// Which iptables the host uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Legacy,
+    Nft,
+    /// Neither variant is installed; plain `iptables`.
+    Default,
+}
+
+impl Backend {
+    pub fn binary(self) -> &'static str {
+        match self {
+            Backend::Legacy => "iptables-legacy",
+            Backend::Nft => "iptables-nft",
+            Backend::Default => "iptables",
+        }
+    }
+}
+
+/// Picks the backend that already holds rules; nft when neither does. `None` means that
+/// variant is not installed. Pure.
+pub fn choose_backend(legacy_rules: Option<usize>, nft_rules: Option<usize>) -> Backend {
+    match (legacy_rules, nft_rules) {
+        (Some(l), Some(n)) if l > n => Backend::Legacy,
+        (Some(_), Some(_)) | (None, Some(_)) => Backend::Nft,
+        (Some(_), None) => Backend::Legacy,
+        (None, None) => Backend::Default,
+    }
+}
+
+/// Rules (`-A` lines) a backend holds now, or `None` when it is not installed.
+fn rule_count(save_binary: &str) -> Option<usize> {
+    let out = Command::new(save_binary).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .count(),
+    )
+}
+
+pub fn detect_backend() -> Backend {
+    choose_backend(
+        rule_count("iptables-legacy-save"),
+        rule_count("iptables-nft-save"),
+    )
+}
+
+fn run(binary: &str, a: &[String]) -> Result<bool, InitError> {
+    let out = Command::new(binary)
+        .args(a)
+        .output()
+        .map_err(|e| InitError::Spawn(binary.to_owned(), e))?;
+    Ok(out.status.success())
+}
+
+fn must(binary: &str, a: &[String]) -> Result<(), InitError> {
+    let out = Command::new(binary)
+        .args(a)
+        .output()
+        .map_err(|e| InitError::Spawn(binary.to_owned(), e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(InitError::Failed {
+            command: format!("{binary} {}", a.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+fn nat(rest: &[&str]) -> Vec<String> {
+    ["-t", "nat"]
+        .iter()
+        .chain(rest)
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+
+/// Installs the rules with `binary`: creates our chains if missing, flushes and refills them,
+/// and adds each jump only when it is not there yet.
+pub fn apply(binary: &str, o: &InitOptions) -> Result<(), InitError> {
+    for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+        if !run(binary, &nat(&["-S", chain]))? {
+            must(binary, &nat(&["-N", chain]))?;
+        }
+        must(binary, &nat(&["-F", chain]))?;
+    }
+    for (chain, rule) in chain_rules(o) {
+        let mut a = nat(&["-A", chain]);
+        a.extend(rule);
+        must(binary, &a)?;
+    }
+    for (parent, rule) in jump_rules() {
+        let mut check = nat(&["-C", parent]);
+        check.extend(rule.iter().cloned());
+        if !run(binary, &check)? {
+            let mut add = nat(&["-A", parent]);
+            add.extend(rule);
+            must(binary, &add)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_rules_capture_both_directions_and_skip_the_proxy() {
+        let s = script("iptables-nft", &InitOptions::default());
+        let expected = [
+            "iptables-nft -t nat -N PALISADE_INBOUND",
+            "iptables-nft -t nat -F PALISADE_INBOUND",
+            "iptables-nft -t nat -N PALISADE_OUTBOUND",
+            "iptables-nft -t nat -F PALISADE_OUTBOUND",
+            "iptables-nft -t nat -A PALISADE_INBOUND -p tcp --dport 15021 -j RETURN",
+            "iptables-nft -t nat -A PALISADE_INBOUND -p tcp -j REDIRECT --to-ports 15006",
+            "iptables-nft -t nat -A PALISADE_OUTBOUND -m owner --uid-owner 1337 -j RETURN",
+            "iptables-nft -t nat -A PALISADE_OUTBOUND -o lo -j RETURN",
+            "iptables-nft -t nat -A PALISADE_OUTBOUND -d 127.0.0.0/8 -j RETURN",
+            "iptables-nft -t nat -A PALISADE_OUTBOUND -p tcp -j REDIRECT --to-ports 15001",
+            "iptables-nft -t nat -A PREROUTING -p tcp -j PALISADE_INBOUND",
+            "iptables-nft -t nat -A OUTPUT -p tcp -j PALISADE_OUTBOUND",
+        ];
+        assert_eq!(s, expected);
+    }
+
+    #[test]
+    fn skip_lists_return_before_the_redirect() {
+        let o = InitOptions {
+            proxy_uid: 2000,
+            inbound_port: 16006,
+            outbound_port: 16001,
+            skip_inbound_ports: vec![22],
+            skip_outbound_ports: vec![3306, 5432],
+            skip_outbound_cidrs: vec!["169.254.169.254/32".into()],
+            ..InitOptions::default()
+        };
+        let rules: Vec<String> = chain_rules(&o)
+            .into_iter()
+            .map(|(c, r)| format!("{c} {}", r.join(" ")))
+            .collect();
+        let pos = |needle: &str| {
+            rules
+                .iter()
+                .position(|r| r == needle)
+                .unwrap_or_else(|| panic!("{needle} in {rules:?}"))
+        };
+        assert!(
+            pos("PALISADE_INBOUND -p tcp --dport 22 -j RETURN")
+                < pos("PALISADE_INBOUND -p tcp -j REDIRECT --to-ports 16006")
+        );
+        let redirect = pos("PALISADE_OUTBOUND -p tcp -j REDIRECT --to-ports 16001");
+        for r in [
+            "PALISADE_OUTBOUND -m owner --uid-owner 2000 -j RETURN",
+            "PALISADE_OUTBOUND -p tcp --dport 3306 -j RETURN",
+            "PALISADE_OUTBOUND -p tcp --dport 5432 -j RETURN",
+            "PALISADE_OUTBOUND -d 169.254.169.254/32 -j RETURN",
+        ] {
+            assert!(pos(r) < redirect, "{r}");
+        }
+        assert_eq!(redirect, rules.len() - 1);
+    }
+
+    #[test]
+    fn backend_follows_the_host() {
+        assert_eq!(choose_backend(Some(12), Some(0)), Backend::Legacy);
+        assert_eq!(choose_backend(Some(0), Some(3)), Backend::Nft);
+        assert_eq!(choose_backend(Some(0), Some(0)), Backend::Nft);
+        assert_eq!(choose_backend(None, Some(0)), Backend::Nft);
+        assert_eq!(choose_backend(Some(0), None), Backend::Legacy);
+        assert_eq!(choose_backend(None, None), Backend::Default);
+    }
+
+    #[test]
+    fn lists_are_validated_with_the_flag_named() {
+        assert_eq!(
+            parse_ports("--skip-inbound-ports", "22, 80,").unwrap(),
+            vec![22, 80]
+        );
+        assert!(parse_ports("--skip-inbound-ports", "").unwrap().is_empty());
+        let e = parse_ports("--skip-outbound-ports", "22,http")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--skip-outbound-ports") && e.contains("http"),
+            "{e}"
+        );
+        assert!(parse_ports("--skip-outbound-ports", "70000").is_err());
+        assert_eq!(
+            parse_cidrs("--skip-outbound-cidrs", "10.0.0.0/8,1.2.3.4").unwrap(),
+            vec!["10.0.0.0/8", "1.2.3.4/32"]
+        );
+        for bad in ["10.0.0.0/33", "10.0.0/8", "fe80::/10", "x"] {
+            let e = parse_cidrs("--skip-outbound-cidrs", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--skip-outbound-cidrs"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! `palisade-proxy run` and `palisade-proxy wait-ready`: production wiring from [`Config`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use palisade_ca_api::cert::parse_pem_certs;
+use palisade_ca_api::client::{CaClient, CaClientConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::app::{Parts, Settings, start};
+use crate::ca_client::CaSource;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::datapath::Limits;
+use crate::identity::{CertStore, Identity, IdentityConfig};
+use crate::inbound::InboundTarget;
+use crate::mesh::{MeshConfig, MeshState};
+use crate::metrics::Metrics;
+use crate::outbound::OutboundTarget;
+use crate::tls::TrustBundle;
+
+/// Runs the proxy until SIGTERM/SIGINT or `POST /shutdown`, then drains and returns.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let anchors_pem = std::fs::read_to_string(&config.trust_anchors).with_context(|| {
+        format!(
+            "cannot read PALISADE_TRUST_ANCHORS={}",
+            config.trust_anchors.display()
+        )
+    })?;
+    let anchors = parse_pem_certs(&anchors_pem).with_context(|| {
+        format!(
+            "PALISADE_TRUST_ANCHORS={} holds no usable certificate",
+            config.trust_anchors.display()
+        )
+    })?;
+    let bundle = Arc::new(TrustBundle::new(anchors).with_context(|| {
+        format!(
+            "PALISADE_TRUST_ANCHORS={} is not a usable trust bundle",
+            config.trust_anchors.display()
+        )
+    })?);
+    let clock = Clock::system();
+    let store = Arc::new(CertStore::new(clock.clone()));
+    let metrics = Arc::new(Metrics::new());
+    let client = CaClient::new(CaClientConfig {
+        addr: config.ca_addr.clone(),
+        server_name: config.ca_name.clone(),
+        roots: bundle.roots(),
+        client_cert: Some(store.clone()),
+        timeout: config.ca_timeout,
+    })
+    .context("cannot set up the CA client")?;
+    let source = Arc::new(CaSource(client));
+    let identity = Arc::new(Identity {
+        config: IdentityConfig {
+            spiffe_id: config.spiffe_id.clone(),
+            token_file: config.token_file.clone(),
+            ttl_seconds: config.cert_ttl.map(|d| d.as_secs()),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(60),
+        },
+        store: store.clone(),
+        bundle: bundle.clone(),
+        source: source.clone(),
+        metrics: metrics.clone(),
+        clock,
+    });
+    let mesh = Arc::new(MeshState::new(MeshConfig {
+        pod_ip: Some(config.pod_ip),
+        max_destinations: config.max_destinations,
+        backoff_base: Duration::from_millis(200),
+        backoff_cap: Duration::from_secs(5),
+        ..MeshConfig::default()
+    }));
+    let settings = Settings {
+        inbound_listen: config.inbound_listen,
+        outbound_listen: config.outbound_listen,
+        admin_listen: config.admin_listen,
+        inbound_target: config
+            .inbound_forward_port
+            .map_or(InboundTarget::OriginalDst, InboundTarget::FixedPort),
+        outbound_target: config
+            .outbound_destination
+            .map_or(OutboundTarget::OriginalDst, OutboundTarget::Fixed),
+        limits: Limits {
+            connect_timeout: config.connect_timeout,
+            handshake_timeout: config.handshake_timeout,
+            idle_timeout: config.idle_timeout,
+            detect_window: config.inbound_detect_timeout,
+            destination_wait: config.destination_wait,
+            max_connections: config.max_connections,
+        },
+        drain_timeout: config.drain_timeout,
+        probes: config.app_probes.clone(),
+        probe_timeout: config.probe_timeout,
+    };
+    let bound = start(
+        settings,
+        Parts {
+            store,
+            bundle,
+            mesh,
+            metrics,
+            identity: Some(identity),
+            mesh_source: Some(source),
+        },
+    )
+    .await?;
+    tracing::info!(
+        spiffe_id = %config.spiffe_id,
+        pod = config.pod_name.as_deref().unwrap_or(""),
+        inbound = %bound.inbound,
+        outbound = %bound.outbound,
+        admin = %bound.admin,
+        ca = %config.ca_addr,
+        "palisade-proxy started"
+    );
+    let trigger = bound.shutdown_handle();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        let _ = trigger.send(true);
+    });
+    bound.wait().await;
+    Ok(())
+}
+
+/// Polls `GET /ready` on the admin address until it answers 200 or `timeout` passes.
+pub async fn wait_ready(admin: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let last = match ready_once(admin).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the proxy at {admin} was not ready within {timeout:?}: {last}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn ready_once(admin: SocketAddr) -> Result<(), String> {
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(admin)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out);
+        if text.starts_with("HTTP/1.1 200") {
+            Ok(())
+        } else {
+            Err(text.lines().last().unwrap_or("").to_owned())
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .map_err(|_| "no answer within 2s".to_owned())?
+}
