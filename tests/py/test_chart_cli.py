@@ -79,7 +79,8 @@ def test_chart_settings_exist_in_the_binary(binary):
         args = c["args"]
         assert args[0] == "serve"
         rest = args[1:]
-        for flag, value in zip(rest[::2], rest[1::2]):
+        assert len(rest) % 2 == 0, args
+        for flag, value in zip(rest[::2], rest[1::2], strict=True):
             assert flag in known, f"{name}: {binary} has no {flag}"
             allowed = known[flag]["values"]
             assert allowed is None or value in allowed, f"{name}: {flag} {value!r} not in {allowed}"

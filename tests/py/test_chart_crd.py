@@ -93,7 +93,10 @@ def with_closed_objects(schema):
     return schema
 
 
-def cel_errors(schema, value, path="", env=celpy.Environment()):
+CEL = celpy.Environment()
+
+
+def cel_errors(schema, value, path="", env=CEL):
     """Evaluate every x-kubernetes-validations rule against the value it sits on."""
     errors = []
     for rule in schema.get("x-kubernetes-validations", []):

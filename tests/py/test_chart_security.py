@@ -183,7 +183,7 @@ def arg_pairs(args):
     """['serve', '--a', 'x', '--b', 'y'] -> ('serve', {'--a': 'x', '--b': 'y'})."""
     sub, rest = args[0], args[1:]
     assert len(rest) % 2 == 0 and all(k.startswith("--") for k in rest[::2]), args
-    return sub, dict(zip(rest[::2], rest[1::2]))
+    return sub, dict(zip(rest[::2], rest[1::2], strict=True))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -334,7 +334,9 @@ def test_ca_bundle_check_catches_a_foreign_ca():
     a, b = render("default"), render("ha-off")  # two independent generations
     ca_b = _cert(b.one("Secret", "palisade-injector-tls")["data"]["ca.crt"])
     serving_a = _cert(a.one("Secret", "palisade-injector-tls")["data"]["tls.crt"])
-    with pytest.raises(Exception):
+    from cryptography.exceptions import InvalidSignature
+
+    with pytest.raises(InvalidSignature):
         verify_signed_by(serving_a, ca_b)
 
 
