@@ -383,3 +383,48 @@ def test_network_policies_segment_the_control_plane(name):
             }
         )
     assert inj["ingress"] == expected
+
+
+def test_tls_handshake_with_the_rendered_certificate(tmp_path):
+    """What the API server does when it calls the webhook: a TLS handshake to
+    palisade-injector.<ns>.svc that trusts only the caBundle. Served by OpenSSL (Python's ssl)
+    on loopback with the Secret's tls.crt and tls.key."""
+    import socket
+    import ssl
+    import threading
+
+    rendered = render("custom-namespace-trust-domain")
+    ns = rendered.value_set.namespace
+    data = rendered.one("Secret", "palisade-injector-tls")["data"]
+    (hook,) = rendered.one("MutatingWebhookConfiguration", "palisade-injector")["webhooks"]
+    for name in ("tls.crt", "tls.key"):
+        (tmp_path / name).write_bytes(base64.b64decode(data[name]))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+
+    def handshake(server_name):
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+
+        def serve():
+            conn, _ = listener.accept()
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except (ssl.SSLError, OSError):
+                pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        client_ctx = ssl.create_default_context(cadata=base64.b64decode(hook["clientConfig"]["caBundle"]).decode())
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with client_ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+                    return tls.version()
+        finally:
+            thread.join(timeout=10)
+            listener.close()
+
+    assert handshake(f"palisade-injector.{ns}.svc") in {"TLSv1.2", "TLSv1.3"}
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake("palisade-injector.elsewhere.svc")
