@@ -116,6 +116,8 @@ pub fn proxy_container(spec: &SidecarSpec<'_>) -> Value {
             field_env("PALISADE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
             field_env("PALISADE_POD_NAME", "metadata.name"),
             field_env("PALISADE_POD_IP", "status.podIP"),
+            // The original probes (docs/injector.md); empty when the pod has none to rewrite.
+            field_env("PALISADE_APP_PROBES", "metadata.annotations['palisade.dev/app-probes']"),
             {"name": "PALISADE_INBOUND_LISTEN", "value": format!("0.0.0.0:{INBOUND_PORT}")},
             {"name": "PALISADE_OUTBOUND_LISTEN", "value": format!("127.0.0.1:{OUTBOUND_PORT}")},
             {"name": "PALISADE_ADMIN_LISTEN", "value": format!("0.0.0.0:{ADMIN_PORT}")},
@@ -284,5 +286,22 @@ mod tests {
             .find(|e| e["name"] == "PALISADE_LOG")
             .unwrap();
         assert_eq!(log["value"], "debug");
+    }
+
+    #[test]
+    fn proxy_reads_the_probe_record_through_the_downward_api() {
+        let settings = RawSettings::default().validate().unwrap();
+        let overrides = PodOverrides::default();
+        let proxy = proxy_container(&spec_with(&settings, &overrides));
+        let probes = proxy["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "PALISADE_APP_PROBES")
+            .unwrap();
+        assert_eq!(
+            probes["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.annotations['palisade.dev/app-probes']"
+        );
     }
 }
