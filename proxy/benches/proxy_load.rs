@@ -1,1 +1,550 @@
-fn main() {}
+//! Load benchmark: client proxy → mTLS → server proxy on loopback, against the same path
+//! without proxies and through the HAProxy mTLS peer (/work/shared/peers/haproxy-mtls), in one
+//! run. Prints req/s (keep-alive and new connection per request), added p50/p99 at a fixed
+//! 1,000 req/s, bulk MB/s, and resident memory idle and with 1,000 open idle connections.
+//!
+//!     cargo bench -p palisade-proxy --bench proxy_load
+//!
+//! Needs root for the peer's `apt-get install` of nginx, haproxy, wrk and iperf3 (its run.sh
+//! installs them when missing). Every loop is bounded in count and time; loopback only.
+//! Each proxy runs as its own process (this binary re-executed with PALISADE_BENCH_ROLE), so
+//! its memory can be read from /proc.
+
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use palisade_ca_api::wire::Destination;
+use palisade_proxy::app::{Parts, Settings, start};
+use palisade_proxy::clock::Clock;
+use palisade_proxy::datapath::Limits;
+use palisade_proxy::identity::{CertStore, Installed};
+use palisade_proxy::inbound::InboundTarget;
+use palisade_proxy::mesh::{MeshConfig, MeshState};
+use palisade_proxy::metrics::Metrics;
+use palisade_proxy::outbound::OutboundTarget;
+use palisade_proxy::tls::TrustBundle;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
+const PEER: &str = "/work/shared/peers/haproxy-mtls";
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks for the list of benchmarks.
+    }
+    if let Ok(role) = std::env::var("PALISADE_BENCH_ROLE") {
+        proxy_role(&role);
+        return;
+    }
+    palisade_ca_api::tls::install_default_provider();
+    if let Err(e) = bench() {
+        eprintln!("proxy_load: {e}");
+        std::process::exit(1);
+    }
+}
+
+// ---------------------------------------------------------------- certificates
+
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p
+}
+
+/// Writes ca.pem, and <name>.pem (leaf + intermediate) and <name>.key for both identities.
+fn make_certs(dir: &Path) {
+    let root = CertifiedIssuer::self_signed(ca_params("bench root"), KeyPair::generate().unwrap())
+        .unwrap();
+    let inter = CertifiedIssuer::signed_by(
+        ca_params("bench intermediate"),
+        KeyPair::generate().unwrap(),
+        &root,
+    )
+    .unwrap();
+    std::fs::write(dir.join("ca.pem"), root.pem()).unwrap();
+    for (name, id) in [("server", SERVER_ID), ("client", CLIENT_ID)] {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(&key, &inter).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.pem")),
+            format!("{}{}", cert.pem(), inter.pem()),
+        )
+        .unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------- proxy role (child process)
+
+/// Runs one proxy with static certificates and a static mesh; prints its addresses; exits
+/// when its stdin closes (so it never outlives the benchmark).
+fn proxy_role(role: &str) {
+    palisade_ca_api::tls::install_default_provider();
+    let dir = PathBuf::from(std::env::var("BENCH_DIR").unwrap());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let chain: Vec<CertificateDer<'static>> = palisade_ca_api::cert::parse_pem_certs(
+            &std::fs::read_to_string(dir.join(format!("{role}.pem"))).unwrap(),
+        )
+        .unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.join(format!("{role}.key"))).unwrap();
+        let roots = palisade_ca_api::cert::parse_pem_certs(
+            &std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
+        )
+        .unwrap();
+        let store = Arc::new(CertStore::new(Clock::system()));
+        store.install(Installed::from_chain(chain, key).unwrap());
+        let mesh = Arc::new(MeshState::new(MeshConfig::default()));
+        mesh.set_inbound(Some(palisade_ca_api::policy::InboundPolicy {
+            trust_domain: "cluster.local".into(),
+            workload: "bench/server".into(),
+            namespace: "bench".into(),
+            default_policy: palisade_ca_api::policy::DefaultPolicy::AllAuthenticated,
+            policies: vec![],
+        }));
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (inbound_target, outbound_target) = match role {
+            "server" => (
+                InboundTarget::FixedPort(
+                    std::env::var("BENCH_FORWARD_PORT")
+                        .unwrap()
+                        .parse()
+                        .unwrap(),
+                ),
+                OutboundTarget::Fixed(loopback),
+            ),
+            _ => {
+                let dest: SocketAddr = std::env::var("BENCH_DEST").unwrap().parse().unwrap();
+                mesh.set_destination(Destination {
+                    address: dest.ip(),
+                    meshed: true,
+                    spiffe_id: Some(SERVER_ID.parse().unwrap()),
+                    workload: None,
+                });
+                (InboundTarget::FixedPort(9), OutboundTarget::Fixed(dest))
+            }
+        };
+        let bound = start(
+            Settings {
+                inbound_listen: loopback,
+                outbound_listen: loopback,
+                admin_listen: loopback,
+                inbound_target,
+                outbound_target,
+                limits: Limits {
+                    max_connections: 16_384,
+                    ..Limits::default()
+                },
+                drain_timeout: Duration::from_secs(1),
+                probes: Default::default(),
+                probe_timeout: Duration::from_secs(1),
+            },
+            Parts {
+                store,
+                bundle: Arc::new(TrustBundle::new(roots).unwrap()),
+                mesh,
+                metrics: Arc::new(Metrics::new()),
+                identity: None,
+                mesh_source: None,
+            },
+        )
+        .await
+        .unwrap();
+        println!("READY {} {} {}", bound.inbound, bound.outbound, bound.admin);
+        std::io::stdout().flush().unwrap();
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut sink = String::new();
+            while std::io::stdin()
+                .read_line(&mut sink)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {}
+        })
+        .await;
+        std::process::exit(0);
+    });
+}
+
+struct ProxyProc {
+    child: Child,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+}
+
+impl ProxyProc {
+    fn spawn(dir: &Path, role: &str, env: &[(&str, String)]) -> ProxyProc {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.env("PALISADE_BENCH_ROLE", role)
+            .env("BENCH_DIR", dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            parts.first(),
+            Some(&"READY"),
+            "proxy did not start: {line:?}"
+        );
+        ProxyProc {
+            child,
+            inbound: parts[1].parse().unwrap(),
+            outbound: parts[2].parse().unwrap(),
+        }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id())
+    }
+}
+
+impl Drop for ProxyProc {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A Palisade pair in front of `target_port`: returns (client, server).
+fn pair(dir: &Path, target_port: u16) -> (ProxyProc, ProxyProc) {
+    let server = ProxyProc::spawn(
+        dir,
+        "server",
+        &[("BENCH_FORWARD_PORT", target_port.to_string())],
+    );
+    let client = ProxyProc::spawn(dir, "client", &[("BENCH_DEST", server.inbound.to_string())]);
+    (client, server)
+}
+
+// ---------------------------------------------------------------- measurements
+
+fn wrk(addr: &str, conns: u32, close: bool) -> (f64, String, String) {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", &format!("-c{conns}"), "-d8s", "--latency"]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = cmd
+        .arg(format!("http://{addr}/1k.txt"))
+        .output()
+        .expect("wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    let pct = |p: &str| {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(p))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("-")
+            .to_owned()
+    };
+    (rps, pct("50%"), pct("99%"))
+}
+
+/// Requests at a fixed rate over one keep-alive connection; latency from the intended send
+/// time (no coordinated omission). Returns (p50, p99) in microseconds.
+async fn fixed_rate(addr: SocketAddr, rate: u32, count: u32) -> (f64, f64) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let req = format!("GET /1k.txt HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut lat = Vec::with_capacity(count as usize);
+    let mut buf = vec![0u8; 8192];
+    for i in 0..count {
+        let intended = start + interval * i;
+        tokio::time::sleep_until(intended).await;
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut have = 0usize;
+        loop {
+            let n = s.read(&mut buf[have..]).await.unwrap();
+            assert!(n > 0, "connection closed");
+            have += n;
+            if let Some(end) = find(&buf[..have], b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while have < end + 4 + len {
+                    let n = s.read(&mut buf[have..]).await.unwrap();
+                    assert!(n > 0);
+                    have += n;
+                }
+                break;
+            }
+        }
+        lat.push(intended.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+    (p(0.50), p(0.99))
+}
+
+fn find(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+fn iperf(port: u16) -> f64 {
+    let out = Command::new("iperf3")
+        .args([
+            "-c",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "5",
+            "-O",
+            "1",
+            "-J",
+        ])
+        .output()
+        .expect("iperf3");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 8.0
+        / 1e6
+}
+
+/// Opens `n` connections through `addr`, each carrying one request so the whole path is set
+/// up, and keeps them open.
+async fn open_idle(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET /1k.txt HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut have = 0;
+        while have < 1024 {
+            let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf[have..])).await;
+            match r {
+                Ok(Ok(k)) if k > 0 => have += k,
+                _ => break,
+            }
+        }
+        conns.push(s);
+    }
+    conns
+}
+
+fn pids_of(file: &Path) -> u32 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn bench() -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let peer_dir = dir.path().join("peer");
+    let started = Command::new("bash")
+        .args([
+            &format!("{PEER}/run.sh"),
+            "start",
+            peer_dir.to_str().unwrap(),
+        ])
+        .output()
+        .map_err(|e| format!("cannot run the peer: {e}"))?;
+    if !started.status.success() {
+        return Err(format!(
+            "the HAProxy peer did not start: {}",
+            String::from_utf8_lossy(&started.stderr)
+        ));
+    }
+    struct StopPeer(PathBuf);
+    impl Drop for StopPeer {
+        fn drop(&mut self) {
+            let _ = Command::new("bash")
+                .args([&format!("{PEER}/run.sh"), "stop", self.0.to_str().unwrap()])
+                .output();
+        }
+    }
+    let _stop = StopPeer(peer_dir.clone());
+    make_certs(dir.path());
+    let (http_client, http_server) = pair(dir.path(), 18080);
+    let (bulk_client, _bulk_server) = pair(dir.path(), 15201);
+    let palisade = http_client.outbound.to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = (http_client.rss_kib(), http_server.rss_kib());
+    let hs_pid = pids_of(&peer_dir.join("hs.pid"));
+    let hc_pid = pids_of(&peer_dir.join("hc.pid"));
+    let peer_idle = (rss_kib(hc_pid), rss_kib(hs_pid));
+
+    println!(
+        "\n== palisade-proxy load benchmark (loopback, {} cores) ==",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    let n = 1000;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (pal_conns, peer_conns) = rt.block_on(async {
+        (
+            open_idle(http_client.outbound, n).await,
+            open_idle("127.0.0.1:18081".parse().unwrap(), n).await,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let loaded = (http_client.rss_kib(), http_server.rss_kib());
+    let peer_loaded = (rss_kib(hc_pid), rss_kib(hs_pid));
+    println!(
+        "\n{:<44} {:>10} {:>16} {:>14}",
+        "resident memory (VmRSS)",
+        "idle KiB",
+        format!("{n} conns KiB"),
+        "KiB per conn"
+    );
+    for (name, (i, l)) in [
+        ("palisade client proxy", (idle.0, loaded.0)),
+        ("palisade server proxy", (idle.1, loaded.1)),
+        ("haproxy client", (peer_idle.0, peer_loaded.0)),
+        ("haproxy server", (peer_idle.1, peer_loaded.1)),
+    ] {
+        println!(
+            "{:<44} {:>10} {:>16} {:>14.1}",
+            name,
+            i,
+            l,
+            (l.saturating_sub(i)) as f64 / n as f64
+        );
+    }
+    println!(
+        "targets: idle RSS <= 8192 KiB, <= 30 KiB per open idle connection (measured before the load runs)"
+    );
+    println!(
+        "opened {} palisade and {} haproxy connections",
+        pal_conns.len(),
+        peer_conns.len()
+    );
+    drop(pal_conns);
+    drop(peer_conns);
+    println!(
+        "{:<44} {:>12} {:>9} {:>9}",
+        "path (wrk -t1, 8 s)", "req/s", "p50", "p99"
+    );
+    let mut ka = Vec::new();
+    for (name, addr) in [
+        ("direct", "127.0.0.1:18080"),
+        ("haproxy mTLS pair", "127.0.0.1:18081"),
+        ("palisade mTLS pair", palisade.as_str()),
+    ] {
+        let (rps, p50, p99) = wrk(addr, 50, false);
+        println!(
+            "{:<44} {:>12.0} {:>9} {:>9}",
+            format!("{name} keep-alive -c50"),
+            rps,
+            p50,
+            p99
+        );
+        ka.push(rps);
+    }
+    for (name, addr) in [
+        ("direct", "127.0.0.1:18080"),
+        ("haproxy mTLS pair", "127.0.0.1:18081"),
+        ("palisade mTLS pair", palisade.as_str()),
+    ] {
+        let (rps, _, _) = wrk(addr, 20, true);
+        println!(
+            "{:<44} {:>12.0}",
+            format!("{name} new connection per request -c20"),
+            rps
+        );
+    }
+    println!(
+        "ratio proxied/direct keep-alive: palisade {:.1}%   haproxy {:.1}%   (target >= 60%)",
+        100.0 * ka[2] / ka[0],
+        100.0 * ka[1] / ka[0]
+    );
+
+    println!(
+        "\n{:<44} {:>12} {:>12}",
+        "fixed 1000 req/s, 5000 requests, 1 conn", "p50 (us)", "p99 (us)"
+    );
+    let mut fixed = Vec::new();
+    for (name, addr) in [
+        ("direct", "127.0.0.1:18080".parse().unwrap()),
+        ("haproxy mTLS pair", "127.0.0.1:18081".parse().unwrap()),
+        ("palisade mTLS pair", http_client.outbound),
+    ] {
+        let (p50, p99) = rt.block_on(fixed_rate(addr, 1000, 5000));
+        println!("{:<44} {:>12.0} {:>12.0}", name, p50, p99);
+        fixed.push((p50, p99));
+    }
+    println!(
+        "added latency: palisade p50 +{:.0} us, p99 +{:.0} us (target p99 <= 1000 us);  haproxy p50 +{:.0} us, p99 +{:.0} us",
+        fixed[2].0 - fixed[0].0,
+        fixed[2].1 - fixed[0].1,
+        fixed[1].0 - fixed[0].0,
+        fixed[1].1 - fixed[0].1
+    );
+
+    println!("\n{:<44} {:>12}", "bulk (iperf3, 5 s)", "MB/s");
+    for (name, port) in [
+        ("direct", 15201),
+        ("haproxy mTLS pair", 18082),
+        ("palisade mTLS pair", bulk_client.outbound.port()),
+    ] {
+        println!("{:<44} {:>12.0}", name, iperf(port));
+    }
+
+    Ok(())
+}

@@ -3,6 +3,9 @@
 use palisade_ca_api::client::{CaClient, ClientError, WatchStream};
 use palisade_ca_api::wire::{CertificateRequest, CertificateResponse, WatchMessage, WatchQuery};
 
+use std::sync::{Arc, Mutex};
+
+use crate::identity::CertStore;
 use crate::source::{BoxFuture, CertificateSource, MeshSource, SourceError, WatchEvents};
 
 fn convert(e: ClientError) -> SourceError {
@@ -21,7 +24,23 @@ fn convert(e: ClientError) -> SourceError {
 }
 
 /// Certificates and mesh watches from the CA over HTTPS.
-pub struct CaSource(pub CaClient);
+pub struct CaSource {
+    client: CaClient,
+    /// The proxy's own certificate, presented on watch connections.
+    store: Arc<CertStore>,
+    /// Serial of the certificate the pooled watch connection was opened with.
+    watch_serial: Mutex<Option<String>>,
+}
+
+impl CaSource {
+    pub fn new(client: CaClient, store: Arc<CertStore>) -> Self {
+        CaSource {
+            client,
+            store,
+            watch_serial: Mutex::new(None),
+        }
+    }
+}
 
 impl CertificateSource for CaSource {
     fn request_certificate<'a>(
@@ -30,7 +49,7 @@ impl CertificateSource for CaSource {
         req: &'a CertificateRequest,
     ) -> BoxFuture<'a, Result<CertificateResponse, SourceError>> {
         Box::pin(async move {
-            self.0
+            self.client
                 .request_certificate(token, req)
                 .await
                 .map_err(convert)
@@ -52,7 +71,23 @@ impl MeshSource for CaSource {
         query: &'a WatchQuery,
     ) -> BoxFuture<'a, Result<Box<dyn WatchEvents>, SourceError>> {
         Box::pin(async move {
-            let stream = self.0.watch(query).await.map_err(convert)?;
+            // The watch needs mTLS: without a certificate there is no point connecting, and a
+            // connection pooled before the current certificate would present none or an old one.
+            let Some(current) = self.store.valid() else {
+                return Err(SourceError::Transport(
+                    "no certificate yet: the mesh watch needs the proxy's own certificate".into(),
+                ));
+            };
+            let renewed = {
+                let mut used = self.watch_serial.lock().unwrap_or_else(|e| e.into_inner());
+                let renewed = used.as_deref() != Some(current.serial.as_str());
+                *used = Some(current.serial.clone());
+                renewed
+            };
+            if renewed {
+                self.client.reset_connections().await;
+            }
+            let stream = self.client.watch(query).await.map_err(convert)?;
             Ok(Box::new(CaWatch(stream)) as Box<dyn WatchEvents>)
         })
     }

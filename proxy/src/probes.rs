@@ -29,6 +29,9 @@ pub enum AppProbe {
 #[serde(rename_all = "camelCase")]
 pub struct HttpGet {
     pub port: u16,
+    /// The kubelet's `host`; loopback when absent.
+    #[serde(default)]
+    pub host: Option<String>,
     #[serde(default)]
     pub path: Option<String>,
     /// `HTTP` (default) or `HTTPS`.
@@ -47,6 +50,8 @@ pub struct Header {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct TcpSocket {
     pub port: u16,
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -89,14 +94,22 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
+/// Connects to `host:port`, or to the app on loopback when no host is given.
+async fn connect(host: Option<&str>, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    match host.filter(|h| !h.is_empty()) {
+        Some(h) => tokio::net::TcpStream::connect((h, port)).await,
+        None => tokio::net::TcpStream::connect(local(port)).await,
+    }
+}
+
 async fn check_inner(probe: &AppProbe) -> ProbeResult {
     match probe {
-        AppProbe::TcpSocket(t) => tokio::net::TcpStream::connect(local(t.port))
+        AppProbe::TcpSocket(t) => connect(t.host.as_deref(), t.port)
             .await
             .map(|_| format!("tcp {} accepts", t.port))
             .map_err(|e| format!("tcp {}: {e}", t.port)),
         AppProbe::HttpGet(h) => {
-            let tcp = tokio::net::TcpStream::connect(local(h.port))
+            let tcp = connect(h.host.as_deref(), h.port)
                 .await
                 .map_err(|e| format!("http {}: {e}", h.port))?;
             if h.scheme
@@ -127,7 +140,11 @@ async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, h: &HttpGet) -> P
         .filter(|p| p.starts_with('/'))
         .unwrap_or("/");
     let mut req = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUser-Agent: kube-probe/palisade\r\nAccept: */*\r\nConnection: close\r\n",
+        "GET {path} HTTP/1.1\r\nHost: {}:{}\r\nUser-Agent: kube-probe/palisade\r\nAccept: */*\r\nConnection: close\r\n",
+        h.host
+            .as_deref()
+            .filter(|x| !x.is_empty())
+            .unwrap_or("127.0.0.1"),
         h.port
     );
     for hd in &h.http_headers {
@@ -301,7 +318,7 @@ mod tests {
         assert_eq!(p.len(), 3);
         assert!(matches!(
             p["web/readyz"],
-            AppProbe::TcpSocket(TcpSocket { port: 8080 })
+            AppProbe::TcpSocket(TcpSocket { port: 8080, .. })
         ));
         assert!(matches!(&p["web/livez"], AppProbe::HttpGet(h) if h.http_headers.len() == 1));
     }

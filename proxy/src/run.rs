@@ -52,7 +52,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         timeout: config.ca_timeout,
     })
     .context("cannot set up the CA client")?;
-    let source = Arc::new(CaSource(client));
+    let source = Arc::new(CaSource::new(client, store.clone()));
     let identity = Arc::new(Identity {
         config: IdentityConfig {
             spiffe_id: config.spiffe_id.clone(),
