@@ -68,8 +68,7 @@ def container(rendered, name):
     return c
 
 
-# palisade-injector joins once its binary could be run here (see the report of issue 7).
-@pytest.mark.parametrize("binary", ["palisade-ca"])
+@pytest.mark.parametrize("binary", ["palisade-ca", "palisade-injector"])
 def test_chart_settings_exist_in_the_binary(binary):
     known = options(help_of(binary))
     env_of = {o["env"]: flag for flag, o in known.items() if o["env"]}
