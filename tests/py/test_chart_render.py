@@ -189,9 +189,19 @@ def test_duplicate_keys_are_caught():
         load_all("metadata:\n  labels:\n    a: x\n    a: y\n")
 
 
-@pytest.mark.parametrize("kube_version", ["1.28.0", KUBE_NEWEST])
+@pytest.mark.parametrize("kube_version", ["1.29.0", KUBE_NEWEST])
 def test_installs_on_every_supported_kubernetes(kube_version):
     release = install_dry_run({}, kube_version=kube_version)
+    assert "kind: MutatingWebhookConfiguration" in release["manifest"]
+
+
+def test_kubernetes_1_28_needs_classic_sidecars():
+    import helm_python
+
+    # Native sidecars are off by default before 1.29: refuse rather than inject broken pods.
+    with pytest.raises(helm_python.HelmError, match="injector.nativeSidecar=false"):
+        install_dry_run({}, kube_version="1.28.5")
+    release = install_dry_run({"injector": {"nativeSidecar": False}}, kube_version="1.28.5")
     assert "kind: MutatingWebhookConfiguration" in release["manifest"]
 
 
