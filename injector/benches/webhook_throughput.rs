@@ -69,6 +69,18 @@ fn main() {
         );
         let body_bytes = bodies[0].len();
 
+        // The webhook's own CPU per review, without sockets: separates it from the transport.
+        let settings = palisade_injector::RawSettings::default()
+            .validate()
+            .expect("default settings");
+        let cpu_reviews = 20_000;
+        let cpu_started = Instant::now();
+        for i in 0..cpu_reviews {
+            let outcome = palisade_injector::review(&bodies[i % bodies.len()], &settings);
+            assert!(outcome.is_ok_and(|o| o.patch_build.is_some()));
+        }
+        let review_cpu_us = cpu_started.elapsed().as_secs_f64() * 1e6 / cpu_reviews as f64;
+
         // Warm-up: handshakes done, allocator and caches settled.
         let mut clients = Vec::new();
         for _ in 0..connections {
@@ -95,7 +107,8 @@ fn main() {
         let p99 = percentile(&latencies, 99.0);
         println!(
             "webhook_throughput: reviews={} connections={} body_bytes={} elapsed_s={:.3} \
-             reviews_per_s={:.0} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} max_ms={:.3}",
+             reviews_per_s={:.0} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} max_ms={:.3} \
+             review_cpu_us={:.1}",
             latencies.len(),
             connections,
             body_bytes,
@@ -105,6 +118,7 @@ fn main() {
             ms(percentile(&latencies, 90.0)),
             ms(p99),
             ms(*latencies.last().expect("at least one review")),
+            review_cpu_us,
         );
         let met = rate >= 5000.0 && p99 <= Duration::from_millis(2);
         println!(

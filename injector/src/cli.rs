@@ -181,9 +181,9 @@ mod tests {
         let config = parse(&[]).unwrap().into_config().unwrap();
         assert_eq!(config.listen.to_string(), "0.0.0.0:15017");
         assert_eq!(config.admin_listen.to_string(), "0.0.0.0:15014");
-        assert!(config.settings.native_sidecar);
+        assert!(config.settings.native_sidecar());
         assert_eq!(
-            config.settings.ca_addr,
+            config.settings.ca_addr(),
             "palisade-ca.palisade-system.svc:15012"
         );
     }
@@ -194,7 +194,7 @@ mod tests {
             .unwrap()
             .into_config()
             .unwrap();
-        assert!(!config.settings.native_sidecar);
+        assert!(!config.settings.native_sidecar());
         assert!(parse(&["--native-sidecar", "maybe"]).is_err());
     }
 

@@ -8,24 +8,45 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
-use crate::annotations::{self, ValueError, parse_overrides};
+use crate::annotations::{self, PodOverrides, ValueError, parse_overrides};
 use crate::probes::{ProbeError, rewrite_probes};
 use crate::settings::{
     ADMIN_PORT, INBOUND_PORT, INIT_CONTAINER, InjectorSettings, OUTBOUND_PORT, PROXY_CONTAINER,
     TOKEN_VOLUME, TRUST_VOLUME,
 };
-use crate::sidecar::{self, SidecarSpec};
+use crate::sidecar::Prebuilt;
 
 /// The label that marks an injected pod (the CA treats such pods as meshed).
 pub const INJECTED_LABEL: &str = "palisade.dev/injected";
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum PatchOp {
-    Add { path: String, value: Value },
-    Replace { path: String, value: Value },
+    Add { path: String, value: PatchValue },
+    Replace { path: String, value: PatchValue },
     Remove { path: String },
+}
+
+/// A value in the patch: built for this pod, or rendered once ahead of time.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum PatchValue {
+    Json(Value),
+    Raw(Box<RawValue>),
+}
+
+impl From<Value> for PatchValue {
+    fn from(value: Value) -> Self {
+        Self::Json(value)
+    }
+}
+
+impl From<Box<RawValue>> for PatchValue {
+    fn from(value: Box<RawValue>) -> Self {
+        Self::Raw(value)
+    }
 }
 
 /// Escapes one reference token of a JSON pointer (RFC 6901): `~` → `~0`, `/` → `~1`.
@@ -70,7 +91,7 @@ impl InjectError {
 }
 
 /// The patch for one pod, and warnings for the API client.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Injection {
     pub ops: Vec<PatchOp>,
     pub warnings: Vec<String>,
@@ -114,33 +135,47 @@ fn add_to_map(ops: &mut Vec<PatchOp>, map_pointer: &str, exists: bool, key: &str
     if exists {
         ops.push(PatchOp::Add {
             path: format!("{map_pointer}/{}", pointer_token(key)),
-            value,
+            value: value.into(),
         });
     } else {
         let mut map = serde_json::Map::new();
         map.insert(key.to_owned(), value);
         ops.push(PatchOp::Add {
             path: map_pointer.to_owned(),
-            value: Value::Object(map),
+            value: Value::Object(map).into(),
         });
     }
 }
 
 /// Inserts `items` at the front of the array at `pointer`, or creates it.
-fn insert_front(ops: &mut Vec<PatchOp>, pointer: &str, existing: usize, items: Vec<Value>) {
+fn insert_front(ops: &mut Vec<PatchOp>, pointer: &str, existing: usize, items: Vec<Box<RawValue>>) {
     if existing == 0 {
         ops.push(PatchOp::Add {
             path: pointer.to_owned(),
-            value: Value::Array(items),
+            value: raw_array(&items).into(),
         });
     } else {
         for (i, item) in items.into_iter().enumerate() {
             ops.push(PatchOp::Add {
                 path: format!("{pointer}/{i}"),
-                value: item,
+                value: item.into(),
             });
         }
     }
+}
+
+/// `[a, b, …]` of already-serialised values.
+fn raw_array(items: &[Box<RawValue>]) -> Box<RawValue> {
+    let mut text = String::from("[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(item.get());
+    }
+    text.push(']');
+    // Joining valid JSON values with commas inside brackets is valid JSON.
+    RawValue::from_string(text).unwrap_or_else(|_| crate::sidecar::raw(&Value::Array(Vec::new())))
 }
 
 /// Builds the patch that injects `pod`. The caller has already decided that it should be
@@ -179,13 +214,16 @@ pub fn build_patch(pod: &Pod, settings: &InjectorSettings) -> Result<Injection, 
         }
     }
 
-    let sidecar = SidecarSpec {
-        settings,
-        overrides: &overrides,
-        resources,
+    // Pods without overrides (most) get the objects rendered at start-up.
+    let custom;
+    let prebuilt: &Prebuilt = if overrides == PodOverrides::default() {
+        &settings.prebuilt
+    } else {
+        custom = Prebuilt::new(settings, &overrides, resources);
+        &custom
     };
-    let init = sidecar::init_container(&sidecar);
-    let proxy = sidecar::proxy_container(&sidecar);
+    let init = prebuilt.init.clone();
+    let proxy = prebuilt.proxy.clone();
     if settings.native_sidecar {
         insert_front(
             &mut ops,
@@ -207,17 +245,17 @@ pub fn build_patch(pod: &Pod, settings: &InjectorSettings) -> Result<Injection, 
             vec![proxy],
         );
     }
-    let new_volumes = [sidecar::token_volume(), sidecar::trust_volume()];
+    let new_volumes = [prebuilt.token_volume.clone(), prebuilt.trust_volume.clone()];
     if volumes.is_empty() {
         ops.push(PatchOp::Add {
             path: "/spec/volumes".into(),
-            value: Value::Array(new_volumes.into()),
+            value: raw_array(&new_volumes).into(),
         });
     } else {
         for volume in new_volumes {
             ops.push(PatchOp::Add {
                 path: "/spec/volumes/-".into(),
-                value: volume,
+                value: volume.into(),
             });
         }
     }

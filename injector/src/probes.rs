@@ -128,7 +128,7 @@ pub fn rewrite_probes(
         if handler == "httpGet" {
             ops.push(PatchOp::Replace {
                 path: format!("{probe_pointer}/httpGet"),
-                value: rewritten,
+                value: rewritten.into(),
             });
         } else {
             ops.push(PatchOp::Remove {
@@ -136,7 +136,7 @@ pub fn rewrite_probes(
             });
             ops.push(PatchOp::Add {
                 path: format!("{probe_pointer}/httpGet"),
-                value: rewritten,
+                value: rewritten.into(),
             });
         }
         records.insert(format!("{}/{kind}", container.name), original);

@@ -2,7 +2,10 @@
 //! the CA, sidecar mode and the proxy's resources. Built from the command line (`serve`), checked
 //! once in [`InjectorSettings::validate`], then shared read-only by every review.
 
-use crate::annotations::{self, Quantity, ValueError};
+use std::sync::Arc;
+
+use crate::annotations::{self, PodOverrides, Quantity, ValueError};
+use crate::sidecar::Prebuilt;
 
 /// Ports and ids of the proxy contract (DESIGN.md, "Proxy").
 pub const PROXY_UID: i64 = 1337;
@@ -21,23 +24,28 @@ pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 pub const TOKEN_DIR: &str = "/var/run/palisade/token";
 pub const TRUST_DIR: &str = "/var/run/palisade/trust";
 
-/// The injector's defaults, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The injector's defaults, validated. Built only by [`RawSettings::validate`], which also
+/// renders the injected objects once for pods without overrides; the fields are read-only
+/// outside this crate so that rendering cannot go stale.
+#[derive(Debug, Clone)]
 pub struct InjectorSettings {
-    pub proxy_image: String,
+    pub(crate) proxy_image: String,
     /// `host:port` of the CA, for `PALISADE_CA_ADDR`.
-    pub ca_addr: String,
+    pub(crate) ca_addr: String,
     /// DNS name the proxy verifies on the CA's certificate, for `PALISADE_CA_NAME`.
-    pub ca_name: String,
+    pub(crate) ca_name: String,
     /// The proxy as a native sidecar (init container with `restartPolicy: Always`) or, for
     /// clusters before Kubernetes 1.29, as the first regular container.
-    pub native_sidecar: bool,
-    pub cpu_request: Quantity,
-    pub cpu_limit: Option<Quantity>,
-    pub memory_request: Quantity,
-    pub memory_limit: Quantity,
+    pub(crate) native_sidecar: bool,
+    pub(crate) cpu_request: Quantity,
+    pub(crate) cpu_limit: Option<Quantity>,
+    pub(crate) memory_request: Quantity,
+    pub(crate) memory_limit: Quantity,
     /// `PALISADE_LOG` unless the pod's `palisade.dev/log-level` says otherwise.
-    pub log_level: String,
+    pub(crate) log_level: String,
+    /// The injected objects of a pod without overrides, serialised once: most pods have none,
+    /// and rebuilding them per review was most of a review's CPU time.
+    pub(crate) prebuilt: Arc<Prebuilt>,
 }
 
 /// The settings as typed on the command line, before validation.
@@ -110,7 +118,7 @@ impl RawSettings {
                 "the DNS name on the CA's certificate, e.g. \"palisade-ca.palisade-system.svc\"",
             ));
         }
-        let settings = InjectorSettings {
+        let mut settings = InjectorSettings {
             proxy_image: self.proxy_image.clone(),
             ca_addr: self.ca_addr.clone(),
             ca_name: self.ca_name.clone(),
@@ -124,11 +132,17 @@ impl RawSettings {
             memory_request: Quantity::memory("--proxy-memory-request", &self.memory_request)?,
             memory_limit: Quantity::memory("--proxy-memory-limit", &self.memory_limit)?,
             log_level: annotations::parse_log_level("--proxy-log-level", &self.log_level)?,
+            prebuilt: Arc::default(),
         };
-        settings.resources(None, None).map_err(|e| ValueError {
+        let resources = settings.resources(None, None).map_err(|e| ValueError {
             setting: e.setting.replace("palisade.dev/proxy-", "--proxy-"),
             ..e
         })?;
+        settings.prebuilt = Arc::new(Prebuilt::new(
+            &settings,
+            &PodOverrides::default(),
+            resources,
+        ));
         Ok(settings)
     }
 }
@@ -143,6 +157,18 @@ pub struct ProxyResources {
 }
 
 impl InjectorSettings {
+    pub fn native_sidecar(&self) -> bool {
+        self.native_sidecar
+    }
+
+    pub fn proxy_image(&self) -> &str {
+        &self.proxy_image
+    }
+
+    pub fn ca_addr(&self) -> &str {
+        &self.ca_addr
+    }
+
     /// Resources with a pod's overrides applied. A request above its limit would make the API
     /// server reject the pod with a message about our container, so it is refused here with
     /// one about the annotation instead.

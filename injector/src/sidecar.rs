@@ -2,6 +2,7 @@
 //! volumes. Written as JSON literals so that they read like the manifests in docs/injector.md;
 //! the Python tests validate them against the Kubernetes schema.
 
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::settings::{
@@ -17,6 +18,55 @@ pub struct SidecarSpec<'a> {
     pub settings: &'a InjectorSettings,
     pub overrides: &'a PodOverrides,
     pub resources: ProxyResources,
+}
+
+/// The four injected objects, serialised.
+#[derive(Debug, Clone)]
+pub struct Prebuilt {
+    pub init: Box<RawValue>,
+    pub proxy: Box<RawValue>,
+    pub token_volume: Box<RawValue>,
+    pub trust_volume: Box<RawValue>,
+}
+
+/// A JSON value as raw text; a `Value` always serialises.
+pub fn raw(value: &Value) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).unwrap_or_else(|_| empty_object())
+}
+
+fn empty_object() -> Box<RawValue> {
+    RawValue::from_string("{}".to_owned()).unwrap_or_default()
+}
+
+impl Default for Prebuilt {
+    fn default() -> Self {
+        Self {
+            init: empty_object(),
+            proxy: empty_object(),
+            token_volume: empty_object(),
+            trust_volume: empty_object(),
+        }
+    }
+}
+
+impl Prebuilt {
+    pub fn new(
+        settings: &InjectorSettings,
+        overrides: &PodOverrides,
+        resources: ProxyResources,
+    ) -> Self {
+        let spec = SidecarSpec {
+            settings,
+            overrides,
+            resources,
+        };
+        Self {
+            init: raw(&init_container(&spec)),
+            proxy: raw(&proxy_container(&spec)),
+            token_volume: raw(&token_volume()),
+            trust_volume: raw(&trust_volume()),
+        }
+    }
 }
 
 fn resources_json(r: &ProxyResources) -> Value {
@@ -286,6 +336,26 @@ mod tests {
             .find(|e| e["name"] == "PALISADE_LOG")
             .unwrap();
         assert_eq!(log["value"], "debug");
+    }
+
+    #[test]
+    fn prebuilt_objects_are_the_ones_built_per_pod() {
+        for native_sidecar in [true, false] {
+            let settings = RawSettings {
+                native_sidecar,
+                ..RawSettings::default()
+            }
+            .validate()
+            .unwrap();
+            let overrides = PodOverrides::default();
+            let spec = spec_with(&settings, &overrides);
+            let parse = |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).unwrap();
+            let prebuilt = &settings.prebuilt;
+            assert_eq!(parse(&prebuilt.init), init_container(&spec));
+            assert_eq!(parse(&prebuilt.proxy), proxy_container(&spec));
+            assert_eq!(parse(&prebuilt.token_volume), token_volume());
+            assert_eq!(parse(&prebuilt.trust_volume), trust_volume());
+        }
     }
 
     #[test]
