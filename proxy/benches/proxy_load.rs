@@ -106,7 +106,12 @@ fn proxy_role(role: &str) {
     palisade_ca_api::tls::install_default_provider();
     let dir = PathBuf::from(std::env::var("BENCH_DIR").unwrap());
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(
+            std::env::var("BENCH_WORKERS")
+                .ok()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .build()
         .unwrap();
@@ -252,14 +257,20 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A Palisade pair in front of `target_port`: returns (client, server).
-fn pair(dir: &Path, target_port: u16) -> (ProxyProc, ProxyProc) {
+/// A Palisade pair in front of `target_port`, each proxy with `workers` runtime threads:
+/// returns (client, server).
+fn pair(dir: &Path, target_port: u16, workers: usize) -> (ProxyProc, ProxyProc) {
+    let w = ("BENCH_WORKERS", workers.to_string());
     let server = ProxyProc::spawn(
         dir,
         "server",
-        &[("BENCH_FORWARD_PORT", target_port.to_string())],
+        &[("BENCH_FORWARD_PORT", target_port.to_string()), w.clone()],
     );
-    let client = ProxyProc::spawn(dir, "client", &[("BENCH_DEST", server.inbound.to_string())]);
+    let client = ProxyProc::spawn(
+        dir,
+        "client",
+        &[("BENCH_DEST", server.inbound.to_string()), w],
+    );
     (client, server)
 }
 
@@ -417,9 +428,11 @@ fn bench() -> Result<(), String> {
     }
     let _stop = StopPeer(peer_dir.clone());
     make_certs(dir.path());
-    let (http_client, http_server) = pair(dir.path(), 18080);
-    let (bulk_client, _bulk_server) = pair(dir.path(), 15201);
+    let (http_client, http_server) = pair(dir.path(), 18080, 2);
+    let (one_client, _one_server) = pair(dir.path(), 18080, 1);
+    let (bulk_client, _bulk_server) = pair(dir.path(), 15201, 2);
     let palisade = http_client.outbound.to_string();
+    let palisade_one = one_client.outbound.to_string();
     std::thread::sleep(Duration::from_millis(300));
     let idle = (http_client.rss_kib(), http_server.rss_kib());
     let hs_pid = pids_of(&peer_dir.join("hs.pid"));
@@ -478,7 +491,7 @@ fn bench() -> Result<(), String> {
     drop(pal_conns);
     drop(peer_conns);
     println!(
-        "{:<44} {:>12} {:>9} {:>9}",
+        "{:<52} {:>12} {:>9} {:>9}",
         "path (wrk -t1, 8 s)", "req/s", "p50", "p99"
     );
     let mut ka = Vec::new();
@@ -486,10 +499,11 @@ fn bench() -> Result<(), String> {
         ("direct", "127.0.0.1:18080"),
         ("haproxy mTLS pair", "127.0.0.1:18081"),
         ("palisade mTLS pair", palisade.as_str()),
+        ("palisade mTLS pair, 1 thread each", palisade_one.as_str()),
     ] {
         let (rps, p50, p99) = wrk(addr, 50, false);
         println!(
-            "{:<44} {:>12.0} {:>9} {:>9}",
+            "{:<52} {:>12.0} {:>9} {:>9}",
             format!("{name} keep-alive -c50"),
             rps,
             p50,
@@ -504,14 +518,15 @@ fn bench() -> Result<(), String> {
     ] {
         let (rps, _, _) = wrk(addr, 20, true);
         println!(
-            "{:<44} {:>12.0}",
+            "{:<52} {:>12.0}",
             format!("{name} new connection per request -c20"),
             rps
         );
     }
     println!(
-        "ratio proxied/direct keep-alive: palisade {:.1}%   haproxy {:.1}%   (target >= 60%)",
+        "ratio proxied/direct keep-alive: palisade {:.1}% (1 thread each: {:.1}%)   haproxy {:.1}%   (target >= 60%)",
         100.0 * ka[2] / ka[0],
+        100.0 * ka[3] / ka[0],
         100.0 * ka[1] / ka[0]
     );
 
@@ -524,15 +539,18 @@ fn bench() -> Result<(), String> {
         ("direct", "127.0.0.1:18080".parse().unwrap()),
         ("haproxy mTLS pair", "127.0.0.1:18081".parse().unwrap()),
         ("palisade mTLS pair", http_client.outbound),
+        ("palisade mTLS pair, 1 thread each", one_client.outbound),
     ] {
         let (p50, p99) = rt.block_on(fixed_rate(addr, 1000, 5000));
         println!("{:<44} {:>12.0} {:>12.0}", name, p50, p99);
         fixed.push((p50, p99));
     }
     println!(
-        "added latency: palisade p50 +{:.0} us, p99 +{:.0} us (target p99 <= 1000 us);  haproxy p50 +{:.0} us, p99 +{:.0} us",
+        "added latency: palisade p50 {:+.0} us, p99 {:+.0} us (1 thread each: p50 {:+.0} us, p99 {:+.0} us; target p99 <= +1000 us);  haproxy p50 {:+.0} us, p99 {:+.0} us",
         fixed[2].0 - fixed[0].0,
         fixed[2].1 - fixed[0].1,
+        fixed[3].0 - fixed[0].0,
+        fixed[3].1 - fixed[0].1,
         fixed[1].0 - fixed[0].0,
         fixed[1].1 - fixed[0].1
     );

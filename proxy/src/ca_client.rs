@@ -73,10 +73,21 @@ impl MeshSource for CaSource {
         Box::pin(async move {
             // The watch needs mTLS: without a certificate there is no point connecting, and a
             // connection pooled before the current certificate would present none or an old one.
-            let Some(current) = self.store.valid() else {
-                return Err(SourceError::Transport(
-                    "no certificate yet: the mesh watch needs the proxy's own certificate".into(),
-                ));
+            // Waiting here (bounded) opens the watch as soon as the first certificate lands,
+            // rather than a backoff step later.
+            let mut waited = 0;
+            let current = loop {
+                if let Some(c) = self.store.valid() {
+                    break c;
+                }
+                if waited >= 100 {
+                    return Err(SourceError::Transport(
+                        "no certificate yet: the mesh watch needs the proxy's own certificate"
+                            .into(),
+                    ));
+                }
+                waited += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             };
             let renewed = {
                 let mut used = self.watch_serial.lock().unwrap_or_else(|e| e.into_inner());

@@ -26,6 +26,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(c.drain_timeout, Duration::from_secs(30));
     assert_eq!(c.log_format, LogFormat::Json);
     assert_eq!(c.max_destinations, 256);
+    assert_eq!(c.worker_threads, 2);
     assert!(c.app_probes.is_empty());
     assert!(c.outbound_destination.is_none());
 }
@@ -77,6 +78,7 @@ fn every_malformed_variable_is_named_with_its_value() {
         ("PALISADE_MAX_CONNECTIONS", "0"),
         ("PALISADE_MAX_CONNECTIONS", "many"),
         ("PALISADE_MAX_DESTINATIONS", "257"),
+        ("PALISADE_WORKER_THREADS", "0"),
         ("PALISADE_CERT_TTL", "1m"),
         ("PALISADE_CERT_TTL", "48h"),
         ("PALISADE_PROBE_TIMEOUT", "1"),

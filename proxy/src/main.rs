@@ -135,7 +135,7 @@ fn main() -> ExitCode {
             };
             init_tracing(&config.log, config.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(config.worker_threads)
                 .enable_all()
                 .build()
                 .expect("a tokio runtime");
