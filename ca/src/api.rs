@@ -265,16 +265,16 @@ fn watch(
         .map_err(|m| ApiError::new(ErrorCode::InvalidWatchQuery, m))?;
     if let Some(ip) = query.pod_ip {
         let snapshot = ca.publisher.current();
-        if let Some(w) = snapshot.state.workload_at(ip) {
-            if w.namespace != id.namespace() || w.service_account != id.service_account() {
-                return Err(ApiError::new(
-                    ErrorCode::IdentityMismatch,
-                    format!(
-                        "pod_ip {ip} is workload {}/{} with service account {}, not {id}: watch your own pod's address",
-                        w.namespace, w.name, w.service_account
-                    ),
-                ));
-            }
+        if let Some(w) = snapshot.state.workload_at(ip)
+            && (w.namespace != id.namespace() || w.service_account != id.service_account())
+        {
+            return Err(ApiError::new(
+                ErrorCode::IdentityMismatch,
+                format!(
+                    "pod_ip {ip} is workload {}/{} with service account {}, not {id}: watch your own pod's address",
+                    w.namespace, w.name, w.service_account
+                ),
+            ));
         }
     }
     tracing::debug!(peer.id = %id, destinations = query.destinations.len(), "mesh watch opened");

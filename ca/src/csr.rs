@@ -55,7 +55,7 @@ pub fn csr_der_from_pem(pem: &str) -> Result<Vec<u8>, CsrError> {
 /// but (optionally) that identity.
 pub fn check_csr(der: &[u8], identity: &SpiffeId) -> Result<AcceptedCsr, CsrError> {
     let csr = match X509CertificationRequest::from_der(der) {
-        Ok((rest, csr)) if rest.is_empty() => csr,
+        Ok(([], csr)) => csr,
         Ok(_) => {
             return Err(CsrError::Malformed(
                 "trailing bytes after the request".into(),

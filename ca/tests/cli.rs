@@ -42,21 +42,23 @@ fn start(dir: &Path, api: u16, admin: u16) -> Server {
         "workloads: [{name: web, namespace: shop, serviceAccount: web, ips: [10.77.0.2]}]\n",
     )
     .unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--state-dir"])
-        .arg(dir.join("state"))
-        .args(["--source", "file", "--mesh-file"])
-        .arg(dir.join("mesh.yaml"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{api}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let server = Server(
+        Command::new(BIN)
+            .args(["serve", "--state-dir"])
+            .arg(dir.join("state"))
+            .args(["--source", "file", "--mesh-file"])
+            .arg(dir.join("mesh.yaml"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{api}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         let ok = Command::new("curl")
@@ -64,7 +66,7 @@ fn start(dir: &Path, api: u16, admin: u16) -> Server {
             .output()
             .map(|o| o.status.success());
         if ok.unwrap_or(false) {
-            return Server(child);
+            return server;
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -55,7 +55,7 @@ pub fn cert_to_pem(der: &[u8]) -> String {
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, CertError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(CertError::Der(
             "trailing bytes after the certificate".into(),
         )),

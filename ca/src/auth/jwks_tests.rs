@@ -156,7 +156,8 @@ async fn refuses_bad_tokens_with_the_right_error() {
     let stranger = es256("ec-1"); // same kid, another key
     let (auth, _dir) = authenticator(&jwks(&[&ec])).await;
     let ok = |c| sign(&ec, &c);
-    let cases: Vec<(String, fn(&AuthError) -> bool)> = vec![
+    type Check = fn(&AuthError) -> bool;
+    let cases: Vec<(String, Check)> = vec![
         (String::new(), |e| *e == AuthError::Missing),
         (
             "garbage".into(),

@@ -99,15 +99,15 @@ pub fn parse_mesh_file(
             inner,
         )
     })?;
-    if let Some(td) = &mesh.trust_domain {
-        if td != trust_domain {
-            return Err(invalid(
-                "trustDomain".into(),
-                format!(
-                    "{td:?} differs from the CA's --trust-domain {trust_domain:?}: make them equal"
-                ),
-            ));
-        }
+    if let Some(td) = &mesh.trust_domain
+        && td != trust_domain
+    {
+        return Err(invalid(
+            "trustDomain".into(),
+            format!(
+                "{td:?} differs from the CA's --trust-domain {trust_domain:?}: make them equal"
+            ),
+        ));
     }
     let mut namespace_defaults = HashMap::new();
     for (i, ns) in mesh.namespaces.iter().enumerate() {
