@@ -23,29 +23,26 @@ pub const INJECTED_LABEL: &str = "palisade.dev/injected";
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
-pub enum PatchOp {
-    Add { path: String, value: PatchValue },
-    Replace { path: String, value: PatchValue },
+pub enum PatchOp<'a> {
+    Add { path: String, value: PatchValue<'a> },
+    Replace { path: String, value: PatchValue<'a> },
     Remove { path: String },
 }
 
-/// A value in the patch: built for this pod, or rendered once ahead of time.
+/// A value in the patch: built for this pod, or rendered once ahead of time (borrowed from the
+/// settings, or owned when the pod's overrides needed a rendering of its own).
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
-pub enum PatchValue {
+pub enum PatchValue<'a> {
     Json(Value),
     Raw(Box<RawValue>),
+    Shared(&'a RawValue),
+    List(Vec<PatchValue<'a>>),
 }
 
-impl From<Value> for PatchValue {
+impl From<Value> for PatchValue<'_> {
     fn from(value: Value) -> Self {
         Self::Json(value)
-    }
-}
-
-impl From<Box<RawValue>> for PatchValue {
-    fn from(value: Box<RawValue>) -> Self {
-        Self::Raw(value)
     }
 }
 
@@ -92,8 +89,8 @@ impl InjectError {
 
 /// The patch for one pod, and warnings for the API client.
 #[derive(Debug, Clone)]
-pub struct Injection {
-    pub ops: Vec<PatchOp>,
+pub struct Injection<'a> {
+    pub ops: Vec<PatchOp<'a>>,
     pub warnings: Vec<String>,
 }
 
@@ -131,7 +128,13 @@ fn check_reserved(pod_containers: &[&Container], volumes: &[&str]) -> Result<(),
 }
 
 /// Adds `key: value` to the map at `map_pointer`, creating the map when the pod has none.
-fn add_to_map(ops: &mut Vec<PatchOp>, map_pointer: &str, exists: bool, key: &str, value: Value) {
+fn add_to_map(
+    ops: &mut Vec<PatchOp<'_>>,
+    map_pointer: &str,
+    exists: bool,
+    key: &str,
+    value: Value,
+) {
     if exists {
         ops.push(PatchOp::Add {
             path: format!("{map_pointer}/{}", pointer_token(key)),
@@ -148,39 +151,53 @@ fn add_to_map(ops: &mut Vec<PatchOp>, map_pointer: &str, exists: bool, key: &str
 }
 
 /// Inserts `items` at the front of the array at `pointer`, or creates it.
-fn insert_front(ops: &mut Vec<PatchOp>, pointer: &str, existing: usize, items: Vec<Box<RawValue>>) {
+fn insert_front<'a>(
+    ops: &mut Vec<PatchOp<'a>>,
+    pointer: &str,
+    existing: usize,
+    items: Vec<PatchValue<'a>>,
+) {
     if existing == 0 {
         ops.push(PatchOp::Add {
             path: pointer.to_owned(),
-            value: raw_array(&items).into(),
+            value: PatchValue::List(items),
         });
     } else {
         for (i, item) in items.into_iter().enumerate() {
             ops.push(PatchOp::Add {
                 path: format!("{pointer}/{i}"),
-                value: item.into(),
+                value: item,
             });
         }
     }
 }
 
-/// `[a, b, …]` of already-serialised values.
-fn raw_array(items: &[Box<RawValue>]) -> Box<RawValue> {
-    let mut text = String::from("[");
-    for (i, item) in items.iter().enumerate() {
-        if i > 0 {
-            text.push(',');
-        }
-        text.push_str(item.get());
-    }
-    text.push(']');
-    // Joining valid JSON values with commas inside brackets is valid JSON.
-    RawValue::from_string(text).unwrap_or_else(|_| crate::sidecar::raw(&Value::Array(Vec::new())))
+/// The objects rendered at start-up, borrowed.
+fn shared(rendered: &Prebuilt) -> [PatchValue<'_>; 4] {
+    [
+        PatchValue::Shared(&rendered.init),
+        PatchValue::Shared(&rendered.proxy),
+        PatchValue::Shared(&rendered.token_volume),
+        PatchValue::Shared(&rendered.trust_volume),
+    ]
+}
+
+/// Objects rendered for one pod's overrides.
+fn owned(rendered: Prebuilt) -> [PatchValue<'static>; 4] {
+    [
+        PatchValue::Raw(rendered.init),
+        PatchValue::Raw(rendered.proxy),
+        PatchValue::Raw(rendered.token_volume),
+        PatchValue::Raw(rendered.trust_volume),
+    ]
 }
 
 /// Builds the patch that injects `pod`. The caller has already decided that it should be
 /// injected (see `decision`).
-pub fn build_patch(pod: &Pod, settings: &InjectorSettings) -> Result<Injection, InjectError> {
+pub fn build_patch<'a>(
+    pod: &Pod,
+    settings: &'a InjectorSettings,
+) -> Result<Injection<'a>, InjectError> {
     let spec = pod.spec.as_ref().ok_or(InjectError::NoSpec)?;
     let (overrides, warnings) = parse_overrides(pod.metadata.annotations.as_ref())?;
     let resources = settings.resources(
@@ -215,15 +232,11 @@ pub fn build_patch(pod: &Pod, settings: &InjectorSettings) -> Result<Injection, 
     }
 
     // Pods without overrides (most) get the objects rendered at start-up.
-    let custom;
-    let prebuilt: &Prebuilt = if overrides == PodOverrides::default() {
-        &settings.prebuilt
+    let [init, proxy, token_volume, trust_volume] = if overrides == PodOverrides::default() {
+        shared(&settings.prebuilt)
     } else {
-        custom = Prebuilt::new(settings, &overrides, resources);
-        &custom
+        owned(Prebuilt::new(settings, &overrides, resources))
     };
-    let init = prebuilt.init.clone();
-    let proxy = prebuilt.proxy.clone();
     if settings.native_sidecar {
         insert_front(
             &mut ops,
@@ -245,17 +258,16 @@ pub fn build_patch(pod: &Pod, settings: &InjectorSettings) -> Result<Injection, 
             vec![proxy],
         );
     }
-    let new_volumes = [prebuilt.token_volume.clone(), prebuilt.trust_volume.clone()];
     if volumes.is_empty() {
         ops.push(PatchOp::Add {
             path: "/spec/volumes".into(),
-            value: raw_array(&new_volumes).into(),
+            value: PatchValue::List(vec![token_volume, trust_volume]),
         });
     } else {
-        for volume in new_volumes {
+        for volume in [token_volume, trust_volume] {
             ops.push(PatchOp::Add {
                 path: "/spec/volumes/-".into(),
-                value: volume.into(),
+                value: volume,
             });
         }
     }

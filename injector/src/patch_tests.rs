@@ -26,14 +26,21 @@ fn apply(pod: &Value, ops: &[PatchOp]) -> Value {
     doc
 }
 
-fn inject_with(pod: Value, settings: &InjectorSettings) -> (Value, Injection) {
+fn inject_with(pod: Value, settings: &InjectorSettings) -> (Value, Injection<'_>) {
     let typed: Pod = serde_json::from_value(pod.clone()).unwrap();
     let injection = build_patch(&typed, settings).unwrap();
     (apply(&pod, &injection.ops), injection)
 }
 
-fn inject(pod: Value) -> (Value, Injection) {
-    inject_with(pod, &settings())
+fn inject(pod: Value) -> (Value, Vec<Value>, Vec<String>) {
+    let settings = settings();
+    let (pod, injection) = inject_with(pod, &settings);
+    let ops = injection
+        .ops
+        .iter()
+        .map(|op| serde_json::to_value(op).unwrap())
+        .collect();
+    (pod, ops, injection.warnings)
 }
 
 fn names(list: &Value) -> Vec<&str> {
@@ -63,7 +70,7 @@ fn pointer_tokens_escape_tilde_then_slash() {
 
 #[test]
 fn minimal_pod_gets_everything_in_order() {
-    let (pod, injection) = inject(minimal());
+    let (pod, ops, _) = inject(minimal());
     assert_eq!(
         names(&pod["spec"]["initContainers"]),
         ["palisade-init", "palisade-proxy"]
@@ -81,8 +88,7 @@ fn minimal_pod_gets_everything_in_order() {
         pod["metadata"].get("annotations").is_none(),
         "no probes, no record"
     );
-    let paths: Vec<String> = injection
-        .ops
+    let paths: Vec<String> = ops
         .iter()
         .map(|op| {
             serde_json::to_value(op).unwrap()["path"]
@@ -99,7 +105,7 @@ fn minimal_pod_gets_everything_in_order() {
 
 #[test]
 fn proxy_security_context_is_locked_down() {
-    let (pod, _) = inject(minimal());
+    let (pod, _, _) = inject(minimal());
     let proxy = &pod["spec"]["initContainers"][1];
     assert_eq!(
         proxy["securityContext"],
@@ -118,7 +124,7 @@ fn proxy_goes_before_the_apps_own_init_containers() {
         {"name": "migrate", "image": "busybox"},
         {"name": "log-shipper", "image": "fluent", "restartPolicy": "Always"},
     ]);
-    let (pod, _) = inject(p);
+    let (pod, _, _) = inject(p);
     assert_eq!(
         names(&pod["spec"]["initContainers"]),
         ["palisade-init", "palisade-proxy", "migrate", "log-shipper"]
@@ -131,7 +137,7 @@ fn empty_lists_and_maps_are_filled_not_appended_to() {
     p["spec"]["initContainers"] = json!([]);
     p["spec"]["volumes"] = json!([]);
     p["metadata"]["labels"] = json!({});
-    let (pod, _) = inject(p);
+    let (pod, _, _) = inject(p);
     assert_eq!(
         names(&pod["spec"]["initContainers"]),
         ["palisade-init", "palisade-proxy"]
@@ -153,7 +159,7 @@ fn existing_volumes_stay_first() {
         .map(|i| json!({"name": format!("data-{i}"), "emptyDir": {}}))
         .collect();
     p["spec"]["volumes"] = Value::Array(volumes);
-    let (pod, _) = inject(p);
+    let (pod, _, _) = inject(p);
     let got = names(&pod["spec"]["volumes"]);
     assert_eq!(got.len(), 14);
     assert_eq!(got[0], "data-0");
@@ -167,13 +173,13 @@ fn odd_label_and_annotation_keys_survive_and_are_escaped() {
     p["metadata"]["labels"] = json!({"app.kubernetes.io/name": "web", "a~b": "c"});
     p["metadata"]["annotations"] = json!({"example.com/x~y": "z"});
     p["spec"]["containers"][0]["readinessProbe"] = json!({"tcpSocket": {"port": 80}});
-    let (pod, injection) = inject(p);
+    let (pod, ops, _) = inject(p);
     assert_eq!(
         pod["metadata"]["labels"],
         json!({"app.kubernetes.io/name": "web", "a~b": "c", "palisade.dev/injected": "true"})
     );
     assert_eq!(pod["metadata"]["annotations"]["example.com/x~y"], "z");
-    let text = serde_json::to_string(&injection.ops).unwrap();
+    let text = serde_json::to_string(&ops).unwrap();
     assert!(
         text.contains("\"/metadata/labels/palisade.dev~1injected\""),
         "{text}"
@@ -194,7 +200,7 @@ fn probes_of_every_kind_are_rewritten_and_recorded() {
          "startupProbe": {"grpc": {"port": 9090}}},
         {"name": "worker", "image": "w", "livenessProbe": {"exec": {"command": ["true"]}}},
     ]);
-    let (pod, _) = inject(p);
+    let (pod, _, _) = inject(p);
     let web = &pod["spec"]["containers"][0];
     assert_eq!(
         web["livenessProbe"],
@@ -237,7 +243,7 @@ fn probes_of_native_sidecars_are_rewritten_at_their_shifted_place() {
         {"name": "envoy", "image": "e", "restartPolicy": "Always",
          "readinessProbe": {"tcpSocket": {"port": 9901}}},
     ]);
-    let (pod, _) = inject(p);
+    let (pod, _, _) = inject(p);
     let envoy = &pod["spec"]["initContainers"][3];
     assert_eq!(envoy["name"], "envoy");
     assert_eq!(
@@ -279,7 +285,7 @@ fn annotations_set_resources_ports_and_log_level() {
         "palisade.dev/skip-outbound-cidrs": "169.254.169.254/32",
         "palisade.dev/log-level": "debug",
     });
-    let (pod, _) = inject(p);
+    let (pod, _, _) = inject(p);
     let init = &pod["spec"]["initContainers"][0];
     let proxy = &pod["spec"]["initContainers"][1];
     for c in [init, proxy] {
@@ -350,8 +356,8 @@ fn reserved_names_and_ports_are_refused() {
 fn unknown_palisade_annotations_warn_but_inject() {
     let mut p = minimal();
     p["metadata"]["annotations"] = json!({"palisade.dev/proxy-cpu-limt": "1"});
-    let (_, injection) = inject(p);
-    assert_eq!(injection.warnings.len(), 1);
+    let (_, _, warnings) = inject(p);
+    assert_eq!(warnings.len(), 1);
 }
 
 #[test]

@@ -98,7 +98,7 @@ pub fn app_health_path(container: &str, kind: &str) -> String {
 pub fn rewrite_probes(
     container: &Container,
     pointer: &str,
-    ops: &mut Vec<PatchOp>,
+    ops: &mut Vec<PatchOp<'_>>,
     records: &mut BTreeMap<String, Value>,
 ) -> Result<(), ProbeError> {
     for (field, kind) in PROBE_KINDS {
@@ -152,7 +152,9 @@ mod tests {
         serde_json::from_value(value).unwrap()
     }
 
-    fn rewrite(c: &Container) -> Result<(Vec<PatchOp>, BTreeMap<String, Value>), ProbeError> {
+    fn rewrite(
+        c: &Container,
+    ) -> Result<(Vec<PatchOp<'static>>, BTreeMap<String, Value>), ProbeError> {
         let mut ops = Vec::new();
         let mut records = BTreeMap::new();
         rewrite_probes(c, "/spec/containers/1", &mut ops, &mut records)?;

@@ -1,7 +1,6 @@
 //! One AdmissionReview in, one out: parsing, the decision, the patch and the response body.
 //! No I/O, so every path is tested without sockets; the server only moves bytes.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -147,28 +146,16 @@ struct RequestHead<'a> {
     object: Option<&'a RawValue>,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ResponseReview<'a> {
-    api_version: &'static str,
-    kind: &'static str,
-    response: Response<'a>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
+/// The response fields that vary; the envelope is fixed.
 struct Response<'a> {
     uid: &'a str,
     allowed: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<Status>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// The JSON patch, base64-encoded into the body.
+    patch: Option<Vec<u8>>,
     warnings: Vec<String>,
-    audit_annotations: BTreeMap<&'static str, String>,
+    /// The `decision` audit annotation.
+    decision: String,
 }
 
 #[derive(Serialize)]
@@ -179,14 +166,49 @@ struct Status {
     message: String,
 }
 
-fn respond(response: Response<'_>) -> Vec<u8> {
-    let review = ResponseReview {
-        api_version: META_API_VERSION_V1,
-        kind: META_KIND,
-        response,
-    };
-    // Serialising plain strings, maps and numbers cannot fail.
-    serde_json::to_vec(&review).unwrap_or_default()
+/// Writes the AdmissionReview response by hand: the patch is several kilobytes of base64,
+/// which needs no escaping, and running it through a JSON string serialiser was a tenth of
+/// a review's CPU time. Every other string goes through serde_json.
+fn respond(r: Response<'_>) -> Vec<u8> {
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let patch_len = r
+        .patch
+        .as_ref()
+        .and_then(|p| base64::encoded_len(p.len(), true))
+        .unwrap_or(0);
+    let mut out = Vec::with_capacity(256 + patch_len);
+    out.extend_from_slice(b"{\"apiVersion\":\"");
+    out.extend_from_slice(META_API_VERSION_V1.as_bytes());
+    out.extend_from_slice(b"\",\"kind\":\"");
+    out.extend_from_slice(META_KIND.as_bytes());
+    out.extend_from_slice(b"\",\"response\":{\"uid\":");
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, r.uid);
+    out.extend_from_slice(if r.allowed {
+        b",\"allowed\":true"
+    } else {
+        b",\"allowed\":false"
+    });
+    if let Some(status) = &r.status {
+        out.extend_from_slice(b",\"status\":");
+        let _ = serde_json::to_writer(&mut out, status);
+    }
+    if let Some(patch) = &r.patch {
+        out.extend_from_slice(b",\"patch\":\"");
+        let start = out.len();
+        out.resize(start + patch_len, 0);
+        let written = engine.encode_slice(patch, &mut out[start..]).unwrap_or(0);
+        out.truncate(start + written);
+        out.extend_from_slice(b"\",\"patchType\":\"JSONPatch\"");
+    }
+    if !r.warnings.is_empty() {
+        out.extend_from_slice(b",\"warnings\":");
+        let _ = serde_json::to_writer(&mut out, &r.warnings);
+    }
+    out.extend_from_slice(b",\"auditAnnotations\":{\"decision\":");
+    let _ = serde_json::to_writer(&mut out, &r.decision);
+    out.extend_from_slice(b"}}}");
+    out
 }
 
 fn allowed(uid: &str, decision: String) -> Response<'_> {
@@ -195,9 +217,8 @@ fn allowed(uid: &str, decision: String) -> Response<'_> {
         allowed: true,
         status: None,
         patch: None,
-        patch_type: None,
         warnings: Vec::new(),
-        audit_annotations: BTreeMap::from([("decision", decision)]),
+        decision,
     }
 }
 
@@ -257,12 +278,8 @@ pub fn review(body: &[u8], settings: &InjectorSettings) -> Result<ReviewOutcome,
                 message: message.clone(),
             }),
             patch: None,
-            patch_type: None,
             warnings: Vec::new(),
-            audit_annotations: BTreeMap::from([(
-                "decision",
-                format!("denied: {}", reason.as_str()),
-            )]),
+            decision: format!("denied: {}", reason.as_str()),
         }),
         verdict: Verdict::Denied(reason),
         subject,
@@ -280,18 +297,16 @@ pub fn review(body: &[u8], settings: &InjectorSettings) -> Result<ReviewOutcome,
         Ok(injection) => injection,
         Err(e) => return Ok(deny(DenyReason::of(&e), e.to_string(), subject)),
     };
-    let patch_json = serde_json::to_vec(&injection.ops).unwrap_or_default();
-    let patch = base64::engine::general_purpose::STANDARD.encode(patch_json);
-    let patch_build = started.elapsed();
+    let patch = serde_json::to_vec(&injection.ops).unwrap_or_default();
     let body = respond(Response {
         uid,
         allowed: true,
         status: None,
         patch: Some(patch),
-        patch_type: Some("JSONPatch"),
         warnings: injection.warnings,
-        audit_annotations: BTreeMap::from([("decision", "injected".to_owned())]),
+        decision: "injected".to_owned(),
     });
+    let patch_build = started.elapsed();
     Ok(ReviewOutcome {
         body,
         verdict: Verdict::Injected,

@@ -265,3 +265,28 @@ fn no_prefix_or_byte_flip_of_a_review_panics() {
         }
     }
 }
+
+#[test]
+fn response_strings_are_escaped_and_warnings_passed_on() {
+    let mut input = review_of(pod(), "CREATE", pod_kind());
+    input["request"]["uid"] = json!("odd \"uid\" \\ ünï\n");
+    input["request"]["object"]["metadata"]["annotations"] = json!({"palisade.dev/typo": "x"});
+    let (body, outcome) = answer(&input);
+    assert_eq!(outcome.verdict, Verdict::Injected);
+    assert_eq!(body["response"]["uid"], "odd \"uid\" \\ ünï\n");
+    let warnings = body["response"]["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1);
+    assert!(warnings[0].as_str().unwrap().contains("palisade.dev/typo"));
+    let keys: Vec<&String> = body["response"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "allowed",
+            "auditAnnotations",
+            "patch",
+            "patchType",
+            "uid",
+            "warnings"
+        ]
+    );
+}
