@@ -172,13 +172,12 @@ fn admit(dp: &DataPath, peer: SocketAddr, port: u16, caller: Caller<'_>) -> bool
     verdict.allowed
 }
 
-fn finish(dp: &DataPath, result: Result<(u64, u64), crate::relay::RelayError>) {
-    match result {
-        Ok((up, down)) => {
-            dp.metrics.bytes(Direction::Inbound, "to_upstream", up);
-            dp.metrics.bytes(Direction::Inbound, "to_downstream", down);
-        }
-        Err(e) => tracing::debug!(error = %e, "inbound connection ended"),
+fn finish(dp: &DataPath, relayed: crate::relay::Relayed) {
+    let crate::relay::Relayed { up, down, result } = relayed;
+    dp.metrics.bytes(Direction::Inbound, "to_upstream", up);
+    dp.metrics.bytes(Direction::Inbound, "to_downstream", down);
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "inbound connection ended");
     }
 }
 

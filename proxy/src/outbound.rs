@@ -147,13 +147,12 @@ pub async fn handle(
     let _ = peer;
 }
 
-fn finish(dp: &DataPath, result: Result<(u64, u64), crate::relay::RelayError>, dst: SocketAddr) {
-    match result {
-        Ok((up, down)) => {
-            dp.metrics.bytes(Direction::Outbound, "to_upstream", up);
-            dp.metrics.bytes(Direction::Outbound, "to_downstream", down);
-        }
-        Err(e) => tracing::debug!(dst = %dst, error = %e, "outbound connection ended"),
+fn finish(dp: &DataPath, relayed: crate::relay::Relayed, dst: SocketAddr) {
+    let crate::relay::Relayed { up, down, result } = relayed;
+    dp.metrics.bytes(Direction::Outbound, "to_upstream", up);
+    dp.metrics.bytes(Direction::Outbound, "to_downstream", down);
+    if let Err(e) = result {
+        tracing::debug!(dst = %dst, error = %e, "outbound connection ended");
     }
 }
 

@@ -11,9 +11,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// Buffer per direction: bounded, and small enough for many idle connections (two per
-/// connection; 8 KiB keeps an idle connection under the 30 KiB budget, see docs/proxy.md).
-const BUFFER: usize = 8 * 1024;
+/// Each direction starts with a small buffer, so that idle connections cost little, and moves
+/// to a large one after a few reads that fill it (bulk transfers); both are bounded.
+const SMALL_BUFFER: usize = 1024;
+const LARGE_BUFFER: usize = 16 * 1024;
+/// Consecutive full reads before the buffer grows.
+const FULL_READS_TO_GROW: u32 = 3;
 
 /// Bytes moved and when the last one moved, shared by both directions.
 #[derive(Debug)]
@@ -21,6 +24,10 @@ struct Activity {
     start: Instant,
     last_ms: AtomicU64,
 }
+
+/// Bytes read from one side.
+#[derive(Debug, Default)]
+struct Count(AtomicU64);
 
 impl Activity {
     fn touch(&self) {
@@ -33,10 +40,11 @@ impl Activity {
     }
 }
 
-/// Wraps a stream to record activity on every read and write.
+/// Wraps a stream to record activity on every read and write, and count what it reads.
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    read: Count,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
@@ -47,8 +55,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
             self.activity.touch();
+            self.read.0.fetch_add(n as u64, Ordering::Relaxed);
         }
         r
     }
@@ -74,6 +84,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 }
 
+/// How a relay ended: bytes each way (counted even when it failed) and why it stopped.
+#[derive(Debug)]
+pub struct Relayed {
+    /// From the downstream (accepted) side to the upstream.
+    pub up: u64,
+    /// Back to the downstream side.
+    pub down: u64,
+    pub result: Result<(), RelayError>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("idle for {0:?}: closed")]
@@ -83,13 +103,8 @@ pub enum RelayError {
 }
 
 /// Moves bytes both ways until both sides are done, one fails, or nothing moves for `idle`.
-/// Returns (bytes from `downstream` to `upstream`, bytes back). Both streams are dropped,
-/// and so closed, when this returns.
-pub async fn relay<A, B>(
-    downstream: A,
-    upstream: B,
-    idle: Duration,
-) -> Result<(u64, u64), RelayError>
+/// Both streams are dropped, and so closed, when this returns.
+pub async fn relay<A, B>(downstream: A, upstream: B, idle: Duration) -> Relayed
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -101,22 +116,173 @@ where
     let mut a = Tracked {
         inner: downstream,
         activity: activity.clone(),
+        read: Count::default(),
     };
     let mut b = Tracked {
         inner: upstream,
         activity: activity.clone(),
+        read: Count::default(),
     };
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUFFER, BUFFER);
-    tokio::pin!(copy);
-    loop {
-        let wait = idle.saturating_sub(activity.idle_for());
-        tokio::select! {
-            result = &mut copy => return result.map_err(RelayError::Io),
-            _ = tokio::time::sleep(wait) => {
-                if activity.idle_for() >= idle {
-                    return Err(RelayError::Idle(idle));
+    let result = {
+        let copy = copy_both_ways(&mut a, &mut b);
+        tokio::pin!(copy);
+        loop {
+            let wait = idle.saturating_sub(activity.idle_for());
+            tokio::select! {
+                result = &mut copy => break result.map_err(RelayError::Io),
+                _ = tokio::time::sleep(wait) => {
+                    if activity.idle_for() >= idle {
+                        break Err(RelayError::Idle(idle));
+                    }
                 }
             }
         }
+    };
+    Relayed {
+        up: a.read.0.load(Ordering::Relaxed),
+        down: b.read.0.load(Ordering::Relaxed),
+        result,
+    }
+}
+
+/// One direction of a relay: read into the buffer, write it all out, pass EOF on as a
+/// half-close.
+#[derive(Debug, Default)]
+struct Half {
+    buf: Vec<u8>,
+    pos: usize,
+    filled: usize,
+    full_reads: u32,
+    read_done: bool,
+    done: bool,
+}
+
+impl Half {
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.pos == self.filled && !self.read_done {
+                if self.buf.is_empty() {
+                    self.buf = vec![0; SMALL_BUFFER];
+                }
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                    Poll::Pending => {
+                        // Nothing to read: make sure what was written reaches the peer.
+                        std::task::ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        self.pos = 0;
+                        self.filled = n;
+                        if n == 0 {
+                            self.read_done = true;
+                        } else if n == self.buf.len() && self.buf.len() < LARGE_BUFFER {
+                            self.full_reads += 1;
+                            if self.full_reads >= FULL_READS_TO_GROW {
+                                let mut large = vec![0; LARGE_BUFFER];
+                                large[..n].copy_from_slice(&self.buf[..n]);
+                                self.buf = large;
+                            }
+                        } else {
+                            self.full_reads = 0;
+                        }
+                    }
+                }
+            }
+            while self.pos < self.filled {
+                let n = std::task::ready!(
+                    Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.filled])
+                )?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+            }
+            if self.read_done && self.pos == self.filled {
+                std::task::ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.done = true;
+                self.buf = Vec::new();
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Copies both ways until both directions have seen EOF (each passed on as a half-close), or
+/// either fails.
+async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut a_to_b = Half::default();
+    let mut b_to_a = Half::default();
+    std::future::poll_fn(|cx| {
+        if !a_to_b.done
+            && let Poll::Ready(Err(e)) = a_to_b.poll_copy(cx, a, b)
+        {
+            return Poll::Ready(Err(e));
+        }
+        if !b_to_a.done
+            && let Poll::Ready(Err(e)) = b_to_a.poll_copy(cx, b, a)
+        {
+            return Poll::Ready(Err(e));
+        }
+        if a_to_b.done && b_to_a.done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn bulk_grows_the_buffer_and_half_close_passes_both_ways() {
+        let (mut client, proxy_down) = tokio::io::duplex(64 * 1024);
+        let (proxy_up, mut server) = tokio::io::duplex(64 * 1024);
+        let relay = tokio::spawn(relay(proxy_down, proxy_up, Duration::from_secs(30)));
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, data);
+        server.write_all(b"done").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"done");
+        let r = relay.await.unwrap();
+        assert!(r.result.is_ok());
+        assert_eq!((r.up, r.down), (300_000, 4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_moving_for_the_idle_timeout_ends_the_relay() {
+        let (_client, proxy_down) = tokio::io::duplex(1024);
+        let (proxy_up, _server) = tokio::io::duplex(1024);
+        let r = relay(proxy_down, proxy_up, Duration::from_secs(5)).await;
+        assert!(matches!(r.result, Err(RelayError::Idle(_))));
     }
 }
