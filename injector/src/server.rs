@@ -172,19 +172,28 @@ async fn accept_webhook(
         };
         let acceptor = acceptor.clone();
         let state = state.clone();
+        let shutdown = shutdown.clone();
         connections.spawn(async move {
-            serve_webhook_connection(stream, peer, acceptor, state).await;
+            serve_webhook_connection(stream, peer, acceptor, state, shutdown).await;
             drop(permit);
         });
     }
+    // Reviews in flight get a moment to finish (the API server would otherwise see a reset and
+    // fail the pod's creation); connections still open after that are cut.
+    let drain = async { while connections.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), drain).await;
     connections.shutdown().await;
 }
+
+/// How long open webhook connections may take to finish their requests on shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 async fn serve_webhook_connection(
     stream: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
@@ -202,10 +211,21 @@ async fn serve_webhook_connection(
         let state = state.clone();
         async move { Ok::<_, Infallible>(handle_webhook(req, &state).await) }
     });
-    if let Err(e) = http_builder()
-        .serve_connection(TokioIo::new(tls), service)
-        .await
-    {
+    let builder = http_builder();
+    let connection = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = shutdown.changed() => {
+            // Finish the request in flight, then close; idle connections close at once.
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(SHUTDOWN_GRACE, connection).await {
+                Ok(result) => result,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(peer.ip = %peer.ip(), error = %e, "webhook connection ended with an error");
     }
 }

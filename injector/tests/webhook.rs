@@ -187,3 +187,63 @@ async fn start_fails_with_a_message_naming_the_bad_file() {
         .unwrap();
     assert!(err.to_string().contains("absent.crt"), "{err}");
 }
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_without_waiting_out_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let bound = palisade_injector::start(serve_config(write_leaf(dir.path(), &pki.leaf())))
+        .await
+        .unwrap();
+    let mut client = Client::connect(bound.webhook_addr, &tls_connector(&pki.ca_der)).await;
+    let (status, _) = client
+        .post(serde_json::to_vec(&pod_review("u")).unwrap())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let started = Instant::now();
+    bound.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?} with one idle keep-alive connection",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_review_in_flight_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let bound = palisade_injector::start(serve_config(write_leaf(dir.path(), &pki.leaf())))
+        .await
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(bound.webhook_addr)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tls_connector(&pki.ca_der).connect(name, tcp).await.unwrap();
+    let body = serde_json::to_vec(&pod_review("in-flight")).unwrap();
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(&body[..100]).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Shutdown starts while the API server is still sending the review.
+    let shutdown = tokio::spawn(bound.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tls.write_all(&body[100..]).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"uid\":\"in-flight\""), "{answer}");
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("shutdown finishes")
+        .unwrap();
+}
