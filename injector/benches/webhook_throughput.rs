@@ -6,6 +6,9 @@
 //!
 //! PALISADE_BENCH_REVIEWS (default 40000) and PALISADE_BENCH_CONNECTIONS (default 4) change
 //! the load. Target on the 2-core reference machine: >= 5000 reviews/s and p99 <= 2 ms.
+//! Client and server share the machine's two cores, so other processes' load shows up in the
+//! tail: on a busy machine, `chrt -f 10 target/release/deps/webhook_throughput-* --bench`
+//! keeps them from preempting the run (docs/injector.md, "Performance").
 
 #[path = "../tests/support/mod.rs"]
 mod support;
