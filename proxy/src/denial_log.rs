@@ -94,12 +94,19 @@ impl DenialLog {
         let Some(suppressed) = self.limiter.admit() else {
             return false;
         };
-        let json = serde_json::to_string(event).unwrap_or_default();
+        // One event, its fields structured (the JSON log format renders them as JSON keys).
         tracing::warn!(
             target: "palisade::policy",
-            event = %json,
+            result = event.result,
+            caller = %event.caller,
+            caller_address = %event.caller_address,
+            target_workload = %event.target,
+            port = event.port,
+            policy = %event.policy,
+            reason = event.reason,
             suppressed_since_last = suppressed,
-            "connection {}", if event.result == "deny" { "denied" } else { "would be denied (audit)" }
+            "connection {}",
+            if event.result == "deny" { "denied" } else { "would be denied (audit)" }
         );
         true
     }

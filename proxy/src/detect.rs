@@ -123,7 +123,8 @@ impl<'a> Reader<'a> {
 /// window, or an unfinished ClientHello, make a plaintext caller.
 pub async fn sniff(stream: &TcpStream, window: Duration) -> std::io::Result<Sniff> {
     let deadline = tokio::time::Instant::now() + window;
-    let mut buf = vec![0u8; MAX_PEEK];
+    // A ClientHello is usually well under 2 KiB; grow only when the record says so.
+    let mut buf = vec![0u8; 2048];
     let mut seen = 0usize;
     loop {
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
@@ -138,6 +139,10 @@ pub async fn sniff(stream: &TcpStream, window: Duration) -> std::io::Result<Snif
             Sniff::NeedMore => {
                 if n >= MAX_PEEK {
                     return Ok(Sniff::Plaintext("not_tls"));
+                }
+                if n == buf.len() && n >= 5 {
+                    let record = 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize;
+                    buf.resize(record.clamp(n + 1, MAX_PEEK), 0);
                 }
                 if n == seen {
                     // Peek returns at once while bytes are buffered: wait a little for more.

@@ -13,10 +13,10 @@ use tokio::time::Instant;
 
 /// Each direction starts with a small buffer, so that idle connections cost little, and moves
 /// to a large one after a few reads that fill it (bulk transfers); both are bounded.
-const SMALL_BUFFER: usize = 1024;
+const SMALL_BUFFER: usize = 2 * 1024;
 const LARGE_BUFFER: usize = 16 * 1024;
 /// Consecutive full reads before the buffer grows.
-const FULL_READS_TO_GROW: u32 = 3;
+const FULL_READS_TO_GROW: u32 = 2;
 
 /// Bytes moved and when the last one moved, shared by both directions.
 #[derive(Debug)]

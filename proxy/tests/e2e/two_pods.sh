@@ -100,7 +100,8 @@ fi
 if ip netns exec $br curl -sf --max-time 3 http://10.77.50.3:8080/hello.txt >/dev/null 2>&1; then
   fail "a plaintext caller got through"
 fi
-grep -q '"result":"deny"' "$work/api-proxy.log" || grep -q 'result\\":\\"deny' "$work/api-proxy.log" || fail "no denial logged"
+grep '"result":"deny"' "$work/api-proxy.log" | grep '"caller":"unauthenticated"' | grep -q '"target_workload":"shop/api"' \
+  || fail "no structured denial event logged"
 echo "ok: plaintext caller denied and logged"
 
 # 3. Continuous traffic across certificate rotations (2m certificates renew every 12-48 s).
