@@ -197,8 +197,14 @@ fn respond(r: Response<'_>) -> Vec<u8> {
         out.extend_from_slice(b",\"patch\":\"");
         let start = out.len();
         out.resize(start + patch_len, 0);
-        let written = engine.encode_slice(patch, &mut out[start..]).unwrap_or(0);
-        out.truncate(start + written);
+        match engine.encode_slice(patch, &mut out[start..]) {
+            Ok(written) => out.truncate(start + written),
+            Err(_) => {
+                // Only if the length computed above were wrong: encode the slow way.
+                out.truncate(start);
+                out.extend_from_slice(engine.encode(patch).as_bytes());
+            }
+        }
         out.extend_from_slice(b"\",\"patchType\":\"JSONPatch\"");
     }
     if !r.warnings.is_empty() {
