@@ -41,6 +41,11 @@ fn answer(ca: &Ca, path: &str) -> Response<Full<Bytes>> {
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting down\n".to_owned(),
         ),
+        "/ready" if !*ca.ready.borrow() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first full sync of the Kubernetes watches (pods, namespaces, meshpolicies)\n"
+                .to_owned(),
+        ),
         "/ready" => (StatusCode::OK, "ready\n".to_owned()),
         "/metrics" => (
             StatusCode::OK,

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use palisade_ca_api::policy::DefaultPolicy;
 use palisade_ca_api::spiffe::{validate_namespace, validate_trust_domain};
 use palisade_ca_api::wire::{MAX_TTL_SECONDS, MIN_TTL_SECONDS};
 
@@ -42,6 +43,9 @@ pub struct ServeConfig {
     pub rate_limit_burst: u32,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// With `--source kube`: the policy of namespaces without `palisade.dev/default-policy`.
+    /// (The file source takes it from the mesh file.)
+    pub default_policy: DefaultPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +79,7 @@ impl ServeConfig {
             rate_limit_per_identity: 10,
             rate_limit_burst: 20,
             shutdown_grace: Duration::from_secs(10),
+            default_policy: DefaultPolicy::AllAuthenticated,
         }
     }
 
@@ -99,16 +104,6 @@ impl ServeConfig {
                     "{} is outside 5m..24h (use e.g. 1h)",
                     format_duration(self.cert_ttl)
                 ),
-            ));
-        }
-        if self.source == MeshSource::Kube || self.auth == AuthMode::Kube {
-            return Err(invalid(
-                if self.source == MeshSource::Kube {
-                    "--source"
-                } else {
-                    "--auth"
-                },
-                "Kubernetes mode (kube) is not part of this build yet: use --source file --mesh-file FILE with --auth local or jwks",
             ));
         }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
@@ -170,7 +165,7 @@ mod tests {
     }
 
     #[test]
-    fn ttl_bounds_and_kube_mode_are_checked() {
+    fn ttl_bounds_are_checked_and_kube_mode_accepted() {
         let mut c = ServeConfig::embedded("/tmp/x".into(), "/tmp/m".into());
         assert!(c.validate().is_ok());
         c.cert_ttl = Duration::from_secs(60);
@@ -181,6 +176,7 @@ mod tests {
         assert!(c.validate().is_err());
         c.cert_ttl = Duration::from_secs(3600);
         c.source = MeshSource::Kube;
-        assert!(c.validate().unwrap_err().to_string().contains("--source"));
+        c.auth = AuthMode::Kube;
+        assert!(c.validate().is_ok());
     }
 }

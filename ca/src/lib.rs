@@ -11,6 +11,7 @@ pub mod authority;
 pub mod config;
 pub mod csr;
 pub mod keys;
+pub mod kube;
 pub mod mesh;
 pub mod metrics;
 pub mod ratelimit;

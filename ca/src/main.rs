@@ -33,6 +33,8 @@ enum Command {
         #[arg(long, env = "PALISADE_STATE_DIR")]
         state_dir: PathBuf,
     },
+    /// Print the MeshPolicy CustomResourceDefinition (YAML), as charts/palisade/crds/ holds it.
+    Crd,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -65,6 +67,10 @@ struct ServeArgs {
     /// The mesh file (with --source file); reloaded when it changes.
     #[arg(long, env = "PALISADE_MESH_FILE", required_if_eq("source", "file"))]
     mesh_file: Option<PathBuf>,
+    /// With --source kube: the policy of namespaces without the palisade.dev/default-policy
+    /// annotation (deny, all-authenticated or all). The file source reads it from the mesh file.
+    #[arg(long, env = "PALISADE_DEFAULT_POLICY", default_value = "all-authenticated", value_parser = ["deny", "all-authenticated", "all"])]
+    default_policy: String,
     /// How service-account tokens are checked.
     #[arg(long, env = "PALISADE_AUTH", value_enum, default_value = "local")]
     auth: AuthArg,
@@ -224,6 +230,10 @@ fn serve_config(a: ServeArgs) -> anyhow::Result<ServeConfig> {
     config.extra_trust_roots = a.extra_trust_roots;
     config.rate_limit_per_identity = a.rate_limit;
     config.rate_limit_burst = a.rate_limit_burst;
+    config.default_policy = a
+        .default_policy
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--default-policy: {e}"))?;
     Ok(config)
 }
 
@@ -266,6 +276,10 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .map_err(anyhow::Error::msg)?;
             println!("{token}");
+            Ok(())
+        }
+        Command::Crd => {
+            print!("{}", palisade_ca::kube::crd::crd_yaml());
             Ok(())
         }
         Command::Bundle { state_dir } => {

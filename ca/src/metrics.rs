@@ -22,6 +22,7 @@ pub struct Metrics {
     mesh_reloads_failed: AtomicU64,
     mesh_last_reload_ok: AtomicI64,
     watch_streams: AtomicI64,
+    kube_watch_errors: Mutex<BTreeMap<&'static str, u64>>,
     intermediate_not_after: AtomicI64,
 }
 
@@ -69,6 +70,16 @@ impl Metrics {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         self.mesh_last_reload_ok.store(ok as i64, Ordering::Relaxed);
+    }
+
+    /// A Kubernetes watch of `kind` failed (it is retried with backoff).
+    pub fn kube_watch_error(&self, kind: &'static str) {
+        *self
+            .kube_watch_errors
+            .lock()
+            .expect("metrics lock")
+            .entry(kind)
+            .or_default() += 1;
     }
 
     pub fn watch_opened(&self) {
@@ -168,6 +179,17 @@ impl Metrics {
             "palisade_ca_watch_streams {}",
             self.watch_streams.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP palisade_ca_kube_watch_errors_total Failed Kubernetes watches (retried with backoff; the last good state is kept), by kind."
+        );
+        let _ = writeln!(out, "# TYPE palisade_ca_kube_watch_errors_total counter");
+        for (kind, n) in self.kube_watch_errors.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "palisade_ca_kube_watch_errors_total{{kind=\"{kind}\"}} {n}"
+            );
+        }
         out
     }
 }

@@ -26,12 +26,15 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::Authenticator;
 use crate::auth::jwks::JwksAuthenticator;
+use crate::auth::kube::KubeAuthenticator;
 use crate::auth::local::{LocalAuthenticator, LocalIssuer};
 use crate::authority::Authority;
 use crate::config::{AuthMode, ConfigError, MeshSource, ServeConfig};
-use crate::keys::{KeyError, load_or_create};
-use crate::mesh::MeshPublisher;
+use crate::keys::{KeyError, KeySource, load_or_create};
+use crate::kube::secret_keys::{SecretKeyError, load_or_create_in_secret};
+use crate::kube::{WatchSettings, spawn_watches};
 use crate::mesh::file::{MeshFileError, load_mesh_file, reload_loop};
+use crate::mesh::{MeshPublisher, MeshState};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::tls_server::OptionalClientAuth;
@@ -49,6 +52,12 @@ pub enum StartError {
     Keys(#[from] KeyError),
     #[error(transparent)]
     Mesh(#[from] MeshFileError),
+    #[error(transparent)]
+    SecretKeys(#[from] SecretKeyError),
+    #[error(
+        "cannot reach the Kubernetes API: {0} (in a pod, is the service-account token mounted? outside, is KUBECONFIG set?)"
+    )]
+    KubeClient(String),
     #[error("--auth jwks: {0}")]
     Jwks(String),
     #[error("--extra-trust-roots {0}: {1}")]
@@ -69,6 +78,8 @@ pub struct Ca {
     pub limiter: RateLimiter,
     pub roots: Arc<RootCertStore>,
     pub shutdown: watch::Receiver<bool>,
+    /// False until the mesh source has its first complete state (the Kubernetes watches).
+    pub ready: watch::Receiver<bool>,
 }
 
 /// A started CA: its addresses, and the handle to stop it.
@@ -89,9 +100,41 @@ impl Running {
 }
 
 pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
+    start_with_kube_client(config, None).await
+}
+
+/// [`start`], with the Kubernetes client given (tests pass a mock); `None` makes one from the
+/// pod's service account or KUBECONFIG when kube mode needs it.
+pub async fn start_with_kube_client(
+    config: ServeConfig,
+    kube_client: Option<::kube::Client>,
+) -> Result<Running, StartError> {
     config.validate()?;
     let now = time::OffsetDateTime::now_utc();
-    let material = load_or_create(&config.state_dir, &config.keys, &config.trust_domain, now)?;
+    let needs_kube = config.source == MeshSource::Kube || config.auth == AuthMode::Kube;
+    let kube_client = match (needs_kube, kube_client) {
+        (false, _) => None,
+        (true, Some(client)) => Some(client),
+        (true, None) => Some(
+            ::kube::Client::try_default()
+                .await
+                .map_err(|e| StartError::KubeClient(e.to_string()))?,
+        ),
+    };
+    let material = match (&kube_client, &config.source, &config.keys) {
+        // In a cluster the generated root lives in a Secret, shared by replicas and restarts.
+        (Some(client), MeshSource::Kube, KeySource::Generated) => {
+            load_or_create_in_secret(
+                client,
+                &config.namespace,
+                &config.state_dir,
+                &config.trust_domain,
+                now,
+            )
+            .await?
+        }
+        _ => load_or_create(&config.state_dir, &config.keys, &config.trust_domain, now)?,
+    };
     let extra_roots = match &config.extra_trust_roots {
         None => Vec::new(),
         Some(path) => {
@@ -128,20 +171,53 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
             tasks.spawn(auth.clone().refresh_loop(shutdown_rx.clone()));
             auth
         }
-        AuthMode::Kube => unreachable!("validate() refuses kube mode in this build"),
+        AuthMode::Kube => Arc::new(KubeAuthenticator::new(
+            kube_client.clone().expect("made above for kube mode"),
+            palisade_ca_api::wire::TOKEN_AUDIENCE.into(),
+        )),
     };
 
-    let MeshSource::File(mesh_file) = &config.source else {
-        unreachable!("validate() refuses kube mode in this build")
+    let (publisher, ready) = match &config.source {
+        MeshSource::File(mesh_file) => {
+            let publisher = MeshPublisher::new(load_mesh_file(mesh_file, &config.trust_domain)?);
+            tasks.spawn(reload_loop(
+                mesh_file.clone(),
+                config.trust_domain.clone(),
+                publisher.clone(),
+                metrics.clone(),
+                shutdown_rx.clone(),
+            ));
+            (publisher, watch::channel(true).1)
+        }
+        MeshSource::Kube => {
+            let client = kube_client.clone().expect("made above for kube mode");
+            let publisher = MeshPublisher::new(MeshState::new(
+                config.trust_domain.clone(),
+                config.default_policy,
+                Default::default(),
+                Vec::new(),
+                Vec::new(),
+            ));
+            let outputs = spawn_watches(
+                client.clone(),
+                WatchSettings {
+                    trust_domain: config.trust_domain.clone(),
+                    default_policy: config.default_policy,
+                },
+                publisher.clone(),
+                metrics.clone(),
+                shutdown_rx.clone(),
+                &mut tasks,
+            );
+            tasks.spawn(crate::kube::anchors::distribute(
+                client,
+                crate::kube::anchors::bundle_text(authority.trust_bundle_pem()),
+                outputs.opted_in,
+                shutdown_rx.clone(),
+            ));
+            (publisher, outputs.ready)
+        }
     };
-    let publisher = MeshPublisher::new(load_mesh_file(mesh_file, &config.trust_domain)?);
-    tasks.spawn(reload_loop(
-        mesh_file.clone(),
-        config.trust_domain.clone(),
-        publisher.clone(),
-        metrics.clone(),
-        shutdown_rx.clone(),
-    ));
 
     let ca_id = SpiffeId::new(&config.trust_domain, &config.namespace, "palisade-ca")
         .map_err(|e| StartError::ServerCert(e.to_string()))?;
@@ -186,6 +262,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         metrics,
         roots,
         shutdown: shutdown_rx.clone(),
+        ready,
     });
     tasks.spawn(renew_server_cert(
         ca.clone(),

@@ -6,6 +6,7 @@ use palisade_ca_api::wire::ErrorCode;
 
 pub mod jwks;
 pub mod jwt;
+pub mod kube;
 pub mod local;
 
 /// The workload a valid token belongs to.

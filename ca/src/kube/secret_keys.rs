@@ -1,0 +1,250 @@
+//! The CA's generated root and intermediate kept in Secret `palisade-ca-keys` in the CA's own
+//! namespace, so every replica and every restart signs under the same root.
+//!
+//! Read at start; created when absent with a plain create, so that of two replicas starting at
+//! once one wins and the other gets 409 Conflict and re-reads the winner's Secret. An existing
+//! Secret is never replaced, except to renew its intermediate (logged, and only with its
+//! resourceVersion). The certificates are checked by the very code that checks a state
+//! directory ([`load_or_create`]), fed through a private staging directory that is removed again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
+use time::OffsetDateTime;
+
+use crate::keys::{
+    INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE, KeyError, KeyMaterial, KeySource,
+    ROOT_CERT_FILE, ROOT_KEY_FILE, load_or_create, write_private,
+};
+
+pub const SECRET_NAME: &str = "palisade-ca-keys";
+/// The Secret's keys: the same names as the files of a state directory.
+pub const SECRET_KEYS: [&str; 4] = [
+    ROOT_CERT_FILE,
+    ROOT_KEY_FILE,
+    INTERMEDIATE_CERT_FILE,
+    INTERMEDIATE_KEY_FILE,
+];
+const STAGING_DIR: &str = "kube-secret-staging";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretKeyError {
+    #[error(
+        "cannot {verb} Secret {namespace}/{SECRET_NAME}: {source} (the CA's Role must allow secrets get/create/update in its namespace)"
+    )]
+    Api {
+        verb: &'static str,
+        namespace: String,
+        source: kube::Error,
+    },
+    #[error(
+        "Secret {namespace}/{SECRET_NAME} is malformed: key {key}: {problem}. Restore the Secret from a backup; deleting it makes a new root that no running proxy trusts"
+    )]
+    Malformed {
+        namespace: String,
+        key: String,
+        problem: String,
+    },
+    #[error("Secret {namespace}/{SECRET_NAME}: {message}")]
+    Keys { namespace: String, message: String },
+    #[error("cannot use the staging directory {0}: {1} (is --state-dir writable?)")]
+    Staging(PathBuf, std::io::Error),
+    #[error(
+        "Secret {namespace}/{SECRET_NAME} changed under us {attempts} times in a row; is another CA rewriting it?"
+    )]
+    Contended { namespace: String, attempts: u32 },
+}
+
+impl SecretKeyError {
+    fn keys(namespace: &str, staging: &Path, error: KeyError) -> Self {
+        let prefix = format!("{}/", staging.display());
+        let message = error.to_string().replace(&prefix, "key ");
+        SecretKeyError::Keys {
+            namespace: namespace.into(),
+            message,
+        }
+    }
+}
+
+/// Loads the key material from the Secret, creating the Secret when it does not exist.
+pub async fn load_or_create_in_secret(
+    client: &kube::Client,
+    namespace: &str,
+    state_dir: &Path,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<KeyMaterial, SecretKeyError> {
+    let staging = state_dir.join(STAGING_DIR);
+    let result = load(client, namespace, &staging, trust_domain, now).await;
+    let _ = std::fs::remove_dir_all(&staging);
+    result
+}
+
+async fn load(
+    client: &kube::Client,
+    namespace: &str,
+    staging: &Path,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<KeyMaterial, SecretKeyError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let api_err = |verb, source| SecretKeyError::Api {
+        verb,
+        namespace: namespace.into(),
+        source,
+    };
+    const ATTEMPTS: u32 = 3;
+    for _ in 0..ATTEMPTS {
+        let existing = api
+            .get_opt(SECRET_NAME)
+            .await
+            .map_err(|e| api_err("get", e))?;
+        let Some(secret) = existing else {
+            let (material, files) = generate(namespace, staging, trust_domain, now)?;
+            match api
+                .create(&PostParams::default(), &new_secret(namespace, files))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(%namespace, secret = SECRET_NAME, "created a new root CA and stored it in the Secret");
+                    return Ok(material);
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    tracing::info!(%namespace, secret = SECRET_NAME, "another replica created the Secret first; using its root");
+                    continue;
+                }
+                Err(e) => return Err(api_err("create", e)),
+            }
+        };
+        let stored = stored_files(namespace, &secret)?;
+        let (material, files) = load_files(namespace, staging, &stored, trust_domain, now)?;
+        if files == stored {
+            return Ok(material);
+        }
+        // load_or_create issued a new intermediate (the stored one is near expiry): keep it,
+        // but only on top of the version we read.
+        let mut renewed = secret;
+        renewed.data = Some(to_data(files));
+        match api
+            .replace(SECRET_NAME, &PostParams::default(), &renewed)
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(%namespace, secret = SECRET_NAME, "renewed the intermediate in the Secret (same root)");
+                return Ok(material);
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(e) => return Err(api_err("update", e)),
+        }
+    }
+    Err(SecretKeyError::Contended {
+        namespace: namespace.into(),
+        attempts: ATTEMPTS,
+    })
+}
+
+type Files = BTreeMap<String, String>;
+
+fn stored_files(namespace: &str, secret: &Secret) -> Result<Files, SecretKeyError> {
+    let data = secret.data.clone().unwrap_or_default();
+    let malformed = |key: &str, problem: &str| SecretKeyError::Malformed {
+        namespace: namespace.into(),
+        key: key.into(),
+        problem: problem.into(),
+    };
+    let mut files = Files::new();
+    for key in SECRET_KEYS {
+        let value = data.get(key).ok_or_else(|| {
+            malformed(
+                key,
+                &format!("missing (the Secret must hold {})", SECRET_KEYS.join(", ")),
+            )
+        })?;
+        let text = String::from_utf8(value.0.clone())
+            .map_err(|_| malformed(key, "not UTF-8 text (PEM expected)"))?;
+        if !text.contains("-----BEGIN ") {
+            return Err(malformed(key, "not PEM"));
+        }
+        files.insert(key.to_owned(), text);
+    }
+    Ok(files)
+}
+
+fn reset_staging(staging: &Path) -> Result<(), SecretKeyError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let _ = std::fs::remove_dir_all(staging);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(staging)
+        .map_err(|e| SecretKeyError::Staging(staging.into(), e))
+}
+
+fn read_back(staging: &Path) -> Result<Files, SecretKeyError> {
+    SECRET_KEYS
+        .iter()
+        .map(|key| {
+            let path = staging.join(key);
+            std::fs::read_to_string(&path)
+                .map(|text| ((*key).to_owned(), text))
+                .map_err(|e| SecretKeyError::Staging(path, e))
+        })
+        .collect()
+}
+
+fn generate(
+    namespace: &str,
+    staging: &Path,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<(KeyMaterial, Files), SecretKeyError> {
+    reset_staging(staging)?;
+    let material = load_or_create(staging, &KeySource::Generated, trust_domain, now)
+        .map_err(|e| SecretKeyError::keys(namespace, staging, e))?;
+    Ok((material, read_back(staging)?))
+}
+
+fn load_files(
+    namespace: &str,
+    staging: &Path,
+    files: &Files,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<(KeyMaterial, Files), SecretKeyError> {
+    reset_staging(staging)?;
+    for (key, text) in files {
+        let path = staging.join(key);
+        write_private(&path, text.as_bytes())
+            .map_err(|e| SecretKeyError::keys(namespace, staging, e))?;
+    }
+    let material = load_or_create(staging, &KeySource::Generated, trust_domain, now)
+        .map_err(|e| SecretKeyError::keys(namespace, staging, e))?;
+    Ok((material, read_back(staging)?))
+}
+
+fn to_data(files: Files) -> BTreeMap<String, ByteString> {
+    files
+        .into_iter()
+        .map(|(k, v)| (k, ByteString(v.into_bytes())))
+        .collect()
+}
+
+fn new_secret(namespace: &str, files: Files) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(SECRET_NAME.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(BTreeMap::from([(
+                super::anchors::MANAGED_BY_LABEL.into(),
+                super::anchors::MANAGED_BY.into(),
+            )])),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(to_data(files)),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,270 @@
+//! Pure conversions from Kubernetes objects to control-plane state, and [`Tracked`]: one watched
+//! kind's objects, kept from watcher events so that a relist swaps in the new list only once it
+//! is complete and an error never empties it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::ResourceExt;
+use kube::runtime::watcher::Event;
+use palisade_ca_api::policy::{DefaultPolicy, NamedPolicy};
+
+use super::crd::MeshPolicy;
+use crate::mesh::{MeshState, Workload};
+
+pub const INJECTED_LABEL: &str = "palisade.dev/injected";
+pub const INJECT_LABEL: &str = "palisade.dev/inject";
+pub const DEFAULT_POLICY_ANNOTATION: &str = "palisade.dev/default-policy";
+
+/// The objects of one kind, by `(namespace, name)`, as converted values.
+#[derive(Debug)]
+pub struct Tracked<V> {
+    items: BTreeMap<(String, String), V>,
+    relisting: Option<BTreeMap<(String, String), V>>,
+    synced: bool,
+}
+
+impl<V> Default for Tracked<V> {
+    fn default() -> Self {
+        Tracked {
+            items: BTreeMap::new(),
+            relisting: None,
+            synced: false,
+        }
+    }
+}
+
+fn key_of<K: ResourceExt>(obj: &K) -> (String, String) {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+impl<V> Tracked<V> {
+    /// Applies one watcher event; true when the visible objects may have changed.
+    pub fn apply<K: ResourceExt>(
+        &mut self,
+        event: Event<K>,
+        convert: impl Fn(&K) -> Option<V>,
+    ) -> bool {
+        match event {
+            Event::Apply(obj) => {
+                let key = key_of(&obj);
+                match convert(&obj) {
+                    Some(v) => self.items.insert(key, v),
+                    None => self.items.remove(&key),
+                };
+                true
+            }
+            Event::Delete(obj) => {
+                self.items.remove(&key_of(&obj));
+                true
+            }
+            Event::Init => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(obj) => {
+                let value = convert(&obj);
+                if let (Some(list), Some(v)) = (self.relisting.as_mut(), value) {
+                    list.insert(key_of(&obj), v);
+                }
+                false
+            }
+            Event::InitDone => {
+                if let Some(list) = self.relisting.take() {
+                    self.items = list;
+                }
+                self.synced = true;
+                true
+            }
+        }
+    }
+
+    /// Whether a complete list has been seen at least once.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.items.values()
+    }
+}
+
+/// A meshed pod as a workload; `None` for pods that are gone (their IPs may be reused).
+pub fn workload_of(pod: &Pod) -> Option<Workload> {
+    if pod.labels().get(INJECTED_LABEL).map(String::as_str) != Some("true") {
+        return None;
+    }
+    let status = pod.status.as_ref();
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded") | Some("Failed")
+    ) {
+        return None;
+    }
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|list| list.iter().filter_map(|p| p.ip.parse().ok()).collect())
+        .unwrap_or_default();
+    if ips.is_empty()
+        && let Some(ip) = status
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok())
+    {
+        ips.push(ip);
+    }
+    Some(Workload {
+        name: pod.name_any(),
+        namespace: pod.namespace()?,
+        service_account: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
+        ips,
+        labels: pod.labels().clone(),
+    })
+}
+
+/// What the control plane reads from a namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub default_policy: Option<DefaultPolicy>,
+    /// Labelled `palisade.dev/inject=enabled`: gets the trust-anchor ConfigMap.
+    pub opted_in: bool,
+}
+
+pub fn namespace_info(ns: &Namespace) -> Option<NamespaceInfo> {
+    let name = ns.name_any();
+    let default_policy = match ns.annotations().get(DEFAULT_POLICY_ANNOTATION) {
+        None => None,
+        Some(text) => match text.parse() {
+            Ok(p) => Some(p),
+            Err(error) => {
+                tracing::warn!(namespace = %name, annotation = DEFAULT_POLICY_ANNOTATION, %error, "ignoring the annotation; the mesh default applies");
+                None
+            }
+        },
+    };
+    Some(NamespaceInfo {
+        opted_in: ns.labels().get(INJECT_LABEL).map(String::as_str) == Some("enabled"),
+        name,
+        default_policy,
+    })
+}
+
+/// A MeshPolicy the control plane can use; the same checks as the file source.
+pub fn policy_of(policy: &MeshPolicy) -> Option<NamedPolicy> {
+    let named = policy.to_named()?;
+    let problem = named.spec.target_selector.validate().err().or_else(|| {
+        named
+            .spec
+            .ports
+            .contains(&0)
+            .then(|| "port 0 is not a port".to_owned())
+    });
+    if let Some(problem) = problem {
+        tracing::warn!(policy = %format!("{}/{}", named.namespace, named.name), %problem, "ignoring MeshPolicy");
+        return None;
+    }
+    Some(named)
+}
+
+/// Everything the watches hold, as one state.
+#[derive(Debug, Default)]
+pub struct ClusterObjects {
+    pub pods: Tracked<Workload>,
+    pub namespaces: Tracked<NamespaceInfo>,
+    pub policies: Tracked<NamedPolicy>,
+}
+
+impl ClusterObjects {
+    pub fn synced(&self) -> bool {
+        self.pods.synced() && self.namespaces.synced() && self.policies.synced()
+    }
+
+    pub fn mesh_state(&self, trust_domain: &str, default_policy: DefaultPolicy) -> MeshState {
+        let namespace_defaults: HashMap<String, DefaultPolicy> = self
+            .namespaces
+            .values()
+            .filter_map(|n| n.default_policy.map(|p| (n.name.clone(), p)))
+            .collect();
+        MeshState::new(
+            trust_domain.to_owned(),
+            default_policy,
+            namespace_defaults,
+            self.pods.values().cloned().collect(),
+            self.policies.values().cloned().collect(),
+        )
+    }
+
+    pub fn opted_in(&self) -> BTreeSet<String> {
+        self.namespaces
+            .values()
+            .filter(|n| n.opted_in)
+            .map(|n| n.name.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn pods_become_workloads() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web", "palisade.dev/injected": "true"}},
+            "spec": {"serviceAccountName": "web", "containers": []},
+            "status": {"phase": "Running", "podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}]}
+        }));
+        let w = workload_of(&p).unwrap();
+        assert_eq!(
+            (
+                w.name.as_str(),
+                w.namespace.as_str(),
+                w.service_account.as_str()
+            ),
+            ("web-1", "shop", "web")
+        );
+        assert_eq!(w.ips.len(), 2);
+        let mut done = p.clone();
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        assert!(workload_of(&done).is_none());
+        let mut plain = p;
+        plain
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove(INJECTED_LABEL);
+        assert!(workload_of(&plain).is_none());
+    }
+
+    #[test]
+    fn relist_replaces_only_when_complete() {
+        let mut t: Tracked<Workload> = Tracked::default();
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "n", "labels": {"palisade.dev/injected": "true"}},
+            "status": {"podIP": "10.0.0.1"}
+        }));
+        t.apply(Event::Init, workload_of);
+        t.apply(Event::InitApply(p.clone()), workload_of);
+        assert_eq!(t.values().count(), 0);
+        assert!(t.apply(Event::InitDone, workload_of));
+        assert_eq!(t.values().count(), 1);
+        t.apply(Event::Init, workload_of);
+        assert_eq!(
+            t.values().count(),
+            1,
+            "a relist in progress keeps the last good list"
+        );
+        t.apply(Event::InitDone, workload_of);
+        assert_eq!(t.values().count(), 0);
+    }
+}

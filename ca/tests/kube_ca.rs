@@ -1,0 +1,113 @@
+//! A whole CA in Kubernetes mode (`--source kube --auth kube`) against the scripted API server:
+//! keys from a new Secret, readiness only after every watch has synced.
+
+mod kube_support;
+
+use std::net::SocketAddr;
+
+use http::{Method, StatusCode};
+use kube_support::{GUARD, Reply, Router, fixture, mock_client};
+use palisade_ca::config::{AuthMode, MeshSource, ServeConfig};
+use palisade_ca::server::start_with_kube_client;
+use palisade_ca_api::cert::cert_to_pem;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+async fn ready_status(admin: SocketAddr) -> u16 {
+    let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+    tcp.write_all(b"GET /ready HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    answer[9..12].parse().unwrap()
+}
+
+#[tokio::test]
+async fn kube_mode_starts_from_the_secret_and_is_ready_after_the_first_sync() {
+    palisade_ca_api::tls::install_default_provider();
+    let (client, handle) = mock_client("palisade-system");
+    let router = Router::default();
+    let secret = "/api/v1/namespaces/palisade-system/secrets/palisade-ca-keys";
+    router.script(
+        Method::GET,
+        secret,
+        false,
+        Reply::Json(StatusCode::NOT_FOUND, fixture("secret-notfound-404.json")),
+    );
+    router.script(
+        Method::POST,
+        "/api/v1/namespaces/palisade-system/secrets",
+        false,
+        Reply::Echo(StatusCode::CREATED),
+    );
+    router.list("/api/v1/pods", fixture("pod-list.json"));
+    router.list("/api/v1/namespaces", fixture("namespace-list.json"));
+    let (policies_listed, policy_list) = oneshot::channel();
+    router.script(
+        Method::GET,
+        "/apis/palisade.dev/v1alpha1/meshpolicies",
+        false,
+        Reply::Deferred(policy_list),
+    );
+    router.serve(handle);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServeConfig::embedded(dir.path().join("state"), Default::default());
+    config.source = MeshSource::Kube;
+    config.auth = AuthMode::Kube;
+    let running = tokio::time::timeout(GUARD, start_with_kube_client(config, Some(client)))
+        .await
+        .expect("start-up in time")
+        .expect("the CA starts in kube mode");
+    assert_eq!(running.ca.authenticator.name(), "kube");
+
+    let created = router
+        .wait_for("Secret create", |s| s.method == Method::POST)
+        .await;
+    let root = created.body.unwrap()["data"]["root.pem"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    use base64::Engine;
+    let root = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(root)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        root,
+        cert_to_pem(&running.ca.authority.roots()[0]),
+        "signs under the stored root"
+    );
+
+    router
+        .wait_for("meshpolicy list", |s| s.path.ends_with("/meshpolicies"))
+        .await;
+    assert_eq!(
+        ready_status(running.admin_addr).await,
+        503,
+        "not ready before every watch synced"
+    );
+
+    policies_listed
+        .send(kube_support::json_response(
+            StatusCode::OK,
+            &fixture("meshpolicy-list-empty.json"),
+        ))
+        .unwrap();
+    let mut ready = running.ca.ready.clone();
+    tokio::time::timeout(GUARD, ready.wait_for(|r| *r))
+        .await
+        .expect("ready after the sync")
+        .unwrap();
+    assert_eq!(ready_status(running.admin_addr).await, 200);
+    let snap = running.ca.publisher.current();
+    assert!(
+        snap.state
+            .workload_at("10.244.1.7".parse().unwrap())
+            .is_some()
+    );
+    running.shutdown().await;
+}
