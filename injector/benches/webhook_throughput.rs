@@ -14,6 +14,8 @@
 mod support;
 
 use std::sync::Arc;
+
+use bytes::Bytes;
 use std::time::{Duration, Instant};
 
 use support::{Client, Pki, pod_review, serve_config, tls_connector, write_leaf};
@@ -36,7 +38,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-async fn run_worker(mut client: Client, bodies: Arc<Vec<Vec<u8>>>, count: usize) -> Vec<Duration> {
+async fn run_worker(mut client: Client, bodies: Arc<Vec<Bytes>>, count: usize) -> Vec<Duration> {
     let mut latencies = Vec::with_capacity(count);
     for i in 0..count {
         let body = bodies[i % bodies.len()].clone();
@@ -67,9 +69,12 @@ fn main() {
             .await
             .expect("injector starts");
         let connector = tls_connector(&pki.ca_der);
-        let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
+        let bodies: Arc<Vec<Bytes>> = Arc::new(
             (0..64)
-                .map(|i| serde_json::to_vec(&pod_review(&format!("bench-{i:04}"))).expect("json"))
+                .map(|i| {
+                    let review = pod_review(&format!("bench-{i:04}"));
+                    Bytes::from(serde_json::to_vec(&review).expect("json"))
+                })
                 .collect(),
         );
         let body_bytes = bodies[0].len();

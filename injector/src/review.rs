@@ -120,6 +120,15 @@ pub struct ReviewOutcome {
     pub patch_build: Option<Duration>,
 }
 
+/// The whole review in one pass: the common case, a Pod CREATE.
+#[derive(Deserialize)]
+struct FullReview {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+    request: Option<AdmissionRequest<Pod>>,
+}
+
 #[derive(Deserialize)]
 struct Envelope<'a> {
     #[serde(rename = "apiVersion")]
@@ -228,8 +237,44 @@ fn allowed(uid: &str, decision: String) -> Response<'_> {
     }
 }
 
-/// Answers one AdmissionReview body.
-pub fn review(body: &[u8], settings: &InjectorSettings) -> Result<ReviewOutcome, ReviewError> {
+/// What the decision needs from a request.
+struct Parsed {
+    uid: String,
+    kind: GroupVersionKind,
+    operation: Operation,
+    sub_resource: Option<String>,
+    namespace: String,
+    name: String,
+    /// Parsed only when the request is a Pod CREATE (or came in the one-pass parse).
+    pod: Option<Pod>,
+}
+
+/// One pass over the body when it is a well-formed review whose object parses as a Pod.
+fn parse_fast(body: &[u8]) -> Option<Parsed> {
+    let review: FullReview = serde_json::from_slice(body).ok()?;
+    if review.api_version.as_deref() != Some(META_API_VERSION_V1)
+        || review.kind.as_deref() != Some(META_KIND)
+    {
+        return None;
+    }
+    let request = review.request?;
+    if request.uid.is_empty() {
+        return None;
+    }
+    Some(Parsed {
+        uid: request.uid,
+        kind: request.kind,
+        operation: request.operation,
+        sub_resource: request.sub_resource,
+        namespace: request.namespace.unwrap_or_default(),
+        name: request.name,
+        pod: request.object,
+    })
+}
+
+/// Step by step, so that every malformed input gets the message that fits it, and objects
+/// that are not Pods are never parsed as one.
+fn parse_checked(body: &[u8]) -> Result<Parsed, ReviewError> {
     let envelope: Envelope<'_> = serde_json::from_slice(body).map_err(ReviewError::NotJson)?;
     if envelope.api_version.as_deref() != Some(META_API_VERSION_V1) {
         return Err(ReviewError::ApiVersion(envelope.api_version));
@@ -242,13 +287,47 @@ pub fn review(body: &[u8], settings: &InjectorSettings) -> Result<ReviewOutcome,
         return Err(ReviewError::NoRequest);
     }
     let head: RequestHead<'_> = serde_json::from_str(raw.get()).map_err(ReviewError::BadRequest)?;
-    let uid = head
-        .uid
-        .as_deref()
-        .filter(|u| !u.is_empty())
-        .ok_or(ReviewError::NoUid)?;
-    let namespace = head.namespace.as_deref().unwrap_or_default();
-    let mut subject = format!("{namespace}/{}", head.name.as_deref().unwrap_or_default());
+    let uid = match head.uid {
+        Some(uid) if !uid.is_empty() => uid,
+        _ => return Err(ReviewError::NoUid),
+    };
+    let mut parsed = Parsed {
+        uid,
+        kind: head.kind,
+        operation: head.operation,
+        sub_resource: head.sub_resource,
+        namespace: head.namespace.unwrap_or_default(),
+        name: head.name.unwrap_or_default(),
+        pod: None,
+    };
+    if skip_request(
+        &parsed.kind,
+        &parsed.operation,
+        parsed.sub_resource.as_deref(),
+    )
+    .is_none()
+    {
+        let request: AdmissionRequest<Pod> = serde_json::from_str(raw.get()).map_err(|e| {
+            // Say whether the Pod or the envelope around it is at fault.
+            match head.object.map(|o| serde_json::from_str::<Pod>(o.get())) {
+                Some(Err(pod_error)) => ReviewError::BadPod(pod_error),
+                _ => ReviewError::BadRequest(e),
+            }
+        })?;
+        parsed.pod = Some(request.object.ok_or(ReviewError::NoObject)?);
+    }
+    Ok(parsed)
+}
+
+/// Answers one AdmissionReview body.
+pub fn review(body: &[u8], settings: &InjectorSettings) -> Result<ReviewOutcome, ReviewError> {
+    let parsed = match parse_fast(body) {
+        Some(parsed) => parsed,
+        None => parse_checked(body)?,
+    };
+    let uid = parsed.uid.as_str();
+    let namespace = &parsed.namespace;
+    let mut subject = format!("{namespace}/{}", parsed.name);
 
     let skipped = |reason: SkipReason, subject: String| ReviewOutcome {
         body: respond(allowed(uid, format!("skipped: {}", reason.as_str()))),
@@ -257,18 +336,17 @@ pub fn review(body: &[u8], settings: &InjectorSettings) -> Result<ReviewOutcome,
         message: None,
         patch_build: None,
     };
-    if let Some(reason) = skip_request(&head.kind, &head.operation, head.sub_resource.as_deref()) {
+    if let Some(reason) = skip_request(
+        &parsed.kind,
+        &parsed.operation,
+        parsed.sub_resource.as_deref(),
+    ) {
         return Ok(skipped(reason, subject));
     }
-    let request: AdmissionRequest<Pod> = serde_json::from_str(raw.get()).map_err(|e| {
-        // Say whether the Pod or the envelope around it is at fault.
-        match head.object.map(|o| serde_json::from_str::<Pod>(o.get())) {
-            Some(Err(pod_error)) => ReviewError::BadPod(pod_error),
-            _ => ReviewError::BadRequest(e),
-        }
-    })?;
-    let pod = request.object.ok_or(ReviewError::NoObject)?;
-    if head.name.as_deref().unwrap_or_default().is_empty() {
+    // A Pod CREATE always has its pod by now; the one-pass parse may have left it out only
+    // when the object was null.
+    let pod = parsed.pod.as_ref().ok_or(ReviewError::NoObject)?;
+    if parsed.name.is_empty() {
         let generate = pod.metadata.generate_name.as_deref().unwrap_or_default();
         subject = format!("{namespace}/{generate}…");
     }
@@ -292,14 +370,14 @@ pub fn review(body: &[u8], settings: &InjectorSettings) -> Result<ReviewOutcome,
         message: Some(message),
         patch_build: None,
     };
-    match skip_pod(&pod) {
+    match skip_pod(pod) {
         Err(e) => return Ok(deny(DenyReason::InvalidInjectValue, e.to_string(), subject)),
         Ok(Some(reason)) => return Ok(skipped(reason, subject)),
         Ok(None) => {}
     }
 
     let started = Instant::now();
-    let injection = match build_patch(&pod, settings) {
+    let injection = match build_patch(pod, settings) {
         Ok(injection) => injection,
         Err(e) => return Ok(deny(DenyReason::of(&e), e.to_string(), subject)),
     };

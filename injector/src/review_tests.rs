@@ -290,3 +290,37 @@ fn response_strings_are_escaped_and_warnings_passed_on() {
         ]
     );
 }
+
+#[test]
+fn one_pass_and_step_by_step_parsing_agree() {
+    let mut deletion = review_of(Value::Null, "DELETE", pod_kind());
+    deletion["request"]["oldObject"] = pod();
+    let inputs = [
+        review_of(pod(), "CREATE", pod_kind()),
+        review_of(pod(), "UPDATE", pod_kind()),
+        deletion,
+    ];
+    for input in inputs {
+        let body = serde_json::to_vec(&input).unwrap();
+        let fast = parse_fast(&body).expect("a well-formed review parses in one pass");
+        let checked = parse_checked(&body).unwrap();
+        assert_eq!(fast.uid, checked.uid);
+        assert_eq!(fast.kind, checked.kind);
+        assert_eq!(fast.operation, checked.operation);
+        assert_eq!(fast.namespace, checked.namespace);
+        assert_eq!(fast.name, checked.name);
+        if checked.pod.is_some() {
+            assert_eq!(fast.pod, checked.pod);
+        }
+    }
+    // A Deployment is not a Pod: the one-pass parse gives up and the checked one skips it.
+    let deployment = review_of(
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "spec": {"template": {"spec": {"containers": []}}}}),
+        "CREATE",
+        json!({"group": "apps", "version": "v1", "kind": "Deployment"}),
+    );
+    let body = serde_json::to_vec(&deployment).unwrap();
+    assert!(parse_fast(&body).is_none());
+    assert!(parse_checked(&body).unwrap().pod.is_none());
+}

@@ -130,14 +130,14 @@ impl Client {
         &mut self,
         method: &str,
         path: &str,
-        body: Vec<u8>,
+        body: impl Into<Bytes>,
     ) -> (StatusCode, Bytes) {
         let request = Request::builder()
             .method(method)
             .uri(path)
             .header(header::HOST, "localhost")
             .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body.into()))
             .unwrap();
         self.sender.ready().await.unwrap();
         let response = self.sender.send_request(request).await.unwrap();
@@ -146,7 +146,7 @@ impl Client {
         (status, body)
     }
 
-    pub async fn post(&mut self, body: Vec<u8>) -> (StatusCode, Bytes) {
+    pub async fn post(&mut self, body: impl Into<Bytes>) -> (StatusCode, Bytes) {
         self.request("POST", "/mutate", body).await
     }
 }
