@@ -1,5 +1,5 @@
 //! `palisade-proxy init` for real: as root, in a network namespace this test creates and
-//! removes (10.77.x.0/24 on a veth pair). Skipped, with the reason printed, when not root or
+//! removes (a pod namespace and a peer namespace, 10.77.x.0/24 on a veth pair). Skipped, with the reason printed, when not root or
 //! when `ip`/`iptables` are missing.
 
 use std::process::{Child, Command, Stdio};
@@ -48,9 +48,11 @@ fn skip_reason() -> Option<String> {
     None
 }
 
-/// A namespace and veth pair, removed on drop.
+/// A pod namespace and a peer namespace joined by a veth pair, removed on drop. Nothing is
+/// added to the host's own network namespace.
 struct Netns {
     name: String,
+    peer: String,
     host_ip: String,
     ns_ip: String,
     children: Vec<Child>,
@@ -60,35 +62,56 @@ impl Netns {
     fn create() -> Netns {
         let r = std::process::id() % 200 + 20;
         let name = format!("palisade-t-{}", std::process::id());
-        let (host_if, ns_if) = (format!("pth{r}"), format!("ptn{r}"));
+        let peer = format!("palisade-t-{}p", std::process::id());
+        // The peer's address, standing for "another host".
         let host_ip = format!("10.77.{r}.1");
         let ns_ip = format!("10.77.{r}.2");
-        let _ = sh(&["ip", "netns", "del", &name]);
-        let _ = sh(&["ip", "link", "del", &host_if]);
-        ok(&["ip", "netns", "add", &name]);
+        for n in [&name, &peer] {
+            let _ = sh(&["ip", "netns", "del", n]);
+            ok(&["ip", "netns", "add", n]);
+        }
         let n = Netns {
             name: name.clone(),
+            peer: peer.clone(),
             host_ip: host_ip.clone(),
             ns_ip: ns_ip.clone(),
             children: vec![],
         };
         ok(&[
-            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+            "ip", "-n", &peer, "link", "add", "veth-out", "type", "veth", "peer", "name",
+            "veth-pod",
         ]);
-        ok(&["ip", "link", "set", &ns_if, "netns", &name]);
+        ok(&["ip", "-n", &peer, "link", "set", "veth-pod", "netns", &name]);
         ok(&[
             "ip",
+            "-n",
+            &peer,
             "addr",
             "add",
             &format!("{host_ip}/24"),
             "dev",
-            &host_if,
+            "veth-out",
         ]);
-        ok(&["ip", "link", "set", &host_if, "up"]);
-        n.exec(&["ip", "addr", "add", &format!("{ns_ip}/24"), "dev", &ns_if]);
-        n.exec(&["ip", "link", "set", &ns_if, "up"]);
+        ok(&["ip", "-n", &peer, "link", "set", "veth-out", "up"]);
+        ok(&["ip", "-n", &peer, "link", "set", "lo", "up"]);
+        n.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ns_ip}/24"),
+            "dev",
+            "veth-pod",
+        ]);
+        n.exec(&["ip", "link", "set", "veth-pod", "up"]);
         n.exec(&["ip", "link", "set", "lo", "up"]);
         n
+    }
+
+    /// Runs `args` in the peer namespace.
+    fn outside(&self, args: &[&str]) -> String {
+        let mut v = vec!["ip", "netns", "exec", self.peer.as_str()];
+        v.extend_from_slice(args);
+        ok(&v)
     }
 
     fn cmd<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
@@ -119,8 +142,9 @@ impl Drop for Netns {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // Deleting the namespace removes the veth pair with it.
+        // Deleting the namespaces removes the veth pair with them.
         let _ = sh(&["ip", "netns", "del", &self.name]);
+        let _ = sh(&["ip", "netns", "del", &self.peer]);
     }
 }
 
@@ -148,7 +172,13 @@ except Exception as e:
     print("error:", type(e).__name__)
 "#;
 
-fn connect_from(ns: Option<&Netns>, host: &str, port: u16, uid: Option<u32>) -> String {
+enum Side<'a> {
+    Pod(&'a Netns),
+    Outside(&'a Netns),
+}
+use Side::{Outside, Pod};
+
+fn connect_from(ns: Side<'_>, host: &str, port: u16, uid: Option<u32>) -> String {
     let port = port.to_string();
     let uid = uid.map(|u| u.to_string());
     let mut args = vec![PY, "-c", CLIENT, host, port.as_str()];
@@ -156,8 +186,8 @@ fn connect_from(ns: Option<&Netns>, host: &str, port: u16, uid: Option<u32>) -> 
         args.push(u);
     }
     let out = match ns {
-        Some(n) => n.exec(&args),
-        None => ok(&args),
+        Pod(n) => n.exec(&args),
+        Outside(n) => n.outside(&args),
     };
     out.trim().to_owned()
 }
@@ -191,14 +221,14 @@ fn init_redirects_an_apps_traffic_and_is_idempotent() {
     // The app's outbound connection to another address lands on the outbound port ...
     let host_ip = ns.host_ip.clone();
     let ns_ip = ns.ns_ip.clone();
-    assert_eq!(connect_from(Some(&ns), &host_ip, 80, None), "outbound");
+    assert_eq!(connect_from(Pod(&ns), &host_ip, 80, None), "outbound");
     // ... but never the proxy's own (uid 1337): it would loop.
-    assert!(connect_from(Some(&ns), &host_ip, 80, Some(1337)).starts_with("error"));
-    // A caller from outside lands on the inbound port ...
-    assert_eq!(connect_from(None, &ns_ip, 8080, None), "inbound");
+    assert!(connect_from(Pod(&ns), &host_ip, 80, Some(1337)).starts_with("error"));
+    // A caller from another host lands on the inbound port ...
+    assert_eq!(connect_from(Outside(&ns), &ns_ip, 8080, None), "inbound");
     // ... except on the admin port and skipped ports, which reach the (absent) app directly.
-    assert!(connect_from(None, &ns_ip, 15021, None).starts_with("error"));
-    assert!(connect_from(None, &ns_ip, 2222, None).starts_with("error"));
+    assert!(connect_from(Outside(&ns), &ns_ip, 15021, None).starts_with("error"));
+    assert!(connect_from(Outside(&ns), &ns_ip, 2222, None).starts_with("error"));
 
     let saved = |ns: &Netns| {
         let a = ns.exec(&["iptables-nft-save", "-t", "nat"]);
@@ -222,5 +252,5 @@ fn init_redirects_an_apps_traffic_and_is_idempotent() {
     assert_eq!(rules(&first), rules(&second));
     assert!(rules(&second) >= 7, "{second}");
     // Still working after the second run.
-    assert_eq!(connect_from(Some(&ns), &host_ip, 80, None), "outbound");
+    assert_eq!(connect_from(Pod(&ns), &host_ip, 80, None), "outbound");
 }
