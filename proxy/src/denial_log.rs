@@ -130,6 +130,55 @@ mod tests {
         assert_eq!(l.admit(), None);
     }
 
+    #[tokio::test]
+    async fn a_denial_is_one_json_log_event_with_every_field() {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        let log = DenialLog::new(1, 1);
+        let event = DenialEvent {
+            result: "deny",
+            caller: "unauthenticated".into(),
+            caller_address: "10.77.0.3:4242".into(),
+            target: "shop/api".into(),
+            port: 8080,
+            policy: "default:all-authenticated".into(),
+            reason: "plaintext_not_allowed",
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(log.record(&event));
+            // Past the rate limit: counted, not logged.
+            assert!(!log.record(&event));
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(v["target"], "palisade::policy");
+        assert_eq!(v["result"], "deny");
+        assert_eq!(v["caller"], "unauthenticated");
+        assert_eq!(v["caller_address"], "10.77.0.3:4242");
+        assert_eq!(v["target_workload"], "shop/api");
+        assert_eq!(v["port"], 8080);
+        assert_eq!(v["policy"], "default:all-authenticated");
+        assert_eq!(v["reason"], "plaintext_not_allowed");
+    }
+
     #[test]
     fn event_serialises_every_field() {
         let e = DenialEvent {
