@@ -157,6 +157,17 @@ async fn wrong_audience_is_refused_by_the_review_and_before_it() {
     });
     assert_eq!(result.unwrap_err().code(), ErrorCode::WrongAudience);
 
+    // Authenticated, but the API server reports no palisade-ca among the token's audiences.
+    let t = ours(NOW + 601);
+    let mut other = fixture_with("tokenreview-authenticated.json", &[("TOKEN", &t)]);
+    other["status"]["audiences"] =
+        serde_json::json!(["https://kubernetes.default.svc.cluster.local"]);
+    let (result, _) = tokio::join!(auth.authenticate_at(&t, NOW), async {
+        api.expect(Method::POST, REVIEWS, StatusCode::CREATED, other)
+            .await
+    });
+    assert_eq!(result.unwrap_err().code(), ErrorCode::WrongAudience);
+
     // A token for another audience, and one bound to no audience at all (a legacy Secret
     // token), are refused without asking the API server.
     let api_token = token(

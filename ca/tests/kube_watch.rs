@@ -36,14 +36,25 @@ struct Cluster {
     _tasks: tokio::task::JoinSet<()>,
 }
 
+/// A virtual-clock wait (the tests run on tokio's paused clock): long enough for any debounced
+/// publication to have happened.
+async fn let_debounce_pass() {
+    tokio::time::sleep(palisade_ca::kube::DEBOUNCE * 10).await;
+}
+
 fn start_cluster() -> Cluster {
-    let (client, handle) = mock_client("palisade-system");
     let router = Router::default();
+    router.list(POLICIES, fixture("meshpolicy-list-empty.json"));
+    start_cluster_with(router)
+}
+
+/// Pods and namespaces listed; the MeshPolicy list as `router` scripts it.
+fn start_cluster_with(router: Router) -> Cluster {
+    let (client, handle) = mock_client("palisade-system");
     router.list(PODS, fixture("pod-list.json"));
     let pods = router.watch(PODS);
     router.list(NAMESPACES, fixture("namespace-list.json"));
     let namespaces = router.watch(NAMESPACES);
-    router.list(POLICIES, fixture("meshpolicy-list-empty.json"));
     let policies = router.watch(POLICIES);
     router.serve(handle);
     let publisher = MeshPublisher::new(MeshState::new(
@@ -98,7 +109,7 @@ async fn next_message(
     serde_json::from_slice(&line).unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn watches_list_the_meshed_pods_only_and_become_ready() {
     let mut cluster = start_cluster();
     assert!(
@@ -144,7 +155,42 @@ async fn watches_list_the_meshed_pods_only_and_become_ready() {
     let _ = cluster.shutdown.send(true);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
+async fn not_ready_and_nothing_published_until_every_watch_has_listed() {
+    let router = Router::default();
+    let (release, policy_list) = oneshot::channel();
+    router.script(Method::GET, POLICIES, false, Reply::Deferred(policy_list));
+    let mut cluster = start_cluster_with(router);
+    cluster
+        .router
+        .wait_until("pods and namespaces listed, policies asked", |log| {
+            let watching = |p: &str| log.iter().any(|s| s.path == p && s.is_watch());
+            watching(PODS) && watching(NAMESPACES) && log.iter().any(|s| s.path == POLICIES)
+        })
+        .await;
+    let_debounce_pass().await;
+    assert!(
+        !*cluster.outputs.ready.borrow(),
+        "ready before the MeshPolicy list"
+    );
+    assert_eq!(
+        cluster.publisher.current().version,
+        1,
+        "a partial state was published"
+    );
+
+    release
+        .send(kube_support::json_response(
+            StatusCode::OK,
+            &fixture("meshpolicy-list-empty.json"),
+        ))
+        .unwrap();
+    until_ready(&mut cluster).await;
+    assert!(cluster.publisher.current().version > 1);
+    let _ = cluster.shutdown.send(true);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_policy_added_changed_and_deleted_reaches_the_proxy_watch() {
     let mut cluster = start_cluster();
     until_ready(&mut cluster).await;
@@ -194,7 +240,7 @@ async fn a_policy_added_changed_and_deleted_reaches_the_proxy_watch() {
     let _ = cluster.shutdown.send(true);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn gone_410_relists_and_keeps_the_last_good_state_meanwhile() {
     let mut cluster = start_cluster();
     until_ready(&mut cluster).await;
@@ -219,6 +265,7 @@ async fn gone_410_relists_and_keeps_the_last_good_state_meanwhile() {
         })
         .await;
     // The relist is in flight: the proxy still sees the pod it knew.
+    let_debounce_pass().await;
     let snap = cluster.publisher.current();
     assert!(
         snap.state.workload_at(old_ip).is_some(),
@@ -258,7 +305,7 @@ async fn gone_410_relists_and_keeps_the_last_good_state_meanwhile() {
     let _ = cluster.shutdown.send(true);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_namespace_opting_in_gets_its_trust_anchor_configmap() {
     let mut cluster = start_cluster();
     until_ready(&mut cluster).await;
