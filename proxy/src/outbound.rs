@@ -76,6 +76,7 @@ pub async fn handle(
         tracing::warn!(dst = %dst, "connection addressed to the outbound listener itself; closing");
         return;
     }
+    tracing::trace!(app = %peer, dst = %dst, "outbound connection");
     let answer = dp.mesh.lookup(dst.ip(), dp.limits.destination_wait).await;
     match route(answer.as_ref()) {
         Route::Refuse(reason) => {
@@ -144,7 +145,6 @@ pub async fn handle(
             finish(&dp, relay(stream, tls, dp.limits.idle_timeout).await, dst);
         }
     }
-    let _ = peer;
 }
 
 fn finish(dp: &DataPath, relayed: crate::relay::Relayed, dst: SocketAddr) {
