@@ -2,9 +2,11 @@
 //! keys from a new Secret, readiness only after every watch has synced.
 
 mod kube_support;
+mod support;
 
 use std::net::SocketAddr;
 
+use base64::Engine;
 use http::{Method, StatusCode};
 use kube_support::{GUARD, Reply, Router, fixture, mock_client};
 use palisade_ca::config::{AuthMode, MeshSource, ServeConfig};
@@ -69,7 +71,6 @@ async fn kube_mode_starts_from_the_secret_and_is_ready_after_the_first_sync() {
         .as_str()
         .unwrap()
         .to_owned();
-    use base64::Engine;
     let root = String::from_utf8(
         base64::engine::general_purpose::STANDARD
             .decode(root)

@@ -247,6 +247,40 @@ mod tests {
     }
 
     #[test]
+    fn namespaces_without_the_annotation_get_the_mesh_default() {
+        let ns = |json: serde_json::Value| -> Namespace { serde_json::from_value(json).unwrap() };
+        let mut objects = ClusterObjects::default();
+        objects.namespaces.apply(Event::Init, namespace_info);
+        for n in [
+            ns(
+                serde_json::json!({"metadata": {"name": "shop", "annotations": {"palisade.dev/default-policy": "all"}, "labels": {"palisade.dev/inject": "enabled"}}}),
+            ),
+            ns(serde_json::json!({"metadata": {"name": "plain"}})),
+            ns(
+                serde_json::json!({"metadata": {"name": "typo", "annotations": {"palisade.dev/default-policy": "allow"}}}),
+            ),
+        ] {
+            objects
+                .namespaces
+                .apply(Event::InitApply(n), namespace_info);
+        }
+        objects.namespaces.apply(Event::InitDone, namespace_info);
+        let state = objects.mesh_state("cluster.local", DefaultPolicy::Deny);
+        assert_eq!(
+            state.namespace_defaults.get("shop"),
+            Some(&DefaultPolicy::All)
+        );
+        assert_eq!(state.namespace_defaults.get("plain"), None);
+        assert_eq!(
+            state.namespace_defaults.get("typo"),
+            None,
+            "an invalid value is ignored"
+        );
+        assert_eq!(state.default_policy, DefaultPolicy::Deny);
+        assert_eq!(objects.opted_in(), BTreeSet::from(["shop".to_owned()]));
+    }
+
+    #[test]
     fn relist_replaces_only_when_complete() {
         let mut t: Tracked<Workload> = Tracked::default();
         let p = pod(serde_json::json!({
