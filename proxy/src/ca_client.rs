@@ -1,12 +1,15 @@
 //! The control-plane traits over the real CA API client of `palisade-ca-api`.
 
-use palisade_ca_api::client::{CaClient, ClientError, WatchStream};
-use palisade_ca_api::wire::{CertificateRequest, CertificateResponse, WatchMessage, WatchQuery};
-
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use palisade_ca_api::client::{CaClient, CaClientConfig, ClientError, WatchStream};
+use palisade_ca_api::wire::{CertificateRequest, CertificateResponse, WatchMessage, WatchQuery};
+use rustls::RootCertStore;
 
 use crate::identity::CertStore;
 use crate::source::{BoxFuture, CertificateSource, MeshSource, SourceError, WatchEvents};
+use crate::tls::TrustBundle;
 
 fn convert(e: ClientError) -> SourceError {
     match e {
@@ -23,22 +26,70 @@ fn convert(e: ClientError) -> SourceError {
     }
 }
 
-/// Certificates and mesh watches from the CA over HTTPS.
+/// Where the CA is.
+#[derive(Debug, Clone)]
+pub struct CaEndpoint {
+    pub addr: String,
+    pub server_name: String,
+    pub timeout: Duration,
+}
+
+/// Certificates and mesh watches from the CA over HTTPS. The CA is trusted through the mesh's
+/// current trust bundle: when the bundle changes (a root rotation) the client is rebuilt, so a
+/// CA serving from the new root stays reachable.
 pub struct CaSource {
-    client: CaClient,
+    endpoint: CaEndpoint,
     /// The proxy's own certificate, presented on watch connections.
     store: Arc<CertStore>,
+    bundle: Arc<TrustBundle>,
+    /// The client and the roots it was built with.
+    client: Mutex<(Arc<RootCertStore>, CaClient)>,
     /// Serial of the certificate the pooled watch connection was opened with.
     watch_serial: Mutex<Option<String>>,
 }
 
 impl CaSource {
-    pub fn new(client: CaClient, store: Arc<CertStore>) -> Self {
-        CaSource {
-            client,
+    pub fn new(
+        endpoint: CaEndpoint,
+        store: Arc<CertStore>,
+        bundle: Arc<TrustBundle>,
+    ) -> Result<Self, ClientError> {
+        let roots = bundle.roots();
+        let client = Self::build(&endpoint, roots.clone(), &store)?;
+        Ok(CaSource {
+            endpoint,
             store,
+            bundle,
+            client: Mutex::new((roots, client)),
             watch_serial: Mutex::new(None),
+        })
+    }
+
+    fn build(
+        endpoint: &CaEndpoint,
+        roots: Arc<RootCertStore>,
+        store: &Arc<CertStore>,
+    ) -> Result<CaClient, ClientError> {
+        CaClient::new(CaClientConfig {
+            addr: endpoint.addr.clone(),
+            server_name: endpoint.server_name.clone(),
+            roots,
+            client_cert: Some(store.clone()),
+            timeout: endpoint.timeout,
+        })
+    }
+
+    /// The client for the current trust bundle.
+    fn client(&self) -> Result<CaClient, SourceError> {
+        let mut slot = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        let roots = self.bundle.roots();
+        if !Arc::ptr_eq(&slot.0, &roots) {
+            let client = Self::build(&self.endpoint, roots.clone(), &self.store)
+                .map_err(|e| SourceError::Transport(e.to_string()))?;
+            *slot = (roots, client);
+            tracing::info!("trust bundle changed: reconnecting to the CA with the new roots");
         }
+        Ok(slot.1.clone())
     }
 }
 
@@ -49,7 +100,7 @@ impl CertificateSource for CaSource {
         req: &'a CertificateRequest,
     ) -> BoxFuture<'a, Result<CertificateResponse, SourceError>> {
         Box::pin(async move {
-            self.client
+            self.client()?
                 .request_certificate(token, req)
                 .await
                 .map_err(convert)
@@ -95,10 +146,11 @@ impl MeshSource for CaSource {
                 *used = Some(current.serial.clone());
                 renewed
             };
+            let client = self.client()?;
             if renewed {
-                self.client.reset_connections().await;
+                client.reset_connections().await;
             }
-            let stream = self.client.watch(query).await.map_err(convert)?;
+            let stream = client.watch(query).await.map_err(convert)?;
             Ok(Box::new(CaWatch(stream)) as Box<dyn WatchEvents>)
         })
     }

@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use palisade_ca_api::cert::parse_pem_certs;
-use palisade_ca_api::client::{CaClient, CaClientConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::app::{Parts, Settings, start};
-use crate::ca_client::CaSource;
+use crate::ca_client::{CaEndpoint, CaSource};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::datapath::Limits;
@@ -44,15 +43,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let clock = Clock::system();
     let store = Arc::new(CertStore::new(clock.clone()));
     let metrics = Arc::new(Metrics::new());
-    let client = CaClient::new(CaClientConfig {
-        addr: config.ca_addr.clone(),
-        server_name: config.ca_name.clone(),
-        roots: bundle.roots(),
-        client_cert: Some(store.clone()),
-        timeout: config.ca_timeout,
-    })
-    .context("cannot set up the CA client")?;
-    let source = Arc::new(CaSource::new(client, store.clone()));
+    let source = Arc::new(
+        CaSource::new(
+            CaEndpoint {
+                addr: config.ca_addr.clone(),
+                server_name: config.ca_name.clone(),
+                timeout: config.ca_timeout,
+            },
+            store.clone(),
+            bundle.clone(),
+        )
+        .context("cannot set up the CA client")?,
+    );
     let identity = Arc::new(Identity {
         config: IdentityConfig {
             spiffe_id: config.spiffe_id.clone(),
