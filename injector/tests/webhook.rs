@@ -247,3 +247,53 @@ async fn shutdown_lets_the_review_in_flight_finish() {
         .expect("shutdown finishes")
         .unwrap();
 }
+
+#[tokio::test]
+async fn http2_is_negotiated_and_served() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let bound = palisade_injector::start(serve_config(write_leaf(dir.path(), &pki.leaf())))
+        .await
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).unwrap();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(palisade_injector::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(bound.webhook_addr)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post("https://localhost/mutate")
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec(&pod_review("h2")).unwrap(),
+        )))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["response"]["uid"], "h2");
+    assert_eq!(body["response"]["patchType"], "JSONPatch");
+    bound.shutdown().await;
+}
