@@ -9,6 +9,7 @@ import copy
 import http.client
 import json
 import os
+import queue
 import shutil
 import ssl
 import subprocess
@@ -113,15 +114,30 @@ class Injector:
              "--log", "debug", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
+        # A thread drains stderr for the whole run (a full pipe would block the process) and
+        # hands lines over, so that waiting for the address line can time out.
+        lines: queue.Queue = queue.Queue()
+
+        def drain():
+            for line in self.proc.stderr:
+                self.logs.append(line)
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=drain, daemon=True).start()
         deadline = time.monotonic() + 20
         self.webhook = self.admin = None
         while self.webhook is None:
-            line = self.proc.stderr.readline()
-            if not line:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                pytest.fail("palisade-injector did not report its addresses within 20 s:\n"
+                            + "".join(self.logs))
+            if line is None:
                 self.proc.wait(timeout=5)
                 pytest.fail(f"palisade-injector exited ({self.proc.returncode}) before serving:\n"
                             + "".join(self.logs))
-            self.logs.append(line)
             try:
                 fields = json.loads(line).get("fields", {})
             except json.JSONDecodeError:
@@ -129,12 +145,6 @@ class Injector:
             if "webhook_addr" in fields:
                 self.webhook = fields["webhook_addr"].rsplit(":", 1)
                 self.admin = fields["admin_addr"].rsplit(":", 1)
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail("palisade-injector did not report its addresses within 20 s:\n"
-                            + "".join(self.logs))
-        # Keep draining stderr so that the process never blocks on a full pipe.
-        threading.Thread(target=lambda: self.logs.extend(self.proc.stderr), daemon=True).start()
         context = ssl.create_default_context(cafile=str(cert))
         self.conn = http.client.HTTPSConnection("localhost", int(self.webhook[1]), context=context, timeout=10)
 
