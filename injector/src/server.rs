@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+use tracing::Instrument as _;
 
 use crate::metrics::Metrics;
 use crate::review::{self, Verdict};
@@ -173,10 +174,14 @@ async fn accept_webhook(
         let acceptor = acceptor.clone();
         let state = state.clone();
         let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            serve_webhook_connection(stream, peer, acceptor, state, shutdown).await;
-            drop(permit);
-        });
+        let span = tracing::debug_span!("webhook", peer.ip = %peer.ip(), peer.port = peer.port());
+        connections.spawn(
+            async move {
+                serve_webhook_connection(stream, peer, acceptor, state, shutdown).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
     }
     // Reviews in flight get a moment to finish (the API server would otherwise see a reset and
     // fail the pod's creation); connections still open after that are cut.
