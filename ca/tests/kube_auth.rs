@@ -33,6 +33,14 @@ fn token(aud: Option<serde_json::Value>, exp: i64) -> String {
     )
 }
 
+/// Awaits an answer that must come without the API server: a request sent instead would wait
+/// for an answer forever, so this fails rather than hangs.
+async fn offline<T>(answer: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(kube_support::GUARD, answer)
+        .await
+        .expect("answered without a TokenReview")
+}
+
 fn ours(exp: i64) -> String {
     token(Some(serde_json::json!(["palisade-ca"])), exp)
 }
@@ -77,11 +85,11 @@ async fn authenticated_review_names_namespace_service_account_and_pod() {
     );
 
     // Cached: no second review while the token lives...
-    assert!(auth.authenticate_at(&t, NOW + 60).await.is_ok());
+    assert!(offline(auth.authenticate_at(&t, NOW + 60)).await.is_ok());
     api.expect_no_more().await;
     // ...and never past its expiry, even inside the cache's own lifetime.
     assert_eq!(
-        auth.authenticate_at(&t, NOW + 600).await,
+        offline(auth.authenticate_at(&t, NOW + 600)).await,
         Err(AuthError::Expired)
     );
     assert_eq!(auth.cached(), 1);
@@ -177,14 +185,16 @@ async fn wrong_audience_is_refused_by_the_review_and_before_it() {
         NOW + 600,
     );
     assert_eq!(
-        auth.authenticate_at(&api_token, NOW)
+        offline(auth.authenticate_at(&api_token, NOW))
             .await
             .unwrap_err()
             .code(),
         ErrorCode::WrongAudience
     );
     let legacy = token(None, NOW + 600);
-    let err = auth.authenticate_at(&legacy, NOW).await.unwrap_err();
+    let err = offline(auth.authenticate_at(&legacy, NOW))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), ErrorCode::WrongAudience);
     assert!(err.to_string().contains("not audience-bound"), "{err}");
     api.expect_no_more().await;
@@ -212,16 +222,19 @@ async fn api_error_is_not_ready_and_says_so() {
 async fn garbage_and_expired_tokens_never_reach_the_api() {
     let (auth, mut api) = setup();
     assert_eq!(
-        auth.authenticate_at("not-a-jwt", NOW)
+        offline(auth.authenticate_at("not-a-jwt", NOW))
             .await
             .unwrap_err()
             .code(),
         ErrorCode::InvalidToken
     );
     assert_eq!(
-        auth.authenticate_at(&ours(NOW - 1), NOW).await,
+        offline(auth.authenticate_at(&ours(NOW - 1), NOW)).await,
         Err(AuthError::Expired)
     );
-    assert_eq!(auth.authenticate_at("", NOW).await, Err(AuthError::Missing));
+    assert_eq!(
+        offline(auth.authenticate_at("", NOW)).await,
+        Err(AuthError::Missing)
+    );
     api.expect_no_more().await;
 }

@@ -122,10 +122,11 @@ async fn existing_secret_is_used_and_never_rewritten() {
     );
     let (material, _) = tokio::join!(load, async {
         api.expect(Method::GET, SECRET, StatusCode::OK, secret)
-            .await
+            .await;
+        // Inside the join: a write would keep the load waiting for its answer.
+        api.expect_no_more().await;
     });
     assert_eq!(cert_to_pem(&material.unwrap().roots[0]), root);
-    api.expect_no_more().await;
 }
 
 #[tokio::test]
