@@ -212,11 +212,17 @@ async fn a_policy_added_changed_and_deleted_reaches_the_proxy_watch() {
         "spiffe://cluster.local/ns/shop/sa/api"
     );
 
+    let sent = tokio::time::Instant::now();
     cluster
         .policies
         .send(fixture("meshpolicy-added-event.json"))
         .unwrap();
     let added = next_message(&mut stream).await.inbound.unwrap();
+    // On the paused clock: the debounce is the only wait between an event and the proxy.
+    assert!(
+        sent.elapsed() < std::time::Duration::from_secs(1),
+        "a change reaches the proxy within one second"
+    );
     assert_eq!(added.policies.len(), 1);
     assert_eq!(added.policies[0].name, "shop/api-from-web");
     assert_eq!(added.policies[0].ports, vec![8080]);
@@ -302,6 +308,14 @@ async fn gone_410_relists_and_keeps_the_last_good_state_meanwhile() {
         snap.state.workload_at(old_ip).is_none(),
         "the relist replaced the list"
     );
+    cluster
+        .router
+        .wait_for("the watch restarted from the relist", |s| {
+            s.path == PODS
+                && s.is_watch()
+                && s.query.get("resourceVersion").map(String::as_str) == Some("50377")
+        })
+        .await;
     let _ = cluster.shutdown.send(true);
 }
 
