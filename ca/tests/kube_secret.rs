@@ -19,9 +19,13 @@ fn now() -> time::OffsetDateTime {
 
 /// The Secret another replica would have written: a real root and intermediate.
 fn existing_secret() -> (serde_json::Value, String) {
+    existing_secret_made_at(now())
+}
+
+fn existing_secret_made_at(made: time::OffsetDateTime) -> (serde_json::Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let material =
-        load_or_create(dir.path(), &KeySource::Generated, "cluster.local", now()).unwrap();
+        load_or_create(dir.path(), &KeySource::Generated, "cluster.local", made).unwrap();
     let b64 = |name: &str| {
         base64::engine::general_purpose::STANDARD
             .encode(std::fs::read(dir.path().join(name)).unwrap())
@@ -214,4 +218,44 @@ async fn malformed_secret_stops_start_up_naming_the_secret_and_key() {
         assert!(message.contains(says), "{message}");
         api.expect_no_more().await;
     }
+}
+
+#[tokio::test]
+async fn an_intermediate_near_expiry_is_renewed_on_top_of_the_version_read() {
+    let (client, handle) = mock_client("palisade-system");
+    let mut api = Scenario { handle };
+    // Made 340 days ago: the one-year intermediate has less than 30 days left.
+    let (secret, root) = existing_secret_made_at(now() - time::Duration::days(340));
+    let old_intermediate = decoded(&secret["data"], "intermediate.pem");
+    let state = tempfile::tempdir().unwrap();
+    let load = load_or_create_in_secret(
+        &client,
+        "palisade-system",
+        state.path(),
+        "cluster.local",
+        now(),
+    );
+    let (material, put) = tokio::join!(load, async {
+        api.expect(Method::GET, SECRET, StatusCode::OK, secret)
+            .await;
+        let (seen, send) = kube_support::receive(&mut api.handle).await;
+        let body = seen.body.clone().unwrap();
+        send.send_response(kube_support::json_response(StatusCode::OK, &body));
+        seen
+    });
+    let material = material.unwrap();
+    assert_eq!((put.method, put.path.as_str()), (Method::PUT, SECRET));
+    let body = put.body.unwrap();
+    assert_eq!(body["metadata"]["resourceVersion"], "48213");
+    assert_eq!(
+        decoded(&body["data"], "root.pem"),
+        root,
+        "the root is never replaced"
+    );
+    assert_ne!(decoded(&body["data"], "intermediate.pem"), old_intermediate);
+    assert_eq!(cert_to_pem(&material.roots[0]), root);
+    assert_eq!(
+        decoded(&body["data"], "intermediate.pem"),
+        cert_to_pem(&material.intermediates[0])
+    );
 }
