@@ -27,7 +27,12 @@ enum Command {
     /// Wait until the proxy's /ready answers 200 (for a postStart hook).
     WaitReady {
         /// Admin address of the proxy.
-        #[arg(long, env = "PALISADE_WAIT_ADMIN", default_value = "127.0.0.1:15021")]
+        #[arg(
+            long,
+            visible_alias = "admin-addr",
+            env = "PALISADE_WAIT_ADMIN",
+            default_value = "127.0.0.1:15021"
+        )]
         admin: std::net::SocketAddr,
         /// How long to wait (ms, s, m, h).
         #[arg(long, env = "PALISADE_WAIT_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
