@@ -16,8 +16,19 @@ policies:
 "#;
 
 fn check(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(["policy", "check"]).args(args).output().unwrap();
-    (out.status.code().unwrap(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new(BIN)
+        .args(["policy", "check"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 #[test]
@@ -26,16 +37,61 @@ fn policy_check_with_a_mesh_file() {
     let mesh = dir.path().join("mesh.yaml");
     std::fs::write(&mesh, MESH).unwrap();
     let m = mesh.to_str().unwrap();
-    let (code, out) = check(&["--mesh-file", m, "--from", "shop/web", "--to", "shop/api", "--port", "8080"]);
+    let (code, out) = check(&[
+        "--mesh-file",
+        m,
+        "--from",
+        "shop/web",
+        "--to",
+        "shop/api",
+        "--port",
+        "8080",
+    ]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.starts_with("ALLOW") && out.contains("shop/api-from-web (rule_matched)"), "{out}");
-    let (code, out) = check(&["--mesh-file", m, "--from", "spiffe://cluster.local/ns/shop/sa/evil", "--to", "shop/api", "--port", "8080"]);
+    assert!(
+        out.starts_with("ALLOW") && out.contains("shop/api-from-web (rule_matched)"),
+        "{out}"
+    );
+    let (code, out) = check(&[
+        "--mesh-file",
+        m,
+        "--from",
+        "spiffe://cluster.local/ns/shop/sa/evil",
+        "--to",
+        "shop/api",
+        "--port",
+        "8080",
+    ]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.starts_with("DENY") && out.contains("no_rule_matched"), "{out}");
-    let (code, out) = check(&["--mesh-file", m, "--from", "plaintext", "--to", "shop/web", "--port", "80"]);
+    assert!(
+        out.starts_with("DENY") && out.contains("no_rule_matched"),
+        "{out}"
+    );
+    let (code, out) = check(&[
+        "--mesh-file",
+        m,
+        "--from",
+        "plaintext",
+        "--to",
+        "shop/web",
+        "--port",
+        "80",
+    ]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("default:all-authenticated (plaintext_not_allowed)"), "{out}");
-    let (code, out) = check(&["--mesh-file", m, "--from", "shop/web", "--to", "shop/nope", "--port", "80"]);
+    assert!(
+        out.contains("default:all-authenticated (plaintext_not_allowed)"),
+        "{out}"
+    );
+    let (code, out) = check(&[
+        "--mesh-file",
+        m,
+        "--from",
+        "shop/web",
+        "--to",
+        "shop/nope",
+        "--port",
+        "80",
+    ]);
     assert_eq!(code, 2);
     assert!(out.contains("no workload shop/nope"), "{out}");
 }
@@ -50,10 +106,35 @@ fn policy_check_with_manifests() {
     )
     .unwrap();
     let p = p.to_str().unwrap();
-    let (code, out) = check(&["--policies", p, "--from", "shop/web", "--to", "shop", "--labels", "app=api", "--port", "9090"]);
+    let (code, out) = check(&[
+        "--policies",
+        p,
+        "--from",
+        "shop/web",
+        "--to",
+        "shop",
+        "--labels",
+        "app=api",
+        "--port",
+        "9090",
+    ]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("audit: would be denied") && out.contains("shop/trial"), "{out}");
-    let (code, out) = check(&["--policies", p, "--from", "shop/web", "--to", "shop", "--port", "9090", "--default-policy", "open"]);
+    assert!(
+        out.contains("audit: would be denied") && out.contains("shop/trial"),
+        "{out}"
+    );
+    let (code, out) = check(&[
+        "--policies",
+        p,
+        "--from",
+        "shop/web",
+        "--to",
+        "shop",
+        "--port",
+        "9090",
+        "--default-policy",
+        "open",
+    ]);
     assert_eq!(code, 2);
     assert!(out.contains("deny, all-authenticated or all"), "{out}");
 }
@@ -63,19 +144,35 @@ fn inspect_explains_a_leaf_and_a_ca() {
     let dir = tempfile::tempdir().unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::default();
-    p.subject_alt_names = vec![rcgen::SanType::URI("spiffe://cluster.local/ns/shop/sa/web".try_into().unwrap())];
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/shop/sa/web".try_into().unwrap(),
+    )];
     p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     let leaf = p.self_signed(&key).unwrap().pem();
     let path = dir.path().join("leaf.pem");
     std::fs::write(&path, &leaf).unwrap();
-    let out = Command::new(BIN).arg("inspect").arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("inspect")
+        .arg(&path)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("identity    spiffe://cluster.local/ns/shop/sa/web"), "{text}");
+    assert!(
+        text.contains("identity    spiffe://cluster.local/ns/shop/sa/web"),
+        "{text}"
+    );
     assert!(text.contains("a Palisade mesh leaf"), "{text}");
     std::fs::write(&path, "garbage").unwrap();
-    let out = Command::new(BIN).arg("inspect").arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("inspect")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no usable certificate"));
 }
