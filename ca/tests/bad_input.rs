@@ -379,3 +379,44 @@ async fn rate_limit_per_identity_answers_429() {
     );
     ca.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_trusted_root_of_another_trust_domain_still_gives_no_watch() {
+    // The other domain's root is in our bundle (e.g. during a federation mistake): its
+    // certificates chain, so only the trust-domain check can refuse them.
+    let other_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        other_dir.path().join("mesh.yaml"),
+        support::MESH.replace("cluster.local", "other.domain"),
+    )
+    .unwrap();
+    let other = TestCa::start_in(other_dir, |c| c.trust_domain = "other.domain".into()).await;
+    let roots_file = other.dir.path().join("other-roots.pem");
+    std::fs::write(
+        &roots_file,
+        other.running.ca.authority.trust_bundle_pem().concat(),
+    )
+    .unwrap();
+    let ca = TestCa::start_with(|c| c.extra_trust_roots = Some(roots_file.clone())).await;
+    assert_eq!(ca.running.ca.authority.trust_bundle_pem().len(), 2);
+    let (key, cert) = other.identity("shop", "web").await;
+    let resp = raw(
+        ca.addr(),
+        ca.roots.clone(),
+        Some((chain_ders(&cert), key)),
+        "GET",
+        "/v1/mesh/watch?destination=10.77.0.2",
+        &[],
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        (resp.status, resp.error_code().as_str()),
+        (401, "untrusted_client_certificate"),
+        "{}",
+        resp.body
+    );
+    assert!(resp.body.contains("other.domain"), "{}", resp.body);
+    other.running.shutdown().await;
+    ca.running.shutdown().await;
+}

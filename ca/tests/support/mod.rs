@@ -193,12 +193,12 @@ pub async fn raw(
         .await
         .unwrap();
     let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    // A stream (a watch that was wrongly accepted) must fail the test, not hang it.
+    let body = match tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await
+    {
+        Ok(collected) => collected.map(|b| b.to_bytes()).unwrap_or_default(),
+        Err(_) => Bytes::from_static(b"<answer still streaming after 5 s>"),
+    };
     RawResponse {
         status,
         body: String::from_utf8_lossy(&body).into_owned(),
