@@ -222,8 +222,14 @@ pub async fn run_rotation(identity: Arc<Identity>, mut shutdown: watch::Receiver
                 attempt = 0;
                 expiry_reported = false;
                 identity.metrics.rotation_succeeded();
-                let at = renew_at(installed.not_before, installed.not_after, random_jitter());
-                let secs = (at - identity.clock.unix()).max(1) as u64;
+                let now = identity.clock.unix();
+                let at = renew_at(
+                    installed.not_before,
+                    installed.not_after,
+                    now,
+                    random_jitter(),
+                );
+                let secs = (at - now).max(1) as u64;
                 tracing::info!(
                     spiffe_id = %installed.spiffe_id,
                     serial = %installed.serial,

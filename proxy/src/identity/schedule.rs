@@ -2,12 +2,17 @@
 
 use std::time::Duration;
 
-/// Unix time at which to renew a certificate valid from `not_before` to `not_after`: at half
-/// its lifetime, moved by `jitter` (in `-1.0..=1.0`) times 10% of the lifetime.
-pub fn renew_at(not_before: i64, not_after: i64, jitter: f64) -> i64 {
-    let lifetime = (not_after - not_before).max(0) as f64;
+/// Unix time at which to renew a certificate valid from `not_before` to `not_after` and
+/// received at `received`: at half its usable lifetime, moved by `jitter` (in `-1.0..=1.0`)
+/// times 10% of that lifetime. The usable lifetime starts when the certificate arrived, not at
+/// `not_before`: the CA backdates `not_before` by a minute to tolerate clock skew, and counting
+/// that minute would renew a short-lived certificate at once (a 1-minute certificate would be
+/// renewed in a loop).
+pub fn renew_at(not_before: i64, not_after: i64, received: i64, jitter: f64) -> i64 {
+    let start = not_before.max(received);
+    let lifetime = (not_after - start).max(0) as f64;
     let jitter = jitter.clamp(-1.0, 1.0);
-    not_before + (lifetime * (0.5 + 0.1 * jitter)).round() as i64
+    start + (lifetime * (0.5 + 0.1 * jitter)).round() as i64
 }
 
 /// Wait before retry number `attempt` (0 for the first retry): `base` doubled each time,
@@ -23,13 +28,22 @@ mod tests {
 
     #[test]
     fn renews_at_half_life_within_ten_percent() {
-        assert_eq!(renew_at(1000, 4600, 0.0), 2800);
-        assert_eq!(renew_at(1000, 4600, 1.0), 1000 + 2160);
-        assert_eq!(renew_at(1000, 4600, -1.0), 1000 + 1440);
+        assert_eq!(renew_at(1000, 4600, 1000, 0.0), 2800);
+        assert_eq!(renew_at(1000, 4600, 1000, 1.0), 1000 + 2160);
+        assert_eq!(renew_at(1000, 4600, 1000, -1.0), 1000 + 1440);
         // Jitter outside the range is clamped, never past 60%.
-        assert_eq!(renew_at(1000, 4600, 7.0), 1000 + 2160);
+        assert_eq!(renew_at(1000, 4600, 1000, 7.0), 1000 + 2160);
         // A nonsense validity renews immediately.
-        assert_eq!(renew_at(1000, 900, 0.0), 1000);
+        assert_eq!(renew_at(1000, 900, 1000, 0.0), 1000);
+    }
+
+    #[test]
+    fn the_backdated_minute_does_not_count() {
+        // Issued at 1060 with not_before backdated to 1000 and a 60 s lifetime: renew at 1090,
+        // not at once (half of 1000..1120 would be 1060, the moment it arrived).
+        assert_eq!(renew_at(1000, 1120, 1060, 0.0), 1090);
+        // A receipt time before not_before (a clock behind the CA's) starts at not_before.
+        assert_eq!(renew_at(1000, 4600, 900, 0.0), 2800);
     }
 
     #[test]
