@@ -1,0 +1,3 @@
+//! Shared harness of the whole-system tests.
+
+pub mod node;
