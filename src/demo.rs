@@ -70,16 +70,25 @@ pub fn run() -> ExitCode {
         .build()
     {
         Ok(rt) => {
-            let result = rt.block_on(scenario(dir.path(), &events, &progress));
-            // Whatever a failure left behind stops with the runtime.
+            let result = rt.block_on(async {
+                tokio::select! {
+                    result = scenario(dir.path(), &events, &progress) => Some(result),
+                    _ = tokio::signal::ctrl_c() => None,
+                }
+            });
+            // Whatever a failure or an interruption left behind stops with the runtime.
             rt.shutdown_timeout(Duration::from_secs(2));
             result
         }
-        Err(e) => Err(anyhow!("cannot start the async runtime: {e}")),
+        Err(e) => Some(Err(anyhow!("cannot start the async runtime: {e}"))),
     };
     progress.clear();
     match result {
-        Ok(report) => {
+        None => {
+            eprintln!("palisade demo: interrupted; everything it started has stopped");
+            ExitCode::from(130)
+        }
+        Some(Ok(report)) => {
             println!("{report}");
             println!(
                 "Finished in {:.1}s. Everything behaved as expected.",
@@ -87,7 +96,7 @@ pub fn run() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Some(Err(e)) => {
             let kept = dir.keep();
             eprintln!("palisade demo: FAILED: {e:#}");
             eprintln!(
