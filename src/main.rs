@@ -1,9 +1,10 @@
-//! `palisade`: certificate inspection and policy checks (and, later, the whole-mesh demo).
+//! `palisade`: the whole-mesh demo, certificate inspection and policy checks.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod inspect;
 mod policy_check;
 
@@ -11,7 +12,7 @@ mod policy_check;
 #[command(
     name = "palisade",
     version,
-    about = "Palisade: inspect mesh certificates, check policies"
+    about = "Palisade: run the mesh on this machine, inspect mesh certificates, check policies"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -20,6 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole mesh on this machine (no cluster, no root) and report what happened:
+    /// a CA, workloads with their proxies, allowed and denied calls, a certificate rotation.
+    Demo,
     /// Explain a certificate (or a chain) in PEM: identity, validity, profile.
     Inspect {
         /// PEM file with one or more certificates, leaf first.
@@ -40,6 +44,7 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
+        Command::Demo => return demo::run(),
         Command::Inspect { cert } => inspect::run(&cert).map(|()| ExitCode::SUCCESS),
         Command::Policy {
             command: PolicyCommand::Check(args),

@@ -200,11 +200,12 @@ async fn issue(ca: &Ca, req: Request<Incoming>) -> Result<Response<Body>, ApiErr
         .issue_leaf(&accepted.spki_der, &id, ttl, now)
         .map_err(|e| ApiError::new(ErrorCode::Internal, format!("signing failed: {e}")))?;
     let expires_at = issued.not_after.format(&Rfc3339).expect("RFC 3339 formats");
-    crate::audit::certificate_issued(
+    ca.audit.certificate_issued(
         &issued.serial,
         &id,
-        who.pod_name.as_deref(),
-        &who.namespace,
+        who.pod_name
+            .as_deref()
+            .map(|pod| format!("{}/{pod}", who.namespace)),
         &expires_at,
         ca.authenticator.name(),
         accepted.key_type,

@@ -24,12 +24,13 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::audit::AuditLog;
 use crate::auth::Authenticator;
 use crate::auth::jwks::JwksAuthenticator;
 use crate::auth::kube::KubeAuthenticator;
 use crate::auth::local::{LocalAuthenticator, LocalIssuer};
 use crate::authority::Authority;
-use crate::config::{AuthMode, ConfigError, MeshSource, ServeConfig};
+use crate::config::{AuditSink, AuthMode, ConfigError, MeshSource, ServeConfig};
 use crate::keys::{KeyError, KeySource, load_or_create};
 use crate::kube::secret_keys::{SecretKeyError, load_or_create_in_secret};
 use crate::kube::{WatchSettings, spawn_watches};
@@ -66,12 +67,15 @@ pub enum StartError {
     Bind(SocketAddr, std::io::Error),
     #[error("cannot make the CA's serving certificate: {0}")]
     ServerCert(String),
+    #[error("cannot open the audit file {0}: {1}")]
+    Audit(std::path::PathBuf, std::io::Error),
 }
 
 /// What request handlers share.
 pub struct Ca {
     pub config: ServeConfig,
     pub authority: Authority,
+    pub audit: AuditLog,
     pub authenticator: Arc<dyn Authenticator>,
     pub publisher: MeshPublisher,
     pub metrics: Arc<Metrics>,
@@ -253,7 +257,14 @@ pub async fn start_with_kube_client(
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
 
+    let audit = match &config.audit {
+        AuditSink::Stdout => AuditLog::stdout(),
+        AuditSink::File(path) => {
+            AuditLog::file(path).map_err(|e| StartError::Audit(path.clone(), e))?
+        }
+    };
     let ca = Arc::new(Ca {
+        audit,
         limiter: RateLimiter::new(config.rate_limit_per_identity, config.rate_limit_burst),
         config,
         authority,

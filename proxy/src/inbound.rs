@@ -155,13 +155,23 @@ fn admit(dp: &DataPath, peer: SocketAddr, port: u16, caller: Caller<'_>) -> bool
     let policy = dp.mesh.inbound();
     let verdict = decide(policy.as_deref(), port, caller);
     dp.metrics.decision(verdict.result, verdict.reason);
-    if verdict.result != "allow" {
+    if verdict.result == "allow" {
+        // Debug level: silent by default, and the fields are only formatted when enabled.
+        tracing::debug!(
+            target: "palisade::policy",
+            result = verdict.result,
+            caller = %CallerName(caller),
+            caller_address = %peer,
+            target_workload = policy.as_deref().map_or("", |p| p.workload.as_str()),
+            port,
+            policy = %verdict.policy,
+            reason = verdict.reason,
+            "connection allowed"
+        );
+    } else {
         dp.denials.record(&DenialEvent {
             result: verdict.result,
-            caller: match caller {
-                Caller::Authenticated(id) => id.to_string(),
-                Caller::Unauthenticated => "unauthenticated".into(),
-            },
+            caller: CallerName(caller).to_string(),
             caller_address: peer.to_string(),
             target: policy.map(|p| p.workload.clone()).unwrap_or_default(),
             port,
@@ -170,6 +180,18 @@ fn admit(dp: &DataPath, peer: SocketAddr, port: u16, caller: Caller<'_>) -> bool
         });
     }
     verdict.allowed
+}
+
+/// How policy events name a caller: its SPIFFE ID, or `unauthenticated`.
+struct CallerName<'a>(Caller<'a>);
+
+impl std::fmt::Display for CallerName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Caller::Authenticated(id) => write!(f, "{id}"),
+            Caller::Unauthenticated => f.write_str("unauthenticated"),
+        }
+    }
 }
 
 fn finish(dp: &DataPath, relayed: crate::relay::Relayed) {

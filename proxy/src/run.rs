@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use palisade_ca_api::cert::parse_pem_certs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::app::{Parts, Settings, start};
+use crate::app::{Bound, Parts, Settings};
 use crate::ca_client::{CaEndpoint, CaSource};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -22,6 +22,31 @@ use crate::tls::TrustBundle;
 
 /// Runs the proxy until SIGTERM/SIGINT or `POST /shutdown`, then drains and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let bound = start(&config).await?;
+    let trigger = bound.shutdown_handle();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        let _ = trigger.send(true);
+    });
+    bound.wait().await;
+    Ok(())
+}
+
+/// Builds every part from `config`, binds the listeners and starts the tasks; the proxy runs
+/// until [`Bound::shutdown`] (or `POST /shutdown`), and [`Bound::wait`] waits for its drain.
+/// Several proxies can run in one process this way (the `palisade demo`).
+pub async fn start(config: &Config) -> anyhow::Result<Bound> {
     let anchors_pem = std::fs::read_to_string(&config.trust_anchors).with_context(|| {
         format!(
             "cannot read PALISADE_TRUST_ANCHORS={}",
@@ -98,7 +123,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         probes: config.app_probes.clone(),
         probe_timeout: config.probe_timeout,
     };
-    let bound = start(
+    let bound = crate::app::start(
         settings,
         Parts {
             store,
@@ -119,24 +144,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ca = %config.ca_addr,
         "palisade-proxy started"
     );
-    let trigger = bound.shutdown_handle();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-        let _ = trigger.send(true);
-    });
-    bound.wait().await;
-    Ok(())
+    Ok(bound)
 }
 
 /// Polls `GET /ready` on the admin address until it answers 200 or `timeout` passes.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The embedded walk-through: starts palisade-ca on loopback with a mesh file and local tokens,
-# has a workload get a certificate the way a proxy does (openssl CSR + token, sent by curl),
-# verifies it with openssl, shows a refusal and the mesh watch's view, and stops everything.
+# The CA by hand: starts palisade-ca on loopback with a mesh file and local tokens, has a
+# workload get a certificate the way a proxy does (openssl CSR + token, sent by curl), verifies
+# it with openssl, shows a refusal and the mesh watch's view, and stops everything.
+# (The whole mesh, proxies included, is `cargo run --release -p palisade -- demo`.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh

@@ -1,0 +1,506 @@
+//! `palisade demo`: the whole mesh on this machine, in this process, with no cluster and no
+//! root. A CA on a mesh file, three meshed workloads with their proxies, an app, and a
+//! plaintext caller; allowed and denied calls, a policy change, a live certificate rotation,
+//! and a report built from what the proxies logged and counted. Everything runs on one tokio
+//! runtime, so nothing outlives the command.
+
+mod capture;
+mod progress;
+mod report;
+mod traffic;
+mod world;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+
+use capture::{POLICY_TARGET, PolicyEvents};
+use progress::Progress;
+use report::{CallRow, Report, RotationRow, Traffic, decisions_line, total};
+use traffic::{Outcome, admin_get, get};
+use world::{API, INTRUDER, OUTSIDER_IP, WEB, World};
+
+/// Short enough that the proxies renew during the demo (at 8 to 12 s).
+const CERT_TTL: Duration = Duration::from_secs(20);
+/// How long a proxy may take to log its decision on a call.
+const DECISION_WAIT: Duration = Duration::from_secs(2);
+/// The control plane's promise: a change reaches the proxies within a second. Allow slack.
+const POLICY_CHANGE_WAIT: Duration = Duration::from_secs(5);
+/// Requests keep going this long once both certificates have been renewed.
+const AFTER_ROTATION: Duration = Duration::from_secs(1);
+
+const MODE: &str = "\
+mode: explicit destinations over loopback, no capture. Transparent capture (iptables) needs root
+      and network namespaces; here each proxy is told where its outbound connections go
+      (PALISADE_OUTBOUND_DESTINATION) and which app port its inbound ones are for
+      (PALISADE_INBOUND_FORWARD_PORT), and each workload has its own 127.0.10.x address as its
+      pod IP. The same mesh with capture, in network-namespace pods:
+      `cargo test -p palisade-proxy --test e2e_netns` as root.";
+
+pub fn run() -> ExitCode {
+    let started = Instant::now();
+    palisade_ca_api::tls::install_default_provider();
+    let dir = match tempfile::Builder::new().prefix("palisade-demo-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("palisade demo: cannot make a temporary directory: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let log = dir.path().join("demo.log");
+    let events = PolicyEvents::default();
+    if let Err(e) = init_tracing(&log, events.clone()) {
+        eprintln!("palisade demo: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "Palisade demo: a CA, three meshed workloads and a plaintext caller on this machine, no cluster."
+    );
+    println!("{MODE}\n");
+    let progress = Progress::new();
+    let result = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => {
+            let result = rt.block_on(async {
+                tokio::select! {
+                    result = scenario(dir.path(), &events, &progress) => Some(result),
+                    _ = tokio::signal::ctrl_c() => None,
+                }
+            });
+            // Whatever a failure or an interruption left behind stops with the runtime.
+            rt.shutdown_timeout(Duration::from_secs(2));
+            result
+        }
+        Err(e) => Some(Err(anyhow!("cannot start the async runtime: {e}"))),
+    };
+    progress.clear();
+    match result {
+        None => {
+            eprintln!("palisade demo: interrupted; everything it started has stopped");
+            ExitCode::from(130)
+        }
+        Some(Ok(report)) => {
+            println!("{report}");
+            println!(
+                "Finished in {:.1}s. Everything behaved as expected.",
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Some(Err(e)) => {
+            let kept = dir.keep();
+            eprintln!("palisade demo: FAILED: {e:#}");
+            eprintln!(
+                "  the CA's and the proxies' logs: {}",
+                kept.join("demo.log").display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to a file (the terminal shows only the progress line and the report); the policy
+/// events are also kept in memory for the report.
+fn init_tracing(log: &Path, events: PolicyEvents) -> anyhow::Result<()> {
+    let file = std::fs::File::create(log)
+        .with_context(|| format!("cannot create the log file {}", log.display()))?;
+    let to_file = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(Arc::new(file))
+        .with_filter(tracing_subscriber::EnvFilter::new(format!(
+            "info,{POLICY_TARGET}=debug"
+        )));
+    let captured = events.with_filter(
+        tracing_subscriber::filter::Targets::new()
+            .with_target(POLICY_TARGET, tracing::Level::DEBUG),
+    );
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::registry().with(to_file).with(captured),
+    )
+    .context("cannot install the log subscriber")
+}
+
+async fn scenario(
+    dir: &Path,
+    events: &PolicyEvents,
+    progress: &Progress,
+) -> anyhow::Result<Report> {
+    progress
+        .step("starting the CA, the api app and the proxies of shop/web, shop/api, shop/intruder");
+    let world = World::start(dir, CERT_TTL).await?;
+    let exercised = exercise(&world, events, progress).await;
+    progress.step("stopping the proxies (drain), the CA and the app");
+    let addrs = world.shutdown().await;
+    let mut report = exercised?;
+    let open = still_listening(&addrs).await;
+    if !open.is_empty() {
+        bail!("still accepting connections after the shutdown: {open:?}");
+    }
+    report.totals.push(format!(
+        "stopped: the CA, 3 proxies and the app; all {} listeners closed",
+        addrs.len()
+    ));
+    Ok(report)
+}
+
+/// A call to shop/api and what it must lead to, as the api's proxy decides it.
+struct Call {
+    /// What the progress line says meanwhile.
+    step: &'static str,
+    caller: String,
+    /// The caller's own address, and where it connects (its proxy, or the api's directly).
+    from: Ipv4Addr,
+    to: SocketAddr,
+    /// The identity the api's proxy must see: a SPIFFE ID, or `unauthenticated`.
+    identity: String,
+    result: &'static str,
+    reason: &'static str,
+}
+
+impl Call {
+    async fn make(&self) -> Outcome {
+        get(Some(self.from), self.to, "/orders").await
+    }
+}
+
+async fn exercise(
+    world: &World,
+    events: &PolicyEvents,
+    progress: &Progress,
+) -> anyhow::Result<Report> {
+    let mut report = Report {
+        mesh: mesh_rows(world),
+        cert_ttl_seconds: world.cert_ttl.as_secs(),
+        ..Report::default()
+    };
+    let api_port = world.app.addr.port();
+    let calls = [
+        Call {
+            step: "shop/web calls shop/api: mTLS between their proxies, then policy",
+            caller: WEB.name(),
+            from: WEB.ip,
+            to: world.web.bound.outbound,
+            identity: WEB.spiffe_id(),
+            result: "allow",
+            reason: "rule_matched",
+        },
+        Call {
+            step: "shop/intruder calls shop/api: a valid mesh identity the policy does not list",
+            caller: INTRUDER.name(),
+            from: INTRUDER.ip,
+            to: world.intruder.bound.outbound,
+            identity: INTRUDER.spiffe_id(),
+            result: "deny",
+            reason: "no_rule_matched",
+        },
+        Call {
+            step: "a plaintext caller with no proxy calls shop/api's proxy",
+            caller: format!("outsider {OUTSIDER_IP}"),
+            from: OUTSIDER_IP,
+            to: world.api.bound.inbound,
+            identity: "unauthenticated".into(),
+            result: "deny",
+            reason: "plaintext_not_allowed",
+        },
+    ];
+    for call in &calls {
+        progress.step(call.step);
+        let mark = events.mark();
+        let outcome = call.make().await;
+        report
+            .calls
+            .push(check(events, mark, api_port, call, &outcome).await?);
+    }
+
+    let (row, took) = policy_change(world, events, progress, api_port).await?;
+    report.calls.push(row);
+    report.policy_change = Some(format!(
+        "the last call came after editing the mesh file's policy to list shop/intruder: applied to the api's proxy in {:.1}s",
+        took.as_secs_f64()
+    ));
+
+    let (rotations, traffic) = rotation(world, progress).await?;
+    report.rotations = rotations;
+    report.traffic = traffic;
+
+    progress.step("reading the proxies' and the CA's /metrics");
+    report.totals = totals(world).await?;
+    Ok(report)
+}
+
+/// Checks a call's outcome against the decision the api's proxy logged after `mark`.
+async fn check(
+    events: &PolicyEvents,
+    mark: usize,
+    api_port: u16,
+    expected: &Call,
+    outcome: &Outcome,
+) -> anyhow::Result<CallRow> {
+    let event = events
+        .wait_for(mark, DECISION_WAIT, |e| {
+            e.target == API.name() && e.caller == expected.identity
+        })
+        .await
+        .ok_or_else(|| {
+            anyhow!(
+                "{} → shop/api: the api's proxy logged no decision about {} within {DECISION_WAIT:?} (the caller saw: {outcome})",
+                expected.caller,
+                expected.identity
+            )
+        })?;
+    let policy = format!("{}/{}", world::NAMESPACE, world::POLICY);
+    if event.result != expected.result || event.reason != expected.reason || event.policy != policy
+    {
+        bail!(
+            "{} → shop/api: expected {} ({}) by {policy}, but the api's proxy decided {} ({}) by {}",
+            expected.caller,
+            expected.result,
+            expected.reason,
+            event.result,
+            event.reason,
+            event.policy
+        );
+    }
+    if event.port != api_port {
+        bail!(
+            "{} → shop/api: the decision was for port {}, not the app's port {api_port}",
+            expected.caller,
+            event.port
+        );
+    }
+    let answered = outcome.is_ok();
+    if answered != (expected.result == "allow") {
+        bail!(
+            "{} → shop/api: the api's proxy decided {}, but the caller saw {outcome}",
+            expected.caller,
+            event.result
+        );
+    }
+    Ok(CallRow::new(&expected.caller, &event, outcome))
+}
+
+/// Lets shop/intruder in by editing the mesh file, and measures how soon a call gets through.
+async fn policy_change(
+    world: &World,
+    events: &PolicyEvents,
+    progress: &Progress,
+    api_port: u16,
+) -> anyhow::Result<(CallRow, Duration)> {
+    let expected = Call {
+        step: "policy change: the mesh file now lets shop/intruder call shop/api",
+        caller: INTRUDER.name(),
+        from: INTRUDER.ip,
+        to: world.intruder.bound.outbound,
+        identity: INTRUDER.spiffe_id(),
+        result: "allow",
+        reason: "rule_matched",
+    };
+    progress.step(expected.step);
+    world.allow_callers(&[&WEB.name(), &INTRUDER.name()])?;
+    let changed = Instant::now();
+    loop {
+        let mark = events.mark();
+        let outcome = expected.make().await;
+        if outcome.is_ok() {
+            let took = changed.elapsed();
+            let row = check(events, mark, api_port, &expected, &outcome).await?;
+            return Ok((row, took));
+        }
+        if changed.elapsed() > POLICY_CHANGE_WAIT {
+            bail!(
+                "the policy change did not reach the api's proxy within {POLICY_CHANGE_WAIT:?}: shop/intruder still sees {outcome}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Keeps shop/web calling shop/api until both proxies have renewed their certificates (and a
+/// little longer), counting every request that fails.
+async fn rotation(
+    world: &World,
+    progress: &Progress,
+) -> anyhow::Result<(Vec<RotationRow>, Traffic)> {
+    let proxies = [&world.web, &world.api];
+    let mut before = Vec::new();
+    for p in proxies {
+        before.push(serial(p.bound.admin).await?);
+    }
+    progress.step(
+        "rotation: shop/web keeps calling shop/api while both proxies renew their certificates",
+    );
+    let started = Instant::now();
+    // The renewal comes at 60% of the lifetime at the latest; the certificate expires at 100%.
+    let deadline = started + world.cert_ttl;
+    let mut after: Vec<Option<(String, f64)>> = vec![None; proxies.len()];
+    let mut traffic = Traffic::default();
+    let mut first_failure = None;
+    let mut polled = started;
+    let mut all_renewed_at = None;
+    loop {
+        let outcome = get(Some(WEB.ip), world.web.bound.outbound, "/orders").await;
+        traffic.requests += 1;
+        if !outcome.is_ok() {
+            traffic.failed += 1;
+            first_failure.get_or_insert_with(|| outcome.to_string());
+        }
+        if polled.elapsed() >= Duration::from_millis(250) {
+            polled = Instant::now();
+            for (i, p) in proxies.iter().enumerate() {
+                let now = serial(p.bound.admin).await?;
+                if after[i].is_none() && now != before[i] {
+                    after[i] = Some((now, progress.elapsed()));
+                }
+            }
+            let renewed = after.iter().filter(|a| a.is_some()).count();
+            progress.detail(&format!(
+                "rotation: {} requests, {} failed; {renewed} of {} proxies renewed ({:.0}s of at most {}s)",
+                traffic.requests,
+                traffic.failed,
+                proxies.len(),
+                started.elapsed().as_secs_f64(),
+                world.cert_ttl.as_secs()
+            ));
+            if renewed == proxies.len() {
+                all_renewed_at.get_or_insert_with(Instant::now);
+            }
+        }
+        if all_renewed_at.is_some_and(|t| t.elapsed() >= AFTER_ROTATION) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let late: Vec<String> = proxies
+                .iter()
+                .zip(&after)
+                .filter(|(_, a)| a.is_none())
+                .map(|(p, _)| p.workload.name())
+                .collect();
+            bail!(
+                "the proxies of {} did not renew their certificates within {:?} (the certificates' lifetime)",
+                late.join(" and "),
+                world.cert_ttl
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if traffic.failed > 0 {
+        bail!(
+            "{} of {} requests from shop/web to shop/api failed during the rotation; the first: {}",
+            traffic.failed,
+            traffic.requests,
+            first_failure.unwrap_or_default()
+        );
+    }
+    let rows = proxies
+        .iter()
+        .zip(before)
+        .zip(after)
+        .filter_map(|((p, before), after)| {
+            after.map(|(after, seen_at)| RotationRow {
+                workload: p.workload.name(),
+                before,
+                after,
+                seen_at,
+            })
+        })
+        .collect();
+    Ok((rows, traffic))
+}
+
+/// The serial of the certificate a proxy presents now, from its `/identity`.
+async fn serial(admin: SocketAddr) -> anyhow::Result<String> {
+    let body = admin_get(admin, "/identity")
+        .await
+        .map_err(|e| anyhow!(e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("/identity answered {body:?}"))?;
+    v["serial"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("/identity of {admin} has no serial: {body}"))
+}
+
+async fn totals(world: &World) -> anyhow::Result<Vec<String>> {
+    let metrics = |addr| async move { admin_get(addr, "/metrics").await.map_err(|e| anyhow!(e)) };
+    let api = metrics(world.api.bound.admin).await?;
+    let ca = metrics(world.ca.admin_addr).await?;
+    let mut renewals = Vec::new();
+    let mut failed_renewals = 0;
+    for p in world.proxies() {
+        let m = metrics(p.bound.admin).await?;
+        // The first certificate is counted too: renewals are the ones after it.
+        let obtained = total(&m, "palisade_certificate_rotations_total", &[]);
+        renewals.push(format!(
+            "{} {}",
+            p.workload.service_account,
+            obtained.saturating_sub(1)
+        ));
+        failed_renewals += total(&m, "palisade_certificate_rotation_failures_total", &[]);
+    }
+    Ok(vec![
+        format!("shop/api's proxy decided: {}", decisions_line(&api)),
+        format!(
+            "the CA issued {} certificates; renewals by proxy: {}; failed certificate requests: {failed_renewals}",
+            total(&ca, "palisade_ca_certificates_issued_total", &[]),
+            renewals.join(", ")
+        ),
+    ])
+}
+
+fn mesh_rows(world: &World) -> Vec<[String; 4]> {
+    let api = &world.api.bound;
+    let sends = |p: &world::Proxy| format!("proxy {} → {}", p.bound.outbound, api.inbound);
+    vec![
+        [
+            WEB.name(),
+            WEB.ip.to_string(),
+            WEB.spiffe_id(),
+            sends(&world.web),
+        ],
+        [
+            API.name(),
+            API.ip.to_string(),
+            API.spiffe_id(),
+            format!("proxy {} → app {}", api.inbound, world.app.addr),
+        ],
+        [
+            INTRUDER.name(),
+            INTRUDER.ip.to_string(),
+            INTRUDER.spiffe_id(),
+            sends(&world.intruder),
+        ],
+        [
+            "outsider".into(),
+            OUTSIDER_IP.to_string(),
+            "none".into(),
+            format!("no proxy: plaintext → {}", api.inbound),
+        ],
+        [
+            "palisade-ca".into(),
+            world.ca.api_addr.ip().to_string(),
+            "palisade-ca.palisade-system.svc".into(),
+            format!("API {}: mesh file, local tokens", world.ca.api_addr),
+        ],
+    ]
+}
+
+/// The addresses that still accept a connection.
+async fn still_listening(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut open = Vec::new();
+    for &a in addrs {
+        let connect = tokio::net::TcpStream::connect(a);
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), connect).await {
+            open.push(a);
+        }
+    }
+    open
+}

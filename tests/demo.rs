@@ -1,0 +1,129 @@
+//! `palisade demo`, as a user runs it: it must finish by itself, exit 0, and report the
+//! allowed call, both denials with their reasons, the policy change and a rotation with no
+//! failed request.
+
+use std::io::Read as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Not a timing assertion: the demo takes well under a minute; this only stops a hung run.
+const OUTER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The report line that starts with `call` (a report row is `  <caller> → <target> ...`).
+fn row<'a>(report: &'a str, call: &str) -> &'a str {
+    report
+        .lines()
+        .find(|l| l.trim_start().starts_with(call))
+        .unwrap_or_else(|| panic!("no row for {call:?} in:\n{report}"))
+}
+
+fn assert_has(line: &str, parts: &[&str], report: &str) {
+    for p in parts {
+        assert!(
+            line.contains(p),
+            "{p:?} missing from the row {line:?} of:\n{report}"
+        );
+    }
+}
+
+#[test]
+fn the_demo_shows_allowed_and_denied_calls_and_a_rotation_then_exits() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .arg("demo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("palisade demo starts");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > OUTER_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("palisade demo did not finish within {OUTER_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        status.success(),
+        "exit {status}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+
+    assert!(
+        out.contains("mode: explicit destinations over loopback"),
+        "{out}"
+    );
+    assert_has(
+        row(&out, "shop/web → shop/api"),
+        &[
+            "spiffe://cluster.local/ns/shop/sa/web",
+            "ALLOW (HTTP 200)",
+            "shop/api-from-web: rule_matched",
+        ],
+        &out,
+    );
+    // The first intruder row is the denial; the second, after the policy change, the allow.
+    assert_has(
+        row(&out, "shop/intruder → shop/api"),
+        &[
+            "spiffe://cluster.local/ns/shop/sa/intruder",
+            "DENY (closed)",
+            "shop/api-from-web: no_rule_matched",
+        ],
+        &out,
+    );
+    let after_change = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("shop/intruder → shop/api"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no second intruder row in:\n{out}"));
+    assert_has(after_change, &["ALLOW (HTTP 200)", "rule_matched"], &out);
+    assert_has(
+        row(&out, "outsider 127.0.10.9 → shop/api"),
+        &[
+            "none: plaintext from 127.0.10.9",
+            "DENY (closed)",
+            "plaintext_not_allowed",
+        ],
+        &out,
+    );
+    assert!(out.contains("applied to the api's proxy in"), "{out}");
+
+    let rotation = out
+        .split_once("Rotation")
+        .map(|(_, rest)| rest)
+        .unwrap_or_else(|| panic!("no rotation section in:\n{out}"));
+    for proxy in ["shop/web", "shop/api"] {
+        let line = row(rotation, proxy);
+        let serials: Vec<&str> = line
+            .split_whitespace()
+            .filter(|w| w.ends_with('…'))
+            .collect();
+        assert_eq!(serials.len(), 2, "{line:?} should show two serials:\n{out}");
+        assert_ne!(
+            serials[0], serials[1],
+            "{line:?}: the serial did not change"
+        );
+    }
+    assert!(
+        rotation.contains(" requests, 0 failed"),
+        "requests failed during the rotation:\n{out}"
+    );
+    assert!(out.contains("listeners closed"), "{out}");
+}
