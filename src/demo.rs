@@ -41,7 +41,7 @@ mode: explicit destinations over loopback, no capture. Transparent capture (ipta
       (PALISADE_OUTBOUND_DESTINATION) and which app port its inbound ones are for
       (PALISADE_INBOUND_FORWARD_PORT), and each workload has its own 127.0.10.x address as its
       pod IP. The same mesh with capture, in network-namespace pods:
-      `cargo test -p palisade-proxy --test e2e_netns` as root.";
+      `cargo test --test mesh_netns` as root (docs/whole-system-tests.md).";
 
 pub fn run() -> ExitCode {
     let started = Instant::now();
