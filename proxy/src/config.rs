@@ -287,7 +287,7 @@ impl Config {
                 "",
                 count(1, MAX_WATCH_DESTINATIONS),
             )?,
-            worker_threads: r.parsed("PALISADE_WORKER_THREADS", Some("2"), "", count(1, 64))?,
+            worker_threads: r.parsed("PALISADE_WORKER_THREADS", Some("1"), "", count(1, 64))?,
             cert_ttl: r.optional("PALISADE_CERT_TTL", |s| {
                 let d = parse_duration(s)?;
                 if (MIN_TTL_SECONDS..=MAX_TTL_SECONDS).contains(&d.as_secs()) {

@@ -26,7 +26,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(c.drain_timeout, Duration::from_secs(30));
     assert_eq!(c.log_format, LogFormat::Json);
     assert_eq!(c.max_destinations, 256);
-    assert_eq!(c.worker_threads, 2);
+    assert_eq!(c.worker_threads, 1);
     assert!(c.app_probes.is_empty());
     assert!(c.outbound_destination.is_none());
 }
