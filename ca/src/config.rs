@@ -46,6 +46,8 @@ pub struct ServeConfig {
     /// With `--source kube`: the policy of namespaces without `palisade.dev/default-policy`.
     /// (The file source takes it from the mesh file.)
     pub default_policy: DefaultPolicy,
+    /// Audit lines are appended to this file instead of going to stdout.
+    pub audit_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,7 @@ impl ServeConfig {
             rate_limit_burst: 20,
             shutdown_grace: Duration::from_secs(10),
             default_policy: DefaultPolicy::AllAuthenticated,
+            audit_file: None,
         }
     }
 

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::audit::AuditLog;
 use crate::auth::Authenticator;
 use crate::auth::jwks::JwksAuthenticator;
 use crate::auth::kube::KubeAuthenticator;
@@ -64,6 +65,8 @@ pub enum StartError {
     ExtraRoots(std::path::PathBuf, String),
     #[error("cannot listen on {0}: {1} (is another process using the port?)")]
     Bind(SocketAddr, std::io::Error),
+    #[error("cannot open the audit file {0}: {1}")]
+    AuditFile(std::path::PathBuf, std::io::Error),
     #[error("cannot make the CA's serving certificate: {0}")]
     ServerCert(String),
 }
@@ -76,6 +79,7 @@ pub struct Ca {
     pub publisher: MeshPublisher,
     pub metrics: Arc<Metrics>,
     pub limiter: RateLimiter,
+    pub audit: AuditLog,
     pub roots: Arc<RootCertStore>,
     pub shutdown: watch::Receiver<bool>,
     /// False until the mesh source has its first complete state (the Kubernetes watches).
@@ -252,9 +256,20 @@ pub async fn start_with_kube_client(
         .with_cert_resolver(resolver.clone());
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
+    let audit = match &config.audit_file {
+        None => AuditLog::stdout(),
+        Some(path) => AuditLog::writing_to(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| StartError::AuditFile(path.clone(), e))?,
+        ),
+    };
 
     let ca = Arc::new(Ca {
         limiter: RateLimiter::new(config.rate_limit_per_identity, config.rate_limit_burst),
+        audit,
         config,
         authority,
         authenticator,
