@@ -19,6 +19,7 @@ use palisade_ca_api::wire::{
 use rustls_pki_types::{CertificateDer, UnixTime};
 use time::format_description::well_known::Rfc3339;
 
+use crate::audit::Issuance;
 use crate::csr::{CsrError, check_csr, csr_der_from_pem};
 use crate::server::Ca;
 
@@ -200,16 +201,17 @@ async fn issue(ca: &Ca, req: Request<Incoming>) -> Result<Response<Body>, ApiErr
         .issue_leaf(&accepted.spki_der, &id, ttl, now)
         .map_err(|e| ApiError::new(ErrorCode::Internal, format!("signing failed: {e}")))?;
     let expires_at = issued.not_after.format(&Rfc3339).expect("RFC 3339 formats");
-    ca.audit.certificate_issued(
-        &issued.serial,
-        &id,
-        who.pod_name
-            .as_deref()
-            .map(|pod| format!("{}/{pod}", who.namespace)),
-        &expires_at,
-        ca.authenticator.name(),
-        accepted.key_type,
-    );
+    ca.audit
+        .certificate_issued(&Issuance {
+            serial: &issued.serial,
+            id: &id,
+            pod: who.pod_name.as_deref(),
+            namespace: &who.namespace,
+            not_after: &expires_at,
+            authenticator: ca.authenticator.name(),
+            key_type: accepted.key_type,
+        })
+        .await;
     let mut chain = Vec::with_capacity(1 + ca.authority.chain_tail().len());
     chain.push(issued.pem);
     chain.extend(ca.authority.chain_tail().iter().cloned());

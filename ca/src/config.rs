@@ -24,15 +24,6 @@ pub enum AuthMode {
     Jwks { issuer: String, source: JwksSource },
 }
 
-/// Where the audit trail (one JSON line per certificate issued) goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuditSink {
-    /// stdout, for the log collector (`palisade-ca serve`).
-    Stdout,
-    /// Appended to a file (the embedded demo, whose terminal shows a report instead).
-    File(PathBuf),
-}
-
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub state_dir: PathBuf,
@@ -55,7 +46,8 @@ pub struct ServeConfig {
     /// With `--source kube`: the policy of namespaces without `palisade.dev/default-policy`.
     /// (The file source takes it from the mesh file.)
     pub default_policy: DefaultPolicy,
-    pub audit: AuditSink,
+    /// Audit lines are appended to this file instead of going to stdout.
+    pub audit_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +82,7 @@ impl ServeConfig {
             rate_limit_burst: 20,
             shutdown_grace: Duration::from_secs(10),
             default_policy: DefaultPolicy::AllAuthenticated,
-            audit: AuditSink::Stdout,
+            audit_file: None,
         }
     }
 

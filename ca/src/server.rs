@@ -30,7 +30,7 @@ use crate::auth::jwks::JwksAuthenticator;
 use crate::auth::kube::KubeAuthenticator;
 use crate::auth::local::{LocalAuthenticator, LocalIssuer};
 use crate::authority::Authority;
-use crate::config::{AuditSink, AuthMode, ConfigError, MeshSource, ServeConfig};
+use crate::config::{AuthMode, ConfigError, MeshSource, ServeConfig};
 use crate::keys::{KeyError, KeySource, load_or_create};
 use crate::kube::secret_keys::{SecretKeyError, load_or_create_in_secret};
 use crate::kube::{WatchSettings, spawn_watches};
@@ -65,21 +65,21 @@ pub enum StartError {
     ExtraRoots(std::path::PathBuf, String),
     #[error("cannot listen on {0}: {1} (is another process using the port?)")]
     Bind(SocketAddr, std::io::Error),
+    #[error("cannot open the audit file {0}: {1}")]
+    AuditFile(std::path::PathBuf, std::io::Error),
     #[error("cannot make the CA's serving certificate: {0}")]
     ServerCert(String),
-    #[error("cannot open the audit file {0}: {1}")]
-    Audit(std::path::PathBuf, std::io::Error),
 }
 
 /// What request handlers share.
 pub struct Ca {
     pub config: ServeConfig,
     pub authority: Authority,
-    pub audit: AuditLog,
     pub authenticator: Arc<dyn Authenticator>,
     pub publisher: MeshPublisher,
     pub metrics: Arc<Metrics>,
     pub limiter: RateLimiter,
+    pub audit: AuditLog,
     pub roots: Arc<RootCertStore>,
     pub shutdown: watch::Receiver<bool>,
     /// False until the mesh source has its first complete state (the Kubernetes watches).
@@ -256,16 +256,20 @@ pub async fn start_with_kube_client(
         .with_cert_resolver(resolver.clone());
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
-
-    let audit = match &config.audit {
-        AuditSink::Stdout => AuditLog::stdout(),
-        AuditSink::File(path) => {
-            AuditLog::file(path).map_err(|e| StartError::Audit(path.clone(), e))?
-        }
+    let audit = match &config.audit_file {
+        None => AuditLog::stdout(),
+        Some(path) => AuditLog::writing_to(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| StartError::AuditFile(path.clone(), e))?,
+        ),
     };
+
     let ca = Arc::new(Ca {
-        audit,
         limiter: RateLimiter::new(config.rate_limit_per_identity, config.rate_limit_burst),
+        audit,
         config,
         authority,
         authenticator,

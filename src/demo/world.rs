@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use palisade_ca::auth::local::LocalIssuer;
-use palisade_ca::config::{AuditSink, ServeConfig};
+use palisade_ca::config::ServeConfig;
 use palisade_ca::server::Running;
 use palisade_proxy::app::Bound;
 use palisade_proxy::config::Config;
@@ -176,7 +176,7 @@ impl World {
         let mut config = ServeConfig::embedded(state_dir.clone(), mesh_file.clone());
         config.cert_ttl = cert_ttl;
         config.allow_short_ttl_for_testing = true;
-        config.audit = AuditSink::File(dir.join("audit.log"));
+        config.audit_file = Some(dir.join("audit.log"));
         let ca = palisade_ca::server::start(config)
             .await
             .context("cannot start the CA")?;

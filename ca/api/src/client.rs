@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{Method, Request, StatusCode, header};
+use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
@@ -145,10 +145,15 @@ impl CaClient {
         request: &CertificateRequest,
     ) -> Result<CertificateResponse, ClientError> {
         let body = serde_json::to_vec(request).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let mut authorization = HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|e| ClientError::Http(format!("the token cannot go in a header: {e}")))?;
+        // Never indexed by HPACK (RFC 7541 §7.1.3): a token is a secret, and each one is sent
+        // once or twice, so keeping it in the compression table only evicts useful entries.
+        authorization.set_sensitive(true);
         let req = Request::builder()
             .method(Method::POST)
             .uri(self.inner.uri(PATH_CERTIFICATES))
-            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::AUTHORIZATION, authorization)
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| ClientError::Http(e.to_string()))?;
