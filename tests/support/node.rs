@@ -280,7 +280,10 @@ impl Node {
             .args(["--listen", &format!("{ip}:15012")])
             .args(["--admin-listen", &format!("{ip}:15014")])
             .env("PALISADE_LOG", "info");
-        if humantime_secs(ttl) < 300 {
+        let ttl_secs = palisade_ca::config::parse_duration(ttl)
+            .unwrap_or_else(|e| panic!("certificate lifetime: {e}"))
+            .as_secs();
+        if ttl_secs < 300 {
             cmd.arg("--allow-short-ttl-for-testing");
         }
         self.ca = Some(self.spawn("ca", cmd));
@@ -630,18 +633,6 @@ pub fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
             "timed out after {limit:?} waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Seconds in a duration such as `90s`, `2m`, `1h` (the CA parses the real thing).
-fn humantime_secs(s: &str) -> u64 {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n.parse().unwrap_or(0);
-    match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => n,
     }
 }
 
