@@ -182,11 +182,11 @@ async fn renews_between_40_and_60_percent_of_lifetime() {
     r.ca.set_default(Answer::Issue(Duration::from_secs(1000)));
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(run_rotation(r.identity.clone(), stopped));
-    // The certificate is valid from now-60s for 1060s: renewal between 424 and 636 s of its
-    // life, i.e. between 364 and 576 s from now.
-    tokio::time::sleep(Duration::from_secs(360)).await;
+    // The certificate is valid from now-60s to now+1000s; its usable life starts when it
+    // arrives (now), so renewal comes between 400 and 600 s from now.
+    tokio::time::sleep(Duration::from_secs(395)).await;
     assert_eq!(r.ca.requests(), 1);
-    tokio::time::sleep(Duration::from_secs(220)).await;
+    tokio::time::sleep(Duration::from_secs(210)).await;
     assert_eq!(r.ca.requests(), 2);
     assert_eq!(r.identity.metrics.rotations(), (2, 0));
     stop.send(true).unwrap();
