@@ -69,7 +69,7 @@ impl ServeConfig {
         ServeConfig {
             state_dir,
             trust_domain: palisade_ca_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
-            namespace: "palisade-system".into(),
+            namespace: palisade_ca_api::contract::DEFAULT_CA_NAMESPACE.into(),
             source: MeshSource::File(mesh_file),
             auth: AuthMode::Local,
             listen: "127.0.0.1:0".parse().expect("literal"),
@@ -116,56 +116,11 @@ impl ServeConfig {
     }
 }
 
-/// Parses `90s`, `30m`, `1h`, `1h30m`, `2d`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration: write e.g. 90s, 30m, 1h or 1h30m");
-    let mut total = 0u64;
-    let mut digits = String::new();
-    for c in text.trim().chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let n: u64 = digits.parse().map_err(|_| bad())?;
-        digits.clear();
-        total += n * match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86400,
-            _ => return Err(bad()),
-        };
-    }
-    if !digits.is_empty() || text.trim().is_empty() {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs(total))
-}
-
-pub fn format_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match (s / 3600, s % 3600 / 60, s % 60) {
-        (h, 0, 0) if h > 0 => format!("{h}h"),
-        (0, m, 0) if m > 0 => format!("{m}m"),
-        (h, m, 0) if h > 0 => format!("{h}h{m}m"),
-        _ => format!("{s}s"),
-    }
-}
+pub use palisade_ca_api::contract::{format_duration, parse_duration};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        for bad in ["", "1", "h", "1x", "-1h"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-        assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
-    }
 
     #[test]
     fn ttl_bounds_are_checked_and_kube_mode_accepted() {

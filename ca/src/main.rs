@@ -7,8 +7,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use palisade_ca::auth::jwks::JwksSource;
 use palisade_ca::auth::local::LocalIssuer;
-use palisade_ca::config::{AuthMode, MeshSource, ServeConfig, parse_duration};
+use palisade_ca::config::{AuthMode, MeshSource, ServeConfig};
 use palisade_ca::keys::KeySource;
+use palisade_ca_api::contract::{self, parse_duration};
 
 #[derive(Parser)]
 #[command(
@@ -56,10 +57,10 @@ struct ServeArgs {
     #[arg(long, env = "PALISADE_STATE_DIR")]
     state_dir: PathBuf,
     /// SPIFFE trust domain.
-    #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local")]
+    #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = contract::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
     /// The CA's own namespace (its identity and DNS name palisade-ca.<ns>.svc).
-    #[arg(long, env = "PALISADE_NAMESPACE", default_value = "palisade-system")]
+    #[arg(long, env = "PALISADE_NAMESPACE", default_value = contract::DEFAULT_CA_NAMESPACE)]
     namespace: String,
     /// Where workloads and policies come from.
     #[arg(long, env = "PALISADE_SOURCE", value_enum, default_value = "file")]
@@ -91,10 +92,10 @@ struct ServeArgs {
     #[arg(long, env = "PALISADE_JWKS_CA_FILE")]
     jwks_ca_file: Option<PathBuf>,
     /// API listen address.
-    #[arg(long, env = "PALISADE_LISTEN", default_value = "0.0.0.0:15012")]
+    #[arg(long, env = "PALISADE_LISTEN", default_value_t = SocketAddr::from(([0, 0, 0, 0], contract::CA_PORT)))]
     listen: SocketAddr,
     /// Admin listen address (/ready, /live, /metrics).
-    #[arg(long, env = "PALISADE_ADMIN_LISTEN", default_value = "0.0.0.0:15014")]
+    #[arg(long, env = "PALISADE_ADMIN_LISTEN", default_value_t = SocketAddr::from(([0, 0, 0, 0], contract::CONTROL_PLANE_ADMIN_PORT)))]
     admin_listen: SocketAddr,
     /// Default certificate lifetime (5m..24h).
     #[arg(long, env = "PALISADE_CERT_TTL", default_value = "1h", value_parser = parse_duration)]

@@ -223,8 +223,12 @@ pub async fn start_with_kube_client(
         }
     };
 
-    let ca_id = SpiffeId::new(&config.trust_domain, &config.namespace, "palisade-ca")
-        .map_err(|e| StartError::ServerCert(e.to_string()))?;
+    let ca_id = SpiffeId::new(
+        &config.trust_domain,
+        &config.namespace,
+        palisade_ca_api::contract::CA_SERVICE_ACCOUNT,
+    )
+    .map_err(|e| StartError::ServerCert(e.to_string()))?;
     let dns_names = vec![
         format!("palisade-ca.{}.svc", config.namespace),
         format!(

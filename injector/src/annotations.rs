@@ -4,23 +4,13 @@
 //! setting silently dropped.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
-/// Names of the annotations this module reads (DESIGN.md, "Injector").
-pub const SKIP_INBOUND_PORTS: &str = "palisade.dev/skip-inbound-ports";
-pub const SKIP_OUTBOUND_PORTS: &str = "palisade.dev/skip-outbound-ports";
-pub const SKIP_OUTBOUND_CIDRS: &str = "palisade.dev/skip-outbound-cidrs";
-pub const PROXY_CPU_REQUEST: &str = "palisade.dev/proxy-cpu-request";
-pub const PROXY_MEMORY_LIMIT: &str = "palisade.dev/proxy-memory-limit";
-pub const LOG_LEVEL: &str = "palisade.dev/log-level";
-
-/// Opt-out label and annotation (`disabled`); `enabled` is accepted and changes nothing.
-pub const INJECT: &str = "palisade.dev/inject";
-/// Written by the injector: the app's original probes, for the proxy (docs/injector.md).
-pub const APP_PROBES: &str = "palisade.dev/app-probes";
+pub use palisade_ca_api::contract::INJECT;
+pub use palisade_ca_api::contract::annotations::*;
+use palisade_ca_api::contract::{self, APP_PROBES_ANNOTATION, Cidr, DEFAULT_POLICY_ANNOTATION};
 
 const PORTS_FORM: &str = "comma-separated port numbers 1-65535, e.g. \"8080,9090\"";
-const CIDRS_FORM: &str = "comma-separated CIDRs, e.g. \"10.0.0.0/8,fd00::/8\"";
+const CIDRS_FORM: &str = "comma-separated IPv4 CIDRs, e.g. \"10.0.0.0/8,169.254.169.254/32\"";
 const CPU_FORM: &str = "a Kubernetes CPU quantity above zero, e.g. \"100m\" or \"0.5\"";
 const MEMORY_FORM: &str = "a Kubernetes memory quantity above zero, e.g. \"128Mi\" or \"1Gi\" (suffixes Ki Mi Gi Ti k M G T)";
 const LOG_FORM: &str = "a level (trace, debug, info, warn, error, off) or comma-separated \
@@ -64,7 +54,7 @@ impl ValueError {
 pub struct PodOverrides {
     pub skip_inbound_ports: Vec<u16>,
     pub skip_outbound_ports: Vec<u16>,
-    pub skip_outbound_cidrs: Vec<String>,
+    pub skip_outbound_cidrs: Vec<Cidr>,
     pub cpu_request: Option<Quantity>,
     pub memory_limit: Option<Quantity>,
     pub log_level: Option<String>,
@@ -89,7 +79,7 @@ pub fn parse_overrides(
             PROXY_MEMORY_LIMIT => overrides.memory_limit = Some(Quantity::memory(key, value)?),
             LOG_LEVEL => overrides.log_level = Some(parse_log_level(key, value)?),
             INJECT => parse_inject(key, value).map(drop)?,
-            APP_PROBES | "palisade.dev/default-policy" => {}
+            APP_PROBES_ANNOTATION | DEFAULT_POLICY_ANNOTATION => {}
             other if other.starts_with("palisade.dev/") => warnings.push(format!(
                 "annotation {other} is not one palisade-injector knows and was ignored; \
                  see docs/injector.md for the supported annotations"
@@ -114,47 +104,15 @@ pub fn parse_inject(setting: &str, value: &str) -> Result<bool, ValueError> {
     }
 }
 
+/// The contract's port list, as `palisade-init` reads it.
 pub fn parse_ports(setting: &str, value: &str) -> Result<Vec<u16>, ValueError> {
-    let mut ports = Vec::new();
-    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        match item.parse::<u16>() {
-            Ok(port) if port != 0 => ports.push(port),
-            _ => {
-                return Err(ValueError::new(
-                    setting,
-                    value,
-                    format!("{item:?} is not a port number"),
-                    PORTS_FORM,
-                ));
-            }
-        }
-    }
-    ports.sort_unstable();
-    ports.dedup();
-    Ok(ports)
+    contract::parse_ports(value).map_err(|why| ValueError::new(setting, value, why, PORTS_FORM))
 }
 
-pub fn parse_cidrs(setting: &str, value: &str) -> Result<Vec<String>, ValueError> {
-    let mut cidrs = Vec::new();
-    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let bad = |why: String| ValueError::new(setting, value, why, CIDRS_FORM);
-        let (addr, prefix) = item
-            .split_once('/')
-            .ok_or_else(|| bad(format!("{item:?} has no /prefix-length")))?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| bad(format!("{addr:?} is not an IP address")))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        match prefix.parse::<u8>() {
-            Ok(len) if len <= max => cidrs.push(format!("{addr}/{len}")),
-            _ => {
-                return Err(bad(format!(
-                    "{prefix:?} is not a prefix length 0-{max} for {addr}"
-                )));
-            }
-        }
-    }
-    Ok(cidrs)
+/// The contract's CIDR list: the parser `palisade-init` uses, so a pod admitted here never
+/// fails there.
+pub fn parse_cidrs(setting: &str, value: &str) -> Result<Vec<Cidr>, ValueError> {
+    contract::parse_cidrs(value).map_err(|why| ValueError::new(setting, value, why, CIDRS_FORM))
 }
 
 pub fn parse_log_level(setting: &str, value: &str) -> Result<String, ValueError> {
@@ -308,21 +266,23 @@ mod tests {
     }
 
     #[test]
-    fn cidrs_accept_v4_and_v6_and_reject_the_rest() {
+    fn cidrs_are_the_forms_palisade_init_accepts() {
+        let text = |cidrs: Vec<Cidr>| cidrs.iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(
-            parse_cidrs("x", "10.0.0.0/8, fd00::/8").unwrap(),
-            vec!["10.0.0.0/8".to_string(), "fd00::/8".to_string()]
+            text(parse_cidrs("x", "10.0.0.0/8, 169.254.169.254").unwrap()),
+            ["10.0.0.0/8", "169.254.169.254/32"]
         );
-        for bad in [
-            "10.0.0.0",
-            "10.0.0.0/33",
-            "fd00::/129",
-            "example.com/8",
-            "10.0.0.0/x",
-        ] {
+        for bad in ["10.0.0.0/33", "example.com/8", "10.0.0.0/x", "fd00::/8"] {
             let err = parse_cidrs(SKIP_OUTBOUND_CIDRS, bad).unwrap_err();
-            assert!(err.to_string().contains("10.0.0.0/8,fd00::/8"), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.starts_with("palisade.dev/skip-outbound-cidrs="),
+                "{text}"
+            );
+            assert!(text.contains("10.0.0.0/8,169.254.169.254/32"), "{text}");
         }
+        let v6 = parse_cidrs(SKIP_OUTBOUND_CIDRS, "fd00::/8").unwrap_err();
+        assert!(v6.reason.contains("covers IPv4 only"), "{v6}");
     }
 
     #[test]
@@ -389,7 +349,10 @@ mod tests {
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(o.skip_inbound_ports, vec![22]);
         assert_eq!(o.skip_outbound_ports, vec![5432, 6379]);
-        assert_eq!(o.skip_outbound_cidrs, vec!["169.254.169.254/32"]);
+        assert_eq!(
+            o.skip_outbound_cidrs,
+            vec!["169.254.169.254/32".parse().unwrap()]
+        );
         assert_eq!(o.cpu_request.unwrap().text, "250m");
         assert_eq!(o.memory_limit.unwrap().text, "512Mi");
         assert_eq!(o.log_level.as_deref(), Some("debug"));

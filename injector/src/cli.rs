@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
+use palisade_ca_api::contract::{
+    self, CONTROL_PLANE_ADMIN_PORT, DEFAULT_CA_NAMESPACE, DEFAULT_TRUST_DOMAIN, INJECTOR_PORT,
+};
+
 use crate::annotations::ValueError;
 use crate::server::ServeConfig;
 use crate::settings::RawSettings;
@@ -38,28 +42,24 @@ pub struct ServeArgs {
     #[arg(long, env = "PALISADE_TLS_KEY")]
     pub tls_key: PathBuf,
     /// Address of the HTTPS webhook.
-    #[arg(long, env = "PALISADE_LISTEN", default_value = "0.0.0.0:15017")]
+    #[arg(long, env = "PALISADE_LISTEN", default_value_t = SocketAddr::from(([0, 0, 0, 0], INJECTOR_PORT)))]
     pub listen: SocketAddr,
     /// Address of the plain-HTTP admin endpoints (/ready, /live, /metrics).
-    #[arg(long, env = "PALISADE_ADMIN_LISTEN", default_value = "0.0.0.0:15014")]
+    #[arg(long, env = "PALISADE_ADMIN_LISTEN", default_value_t = SocketAddr::from(([0, 0, 0, 0], CONTROL_PLANE_ADMIN_PORT)))]
     pub admin_listen: SocketAddr,
     /// Image of palisade-proxy, used for the proxy and for palisade-init.
     #[arg(long, env = "PALISADE_PROXY_IMAGE", default_value = concat!("palisade-proxy:", env!("CARGO_PKG_VERSION")))]
     pub proxy_image: String,
     /// host:port of the CA, given to proxies as PALISADE_CA_ADDR.
-    #[arg(
-        long,
-        env = "PALISADE_CA_ADDR",
-        default_value = "palisade-ca.palisade-system.svc:15012"
-    )]
+    #[arg(long, env = "PALISADE_CA_ADDR", default_value_t = contract::ca_addr(DEFAULT_CA_NAMESPACE))]
     pub ca_addr: String,
     /// DNS name proxies verify on the CA's certificate (PALISADE_CA_NAME).
-    #[arg(
-        long,
-        env = "PALISADE_CA_NAME",
-        default_value = "palisade-ca.palisade-system.svc"
-    )]
+    #[arg(long, env = "PALISADE_CA_NAME", default_value_t = contract::ca_dns_name(DEFAULT_CA_NAMESPACE))]
     pub ca_name: String,
+    /// The mesh's trust domain, given to proxies as PALISADE_TRUST_DOMAIN; it must be the
+    /// CA's `--trust-domain`, or the CA refuses their certificate requests.
+    #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
     /// Inject the proxy as a native sidecar (Kubernetes 1.29+); false: first regular container.
     #[arg(long, env = "PALISADE_NATIVE_SIDECAR", default_value_t = true, action = ArgAction::Set)]
     pub native_sidecar: bool,
@@ -82,7 +82,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PALISADE_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_bytes: usize,
     /// How often the certificate files are checked for changes, e.g. 500ms, 2s, 1m.
-    #[arg(long, env = "PALISADE_TLS_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "PALISADE_TLS_RELOAD_INTERVAL", default_value = "2s", value_parser = positive_duration)]
     pub tls_reload_interval: Duration,
     /// Most webhook connections served at once; further ones wait to be accepted.
     #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 1024)]
@@ -95,29 +95,12 @@ pub struct ServeArgs {
     pub log_format: String,
 }
 
-/// `500ms`, `2s`, `1m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| text.split_at(i))
-        .unwrap_or((text, ""));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration; write e.g. 500ms, 2s or 1m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => {
-            return Err(format!(
-                "{text:?} has no unit ms, s or m; write e.g. 500ms, 2s or 1m"
-            ));
-        }
-    };
-    if d.is_zero() {
-        return Err(format!("{text:?} is zero; give a positive interval"));
+/// The contract's duration form, above zero.
+pub fn positive_duration(text: &str) -> Result<Duration, String> {
+    match contract::parse_duration(text)? {
+        d if d.is_zero() => Err(format!("{text:?} is zero; give a positive interval")),
+        d => Ok(d),
     }
-    Ok(d)
 }
 
 impl ServeArgs {
@@ -126,6 +109,7 @@ impl ServeArgs {
             proxy_image: self.proxy_image,
             ca_addr: self.ca_addr,
             ca_name: self.ca_name,
+            trust_domain: self.trust_domain,
             native_sidecar: self.native_sidecar,
             cpu_request: self.proxy_cpu_request,
             cpu_limit: self.proxy_cpu_limit,
@@ -212,11 +196,31 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        for bad in ["", "2", "s", "0s", "2h", "-1s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        assert_eq!(
+            positive_duration("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(positive_duration("1m").unwrap(), Duration::from_secs(60));
+        for bad in ["", "2", "s", "0s", "-1s"] {
+            assert!(positive_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn trust_domain_reaches_the_settings() {
+        let config = parse(&["--trust-domain", "prod.example.org"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(config.settings.trust_domain(), "prod.example.org");
+        assert_eq!(
+            parse(&[])
+                .unwrap()
+                .into_config()
+                .unwrap()
+                .settings
+                .trust_domain(),
+            "cluster.local"
+        );
     }
 }

@@ -7,8 +7,8 @@ use kube_core::GroupVersionKind;
 use kube_core::admission::Operation;
 
 use crate::annotations::{INJECT, ValueError, parse_inject};
-use crate::patch::INJECTED_LABEL;
 use crate::settings::PROXY_CONTAINER;
+use palisade_ca_api::contract::INJECTED_LABEL;
 
 /// Why a request was allowed without a patch; each is counted in metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

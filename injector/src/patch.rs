@@ -3,23 +3,22 @@
 //! rewrites) come before the insertions that shift those indices.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::annotations::{self, PodOverrides, ValueError, parse_overrides};
+use crate::annotations::{PodOverrides, ValueError, parse_overrides};
 use crate::probes::{ProbeError, rewrite_probes};
 use crate::settings::{
-    ADMIN_PORT, INBOUND_PORT, INIT_CONTAINER, InjectorSettings, OUTBOUND_PORT, PROXY_CONTAINER,
-    TOKEN_VOLUME, TRUST_VOLUME,
+    INIT_CONTAINER, InjectorSettings, PROXY_CONTAINER, TOKEN_VOLUME, TRUST_VOLUME,
 };
 use crate::sidecar::Prebuilt;
-
-/// The label that marks an injected pod (the CA treats such pods as meshed).
-pub const INJECTED_LABEL: &str = "palisade.dev/injected";
+use palisade_ca_api::contract::{
+    APP_PROBES_ANNOTATION, AppProbes, INBOUND_PORT, INJECTED_LABEL, OUTBOUND_PORT,
+    PROXY_ADMIN_PORT as ADMIN_PORT,
+};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -215,7 +214,7 @@ pub fn build_patch<'a>(
     check_reserved(&all, &volumes)?;
 
     let mut ops = Vec::new();
-    let mut probes = BTreeMap::new();
+    let mut probes = AppProbes::new();
     for (i, c) in spec.containers.iter().enumerate() {
         rewrite_probes(c, &format!("/spec/containers/{i}"), &mut ops, &mut probes)?;
     }
@@ -286,7 +285,7 @@ pub fn build_patch<'a>(
             &mut ops,
             "/metadata/annotations",
             meta.annotations.is_some(),
-            annotations::APP_PROBES,
+            APP_PROBES_ANNOTATION,
             record.into(),
         );
     }

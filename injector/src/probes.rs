@@ -4,14 +4,15 @@
 //! recorded in the `palisade.dev/app-probes` annotation for the proxy to check on the
 //! kubelet's behalf. `exec` probes run inside the container and stay as they are.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::{Container, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::patch::{PatchOp, pointer_token};
-use crate::settings::ADMIN_PORT;
+use palisade_ca_api::contract::{
+    AppProbe, AppProbes, Grpc, Header, HttpGet, PROBE_KINDS, PROXY_ADMIN_PORT, TcpSocket,
+    app_health_path,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProbeError {
@@ -35,13 +36,6 @@ pub enum ProbeError {
     },
 }
 
-/// The proxy's name for each kind of probe, as used in `/app-health/<container>/<name>`.
-pub const PROBE_KINDS: [(&str, &str); 3] = [
-    ("livenessProbe", "livez"),
-    ("readinessProbe", "readyz"),
-    ("startupProbe", "startupz"),
-];
-
 fn probe_of<'c>(container: &'c Container, field: &str) -> Option<&'c Probe> {
     match field {
         "livenessProbe" => container.liveness_probe.as_ref(),
@@ -55,7 +49,7 @@ fn resolve_port(
     container: &Container,
     probe: &'static str,
     port: &IntOrString,
-) -> Result<i32, ProbeError> {
+) -> Result<u16, ProbeError> {
     let number = match port {
         IntOrString::Int(n) => *n,
         IntOrString::String(name) => {
@@ -78,19 +72,14 @@ fn resolve_port(
             }
         }
     };
-    if !(1..=65535).contains(&number) {
-        return Err(ProbeError::BadPort {
+    u16::try_from(number)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ProbeError::BadPort {
             container: container.name.clone(),
             probe,
             port: number.into(),
-        });
-    }
-    Ok(number)
-}
-
-/// The path the kubelet probes after the rewrite.
-pub fn app_health_path(container: &str, kind: &str) -> String {
-    format!("/app-health/{container}/{kind}")
+        })
 }
 
 /// Appends the operations that rewrite the probes of the container at `pointer` (for example
@@ -99,7 +88,7 @@ pub fn rewrite_probes(
     container: &Container,
     pointer: &str,
     ops: &mut Vec<PatchOp<'_>>,
-    records: &mut BTreeMap<String, Value>,
+    records: &mut AppProbes,
 ) -> Result<(), ProbeError> {
     for (field, kind) in PROBE_KINDS {
         let Some(probe) = probe_of(container, field) else {
@@ -107,22 +96,38 @@ pub fn rewrite_probes(
         };
         let probe_pointer = format!("{pointer}/{}", pointer_token(field));
         let (handler, original) = if let Some(http) = &probe.http_get {
-            let mut original = http.clone();
-            original.port = IntOrString::Int(resolve_port(container, field, &http.port)?);
-            ("httpGet", json!({"httpGet": original}))
+            let headers = http.http_headers.iter().flatten();
+            let original = HttpGet {
+                port: resolve_port(container, field, &http.port)?,
+                host: http.host.clone(),
+                path: http.path.clone(),
+                scheme: http.scheme.clone(),
+                http_headers: headers
+                    .map(|h| Header {
+                        name: h.name.clone(),
+                        value: h.value.clone(),
+                    })
+                    .collect(),
+            };
+            ("httpGet", AppProbe::HttpGet(original))
         } else if let Some(tcp) = &probe.tcp_socket {
-            let mut original = tcp.clone();
-            original.port = IntOrString::Int(resolve_port(container, field, &tcp.port)?);
-            ("tcpSocket", json!({"tcpSocket": original}))
+            let original = TcpSocket {
+                port: resolve_port(container, field, &tcp.port)?,
+                host: tcp.host.clone(),
+            };
+            ("tcpSocket", AppProbe::TcpSocket(original))
         } else if let Some(grpc) = &probe.grpc {
-            resolve_port(container, field, &IntOrString::Int(grpc.port))?;
-            ("grpc", json!({"grpc": grpc}))
+            let original = Grpc {
+                port: resolve_port(container, field, &IntOrString::Int(grpc.port))?,
+                service: grpc.service.clone(),
+            };
+            ("grpc", AppProbe::Grpc(original))
         } else {
             continue;
         };
         let rewritten = json!({
             "path": app_health_path(&container.name, kind),
-            "port": ADMIN_PORT,
+            "port": PROXY_ADMIN_PORT,
             "scheme": "HTTP",
         });
         if handler == "httpGet" {
@@ -146,6 +151,10 @@ pub fn rewrite_probes(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::Value;
+
     use super::*;
 
     fn container(value: Value) -> Container {
@@ -156,8 +165,12 @@ mod tests {
         c: &Container,
     ) -> Result<(Vec<PatchOp<'static>>, BTreeMap<String, Value>), ProbeError> {
         let mut ops = Vec::new();
-        let mut records = BTreeMap::new();
+        let mut records = AppProbes::new();
         rewrite_probes(c, "/spec/containers/1", &mut ops, &mut records)?;
+        let records = records
+            .into_iter()
+            .map(|(key, probe)| (key, serde_json::to_value(probe).unwrap()))
+            .collect();
         Ok((ops, records))
     }
 

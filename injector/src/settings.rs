@@ -7,22 +7,15 @@ use std::sync::Arc;
 use crate::annotations::{self, PodOverrides, Quantity, ValueError};
 use crate::sidecar::Prebuilt;
 
-/// Ports and ids of the proxy contract (DESIGN.md, "Proxy").
-pub const PROXY_UID: i64 = 1337;
-pub const INBOUND_PORT: u16 = 15006;
-pub const OUTBOUND_PORT: u16 = 15001;
-pub const ADMIN_PORT: u16 = 15021;
+use palisade_ca_api::contract::{self, DEFAULT_CA_NAMESPACE, DEFAULT_TRUST_DOMAIN, ProxyEnv};
+use palisade_ca_api::spiffe::validate_trust_domain;
 
+/// Names of the injected objects (the ports, paths and names they share with the proxy and the
+/// CA are in `palisade_ca_api::contract`).
 pub const PROXY_CONTAINER: &str = "palisade-proxy";
 pub const INIT_CONTAINER: &str = "palisade-init";
 pub const TOKEN_VOLUME: &str = "palisade-token";
 pub const TRUST_VOLUME: &str = "palisade-trust-anchors";
-pub const TRUST_CONFIGMAP: &str = "palisade-trust-anchors";
-pub const TRUST_KEY: &str = "ca.pem";
-pub const TOKEN_AUDIENCE: &str = "palisade-ca";
-pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
-pub const TOKEN_DIR: &str = "/var/run/palisade/token";
-pub const TRUST_DIR: &str = "/var/run/palisade/trust";
 
 /// The injector's defaults, validated. Built only by [`RawSettings::validate`], which also
 /// renders the injected objects once for pods without overrides; the fields are read-only
@@ -34,6 +27,9 @@ pub struct InjectorSettings {
     pub(crate) ca_addr: String,
     /// DNS name the proxy verifies on the CA's certificate, for `PALISADE_CA_NAME`.
     pub(crate) ca_name: String,
+    /// The mesh's trust domain, for `PALISADE_TRUST_DOMAIN`: it must be the CA's, or the
+    /// CA refuses every certificate request.
+    pub(crate) trust_domain: String,
     /// The proxy as a native sidecar (init container with `restartPolicy: Always`) or, for
     /// clusters before Kubernetes 1.29, as the first regular container.
     pub(crate) native_sidecar: bool,
@@ -54,6 +50,7 @@ pub struct RawSettings {
     pub proxy_image: String,
     pub ca_addr: String,
     pub ca_name: String,
+    pub trust_domain: String,
     pub native_sidecar: bool,
     pub cpu_request: String,
     pub cpu_limit: Option<String>,
@@ -66,8 +63,9 @@ impl Default for RawSettings {
     fn default() -> Self {
         Self {
             proxy_image: concat!("palisade-proxy:", env!("CARGO_PKG_VERSION")).to_owned(),
-            ca_addr: "palisade-ca.palisade-system.svc:15012".to_owned(),
-            ca_name: "palisade-ca.palisade-system.svc".to_owned(),
+            ca_addr: contract::ca_addr(DEFAULT_CA_NAMESPACE),
+            ca_name: contract::ca_dns_name(DEFAULT_CA_NAMESPACE),
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             native_sidecar: true,
             cpu_request: "100m".to_owned(),
             cpu_limit: None,
@@ -102,7 +100,7 @@ impl RawSettings {
                     "--ca-addr",
                     &self.ca_addr,
                     "not host:port",
-                    "host:port, e.g. \"palisade-ca.palisade-system.svc:15012\"",
+                    "host:port, e.g. \"palisade-ca.palisade-system.svc:15012\" (the CA's Service)",
                 ));
             }
         }
@@ -118,10 +116,19 @@ impl RawSettings {
                 "the DNS name on the CA's certificate, e.g. \"palisade-ca.palisade-system.svc\"",
             ));
         }
+        if let Err(e) = validate_trust_domain(&self.trust_domain) {
+            return Err(flag_error(
+                "--trust-domain",
+                &self.trust_domain,
+                &e.to_string(),
+                "the trust domain the CA was started with (chart value trustDomain), e.g. \"cluster.local\"",
+            ));
+        }
         let mut settings = InjectorSettings {
             proxy_image: self.proxy_image.clone(),
             ca_addr: self.ca_addr.clone(),
             ca_name: self.ca_name.clone(),
+            trust_domain: self.trust_domain.clone(),
             native_sidecar: self.native_sidecar,
             cpu_request: Quantity::cpu("--proxy-cpu-request", &self.cpu_request)?,
             cpu_limit: self
@@ -167,6 +174,20 @@ impl InjectorSettings {
 
     pub fn ca_addr(&self) -> &str {
         &self.ca_addr
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The environment of an injected proxy, with `log` as its filter.
+    pub fn proxy_env(&self, log: &str) -> ProxyEnv {
+        ProxyEnv {
+            ca_addr: self.ca_addr.clone(),
+            ca_name: self.ca_name.clone(),
+            trust_domain: self.trust_domain.clone(),
+            log: log.to_owned(),
+        }
     }
 
     /// Resources with a pod's overrides applied. A request above its limit would make the API
@@ -222,7 +243,8 @@ mod tests {
     #[test]
     fn bad_flags_are_named() {
         type Breaker = fn(&mut RawSettings);
-        let cases: [(&str, Breaker); 5] = [
+        let cases: [(&str, Breaker); 6] = [
+            ("--trust-domain", |r| r.trust_domain = "Prod Example".into()),
             ("--ca-addr", |r| r.ca_addr = "no-port".into()),
             ("--proxy-image", |r| r.proxy_image = " ".into()),
             ("--proxy-cpu-request", |r| r.cpu_request = "lots".into()),

@@ -5,10 +5,14 @@
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use palisade_ca_api::contract::{
+    EnvSource, INBOUND_PORT, OUTBOUND_PORT, PROXY_ADMIN_PORT as ADMIN_PORT, PROXY_UID,
+    TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_FILE_NAME, TRUST_ANCHORS_CONFIGMAP,
+    TRUST_ANCHORS_KEY, TRUST_DIR,
+};
+
 use crate::settings::{
-    ADMIN_PORT, INBOUND_PORT, INIT_CONTAINER, OUTBOUND_PORT, PROXY_CONTAINER, PROXY_UID,
-    ProxyResources, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_VOLUME,
-    TRUST_CONFIGMAP, TRUST_DIR, TRUST_KEY, TRUST_VOLUME,
+    INIT_CONTAINER, PROXY_CONTAINER, ProxyResources, TOKEN_VOLUME, TRUST_VOLUME,
 };
 use crate::{annotations::PodOverrides, settings::InjectorSettings};
 
@@ -114,7 +118,7 @@ pub fn init_container(spec: &SidecarSpec<'_>) -> Value {
     }
     if !spec.overrides.skip_outbound_cidrs.is_empty() {
         command.push("--skip-outbound-cidrs".to_owned());
-        command.push(spec.overrides.skip_outbound_cidrs.join(","));
+        command.push(join(&spec.overrides.skip_outbound_cidrs));
     }
     json!({
         "name": INIT_CONTAINER,
@@ -136,8 +140,22 @@ pub fn init_container(spec: &SidecarSpec<'_>) -> Value {
     })
 }
 
-fn field_env(name: &str, path: &str) -> Value {
-    json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}})
+/// The proxy's environment as Kubernetes `env` entries: exactly the contract's [`ProxyEnv`],
+/// so a variable the proxy requires cannot be missing.
+///
+/// [`ProxyEnv`]: palisade_ca_api::contract::ProxyEnv
+fn env_json(spec: &SidecarSpec<'_>) -> Value {
+    let log = spec
+        .overrides
+        .log_level
+        .as_deref()
+        .unwrap_or(&spec.settings.log_level);
+    let vars = spec.settings.proxy_env(log).vars();
+    let entries = vars.into_iter().map(|(name, source)| match source {
+        EnvSource::Value(value) => json!({"name": name, "value": value}),
+        EnvSource::Field(path) => json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}),
+    });
+    Value::Array(entries.collect())
 }
 
 fn ready_probe(period: i32, failures: i32) -> Value {
@@ -152,27 +170,11 @@ fn ready_probe(period: i32, failures: i32) -> Value {
 /// `palisade-proxy run`, configured by the `PALISADE_*` variables of DESIGN.md.
 pub fn proxy_container(spec: &SidecarSpec<'_>) -> Value {
     let s = spec.settings;
-    let log = spec.overrides.log_level.as_deref().unwrap_or(&s.log_level);
     let mut container = json!({
         "name": PROXY_CONTAINER,
         "image": s.proxy_image,
         "command": ["palisade-proxy", "run"],
-        "env": [
-            {"name": "PALISADE_CA_ADDR", "value": s.ca_addr},
-            {"name": "PALISADE_CA_NAME", "value": s.ca_name},
-            {"name": "PALISADE_TRUST_ANCHORS", "value": format!("{TRUST_DIR}/{TRUST_KEY}")},
-            {"name": "PALISADE_TOKEN_FILE", "value": format!("{TOKEN_DIR}/token")},
-            field_env("PALISADE_NAMESPACE", "metadata.namespace"),
-            field_env("PALISADE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
-            field_env("PALISADE_POD_NAME", "metadata.name"),
-            field_env("PALISADE_POD_IP", "status.podIP"),
-            // The original probes (docs/injector.md); empty when the pod has none to rewrite.
-            field_env("PALISADE_APP_PROBES", "metadata.annotations['palisade.dev/app-probes']"),
-            {"name": "PALISADE_INBOUND_LISTEN", "value": format!("0.0.0.0:{INBOUND_PORT}")},
-            {"name": "PALISADE_OUTBOUND_LISTEN", "value": format!("127.0.0.1:{OUTBOUND_PORT}")},
-            {"name": "PALISADE_ADMIN_LISTEN", "value": format!("0.0.0.0:{ADMIN_PORT}")},
-            {"name": "PALISADE_LOG", "value": log},
-        ],
+        "env": env_json(spec),
         "ports": [{"name": "palisade-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
         "readinessProbe": ready_probe(2, 3),
         "resources": resources_json(&spec.resources),
@@ -215,7 +217,7 @@ pub fn token_volume() -> Value {
         "projected": {"sources": [{"serviceAccountToken": {
             "audience": TOKEN_AUDIENCE,
             "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
-            "path": "token",
+            "path": TOKEN_FILE_NAME,
         }}]},
     })
 }
@@ -223,7 +225,10 @@ pub fn token_volume() -> Value {
 pub fn trust_volume() -> Value {
     json!({
         "name": TRUST_VOLUME,
-        "configMap": {"name": TRUST_CONFIGMAP, "items": [{"key": TRUST_KEY, "path": TRUST_KEY}]},
+        "configMap": {
+            "name": TRUST_ANCHORS_CONFIGMAP,
+            "items": [{"key": TRUST_ANCHORS_KEY, "path": TRUST_ANCHORS_KEY}],
+        },
     })
 }
 
@@ -249,7 +254,7 @@ mod tests {
         let overrides = PodOverrides {
             skip_inbound_ports: vec![22, 15021],
             skip_outbound_ports: vec![5432],
-            skip_outbound_cidrs: vec!["10.0.0.0/8".into()],
+            skip_outbound_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
             ..PodOverrides::default()
         };
         let init = init_container(&spec_with(&settings, &overrides));
@@ -356,6 +361,26 @@ mod tests {
             assert_eq!(parse(&prebuilt.token_volume), token_volume());
             assert_eq!(parse(&prebuilt.trust_volume), trust_volume());
         }
+    }
+
+    /// The first wave injected no trust domain, so a mesh outside cluster.local never got a
+    /// certificate: the proxy must be told the injector's.
+    #[test]
+    fn proxy_gets_the_injectors_trust_domain() {
+        let settings = RawSettings {
+            trust_domain: "prod.example.org".into(),
+            ..RawSettings::default()
+        }
+        .validate()
+        .unwrap();
+        let overrides = PodOverrides::default();
+        let proxy = proxy_container(&spec_with(&settings, &overrides));
+        let env = proxy["env"].as_array().unwrap();
+        let trust_domain = env
+            .iter()
+            .find(|e| e["name"] == "PALISADE_TRUST_DOMAIN")
+            .expect("PALISADE_TRUST_DOMAIN is injected");
+        assert_eq!(trust_domain["value"], "prod.example.org");
     }
 
     #[test]

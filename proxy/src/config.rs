@@ -7,12 +7,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use palisade_ca_api::SpiffeId;
+use palisade_ca_api::contract::{
+    AppProbes, DEFAULT_CA_NAMESPACE, DEFAULT_TRUST_DOMAIN, INBOUND_PORT, OUTBOUND_PORT,
+    PROXY_ADMIN_PORT, ca_dns_name, env, parse_duration, parse_probes,
+};
 use palisade_ca_api::spiffe::{
     validate_namespace, validate_service_account, validate_trust_domain,
 };
 use palisade_ca_api::wire::{MAX_TTL_SECONDS, MAX_WATCH_DESTINATIONS, MIN_TTL_SECONDS};
-
-use crate::probes::{AppProbes, parse_probes};
 
 /// Where variables come from.
 pub trait Env {
@@ -43,10 +45,7 @@ impl Env for ProcessEnv {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     #[error("{name} is not set: {hint}")]
-    Missing {
-        name: &'static str,
-        hint: &'static str,
-    },
+    Missing { name: &'static str, hint: String },
     #[error("{name}={value:?} is invalid: {reason}")]
     Invalid {
         name: &'static str,
@@ -94,26 +93,6 @@ pub struct Config {
     pub inbound_forward_port: Option<u16>,
 }
 
-/// Parses `200ms`, `30s`, `5m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| "add a unit: ms, s, m or h (for example 30s)".to_owned())?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| "expected a whole number with a unit: ms, s, m or h".to_owned())?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        other => return Err(format!("unknown unit {other:?}: use ms, s, m or h")),
-    };
-    Ok(d)
-}
-
 struct Reader<'a, E: Env> {
     env: &'a E,
 }
@@ -123,21 +102,29 @@ impl<E: Env> Reader<'_, E> {
         self.env.get(name).filter(|v| !v.trim().is_empty())
     }
 
-    fn required(&self, name: &'static str, hint: &'static str) -> Result<String, ConfigError> {
-        self.raw(name).ok_or(ConfigError::Missing { name, hint })
+    fn required(&self, name: &'static str, hint: &str) -> Result<String, ConfigError> {
+        self.raw(name).ok_or_else(|| ConfigError::Missing {
+            name,
+            hint: hint.to_owned(),
+        })
     }
 
     fn parsed<T>(
         &self,
         name: &'static str,
         default: Option<&str>,
-        hint: &'static str,
+        hint: &str,
         parse: impl Fn(&str) -> Result<T, String>,
     ) -> Result<T, ConfigError> {
         let value = match (self.raw(name), default) {
             (Some(v), _) => v,
             (None, Some(d)) => d.to_owned(),
-            (None, None) => return Err(ConfigError::Missing { name, hint }),
+            (None, None) => {
+                return Err(ConfigError::Missing {
+                    name,
+                    hint: hint.to_owned(),
+                });
+            }
         };
         parse(value.trim()).map_err(|reason| ConfigError::Invalid {
             name,
@@ -170,12 +157,15 @@ impl<E: Env> Reader<'_, E> {
 
 fn socket_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
-        .map_err(|_| "expected IP:port, for example 0.0.0.0:15006".to_owned())
+        .map_err(|_| format!("expected IP:port, for example 0.0.0.0:{INBOUND_PORT}"))
 }
 
 fn host_port(s: &str) -> Result<String, String> {
     let (host, port) = s.rsplit_once(':').ok_or_else(|| {
-        "expected host:port, for example palisade-ca.palisade-system.svc:15012".to_owned()
+        format!(
+            "expected host:port, for example {}",
+            palisade_ca_api::contract::ca_addr(DEFAULT_CA_NAMESPACE)
+        )
     })?;
     if host.is_empty() {
         return Err("the host is empty".into());
@@ -199,13 +189,13 @@ fn count(min: usize, max: usize) -> impl Fn(&str) -> Result<usize, String> {
 impl Config {
     pub fn from_env(env: &impl Env) -> Result<Config, ConfigError> {
         let r = Reader { env };
-        let trust_domain = r.parsed("PALISADE_TRUST_DOMAIN", Some("cluster.local"), "", |s| {
+        let trust_domain = r.parsed(env::TRUST_DOMAIN, Some(DEFAULT_TRUST_DOMAIN), "", |s| {
             validate_trust_domain(s)
                 .map(|_| s.to_owned())
                 .map_err(|e| e.to_string())
         })?;
         let namespace = r.parsed(
-            "PALISADE_NAMESPACE",
+            env::NAMESPACE,
             None,
             "set it to the pod's namespace (downward API metadata.namespace)",
             |s| {
@@ -215,7 +205,7 @@ impl Config {
             },
         )?;
         let service_account = r.parsed(
-            "PALISADE_SERVICE_ACCOUNT",
+            env::SERVICE_ACCOUNT,
             None,
             "set it to the pod's service account (downward API spec.serviceAccountName)",
             |s| {
@@ -227,68 +217,71 @@ impl Config {
         let spiffe_id =
             SpiffeId::new(&trust_domain, &namespace, &service_account).map_err(|e| {
                 ConfigError::Invalid {
-                    name: "PALISADE_SERVICE_ACCOUNT",
+                    name: env::SERVICE_ACCOUNT,
                     value: service_account.clone(),
                     reason: e.to_string(),
                 }
             })?;
         let config = Config {
             ca_addr: r.parsed(
-                "PALISADE_CA_ADDR",
+                env::CA_ADDR,
                 None,
-                "set it to the CA's host:port, for example palisade-ca.palisade-system.svc:15012",
+                &format!(
+                    "set it to the CA's host:port, for example {}",
+                    palisade_ca_api::contract::ca_addr(DEFAULT_CA_NAMESPACE)
+                ),
                 host_port,
             )?,
-            ca_name: r.parsed("PALISADE_CA_NAME", Some("palisade-ca.palisade-system.svc"), "", |s| {
+            ca_name: r.parsed(env::CA_NAME, Some(&ca_dns_name(DEFAULT_CA_NAMESPACE)), "", |s| {
                 rustls_pki_types::ServerName::try_from(s.to_owned())
                     .map(|_| s.to_owned())
                     .map_err(|_| "expected the DNS name on the CA's certificate".to_owned())
             })?,
             trust_anchors: PathBuf::from(r.required(
-                "PALISADE_TRUST_ANCHORS",
+                env::TRUST_ANCHORS,
                 "set it to the PEM file of the mesh's trust anchors (the palisade-trust-anchors ConfigMap)",
             )?),
             token_file: PathBuf::from(r.required(
-                "PALISADE_TOKEN_FILE",
+                env::TOKEN_FILE,
                 "set it to the projected service-account token (audience palisade-ca)",
             )?),
             spiffe_id,
-            pod_name: r.raw("PALISADE_POD_NAME"),
+            pod_name: r.raw(env::POD_NAME),
             pod_ip: r.parsed(
-                "PALISADE_POD_IP",
+                env::POD_IP,
                 None,
                 "set it to the pod's IP (downward API status.podIP)",
                 |s| s.parse::<IpAddr>().map_err(|_| "expected an IP address".to_owned()),
             )?,
-            inbound_listen: r.parsed("PALISADE_INBOUND_LISTEN", Some("0.0.0.0:15006"), "", socket_addr)?,
-            outbound_listen: r.parsed("PALISADE_OUTBOUND_LISTEN", Some("127.0.0.1:15001"), "", socket_addr)?,
-            admin_listen: r.parsed("PALISADE_ADMIN_LISTEN", Some("0.0.0.0:15021"), "", socket_addr)?,
-            log: r.parsed("PALISADE_LOG", Some("info"), "", |s| {
+            inbound_listen: r.parsed(env::INBOUND_LISTEN, Some(&format!("0.0.0.0:{INBOUND_PORT}")), "", socket_addr)?,
+            outbound_listen: r.parsed(env::OUTBOUND_LISTEN, Some(&format!("127.0.0.1:{OUTBOUND_PORT}")), "", socket_addr)?,
+            admin_listen: r.parsed(env::ADMIN_LISTEN, Some(&format!("0.0.0.0:{PROXY_ADMIN_PORT}")), "", socket_addr)?,
+            log: r.parsed(env::LOG, Some("info"), "", |s| {
                 tracing_subscriber::EnvFilter::try_new(s)
                     .map(|_| s.to_owned())
                     .map_err(|e| format!("not a tracing filter ({e}): use info, debug, or palisade_proxy=debug,info"))
             })?,
-            log_format: r.parsed("PALISADE_LOG_FORMAT", Some("json"), "", |s| match s {
+            log_format: r.parsed(env::LOG_FORMAT, Some("json"), "", |s| match s {
                 "json" => Ok(LogFormat::Json),
                 "plain" => Ok(LogFormat::Plain),
                 _ => Err("use json or plain".to_owned()),
             })?,
-            inbound_detect_timeout: r.duration("PALISADE_INBOUND_DETECT_TIMEOUT", "200ms")?,
-            drain_timeout: r.duration("PALISADE_DRAIN_TIMEOUT", "30s")?,
-            connect_timeout: r.duration("PALISADE_CONNECT_TIMEOUT", "5s")?,
-            handshake_timeout: r.duration("PALISADE_HANDSHAKE_TIMEOUT", "5s")?,
-            idle_timeout: r.duration("PALISADE_IDLE_TIMEOUT", "1h")?,
-            destination_wait: r.duration("PALISADE_DESTINATION_WAIT", "2s")?,
-            ca_timeout: r.duration("PALISADE_CA_TIMEOUT", "10s")?,
-            max_connections: r.parsed("PALISADE_MAX_CONNECTIONS", Some("8192"), "", count(1, 1_000_000))?,
+            inbound_detect_timeout: r.duration(env::INBOUND_DETECT_TIMEOUT, "200ms")?,
+            drain_timeout: r.duration(env::DRAIN_TIMEOUT, "30s")?,
+            connect_timeout: r.duration(env::CONNECT_TIMEOUT, "5s")?,
+            handshake_timeout: r.duration(env::HANDSHAKE_TIMEOUT, "5s")?,
+            idle_timeout: r.duration(env::IDLE_TIMEOUT, "1h")?,
+            destination_wait: r.duration(env::DESTINATION_WAIT, "2s")?,
+            ca_timeout: r.duration(env::CA_TIMEOUT, "10s")?,
+            max_connections: r.parsed(env::MAX_CONNECTIONS, Some("8192"), "", count(1, 1_000_000))?,
             max_destinations: r.parsed(
-                "PALISADE_MAX_DESTINATIONS",
+                env::MAX_DESTINATIONS,
                 Some("256"),
                 "",
                 count(1, MAX_WATCH_DESTINATIONS),
             )?,
-            worker_threads: r.parsed("PALISADE_WORKER_THREADS", Some("1"), "", count(1, 64))?,
-            cert_ttl: r.optional("PALISADE_CERT_TTL", |s| {
+            worker_threads: r.parsed(env::WORKER_THREADS, Some("1"), "", count(1, 64))?,
+            cert_ttl: r.optional(env::CERT_TTL, |s| {
                 let d = parse_duration(s)?;
                 if (MIN_TTL_SECONDS..=MAX_TTL_SECONDS).contains(&d.as_secs()) {
                     Ok(d)
@@ -296,10 +289,10 @@ impl Config {
                     Err("the CA issues from 5m to 24h".to_owned())
                 }
             })?,
-            probe_timeout: r.duration("PALISADE_PROBE_TIMEOUT", "1s")?,
-            app_probes: r.optional("PALISADE_APP_PROBES", parse_probes)?.unwrap_or_default(),
-            outbound_destination: r.optional("PALISADE_OUTBOUND_DESTINATION", socket_addr)?,
-            inbound_forward_port: r.optional("PALISADE_INBOUND_FORWARD_PORT", |s| {
+            probe_timeout: r.duration(env::PROBE_TIMEOUT, "1s")?,
+            app_probes: r.optional(env::APP_PROBES, parse_probes)?.unwrap_or_default(),
+            outbound_destination: r.optional(env::OUTBOUND_DESTINATION, socket_addr)?,
+            inbound_forward_port: r.optional(env::INBOUND_FORWARD_PORT, |s| {
                 s.parse::<u16>()
                     .ok()
                     .filter(|p| *p != 0)
@@ -313,9 +306,9 @@ impl Config {
     /// Checks across variables.
     fn validate(&self) -> Result<(), ConfigError> {
         let ports = [
-            ("PALISADE_INBOUND_LISTEN", self.inbound_listen),
-            ("PALISADE_OUTBOUND_LISTEN", self.outbound_listen),
-            ("PALISADE_ADMIN_LISTEN", self.admin_listen),
+            (env::INBOUND_LISTEN, self.inbound_listen),
+            (env::OUTBOUND_LISTEN, self.outbound_listen),
+            (env::ADMIN_LISTEN, self.admin_listen),
         ];
         for (i, (name, a)) in ports.iter().enumerate() {
             for (other, b) in &ports[i + 1..] {
@@ -332,18 +325,18 @@ impl Config {
             || self.inbound_detect_timeout.is_zero()
         {
             return Err(ConfigError::Invalid {
-                name: "PALISADE_INBOUND_DETECT_TIMEOUT",
+                name: env::INBOUND_DETECT_TIMEOUT,
                 value: format!("{:?}", self.inbound_detect_timeout),
                 reason: "use a short window from 1ms to 10s (default 200ms)".into(),
             });
         }
         for (name, d) in [
-            ("PALISADE_CONNECT_TIMEOUT", self.connect_timeout),
-            ("PALISADE_HANDSHAKE_TIMEOUT", self.handshake_timeout),
-            ("PALISADE_IDLE_TIMEOUT", self.idle_timeout),
-            ("PALISADE_DESTINATION_WAIT", self.destination_wait),
-            ("PALISADE_CA_TIMEOUT", self.ca_timeout),
-            ("PALISADE_PROBE_TIMEOUT", self.probe_timeout),
+            (env::CONNECT_TIMEOUT, self.connect_timeout),
+            (env::HANDSHAKE_TIMEOUT, self.handshake_timeout),
+            (env::IDLE_TIMEOUT, self.idle_timeout),
+            (env::DESTINATION_WAIT, self.destination_wait),
+            (env::CA_TIMEOUT, self.ca_timeout),
+            (env::PROBE_TIMEOUT, self.probe_timeout),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Invalid {

@@ -73,7 +73,7 @@ fn every_malformed_variable_is_named_with_its_value() {
         ("PALISADE_CONNECT_TIMEOUT", "0s"),
         ("PALISADE_HANDSHAKE_TIMEOUT", "5 seconds"),
         ("PALISADE_IDLE_TIMEOUT", "-1s"),
-        ("PALISADE_DESTINATION_WAIT", "2d"),
+        ("PALISADE_DESTINATION_WAIT", "2 days"),
         ("PALISADE_CA_TIMEOUT", "x"),
         ("PALISADE_MAX_CONNECTIONS", "0"),
         ("PALISADE_MAX_CONNECTIONS", "many"),
@@ -111,12 +111,40 @@ fn listeners_must_not_share_a_port() {
     assert!(err.contains("same port"), "{err}");
 }
 
+/// Exactly what the injector sets, with the pod's fields filled in as the kubelet would, is a
+/// valid configuration, and the proxy asks for an identity in the injector's trust domain.
 #[test]
-fn durations_parse_with_units() {
-    assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
-    assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-    assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-    assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-    assert!(parse_duration("30").unwrap_err().contains("unit"));
-    assert!(parse_duration("").is_err());
+fn the_injected_environment_is_a_valid_config() {
+    use palisade_ca_api::contract::{EnvSource, ProxyEnv};
+    let injected = ProxyEnv {
+        ca_addr: "palisade-ca.mesh-control.svc:15012".into(),
+        ca_name: "palisade-ca.mesh-control.svc".into(),
+        trust_domain: "prod.example.org".into(),
+        log: "debug".into(),
+    };
+    let pod = HashMap::from([
+        ("metadata.namespace", "shop"),
+        ("spec.serviceAccountName", "web"),
+        ("metadata.name", "web-0"),
+        ("status.podIP", "10.77.0.2"),
+        ("metadata.annotations['palisade.dev/app-probes']", ""),
+    ]);
+    let env: HashMap<String, String> = injected
+        .vars()
+        .into_iter()
+        .map(|(name, source)| {
+            let value = match source {
+                EnvSource::Value(v) => v,
+                EnvSource::Field(path) => pod[path.as_str()].to_owned(),
+            };
+            (name.to_owned(), value)
+        })
+        .collect();
+    let c = Config::from_env(&env).unwrap();
+    assert_eq!(
+        c.spiffe_id.to_string(),
+        "spiffe://prod.example.org/ns/shop/sa/web"
+    );
+    assert_eq!(c.ca_name, "palisade-ca.mesh-control.svc");
+    assert_eq!(c.log, "debug");
 }

@@ -6,8 +6,9 @@
 //! running twice leaves one set of rules. The rules are built by a pure function; only
 //! `apply` runs `iptables`, with the backend (legacy or nft) the host already uses.
 
-use std::net::Ipv4Addr;
 use std::process::Command;
+
+use palisade_ca_api::contract::{self, Cidr};
 
 pub const INBOUND_CHAIN: &str = "PALISADE_INBOUND";
 pub const OUTBOUND_CHAIN: &str = "PALISADE_OUTBOUND";
@@ -37,17 +38,16 @@ pub struct InitOptions {
     pub admin_port: u16,
     pub skip_inbound_ports: Vec<u16>,
     pub skip_outbound_ports: Vec<u16>,
-    /// Validated `a.b.c.d/len`.
-    pub skip_outbound_cidrs: Vec<String>,
+    pub skip_outbound_cidrs: Vec<Cidr>,
 }
 
 impl Default for InitOptions {
     fn default() -> Self {
         InitOptions {
-            proxy_uid: 1337,
-            inbound_port: 15006,
-            outbound_port: 15001,
-            admin_port: 15021,
+            proxy_uid: contract::PROXY_UID,
+            inbound_port: contract::INBOUND_PORT,
+            outbound_port: contract::OUTBOUND_PORT,
+            admin_port: contract::PROXY_ADMIN_PORT,
             skip_inbound_ports: vec![],
             skip_outbound_ports: vec![],
             skip_outbound_cidrs: vec![],
@@ -55,47 +55,24 @@ impl Default for InitOptions {
     }
 }
 
-/// Parses `P,P,...` (empty is none).
+/// The contract's port list (`P,P,...`), with the flag named in an error.
 pub fn parse_ports(flag: &'static str, s: &str) -> Result<Vec<u16>, InitError> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.parse::<u16>()
-                .ok()
-                .filter(|n| *n != 0)
-                .ok_or_else(|| InitError::Invalid {
-                    flag,
-                    value: s.to_owned(),
-                    reason: format!(
-                        "{p:?} is not a port 1-65535; write ports comma-separated, like 22,3306"
-                    ),
-                })
-        })
-        .collect()
+    contract::parse_ports(s).map_err(|reason| invalid(flag, s, reason))
 }
 
-/// Parses `a.b.c.d/len,...` (empty is none); a bare address means `/32`.
-pub fn parse_cidrs(flag: &'static str, s: &str) -> Result<Vec<String>, InitError> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .map(|c| {
-            let bad = |reason: &str| InitError::Invalid {
-                flag,
-                value: s.to_owned(),
-                reason: format!("{c:?} {reason}; write IPv4 CIDRs comma-separated, like 10.0.0.0/8,169.254.169.254/32"),
-            };
-            let (ip, len) = c.split_once('/').unwrap_or((c, "32"));
-            let ip: Ipv4Addr = ip.parse().map_err(|_| bad("is not an IPv4 address"))?;
-            let len: u8 = len
-                .parse()
-                .ok()
-                .filter(|l| *l <= 32)
-                .ok_or_else(|| bad("has a prefix length outside 0-32"))?;
-            Ok(format!("{ip}/{len}"))
-        })
-        .collect()
+/// The contract's CIDR list (`a.b.c.d/len,...`), with the flag named in an error: the same
+/// parser the injector checks `palisade.dev/skip-outbound-cidrs` with, so a pod it admits
+/// never fails here.
+pub fn parse_cidrs(flag: &'static str, s: &str) -> Result<Vec<Cidr>, InitError> {
+    contract::parse_cidrs(s).map_err(|reason| invalid(flag, s, reason))
+}
+
+fn invalid(flag: &'static str, value: &str, reason: String) -> InitError {
+    InitError::Invalid {
+        flag,
+        value: value.to_owned(),
+        reason,
+    }
 }
 
 fn args(s: &str) -> Vec<String> {
@@ -310,7 +287,7 @@ mod tests {
             outbound_port: 16001,
             skip_inbound_ports: vec![22],
             skip_outbound_ports: vec![3306, 5432],
-            skip_outbound_cidrs: vec!["169.254.169.254/32".into()],
+            skip_outbound_cidrs: vec!["169.254.169.254/32".parse().unwrap()],
             ..InitOptions::default()
         };
         let rules: Vec<String> = chain_rules(&o)
@@ -365,7 +342,11 @@ mod tests {
         );
         assert!(parse_ports("--skip-outbound-ports", "70000").is_err());
         assert_eq!(
-            parse_cidrs("--skip-outbound-cidrs", "10.0.0.0/8,1.2.3.4").unwrap(),
+            parse_cidrs("--skip-outbound-cidrs", "10.0.0.0/8,1.2.3.4")
+                .unwrap()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
             vec!["10.0.0.0/8", "1.2.3.4/32"]
         );
         for bad in ["10.0.0.0/33", "10.0.0/8", "fe80::/10", "x"] {

@@ -4,7 +4,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use palisade_proxy::config::{Config, LogFormat, ProcessEnv, parse_duration};
+use palisade_ca_api::contract::{
+    INBOUND_PORT, OUTBOUND_PORT, PROXY_ADMIN_PORT, PROXY_UID, parse_duration,
+};
+use palisade_proxy::config::{Config, LogFormat, ProcessEnv};
 use palisade_proxy::init::{self, InitOptions};
 
 #[derive(Parser)]
@@ -31,7 +34,7 @@ enum Command {
             long,
             visible_alias = "admin-addr",
             env = "PALISADE_WAIT_ADMIN",
-            default_value = "127.0.0.1:15021"
+            default_value_t = std::net::SocketAddr::from(([127, 0, 0, 1], PROXY_ADMIN_PORT))
         )]
         admin: std::net::SocketAddr,
         /// How long to wait (ms, s, m, h).
@@ -43,16 +46,16 @@ enum Command {
 #[derive(clap::Args)]
 struct InitArgs {
     /// The proxy's uid: its own traffic is never captured.
-    #[arg(long, env = "PALISADE_PROXY_UID", default_value_t = 1337)]
+    #[arg(long, env = "PALISADE_PROXY_UID", default_value_t = PROXY_UID)]
     proxy_uid: u32,
     /// Where inbound TCP is redirected.
-    #[arg(long, env = "PALISADE_INBOUND_PORT", default_value_t = 15006)]
+    #[arg(long, env = "PALISADE_INBOUND_PORT", default_value_t = INBOUND_PORT)]
     inbound_port: u16,
     /// Where outbound TCP is redirected.
-    #[arg(long, env = "PALISADE_OUTBOUND_PORT", default_value_t = 15001)]
+    #[arg(long, env = "PALISADE_OUTBOUND_PORT", default_value_t = OUTBOUND_PORT)]
     outbound_port: u16,
     /// The admin port, never captured (kubelet probes reach it directly).
-    #[arg(long, env = "PALISADE_ADMIN_PORT", default_value_t = 15021)]
+    #[arg(long, env = "PALISADE_ADMIN_PORT", default_value_t = PROXY_ADMIN_PORT)]
     admin_port: u16,
     /// Inbound ports left alone, comma-separated.
     #[arg(long, env = "PALISADE_SKIP_INBOUND_PORTS", default_value = "")]

@@ -6,78 +6,15 @@
 //! downward API maps the annotation to it). Checks go to the app on 127.0.0.1 with the
 //! kubelet's rules: HTTP status 200..399 passes, a TCP connect passes, gRPC `SERVING` passes.
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use serde::Deserialize;
+use palisade_ca_api::contract::{AppProbe, Grpc, HttpGet};
+pub use palisade_ca_api::contract::{AppProbes, parse_probes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-/// One recorded probe.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum AppProbe {
-    HttpGet(HttpGet),
-    TcpSocket(TcpSocket),
-    Grpc(Grpc),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct HttpGet {
-    pub port: u16,
-    /// The kubelet's `host`; loopback when absent.
-    #[serde(default)]
-    pub host: Option<String>,
-    #[serde(default)]
-    pub path: Option<String>,
-    /// `HTTP` (default) or `HTTPS`.
-    #[serde(default)]
-    pub scheme: Option<String>,
-    #[serde(default)]
-    pub http_headers: Vec<Header>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Header {
-    pub name: String,
-    pub value: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct TcpSocket {
-    pub port: u16,
-    #[serde(default)]
-    pub host: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Grpc {
-    pub port: u16,
-    #[serde(default)]
-    pub service: Option<String>,
-}
-
-/// Probes by `<container>/<probe>`.
-pub type AppProbes = BTreeMap<String, AppProbe>;
-
-/// Parses the recorded probes (the annotation's JSON).
-pub fn parse_probes(json: &str) -> Result<AppProbes, String> {
-    let probes: AppProbes = serde_json::from_str(json).map_err(|e| {
-        format!(
-            "{e}: expected {{\"<container>/<probe>\": {{\"httpGet\": {{\"port\": N, \"path\": \"/..\"}}}} | {{\"tcpSocket\": {{\"port\": N}}}} | {{\"grpc\": {{\"port\": N}}}}}}"
-        )
-    })?;
-    for key in probes.keys() {
-        if key.split('/').count() != 2 || key.starts_with('/') || key.ends_with('/') {
-            return Err(format!("{key:?} is not \"<container>/<probe>\""));
-        }
-    }
-    Ok(probes)
-}
 
 /// The result of one check: pass or fail with what went wrong.
 pub type ProbeResult = Result<String, String>;
@@ -301,37 +238,4 @@ fn insecure_probe_config() -> Arc<rustls::ClientConfig> {
         .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
         .with_no_client_auth();
     Arc::new(config)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_the_injector_record() {
-        let p = parse_probes(
-            r#"{"web/livez": {"httpGet": {"path": "/healthz", "port": 8080, "httpHeaders": [{"name": "X-A", "value": "b"}]}},
-                "web/readyz": {"tcpSocket": {"port": 8080}},
-                "web/startupz": {"grpc": {"port": 9090}}}"#,
-        )
-        .unwrap();
-        assert_eq!(p.len(), 3);
-        assert!(matches!(
-            p["web/readyz"],
-            AppProbe::TcpSocket(TcpSocket { port: 8080, .. })
-        ));
-        assert!(matches!(&p["web/livez"], AppProbe::HttpGet(h) if h.http_headers.len() == 1));
-    }
-
-    #[test]
-    fn refuses_malformed_records() {
-        for bad in [
-            "[]",
-            r#"{"web/livez": {"exec": {}}}"#,
-            r#"{"web": {"tcpSocket": {"port": 1}}}"#,
-            r#"{"web/livez": {"tcpSocket": {"port": 70000}}}"#,
-        ] {
-            assert!(parse_probes(bad).is_err(), "{bad}");
-        }
-    }
 }

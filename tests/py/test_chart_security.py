@@ -248,6 +248,8 @@ def test_injector_command_line(name):
         "--admin-listen": "0.0.0.0:15014",
         "--ca-addr": f"palisade-ca.{vs.namespace}.svc:15012",
         "--native-sidecar": "true" if native else "false",
+        # The CA's trust domain: proxies ask for identities in it (both sides from trustDomain).
+        "--trust-domain": vs.values.get("trustDomain", "cluster.local"),
     }
     assert "/palisade-proxy" in proxy_image
     env = {e["name"]: e.get("value") for e in c["env"]}

@@ -8,13 +8,16 @@ import copy
 import json
 import socket
 import ssl
+import subprocess
 
 import pytest
 
 from test_injector_support import (  # noqa: F401  (fixtures are used by name)
     admission_review,
+    apply_patch,
     bare_pod_with,
     injector,
+    injector_binary,
     tls_files,
 )
 
@@ -47,7 +50,8 @@ def test_skipped_requests_are_allowed_without_a_patch(injector, case):
 DENIALS = [
     ("palisade.dev/skip-inbound-ports", "http", "comma-separated port numbers"),
     ("palisade.dev/skip-outbound-ports", "70000", "comma-separated port numbers"),
-    ("palisade.dev/skip-outbound-cidrs", "10.0.0.0", "comma-separated CIDRs"),
+    ("palisade.dev/skip-outbound-cidrs", "10.0.0.0/33", "comma-separated IPv4 CIDRs"),
+    ("palisade.dev/skip-outbound-cidrs", "fd00::/8", "covers IPv4 only"),
     ("palisade.dev/proxy-cpu-request", "fast", "Kubernetes CPU quantity"),
     ("palisade.dev/proxy-memory-limit", "1GB", "Kubernetes memory quantity"),
     ("palisade.dev/proxy-memory-limit", "16Mi", "no smaller than"),
@@ -134,3 +138,29 @@ def test_admin_port_reports_ready_live_and_counts(injector):
                    '{result="denied",reason="invalid_annotation"}', '{result="rejected",reason="not_json"}']:
         assert counts.get("palisade_injector_reviews_total" + labels, 0) >= 1, (labels, metrics)
     assert "palisade_injector_patch_build_seconds_count" in metrics
+
+
+# Values that palisade-init and the injector once disagreed about (the injector admitted IPv6
+# ranges that init refused, so the pod never started), and their neighbours.
+CIDR_VALUES = ["10.0.0.0/8", "169.254.169.254", " 10.1.0.0/16 , 192.168.0.0/16", "fd00::/8",
+               "10.0.0.0/8,fd00::/8", "::1", "10.0.0.0/33", "example.com/8"]
+
+
+@pytest.mark.parametrize("value", CIDR_VALUES)
+def test_palisade_init_accepts_exactly_the_cidrs_the_injector_admits(injector, value):
+    """A pod the injector admits must get past palisade-init, and a value init would refuse must
+    be refused at admission, where the user sees the message (not in a crash-looping pod)."""
+    pod = bare_pod_with(metadata__annotations={"palisade.dev/skip-outbound-cidrs": value})
+    response = injector.review(admission_review(copy.deepcopy(pod)))
+    proxy = injector_binary().parent / "palisade-proxy"
+    if response["allowed"]:
+        mutated, _ = apply_patch(copy.deepcopy(pod), response)
+        (init,) = [c for c in mutated["spec"]["initContainers"] if c["name"] == "palisade-init"]
+        args = init["command"][1:]
+    else:
+        assert "palisade.dev/skip-outbound-cidrs" in response["status"]["message"]
+        args = ["init", "--skip-outbound-cidrs", value]
+    ran = subprocess.run([str(proxy), *args, "--dry-run"], capture_output=True, text=True, timeout=30)
+    assert (ran.returncode == 0) == response["allowed"], (
+        f"injector {'admitted' if response['allowed'] else 'refused'} {value!r}, "
+        f"palisade-init exited {ran.returncode}: {ran.stderr.strip()}")

@@ -63,7 +63,7 @@ def test_annotations_reach_palisade_init_and_the_proxy(injector):
     assert init["command"] == [
         "palisade-proxy", "init", "--proxy-uid", "1337", "--inbound-port", "15006",
         "--outbound-port", "15001", "--skip-inbound-ports", "22,2222,15021",
-        "--skip-outbound-ports", "5432,6379", "--skip-outbound-cidrs", "169.254.169.254/32,fd00::/8",
+        "--skip-outbound-ports", "5432,6379", "--skip-outbound-cidrs", "169.254.169.254/32,10.0.0.0/8",
     ]
     for c in (init, proxy):
         assert c["resources"] == {"requests": {"cpu": "250m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}}

@@ -280,7 +280,7 @@ impl Node {
             .args(["--listen", &format!("{ip}:15012")])
             .args(["--admin-listen", &format!("{ip}:15014")])
             .env("PALISADE_LOG", "info");
-        let ttl_secs = palisade_ca::config::parse_duration(ttl)
+        let ttl_secs = palisade_ca_api::contract::parse_duration(ttl)
             .unwrap_or_else(|e| panic!("certificate lifetime: {e}"))
             .as_secs();
         if ttl_secs < 300 {

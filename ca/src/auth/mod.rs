@@ -31,7 +31,8 @@ pub enum AuthError {
     )]
     Expired,
     #[error(
-        "the token is not for this CA (audience {0}): request a token with audience palisade-ca"
+        "the token is not for this CA (audience {0}): request a token with audience {aud}",
+        aud = palisade_ca_api::wire::TOKEN_AUDIENCE
     )]
     WrongAudience(String),
     #[error("the token cannot be checked right now: {0}")]

@@ -9,8 +9,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
 
-pub const CONFIG_MAP_NAME: &str = "palisade-trust-anchors";
-pub const BUNDLE_KEY: &str = "ca.pem";
+pub use palisade_ca_api::contract::{
+    TRUST_ANCHORS_CONFIGMAP as CONFIG_MAP_NAME, TRUST_ANCHORS_KEY as BUNDLE_KEY,
+};
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "palisade-ca";
 /// Failed namespaces are tried again after this long.

@@ -13,9 +13,9 @@ use palisade_ca_api::policy::{DefaultPolicy, NamedPolicy};
 use super::crd::MeshPolicy;
 use crate::mesh::{MeshState, Workload};
 
-pub const INJECTED_LABEL: &str = "palisade.dev/injected";
-pub const INJECT_LABEL: &str = "palisade.dev/inject";
-pub const DEFAULT_POLICY_ANNOTATION: &str = "palisade.dev/default-policy";
+pub use palisade_ca_api::contract::{
+    DEFAULT_POLICY_ANNOTATION, INJECT as INJECT_LABEL, INJECTED_LABEL,
+};
 
 /// The objects of one kind, by `(namespace, name)`, as converted values.
 #[derive(Debug)]
