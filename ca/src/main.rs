@@ -163,20 +163,11 @@ struct TokenArgs {
 }
 
 fn init_tracing(filter: &str, format: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| {
-        format!(
-            "PALISADE_LOG/--log {filter:?} is not a tracing filter (e.g. info, palisade_ca=debug)"
-        )
-    })?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init()
-    } else {
-        builder.init()
-    }
-    Ok(())
+    let format = format
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--log-format: {e}"))?;
+    palisade_plumbing::logging::init(filter, format)
+        .map_err(|e| anyhow::anyhow!("PALISADE_LOG/--log: {e}"))
 }
 
 fn serve_config(a: ServeArgs) -> anyhow::Result<ServeConfig> {

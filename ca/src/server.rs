@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -14,9 +13,9 @@ use palisade_ca_api::SpiffeId;
 use palisade_ca_api::cert::parse_pem_certs;
 use palisade_ca_api::tls::crypto_provider;
 use palisade_ca_api::wire::{ErrorBody, ErrorCode};
+use palisade_plumbing::credentials::{ReloadingResolver, certified_key};
 use rcgen::KeyPair;
 use rustls::RootCertStore;
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpListener, TcpStream};
@@ -236,9 +235,9 @@ pub async fn start_with_kube_client(
             config.namespace, config.trust_domain
         ),
     ];
-    let resolver = Arc::new(ServerCertResolver {
-        current: ArcSwap::from_pointee(server_cert(&authority, &ca_id, &dns_names)?),
-    });
+    let resolver = Arc::new(ReloadingResolver::new(server_cert(
+        &authority, &ca_id, &dns_names,
+    )?));
 
     let api = TcpListener::bind(config.listen)
         .await
@@ -302,22 +301,6 @@ pub async fn start_with_kube_client(
     })
 }
 
-struct ServerCertResolver {
-    current: ArcSwap<CertifiedKey>,
-}
-
-impl std::fmt::Debug for ServerCertResolver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ServerCertResolver")
-    }
-}
-
-impl ResolvesServerCert for ServerCertResolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
-    }
-}
-
 fn server_cert(
     authority: &Authority,
     id: &SpiffeId,
@@ -333,18 +316,13 @@ fn server_cert(
     for pem in authority.chain_tail() {
         chain.extend(parse_pem_certs(pem).map_err(|e| err(e.to_string()))?);
     }
-    let signing_key = crypto_provider()
-        .key_provider
-        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            key.serialize_der(),
-        )))
-        .map_err(|e| err(e.to_string()))?;
-    Ok(CertifiedKey::new(chain, signing_key))
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    certified_key(chain, key).map_err(|e| err(e.to_string()))
 }
 
 async fn renew_server_cert(
     ca: Arc<Ca>,
-    resolver: Arc<ServerCertResolver>,
+    resolver: Arc<ReloadingResolver>,
     id: SpiffeId,
     dns_names: Vec<String>,
     mut shutdown: watch::Receiver<bool>,
@@ -355,7 +333,7 @@ async fn renew_server_cert(
             _ = shutdown.changed() => return,
         }
         match server_cert(&ca.authority, &id, &dns_names) {
-            Ok(ck) => resolver.current.store(Arc::new(ck)),
+            Ok(ck) => resolver.swap(ck),
             Err(error) => {
                 tracing::error!(%error, "could not renew the CA's serving certificate; will retry")
             }

@@ -5,18 +5,13 @@ use palisade_injector::cli::{Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     let Command::Serve(args) = Cli::parse().command;
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .with_context(|| format!("--log/PALISADE_LOG={:?} is not a tracing filter", args.log))?;
-    // Logs go to stderr; stdout stays free for anything a wrapper may want to parse.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    palisade_injector::tls::install_crypto_provider();
+    let format = args
+        .log_format
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--log-format: {e}"))?;
+    palisade_plumbing::logging::init(&args.log, format)
+        .map_err(|e| anyhow::anyhow!("--log/PALISADE_LOG: {e}"))?;
+    palisade_ca_api::tls::install_default_provider();
     let config = args.into_config()?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {

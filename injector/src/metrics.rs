@@ -1,55 +1,19 @@
 //! Counters and histograms of the webhook, rendered in the Prometheus text format on the admin
 //! port. Every label value comes from a closed set, so the series cannot grow with input.
 
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+
+use palisade_plumbing::metrics::{Exposition, Histogram, Kind};
 
 use crate::decision::SkipReason;
 use crate::review::{DenyReason, Verdict};
 
-const BUCKETS: [f64; 11] = [
+static BUCKETS: [f64; 11] = [
     0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05,
 ];
 
-#[derive(Debug, Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_nanos: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            if secs <= *bound {
-                count.fetch_add(1, Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Relaxed);
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
-                count.load(Relaxed)
-            );
-        }
-        let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_nanos.load(Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
-    }
-}
-
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     injected: AtomicU64,
     skipped: [AtomicU64; SkipReason::ALL.len()],
@@ -60,6 +24,21 @@ pub struct Metrics {
     pub review_duration: Histogram,
     tls_reload_ok: AtomicU64,
     tls_reload_failed: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            injected: AtomicU64::default(),
+            skipped: Default::default(),
+            denied: Default::default(),
+            rejected: Mutex::default(),
+            patch_build: Histogram::new(&BUCKETS),
+            review_duration: Histogram::new(&BUCKETS),
+            tls_reload_ok: AtomicU64::default(),
+            tls_reload_failed: AtomicU64::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -95,14 +74,15 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
+        let mut out = Exposition::new();
         let name = "palisade_injector_reviews_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} AdmissionReviews answered, by result and reason.\n# TYPE {name} counter"
+        out.family(
+            name,
+            Kind::Counter,
+            "AdmissionReviews answered, by result and reason.",
         );
-        let line = |out: &mut String, result: &str, reason: &str, n: u64| {
-            let _ = writeln!(out, "{name}{{result=\"{result}\",reason=\"{reason}\"}} {n}");
+        let line = |out: &mut Exposition, result: &str, reason: &str, n: u64| {
+            out.sample(name, &[("result", result), ("reason", reason)], n);
         };
         line(
             &mut out,
@@ -124,31 +104,40 @@ impl Metrics {
         for (code, n) in rejected {
             line(&mut out, "rejected", code, n);
         }
-        self.patch_build.render(
+        self.patch_build.encode(
             &mut out,
             "palisade_injector_patch_build_seconds",
             "Time to build and encode the JSON patch of an injected pod.",
         );
-        self.review_duration.render(
+        self.review_duration.encode(
             &mut out,
             "palisade_injector_review_duration_seconds",
             "Time to answer one AdmissionReview, parsing included.",
         );
         let name = "palisade_injector_tls_reloads_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Reloads of the serving certificate after its files changed.\n\
-             # TYPE {name} counter\n\
-             {name}{{result=\"success\"}} {}\n{name}{{result=\"failure\"}} {}",
+        out.family(
+            name,
+            Kind::Counter,
+            "Reloads of the serving certificate after its files changed.",
+        )
+        .sample(
+            name,
+            &[("result", "success")],
             self.tls_reload_ok.load(Relaxed),
-            self.tls_reload_failed.load(Relaxed)
+        )
+        .sample(
+            name,
+            &[("result", "failure")],
+            self.tls_reload_failed.load(Relaxed),
         );
-        out
+        out.finish()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]

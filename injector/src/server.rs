@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use palisade_plumbing::admin_http::{self, AdminResponse};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -77,10 +78,9 @@ impl Bound {
 
 /// Loads the certificate, binds both ports and starts serving.
 pub async fn start(config: ServeConfig) -> Result<Bound, ServeError> {
-    let provider = tls::crypto_provider();
-    let key = tls::load(&config.cert_files, &provider)?;
+    let key = tls::load(&config.cert_files)?;
     let resolver = Arc::new(ReloadingResolver::new(key));
-    let tls_config = tls::server_config(resolver.clone(), provider.clone())?;
+    let tls_config = tls::server_config(resolver.clone())?;
     let acceptor = TlsAcceptor::from(Arc::new(tls_config));
 
     let webhook = TcpListener::bind(config.listen)
@@ -108,7 +108,6 @@ pub async fn start(config: ServeConfig) -> Result<Bound, ServeError> {
     tasks.spawn(tls::watch_files(
         config.cert_files,
         resolver.clone(),
-        provider,
         config.tls_reload_interval,
         metrics.clone(),
         shutdown_rx.clone(),
@@ -120,7 +119,16 @@ pub async fn start(config: ServeConfig) -> Result<Bound, ServeError> {
         config.max_connections,
         shutdown_rx.clone(),
     ));
-    tasks.spawn(accept_admin(admin, state.clone(), shutdown_rx));
+    let admin_state = state.clone();
+    tasks.spawn(admin_http::serve(
+        admin,
+        admin_http::Limits::default(),
+        move |req, _peer| {
+            let answer = handle_admin(&req, &admin_state);
+            async move { answer }
+        },
+        shutdown_rx,
+    ));
     state.ready.store(true, Ordering::Release);
     tracing::info!(%webhook_addr, %admin_addr, "palisade-injector serving");
     Ok(Bound {
@@ -335,65 +343,18 @@ async fn handle_webhook(req: Request<Incoming>, state: &State) -> Response<Full<
     }
 }
 
-async fn accept_admin(
-    listener: TcpListener,
-    state: Arc<State>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    // The admin port answers a handful of scrapers and probes; a small bound is plenty.
-    let permits = Arc::new(Semaphore::new(64));
-    let mut connections = JoinSet::new();
-    loop {
-        while connections.try_join_next().is_some() {}
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let state = state.clone();
-        connections.spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle_admin(&req, &state)) }
-            });
-            let _ = http_builder()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            drop(permit);
-        });
-    }
-    connections.shutdown().await;
-}
-
-fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap_or_default()
-}
-
-fn handle_admin(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
+fn handle_admin(req: &Request<Incoming>, state: &State) -> AdminResponse {
     if req.method() != Method::GET {
-        return text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+        return admin_http::text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
     match req.uri().path() {
-        "/live" => text_response(StatusCode::OK, "live\n".into()),
+        "/live" => admin_http::text(StatusCode::OK, "live\n"),
         "/ready" if state.ready.load(Ordering::Acquire) => {
-            text_response(StatusCode::OK, "ready\n".into())
+            admin_http::text(StatusCode::OK, "ready\n")
         }
-        "/ready" => text_response(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
-        "/metrics" => text_response(StatusCode::OK, state.metrics.render()),
-        other => text_response(
+        "/ready" => admin_http::text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+        "/metrics" => admin_http::metrics(state.metrics.render()),
+        other => admin_http::text(
             StatusCode::NOT_FOUND,
             format!("no such path {other:?}; the admin port serves /ready, /live and /metrics\n"),
         ),

@@ -2,18 +2,13 @@
 //! the files change (cert-manager and Secret volumes replace them without a restart). The
 //! `ServerConfig` is built once; only the `CertifiedKey` behind the resolver changes.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use palisade_plumbing::credentials::{CredentialError, certified_key_from_pem};
 use rustls::ServerConfig;
-use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
@@ -44,10 +39,8 @@ pub enum TlsError {
     Config(#[source] rustls::Error),
 }
 
-/// The one place that names a crypto provider.
-pub fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+pub use palisade_ca_api::tls::crypto_provider;
+pub use palisade_plumbing::credentials::ReloadingResolver;
 
 /// Paths of the serving certificate chain and its key.
 #[derive(Debug, Clone)]
@@ -63,82 +56,30 @@ impl CertFiles {
     }
 
     /// Parses and checks a chain and key read from these files.
-    pub fn parse(
-        &self,
-        cert_pem: &[u8],
-        key_pem: &[u8],
-        provider: &CryptoProvider,
-    ) -> Result<CertifiedKey, TlsError> {
-        let chain = CertificateDer::pem_slice_iter(cert_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::BadCertificate(self.cert.clone(), e.to_string()))?;
-        if chain.is_empty() {
-            return Err(TlsError::NoCertificate(self.cert.clone()));
-        }
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|e| TlsError::BadKey(self.key.clone(), e.to_string()))?;
-        CertifiedKey::from_der(chain, key, provider).map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => TlsError::Mismatch {
+    pub fn parse(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, TlsError> {
+        certified_key_from_pem(cert_pem, key_pem).map_err(|e| match e {
+            CredentialError::NoCertificate => TlsError::NoCertificate(self.cert.clone()),
+            CredentialError::BadCertificate(why) => {
+                TlsError::BadCertificate(self.cert.clone(), why)
+            }
+            CredentialError::BadKey(why) => TlsError::BadKey(self.key.clone(), why),
+            CredentialError::Mismatch(reason) => TlsError::Mismatch {
                 cert: self.cert.clone(),
                 key: self.key.clone(),
-                reason: e.to_string(),
+                reason,
             },
-            other => TlsError::BadKey(self.key.clone(), other.to_string()),
         })
     }
 }
 
-/// Hands every handshake the current certificate.
-pub struct ReloadingResolver {
-    current: ArcSwap<CertifiedKey>,
-}
-
-impl fmt::Debug for ReloadingResolver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // No key material in logs.
-        f.debug_struct("ReloadingResolver").finish_non_exhaustive()
-    }
-}
-
-impl ResolvesServerCert for ReloadingResolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
-    }
-}
-
-impl ReloadingResolver {
-    pub fn new(key: CertifiedKey) -> Self {
-        Self {
-            current: ArcSwap::from_pointee(key),
-        }
-    }
-
-    pub fn swap(&self, key: CertifiedKey) {
-        self.current.store(Arc::new(key));
-    }
-
-    /// DER of the certificate handed out now (tests compare it).
-    pub fn current_leaf(&self) -> Vec<u8> {
-        self.current
-            .load()
-            .cert
-            .first()
-            .map(|c| c.to_vec())
-            .unwrap_or_default()
-    }
-}
-
 /// Loads the files once, for start-up: a bad certificate stops the webhook with its message.
-pub fn load(files: &CertFiles, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
+pub fn load(files: &CertFiles) -> Result<CertifiedKey, TlsError> {
     let (cert, key) = files.read()?;
-    files.parse(&cert, &key, provider)
+    files.parse(&cert, &key)
 }
 
-pub fn server_config(
-    resolver: Arc<ReloadingResolver>,
-    provider: Arc<CryptoProvider>,
-) -> Result<ServerConfig, TlsError> {
-    let mut config = ServerConfig::builder_with_provider(provider)
+pub fn server_config(resolver: Arc<ReloadingResolver>) -> Result<ServerConfig, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?
         .with_no_client_auth()
@@ -154,7 +95,6 @@ pub fn server_config(
 pub async fn watch_files(
     files: CertFiles,
     resolver: Arc<ReloadingResolver>,
-    provider: Arc<CryptoProvider>,
     interval: Duration,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
@@ -176,7 +116,7 @@ pub async fn watch_files(
         if last.as_ref() == Some(&now) || failed_for.as_ref() == Some(&now) {
             continue;
         }
-        match files.parse(&now.0, &now.1, &provider) {
+        match files.parse(&now.0, &now.1) {
             Ok(key) => {
                 resolver.swap(key);
                 metrics.record_tls_reload(true);
@@ -191,10 +131,4 @@ pub async fn watch_files(
             }
         }
     }
-}
-
-/// Makes [`crypto_provider`] the process default, for code that does not take one explicitly.
-pub fn install_crypto_provider() {
-    // Already installed (by a test harness, say) is fine: it is the same provider.
-    let _ = Arc::unwrap_or_clone(crypto_provider()).install_default();
 }

@@ -1,16 +1,14 @@
 //! The admin endpoint (`:15021`): readiness, liveness, metrics, identity, app health checks
 //! on the kubelet's behalf, and `POST /shutdown` for loopback callers.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
+use palisade_plumbing::admin_http::{self, AdminResponse, Limits, text};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -45,20 +43,8 @@ pub fn readiness(cert_valid: bool, has_snapshot: bool, draining: bool) -> Result
     }
 }
 
-fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from(body.into())))
-        .expect("static response parts")
-}
-
-fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(value.to_string())))
-        .expect("static response parts")
+fn json(status: StatusCode, value: serde_json::Value) -> AdminResponse {
+    admin_http::json(status, &value)
 }
 
 /// Answers one admin request.
@@ -67,7 +53,7 @@ pub async fn route(
     peer: SocketAddr,
     method: &Method,
     path: &str,
-) -> Response<Full<Bytes>> {
+) -> AdminResponse {
     match (method, path) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
@@ -84,10 +70,7 @@ pub async fn route(
                 ),
             }
         }
-        (&Method::GET, "/metrics") => Response::builder()
-            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-            .body(Full::new(Bytes::from(state.metrics.render())))
-            .expect("static response parts"),
+        (&Method::GET, "/metrics") => admin_http::metrics(state.metrics.render()),
         (&Method::GET, "/identity") => match state.store.current() {
             Some(c) => json(
                 StatusCode::OK,
@@ -138,38 +121,13 @@ pub async fn route(
     }
 }
 
-/// Serves the admin endpoint until `stop` turns true.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let state = state.clone();
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let state = state.clone();
-                    async move {
-                        Ok::<_, Infallible>(route(&state, peer, req.method(), req.uri().path()).await)
-                    }
-                });
-                tasks.spawn(async move {
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                    let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-                });
-                while tasks.try_join_next().is_some() {}
-                if tasks.len() > 256 {
-                    // Bounded: a flood of admin connections waits for the oldest to finish.
-                    let _ = tasks.join_next().await;
-                }
-            }
-            _ = crate::datapath::until_true(&mut stop) => break,
-        }
-    }
-    tasks.abort_all();
+/// Serves the admin endpoint until `stop` turns true, within the shared admin bounds.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: watch::Receiver<bool>) {
+    let route = move |req: Request<Incoming>, peer: SocketAddr| {
+        let state = state.clone();
+        async move { route(&state, peer, req.method(), req.uri().path()).await }
+    };
+    admin_http::serve(listener, Limits::default(), route, stop).await;
 }
 
 #[cfg(test)]

@@ -54,11 +54,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Json,
-    Plain,
-}
+pub use palisade_plumbing::logging::LogFormat;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -257,15 +253,9 @@ impl Config {
             outbound_listen: r.parsed(env::OUTBOUND_LISTEN, Some(&format!("127.0.0.1:{OUTBOUND_PORT}")), "", socket_addr)?,
             admin_listen: r.parsed(env::ADMIN_LISTEN, Some(&format!("0.0.0.0:{PROXY_ADMIN_PORT}")), "", socket_addr)?,
             log: r.parsed(env::LOG, Some("info"), "", |s| {
-                tracing_subscriber::EnvFilter::try_new(s)
-                    .map(|_| s.to_owned())
-                    .map_err(|e| format!("not a tracing filter ({e}): use info, debug, or palisade_proxy=debug,info"))
+                palisade_plumbing::logging::parse_filter(s).map(|_| s.to_owned())
             })?,
-            log_format: r.parsed(env::LOG_FORMAT, Some("json"), "", |s| match s {
-                "json" => Ok(LogFormat::Json),
-                "plain" => Ok(LogFormat::Plain),
-                _ => Err("use json or plain".to_owned()),
-            })?,
+            log_format: r.parsed(env::LOG_FORMAT, Some("json"), "", str::parse)?,
             inbound_detect_timeout: r.duration(env::INBOUND_DETECT_TIMEOUT, "200ms")?,
             drain_timeout: r.duration(env::DRAIN_TIMEOUT, "30s")?,
             connect_timeout: r.duration(env::CONNECT_TIMEOUT, "5s")?,

@@ -170,6 +170,4 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// Resolves once `rx` holds `true` (or its sender is gone); holds no borrow across awaits.
-pub async fn until_true(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await.map(|_| ());
-}
+pub use palisade_plumbing::until_true;

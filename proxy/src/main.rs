@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use palisade_ca_api::contract::{
     INBOUND_PORT, OUTBOUND_PORT, PROXY_ADMIN_PORT, PROXY_UID, parse_duration,
 };
-use palisade_proxy::config::{Config, LogFormat, ProcessEnv};
+use palisade_proxy::config::{Config, ProcessEnv};
 use palisade_proxy::init::{self, InitOptions};
 
 #[derive(Parser)]
@@ -71,20 +71,6 @@ struct InitArgs {
     dry_run: bool,
 }
 
-fn init_tracing(filter: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Plain => builder.init(),
-    }
-}
-
 fn run_init(a: InitArgs) -> Result<(), init::InitError> {
     let options = InitOptions {
         proxy_uid: a.proxy_uid,
@@ -143,7 +129,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_tracing(&config.log, config.log_format);
+            // The filter was checked with the rest of the configuration.
+            let _ = palisade_plumbing::logging::init(&config.log, config.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.worker_threads)
                 .enable_all()

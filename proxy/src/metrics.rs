@@ -1,10 +1,9 @@
 //! Counters and gauges, rendered as Prometheus text. Label values come from small fixed sets
 //! (directions, reasons, results), so the label maps stay bounded.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use palisade_plumbing::metrics::{CounterFamily, Exposition, Kind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -24,58 +23,16 @@ impl Direction {
     }
 }
 
-/// A counter family keyed by its rendered label set.
-#[derive(Debug, Default)]
-struct Family(Mutex<BTreeMap<String, u64>>);
-
-impl Family {
-    fn add(&self, labels: &[(&str, &str)], n: u64) {
-        let key = labels
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-            .collect::<Vec<_>>()
-            .join(",");
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
-            .or_default() += n;
-    }
-
-    fn get(&self, labels: &str) -> u64 {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(labels)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for (labels, v) in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "{name}{{{labels}}} {v}");
-        }
-    }
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 #[derive(Debug, Default)]
 pub struct Metrics {
-    opened: Family,
-    closed: Family,
+    opened: CounterFamily,
+    closed: CounterFamily,
     active: [AtomicI64; 2],
-    bytes: Family,
-    handshake_failures: Family,
-    decisions: Family,
-    plaintext_inbound: Family,
-    refused: Family,
+    bytes: CounterFamily,
+    handshake_failures: CounterFamily,
+    decisions: CounterFamily,
+    plaintext_inbound: CounterFamily,
+    refused: CounterFamily,
     cert_not_after: AtomicI64,
     rotations: AtomicU64,
     rotation_failures: AtomicU64,
@@ -151,86 +108,84 @@ impl Metrics {
     /// Test helper: a decision counter's value (`result`, `reason`).
     pub fn decision_count(&self, result: &str, reason: &str) -> u64 {
         self.decisions
-            .get(&format!("result=\"{result}\",reason=\"{reason}\""))
+            .get(&[("result", result), ("reason", reason)])
     }
 
     /// Test helper: handshake failures for a direction and reason.
     pub fn handshake_failure_count(&self, d: Direction, reason: &str) -> u64 {
         self.handshake_failures
-            .get(&format!("direction=\"{}\",reason=\"{reason}\"", d.as_str()))
+            .get(&[("direction", d.as_str()), ("reason", reason)])
     }
 
     /// Test helper: refusals for a direction and reason.
     pub fn refused_count(&self, d: Direction, reason: &str) -> u64 {
         self.refused
-            .get(&format!("direction=\"{}\",reason=\"{reason}\"", d.as_str()))
+            .get(&[("direction", d.as_str()), ("reason", reason)])
     }
 
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        self.opened.render(
+        let mut out = Exposition::new();
+        self.opened.encode(
             &mut out,
             "palisade_connections_opened_total",
             "TCP connections accepted, by direction.",
         );
-        self.closed.render(
+        self.closed.encode(
             &mut out,
             "palisade_connections_closed_total",
             "TCP connections finished, by direction.",
         );
-        let _ = writeln!(
-            out,
-            "# HELP palisade_connections_active Connections open now, by direction.\n# TYPE palisade_connections_active gauge"
-        );
+        let active = "palisade_connections_active";
+        out.family(active, Kind::Gauge, "Connections open now, by direction.");
         for d in [Direction::Inbound, Direction::Outbound] {
-            let _ = writeln!(
-                out,
-                "palisade_connections_active{{direction=\"{}\"}} {}",
-                d.as_str(),
-                self.active(d)
-            );
+            out.sample(active, &[("direction", d.as_str())], self.active(d));
         }
-        self.bytes.render(
+        self.bytes.encode(
             &mut out,
             "palisade_bytes_total",
             "Bytes relayed, by direction and flow (to_upstream: from the accepted side; to_downstream: back to it).",
         );
-        self.handshake_failures.render(
+        self.handshake_failures.encode(
             &mut out,
             "palisade_tls_handshake_failures_total",
             "Failed mesh TLS handshakes, by direction and reason.",
         );
-        self.decisions.render(
+        self.decisions.encode(
             &mut out,
             "palisade_policy_decisions_total",
             "Inbound policy decisions, by result (allow, deny, audit_deny) and reason.",
         );
-        self.plaintext_inbound.render(
+        self.plaintext_inbound.encode(
             &mut out,
             "palisade_inbound_plaintext_total",
             "Inbound callers treated as plaintext, by how they were detected.",
         );
-        self.refused.render(
+        self.refused.encode(
             &mut out,
             "palisade_connections_refused_total",
             "Connections refused before relaying, by direction and reason.",
         );
-        let _ = writeln!(
-            out,
-            "# HELP palisade_certificate_not_after_seconds Not-after of the installed certificate, Unix time.\n# TYPE palisade_certificate_not_after_seconds gauge\npalisade_certificate_not_after_seconds {}",
-            self.cert_not_after.load(Ordering::Relaxed)
+        out.single(
+            "palisade_certificate_not_after_seconds",
+            Kind::Gauge,
+            "Not-after of the installed certificate, Unix time.",
+            self.cert_not_after.load(Ordering::Relaxed),
         );
         let (ok, failed) = self.rotations();
-        let _ = writeln!(
-            out,
-            "# HELP palisade_certificate_rotations_total Certificates obtained.\n# TYPE palisade_certificate_rotations_total counter\npalisade_certificate_rotations_total {ok}"
+        out.single(
+            "palisade_certificate_rotations_total",
+            Kind::Counter,
+            "Certificates obtained.",
+            ok,
         );
-        let _ = writeln!(
-            out,
-            "# HELP palisade_certificate_rotation_failures_total Failed certificate requests.\n# TYPE palisade_certificate_rotation_failures_total counter\npalisade_certificate_rotation_failures_total {failed}"
+        out.single(
+            "palisade_certificate_rotation_failures_total",
+            Kind::Counter,
+            "Failed certificate requests.",
+            failed,
         );
-        out
+        out.finish()
     }
 }
 

@@ -53,6 +53,13 @@ impl App {
         let task = tokio::spawn(serve(listener, name));
         Ok(App { addr, task })
     }
+
+    /// Stops the app and returns once its listener is closed (an abort alone takes effect
+    /// only when the runtime next polls the task).
+    pub async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
 }
 
 impl Drop for App {

@@ -269,7 +269,7 @@ impl World {
         {
             tracing::warn!("the CA did not stop within 5s");
         }
-        drop(self.app);
+        self.app.stop().await;
         addrs
     }
 }

@@ -177,7 +177,7 @@ def test_proxy_is_ready_with_the_charts_trust_domain(tmp_path):
             "--mesh-file", str(mesh_file), "--auth", "local", "--trust-domain", trust_domain,
             "--namespace", ca_namespace, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
         ], {**BASE_ENV, "PALISADE_LOG": "info", "PALISADE_LOG_FORMAT": "json"})
-        ca_addr = ca.wait_for_record(lambda r: r.get("fields", {}).get("api_addr"), "its API address")
+        ca_addr = ca.wait_for_record(lambda r: r.get("api_addr"), "its API address")
         token, bundle = tmp_path / "token", tmp_path / "ca.pem"
         token.write_text(ca_cli("token", "--state-dir", str(state), "--namespace", ns, "--service-account", sa))
         bundle.write_text(ca_cli("bundle", "--state-dir", str(state)))

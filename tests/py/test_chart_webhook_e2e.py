@@ -88,7 +88,7 @@ class RunningInjector:
                             + "".join(self.logs))
             self.logs.append(line)
             try:
-                fields = json.loads(line).get("fields", {})
+                fields = json.loads(line)
             except json.JSONDecodeError:
                 continue
             if "webhook_addr" in fields:

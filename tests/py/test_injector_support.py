@@ -139,7 +139,7 @@ class Injector:
                 pytest.fail(f"palisade-injector exited ({self.proc.returncode}) before serving:\n"
                             + "".join(self.logs))
             try:
-                fields = json.loads(line).get("fields", {})
+                fields = json.loads(line)
             except json.JSONDecodeError:
                 continue
             if "webhook_addr" in fields:

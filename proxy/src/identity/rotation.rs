@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use palisade_ca_api::SpiffeId;
 use palisade_ca_api::cert::{check_leaf_profile, parse_pem_certs};
-use palisade_ca_api::tls::{crypto_provider, verify_workload_chain};
+use palisade_ca_api::tls::verify_workload_chain;
 use palisade_ca_api::wire::CertificateRequest;
+use palisade_plumbing::credentials::certified_key;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
-use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use tokio::sync::watch;
 
@@ -145,15 +145,8 @@ impl Identity {
         }
         let info = check_leaf_profile(&chain[0]).map_err(|e| bad(e.to_string()))?;
 
-        let signing_key = crypto_provider()
-            .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-                key.serialize_der(),
-            )))
-            .map_err(|e| IdentityError::Csr(e.to_string()))?;
-        let certified = CertifiedKey::new(chain, signing_key);
-        certified
-            .keys_match()
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let certified = certified_key(chain, key)
             .map_err(|e| bad(format!("the certificate is not for the key we sent: {e}")))?;
 
         self.bundle

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 use palisade_ca_api::SpiffeId;
 use palisade_ca_api::cert::check_leaf_profile;
-use palisade_ca_api::tls::crypto_provider;
+use palisade_plumbing::credentials::certified_key;
 use rustls::SignatureScheme;
 use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -34,12 +34,9 @@ impl Installed {
     ) -> Result<Self, String> {
         let leaf = chain.first().ok_or("the chain is empty")?;
         let info = check_leaf_profile(leaf).map_err(|e| e.to_string())?;
-        let signing = crypto_provider()
-            .key_provider
-            .load_private_key(key)
-            .map_err(|e| e.to_string())?;
+        let key = certified_key(chain, key).map_err(|e| e.to_string())?;
         Ok(Installed {
-            key: Arc::new(CertifiedKey::new(chain, signing)),
+            key: Arc::new(key),
             spiffe_id: info.spiffe_id,
             serial: info.serial,
             not_before: info.not_before.unix_timestamp(),
