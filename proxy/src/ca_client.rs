@@ -108,6 +108,10 @@ impl CertificateSource for CaSource {
     }
 }
 
+/// How long a watch waits for the proxy's first certificate before it reports an error (and is
+/// retried with backoff).
+const FIRST_CERTIFICATE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct CaWatch(WatchStream);
 
 impl WatchEvents for CaWatch {
@@ -126,19 +130,23 @@ impl MeshSource for CaSource {
             // connection pooled before the current certificate would present none or an old one.
             // Waiting here (bounded) opens the watch as soon as the first certificate lands,
             // rather than a backoff step later.
-            let mut waited = 0;
+            let mut installs = self.store.installs();
+            let deadline = tokio::time::sleep(FIRST_CERTIFICATE_WAIT);
+            tokio::pin!(deadline);
             let current = loop {
                 if let Some(c) = self.store.valid() {
                     break c;
                 }
-                if waited >= 100 {
-                    return Err(SourceError::Transport(
+                let no_certificate = || {
+                    SourceError::Transport(
                         "no certificate yet: the mesh watch needs the proxy's own certificate"
                             .into(),
-                    ));
+                    )
+                };
+                tokio::select! {
+                    changed = installs.changed() => changed.map_err(|_| no_certificate())?,
+                    _ = &mut deadline => return Err(no_certificate()),
                 }
-                waited += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             };
             let renewed = {
                 let mut used = self.watch_serial.lock().unwrap_or_else(|e| e.into_inner());

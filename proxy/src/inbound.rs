@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use palisade_ca_api::SpiffeId;
 use palisade_ca_api::cert::spiffe_id_from_cert;
-use palisade_ca_api::policy::{Caller, InboundPolicy, evaluate_inbound};
+use palisade_ca_api::policy::{Caller, Decision, InboundPolicy, Reason, evaluate_inbound};
 use tokio::net::TcpStream;
 
 use crate::datapath::{DataPath, OpenConnection, connect};
@@ -26,34 +26,16 @@ pub enum InboundTarget {
     FixedPort(u16),
 }
 
-/// The outcome of a policy check, as the data path uses it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
-    pub allowed: bool,
-    /// `allow`, `deny` or `audit_deny`.
-    pub result: &'static str,
-    pub reason: &'static str,
-    pub policy: String,
-}
-
 /// Decides on one connection. Without a policy from the control plane yet, refuse. Pure.
-pub fn decide(policy: Option<&InboundPolicy>, port: u16, caller: Caller<'_>) -> Verdict {
+pub fn decide(policy: Option<&InboundPolicy>, port: u16, caller: Caller<'_>) -> Decision {
     match policy {
-        None => Verdict {
+        None => Decision {
             allowed: false,
-            result: "deny",
-            reason: "no_policy_yet",
+            audit_would_deny: false,
             policy: "none".into(),
+            reason: Reason::NoPolicyYet,
         },
-        Some(p) => {
-            let d = evaluate_inbound(p, port, caller);
-            Verdict {
-                allowed: d.allowed,
-                result: d.result(),
-                reason: d.reason.as_str(),
-                policy: d.policy,
-            }
-        }
+        Some(p) => evaluate_inbound(p, port, caller),
     }
 }
 
@@ -153,33 +135,34 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, dp: Arc<DataPath>, targ
 /// Evaluates policy, counts the decision, logs a denial or would-deny; true when allowed.
 fn admit(dp: &DataPath, peer: SocketAddr, port: u16, caller: Caller<'_>) -> bool {
     let policy = dp.mesh.inbound();
-    let verdict = decide(policy.as_deref(), port, caller);
-    dp.metrics.decision(verdict.result, verdict.reason);
-    if verdict.result == "allow" {
+    let decision = decide(policy.as_deref(), port, caller);
+    dp.metrics
+        .decision(decision.result(), decision.reason.as_str());
+    if decision.allowed && !decision.audit_would_deny {
         // Debug level: silent by default, and the fields are only formatted when enabled.
         tracing::debug!(
             target: "palisade::policy",
-            result = verdict.result,
+            result = decision.result(),
             caller = %CallerName(caller),
             caller_address = %peer,
             target_workload = policy.as_deref().map_or("", |p| p.workload.as_str()),
             port,
-            policy = %verdict.policy,
-            reason = verdict.reason,
+            policy = %decision.policy,
+            reason = decision.reason.as_str(),
             "connection allowed"
         );
     } else {
         dp.denials.record(&DenialEvent {
-            result: verdict.result,
+            result: decision.result(),
             caller: CallerName(caller).to_string(),
             caller_address: peer.to_string(),
             target: policy.map(|p| p.workload.clone()).unwrap_or_default(),
             port,
-            policy: verdict.policy.clone(),
-            reason: verdict.reason,
+            policy: decision.policy.clone(),
+            reason: decision.reason.as_str(),
         });
     }
-    verdict.allowed
+    decision.allowed
 }
 
 /// How policy events name a caller: its SPIFFE ID, or `unauthenticated`.
@@ -223,7 +206,7 @@ mod tests {
         let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
         let v = decide(None, 8080, Caller::Authenticated(&id));
         assert!(!v.allowed);
-        assert_eq!(v.reason, "no_policy_yet");
+        assert_eq!(v.reason.as_str(), "no_policy_yet");
     }
 
     #[test]
@@ -233,7 +216,7 @@ mod tests {
         assert!(decide(Some(&p), 80, Caller::Authenticated(&id)).allowed);
         let v = decide(Some(&p), 80, Caller::Unauthenticated);
         assert_eq!(
-            (v.allowed, v.result, v.reason),
+            (v.allowed, v.result(), v.reason.as_str()),
             (false, "deny", "plaintext_not_allowed")
         );
         assert!(

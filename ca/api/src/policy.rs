@@ -332,6 +332,8 @@ pub enum Reason {
     DefaultDeny,
     PlaintextNotAllowed,
     ForeignTrustDomain,
+    /// The proxy has no policy from the control plane yet: it refuses (fail closed).
+    NoPolicyYet,
 }
 
 impl Reason {
@@ -344,6 +346,7 @@ impl Reason {
             Reason::DefaultDeny => "default_deny",
             Reason::PlaintextNotAllowed => "plaintext_not_allowed",
             Reason::ForeignTrustDomain => "foreign_trust_domain",
+            Reason::NoPolicyYet => "no_policy_yet",
         }
     }
 }

@@ -12,6 +12,7 @@ use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::watch;
 
 use crate::clock::Clock;
 
@@ -62,6 +63,8 @@ impl std::fmt::Debug for Installed {
 pub struct CertStore {
     current: ArcSwapOption<Installed>,
     clock: Clock,
+    /// Counts installs, so that a task can wait for the next certificate instead of polling.
+    installs: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -77,11 +80,18 @@ impl CertStore {
         CertStore {
             current: ArcSwapOption::empty(),
             clock,
+            installs: watch::Sender::new(0),
         }
     }
 
     pub fn install(&self, installed: Installed) {
         self.current.store(Some(Arc::new(installed)));
+        self.installs.send_modify(|n| *n += 1);
+    }
+
+    /// Changes with every install.
+    pub fn installs(&self) -> watch::Receiver<u64> {
+        self.installs.subscribe()
     }
 
     /// The installed certificate, expired or not.
@@ -119,5 +129,44 @@ impl ResolvesClientCert for CertStore {
 
     fn has_certs(&self) -> bool {
         self.valid().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn installed(not_after: i64) -> Installed {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let key_der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        Installed {
+            key: Arc::new(certified_key(vec![cert.der().clone()], key_der).unwrap()),
+            spiffe_id: SpiffeId::new("cluster.local", "shop", "web").unwrap(),
+            serial: "01".into(),
+            not_before: 0,
+            not_after,
+        }
+    }
+
+    /// The mesh watch waits on this instead of polling for the first certificate.
+    #[tokio::test]
+    async fn a_waiter_wakes_when_a_certificate_is_installed() {
+        let store = Arc::new(CertStore::new(Clock::system()));
+        let mut installs = store.installs();
+        let waiter = tokio::spawn(async move {
+            installs.changed().await.unwrap();
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        store.install(installed(i64::MAX));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the install")
+            .unwrap();
+        assert!(store.valid().is_some());
     }
 }
