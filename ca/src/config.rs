@@ -105,7 +105,7 @@ impl ServeConfig {
                 "--cert-ttl",
                 format!(
                     "{} is outside 5m..24h (use e.g. 1h)",
-                    format_duration(self.cert_ttl)
+                    palisade_ca_api::contract::format_duration(self.cert_ttl)
                 ),
             ));
         }
@@ -115,8 +115,6 @@ impl ServeConfig {
         Ok(())
     }
 }
-
-pub use palisade_ca_api::contract::{format_duration, parse_duration};
 
 #[cfg(test)]
 mod tests {
