@@ -8,7 +8,7 @@ use palisade_plumbing::admin_http::{self, AdminResponse, Limits};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::server::Ca;
+use crate::state::Ca;
 
 pub async fn serve_admin(listener: TcpListener, ca: Arc<Ca>, shutdown: watch::Receiver<bool>) {
     let route = move |req: http::Request<hyper::body::Incoming>, _peer| {

@@ -37,6 +37,8 @@ pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     /// Intermediate PEMs, issuing one first: the tail of every chain handed out.
     chain_tail: Vec<String>,
+    /// The same intermediates as DER, for the CA's own serving chain.
+    chain_tail_der: Vec<CertificateDer<'static>>,
     roots: Vec<CertificateDer<'static>>,
     bundle_pem: Vec<String>,
     intermediate_not_after: OffsetDateTime,
@@ -70,6 +72,7 @@ impl Authority {
                 .iter()
                 .map(|c| cert_to_pem(c))
                 .collect(),
+            chain_tail_der: material.intermediates.clone(),
             bundle_pem: roots.iter().map(|c| cert_to_pem(c)).collect(),
             roots,
             intermediate_not_after: material.intermediate_not_after,
@@ -86,6 +89,10 @@ impl Authority {
 
     pub fn chain_tail(&self) -> &[String] {
         &self.chain_tail
+    }
+
+    pub fn chain_tail_der(&self) -> &[CertificateDer<'static>] {
+        &self.chain_tail_der
     }
 
     pub fn intermediate_not_after(&self) -> OffsetDateTime {

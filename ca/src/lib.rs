@@ -4,16 +4,17 @@
 //! in pure modules (`csr`, `authority`, `mesh`) that tests call directly.
 
 pub mod admin;
-pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod authority;
 pub mod config;
 pub mod csr;
+pub mod handlers;
 pub mod keys;
 pub mod kube;
 pub mod mesh;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;
+pub mod state;
 pub mod tls_server;

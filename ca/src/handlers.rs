@@ -21,7 +21,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::audit::Issuance;
 use crate::csr::{CsrError, check_csr, csr_der_from_pem};
-use crate::server::Ca;
+use crate::state::Ca;
 
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 

@@ -1,0 +1,189 @@
+//! The steps of start-up, each on its own: the Kubernetes client when a mode needs one, the key
+//! material (state dir or Secret), extra trust roots, the authenticator, the mesh source, the
+//! audit log and the listeners.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use palisade_ca_api::cert::parse_pem_certs;
+use rustls_pki_types::CertificateDer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::StartError;
+use crate::audit::AuditLog;
+use crate::auth::Authenticator;
+use crate::auth::jwks::JwksAuthenticator;
+use crate::auth::kube::KubeAuthenticator;
+use crate::auth::local::{LocalAuthenticator, LocalIssuer};
+use crate::authority::Authority;
+use crate::config::{AuthMode, MeshSource, ServeConfig};
+use crate::keys::{KeyMaterial, KeySource, load_or_create};
+use crate::kube::secret_keys::load_or_create_in_secret;
+use crate::kube::{WatchSettings, spawn_watches};
+use crate::mesh::file::{load_mesh_file, reload_loop};
+use crate::mesh::{MeshPublisher, MeshState};
+use crate::metrics::Metrics;
+
+/// Where a step puts the tasks it starts, and what those tasks need.
+pub(super) struct Background<'a> {
+    pub metrics: &'a Arc<Metrics>,
+    pub shutdown: &'a watch::Receiver<bool>,
+    pub tasks: &'a mut JoinSet<()>,
+}
+
+/// The Kubernetes client when the mesh source or the authenticator needs one.
+pub(super) async fn kube_client(
+    config: &ServeConfig,
+    given: Option<::kube::Client>,
+) -> Result<Option<::kube::Client>, StartError> {
+    let needs_kube = config.source == MeshSource::Kube || config.auth == AuthMode::Kube;
+    match (needs_kube, given) {
+        (false, _) => Ok(None),
+        (true, Some(client)) => Ok(Some(client)),
+        (true, None) => ::kube::Client::try_default()
+            .await
+            .map(Some)
+            .map_err(|e| StartError::KubeClient(e.to_string())),
+    }
+}
+
+pub(super) async fn key_material(
+    config: &ServeConfig,
+    kube_client: Option<&::kube::Client>,
+) -> Result<KeyMaterial, StartError> {
+    let now = time::OffsetDateTime::now_utc();
+    Ok(match (kube_client, &config.source, &config.keys) {
+        // In a cluster the generated root lives in a Secret, shared by replicas and restarts.
+        (Some(client), MeshSource::Kube, KeySource::Generated) => {
+            load_or_create_in_secret(
+                client,
+                &config.namespace,
+                &config.state_dir,
+                &config.trust_domain,
+                now,
+            )
+            .await?
+        }
+        _ => load_or_create(&config.state_dir, &config.keys, &config.trust_domain, now)?,
+    })
+}
+
+/// `--extra-trust-roots`: more roots in the bundle (a root rotation by hand).
+pub(super) fn extra_roots(
+    config: &ServeConfig,
+) -> Result<Vec<CertificateDer<'static>>, StartError> {
+    let Some(path) = &config.extra_trust_roots else {
+        return Ok(Vec::new());
+    };
+    let bad = |e: String| StartError::ExtraRoots(path.clone(), e);
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    parse_pem_certs(&text).map_err(|e| bad(e.to_string()))
+}
+
+pub(super) async fn authenticator(
+    config: &ServeConfig,
+    kube_client: Option<&::kube::Client>,
+    background: Background<'_>,
+) -> Result<Arc<dyn Authenticator>, StartError> {
+    let audience = palisade_ca_api::wire::TOKEN_AUDIENCE;
+    Ok(match &config.auth {
+        AuthMode::Local => Arc::new(LocalAuthenticator {
+            issuer: LocalIssuer::load_or_create(&config.state_dir)?,
+            audience: audience.into(),
+        }),
+        AuthMode::Jwks { issuer, source } => {
+            let auth = JwksAuthenticator::new(issuer.clone(), audience.into(), source.clone())
+                .await
+                .map_err(StartError::Jwks)?;
+            background
+                .tasks
+                .spawn(auth.clone().refresh_loop(background.shutdown.clone()));
+            auth
+        }
+        AuthMode::Kube => Arc::new(KubeAuthenticator::new(
+            kube_client.cloned().expect("made for kube mode"),
+            audience.into(),
+        )),
+    })
+}
+
+/// The mesh publisher, fed by the mesh file (reloaded on change) or by the Kubernetes watches,
+/// and the readiness signal: ready at once for a file, after the first full sync for kube.
+pub(super) fn mesh_source(
+    config: &ServeConfig,
+    kube_client: Option<::kube::Client>,
+    authority: &Authority,
+    background: Background<'_>,
+) -> Result<(MeshPublisher, watch::Receiver<bool>), StartError> {
+    let Background {
+        metrics,
+        shutdown,
+        tasks,
+    } = background;
+    match &config.source {
+        MeshSource::File(mesh_file) => {
+            let publisher = MeshPublisher::new(load_mesh_file(mesh_file, &config.trust_domain)?);
+            tasks.spawn(reload_loop(
+                mesh_file.clone(),
+                config.trust_domain.clone(),
+                publisher.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            ));
+            Ok((publisher, watch::channel(true).1))
+        }
+        MeshSource::Kube => {
+            let client = kube_client.expect("made for kube mode");
+            let publisher = MeshPublisher::new(MeshState::new(
+                config.trust_domain.clone(),
+                config.default_policy,
+                Default::default(),
+                Vec::new(),
+                Vec::new(),
+            ));
+            let settings = WatchSettings {
+                trust_domain: config.trust_domain.clone(),
+                default_policy: config.default_policy,
+            };
+            let outputs = spawn_watches(
+                client.clone(),
+                settings,
+                publisher.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+                tasks,
+            );
+            tasks.spawn(crate::kube::anchors::distribute(
+                client,
+                crate::kube::anchors::bundle_text(authority.trust_bundle_pem()),
+                outputs.opted_in,
+                shutdown.clone(),
+            ));
+            Ok((publisher, outputs.ready))
+        }
+    }
+}
+
+pub(super) fn audit_log(config: &ServeConfig) -> Result<AuditLog, StartError> {
+    let Some(path) = &config.audit_file else {
+        return Ok(AuditLog::stdout());
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(AuditLog::writing_to)
+        .map_err(|e| StartError::AuditFile(path.clone(), e))
+}
+
+pub(super) async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| StartError::Bind(addr, e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(addr, e))?;
+    Ok((listener, bound))
+}
