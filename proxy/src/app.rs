@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -12,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::datapath::{DataPath, Limits, accept_loop};
+use crate::drain::Drain;
 use crate::identity::{CertStore, Identity, run_rotation};
 use crate::inbound::{self, InboundTarget};
 use crate::mesh::{MeshState, run_watch};
@@ -112,46 +112,38 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
         settings.limits.clone(),
     )?);
 
-    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
-    let (stop_inbound, stop_inbound_rx) = watch::channel(false);
-    let (abort, abort_rx) = watch::channel(false);
-    let (stop_background, stop_background_rx) = watch::channel(false);
-    let never = watch::channel(false);
-    let draining = Arc::new(AtomicBool::new(false));
-
+    let drain = Drain::default();
     let mut tasks = Vec::new();
     let in_target = settings.inbound_target;
     tasks.push(tokio::spawn(accept_loop(
         inbound_l,
         Direction::Inbound,
         dp.clone(),
-        stop_inbound_rx,
-        abort_rx.clone(),
+        drain.inbound_stop(),
+        drain.abort(),
         move |s, peer, dp| inbound::handle(s, peer, dp, in_target),
     )));
     let out_target = settings.outbound_target;
     let out_listen = addrs.1;
-    // Outbound keeps accepting during the drain: the app may still need it.
-    let never_rx = never.1.clone();
     tasks.push(tokio::spawn(accept_loop(
         outbound_l,
         Direction::Outbound,
         dp.clone(),
-        never_rx,
-        abort_rx.clone(),
+        drain.outbound_stop(),
+        drain.abort(),
         move |s, peer, dp| outbound::handle(s, peer, dp, out_target, out_listen),
     )));
     if let Some(identity) = parts.identity.clone() {
         tasks.push(tokio::spawn(run_rotation(
             identity,
-            stop_background_rx.clone(),
+            drain.background_stop(),
         )));
     }
     if let Some(source) = parts.mesh_source.clone() {
         tasks.push(tokio::spawn(run_watch(
             parts.mesh.clone(),
             source,
-            stop_background_rx.clone(),
+            drain.background_stop(),
         )));
     }
     let admin_state = Arc::new(AdminState {
@@ -160,49 +152,20 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
         metrics: parts.metrics.clone(),
         probes: settings.probes.clone(),
         probe_timeout: settings.probe_timeout,
-        draining: draining.clone(),
-        shutdown: shutdown_tx.clone(),
+        draining: drain.draining(),
+        shutdown: drain.requester(),
     });
-    let admin_task = tokio::spawn(admin::serve(
+    tasks.push(tokio::spawn(admin::serve(
         admin_l,
         admin_state,
-        stop_background_rx.clone(),
-    ));
+        drain.background_stop(),
+    )));
 
+    let shutdown_tx = drain.requester();
     let metrics = parts.metrics.clone();
-    let drain_timeout = settings.drain_timeout;
-    let done = tokio::spawn(async move {
-        let _ = shutdown_rx.wait_for(|s| *s).await;
-        draining.store(true, Ordering::Release);
-        let _ = stop_inbound.send(true);
-        tracing::info!(
-            drain_timeout_ms = drain_timeout.as_millis() as u64,
-            "draining: not ready, inbound closed, outbound open until its connections end or the deadline"
-        );
-        let deadline = tokio::time::Instant::now() + drain_timeout;
-        loop {
-            let open = metrics.active(Direction::Inbound) + metrics.active(Direction::Outbound);
-            if open <= 0 {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    open,
-                    "drain deadline reached; closing the remaining connections"
-                );
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let _ = abort.send(true);
-        let _ = stop_background.send(true);
-        for t in tasks {
-            let _ = t.await;
-        }
-        let _ = admin_task.await;
-        drop(never);
-        tracing::info!("stopped");
-    });
+    let open_connections =
+        move || metrics.active(Direction::Inbound) + metrics.active(Direction::Outbound);
+    let done = tokio::spawn(drain.run(open_connections, settings.drain_timeout, tasks));
 
     Ok(Bound {
         inbound: addrs.0,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod datapath;
 pub mod denial_log;
 pub mod detect;
+pub mod drain;
 pub mod identity;
 pub mod inbound;
 pub mod init;
