@@ -13,14 +13,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::identity::CertStore;
-use crate::mesh::MeshState;
+use crate::mesh::MeshView;
 use crate::metrics::Metrics;
 use crate::probes::{AppProbes, check};
 
 /// What the admin endpoint reads and the one thing it can do (start the shutdown).
 pub struct AdminState {
     pub store: Arc<CertStore>,
-    pub mesh: Arc<MeshState>,
+    pub mesh: Arc<MeshView>,
     pub metrics: Arc<Metrics>,
     pub probes: AppProbes,
     pub probe_timeout: Duration,

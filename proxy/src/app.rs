@@ -14,11 +14,11 @@ use crate::datapath::{DataPath, Limits, accept_loop};
 use crate::drain::Drain;
 use crate::identity::{CertStore, Identity, run_rotation};
 use crate::inbound::{self, InboundTarget};
-use crate::mesh::{MeshState, run_watch};
+use crate::mesh::{MeshView, run_watch};
 use crate::metrics::{Direction, Metrics};
 use crate::outbound::{self, OutboundTarget};
 use crate::probes::AppProbes;
-use crate::source::MeshSource;
+use crate::source::MeshWatcher;
 use crate::tls::{TlsError, TrustBundle};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +47,12 @@ pub struct Settings {
 pub struct Parts {
     pub store: Arc<CertStore>,
     pub bundle: Arc<TrustBundle>,
-    pub mesh: Arc<MeshState>,
+    pub mesh: Arc<MeshView>,
     pub metrics: Arc<Metrics>,
     /// Runs the rotation task when present.
     pub identity: Option<Arc<Identity>>,
     /// Follows the mesh watch when present.
-    pub mesh_source: Option<Arc<dyn MeshSource>>,
+    pub mesh_watcher: Option<Arc<dyn MeshWatcher>>,
 }
 
 /// A running proxy.
@@ -139,7 +139,7 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
             drain.background_stop(),
         )));
     }
-    if let Some(source) = parts.mesh_source.clone() {
+    if let Some(source) = parts.mesh_watcher.clone() {
         tasks.push(tokio::spawn(run_watch(
             parts.mesh.clone(),
             source,

@@ -8,7 +8,7 @@ use palisade_ca_api::wire::{CertificateRequest, CertificateResponse, WatchMessag
 use rustls::RootCertStore;
 
 use crate::identity::CertStore;
-use crate::source::{BoxFuture, CertificateSource, MeshSource, SourceError, WatchEvents};
+use crate::source::{BoxFuture, CertificateSource, MeshWatcher, SourceError, WatchEvents};
 use crate::tls::TrustBundle;
 
 fn convert(e: ClientError) -> SourceError {
@@ -120,7 +120,7 @@ impl WatchEvents for CaWatch {
     }
 }
 
-impl MeshSource for CaSource {
+impl MeshWatcher for CaSource {
     fn watch<'a>(
         &'a self,
         query: &'a WatchQuery,

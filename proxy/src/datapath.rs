@@ -11,9 +11,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::denial_log::{DenialLog, RateLimiter};
+use crate::denial_log::{DenialLog, LogThrottle};
 use crate::identity::CertStore;
-use crate::mesh::MeshState;
+use crate::mesh::MeshView;
 use crate::metrics::{Direction, Metrics};
 use crate::tls::{ClientConfigs, TrustBundle};
 
@@ -50,7 +50,7 @@ pub struct DataPath {
     pub bundle: Arc<TrustBundle>,
     pub server_config: Arc<ServerConfig>,
     pub client_configs: ClientConfigs,
-    pub mesh: Arc<MeshState>,
+    pub mesh: Arc<MeshView>,
     pub metrics: Arc<Metrics>,
     pub denials: DenialLog,
     pub limits: Limits,
@@ -60,7 +60,7 @@ impl DataPath {
     pub fn new(
         store: Arc<CertStore>,
         bundle: Arc<TrustBundle>,
-        mesh: Arc<MeshState>,
+        mesh: Arc<MeshView>,
         metrics: Arc<Metrics>,
         limits: Limits,
     ) -> Result<Self, crate::tls::TlsError> {
@@ -126,7 +126,7 @@ pub async fn accept_loop<F, Fut>(
 {
     let max = data_path.limits.max_connections;
     let slots = Arc::new(Semaphore::new(max));
-    let limit_log = RateLimiter::new(1, 1);
+    let limit_log = LogThrottle::new(1, 1);
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {

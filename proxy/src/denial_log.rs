@@ -23,9 +23,10 @@ pub struct DenialEvent {
     pub reason: &'static str,
 }
 
-/// A token bucket: `burst` events at once, refilled at `per_second`.
+/// Throttles log lines (not traffic): a token bucket of `burst` lines at once, refilled at
+/// `per_second`; what it holds back is counted and reported with the next line let through.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct LogThrottle {
     state: Mutex<Bucket>,
     per_second: f64,
     burst: f64,
@@ -38,9 +39,9 @@ struct Bucket {
     suppressed: u64,
 }
 
-impl RateLimiter {
+impl LogThrottle {
     pub fn new(per_second: u32, burst: u32) -> Self {
-        RateLimiter {
+        LogThrottle {
             state: Mutex::new(Bucket {
                 tokens: burst as f64,
                 at: Instant::now(),
@@ -71,13 +72,13 @@ impl RateLimiter {
 /// Logs denial events through `tracing` (target `palisade::policy`) as one JSON field.
 #[derive(Debug)]
 pub struct DenialLog {
-    limiter: RateLimiter,
+    limiter: LogThrottle,
 }
 
 impl Default for DenialLog {
     fn default() -> Self {
         DenialLog {
-            limiter: RateLimiter::new(10, 50),
+            limiter: LogThrottle::new(10, 50),
         }
     }
 }
@@ -85,7 +86,7 @@ impl Default for DenialLog {
 impl DenialLog {
     pub fn new(per_second: u32, burst: u32) -> Self {
         DenialLog {
-            limiter: RateLimiter::new(per_second, burst),
+            limiter: LogThrottle::new(per_second, burst),
         }
     }
 
@@ -119,7 +120,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn bursts_are_limited_and_suppressions_reported() {
-        let l = RateLimiter::new(2, 3);
+        let l = LogThrottle::new(2, 3);
         assert_eq!(l.admit(), Some(0));
         assert_eq!(l.admit(), Some(0));
         assert_eq!(l.admit(), Some(0));

@@ -20,7 +20,7 @@ use palisade_ca_api::wire::{Destination, MAX_WATCH_DESTINATIONS, WatchMessage, W
 use tokio::sync::{Notify, watch};
 
 use crate::identity::backoff;
-use crate::source::MeshSource;
+use crate::source::MeshWatcher;
 
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
@@ -127,7 +127,7 @@ impl DestinationTable {
 }
 
 /// The proxy's view of the control plane.
-pub struct MeshState {
+pub struct MeshView {
     config: MeshConfig,
     inbound: ArcSwapOption<InboundPolicy>,
     first_message: AtomicBool,
@@ -136,17 +136,17 @@ pub struct MeshState {
     interest: Notify,
 }
 
-impl std::fmt::Debug for MeshState {
+impl std::fmt::Debug for MeshView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MeshState")
+        f.debug_struct("MeshView")
             .field("inbound", &self.inbound.load().is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl MeshState {
+impl MeshView {
     pub fn new(config: MeshConfig) -> Self {
-        MeshState {
+        MeshView {
             table: Mutex::new(DestinationTable::new(config.max_destinations)),
             config,
             inbound: ArcSwapOption::empty(),
@@ -230,8 +230,8 @@ impl MeshState {
 /// Keeps one watch open with what `state` needs, reopening it when that grows and retrying
 /// with capped backoff when the control plane is away. Returns when `shutdown` turns true.
 pub async fn run_watch(
-    state: Arc<MeshState>,
-    source: Arc<dyn MeshSource>,
+    state: Arc<MeshView>,
+    source: Arc<dyn MeshWatcher>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut attempt: u32 = 0;
@@ -260,8 +260,8 @@ pub async fn run_watch(
 
 /// Follows one watch until it fails (true) or must be reopened with a new query (false).
 async fn follow(
-    state: &MeshState,
-    source: &dyn MeshSource,
+    state: &MeshView,
+    source: &dyn MeshWatcher,
     query: &WatchQuery,
     attempt: &mut u32,
 ) -> bool {

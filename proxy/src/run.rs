@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::datapath::Limits;
 use crate::identity::{CertStore, Identity, IdentityConfig};
 use crate::inbound::InboundTarget;
-use crate::mesh::{MeshConfig, MeshState};
+use crate::mesh::{MeshConfig, MeshView};
 use crate::metrics::Metrics;
 use crate::outbound::OutboundTarget;
 use crate::tls::TrustBundle;
@@ -94,7 +94,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Bound> {
         metrics: metrics.clone(),
         clock,
     });
-    let mesh = Arc::new(MeshState::new(MeshConfig {
+    let mesh = Arc::new(MeshView::new(MeshConfig {
         pod_ip: Some(config.pod_ip),
         max_destinations: config.max_destinations,
         backoff_base: Duration::from_millis(200),
@@ -131,7 +131,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Bound> {
             mesh,
             metrics,
             identity: Some(identity),
-            mesh_source: Some(source),
+            mesh_watcher: Some(source),
         },
     )
     .await?;

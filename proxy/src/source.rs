@@ -34,7 +34,7 @@ pub trait CertificateSource: Send + Sync + 'static {
 }
 
 /// Opens mesh watches (`GET /v1/mesh/watch`).
-pub trait MeshSource: Send + Sync + 'static {
+pub trait MeshWatcher: Send + Sync + 'static {
     fn watch<'a>(
         &'a self,
         query: &'a WatchQuery,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_ca_api::policy::DefaultPolicy;
-use palisade_proxy::mesh::{MeshConfig, MeshState, run_watch};
+use palisade_proxy::mesh::{MeshConfig, MeshView, run_watch};
 use support::fake_mesh::FakeMesh;
 use support::rig::{API, policy};
 use tokio::sync::watch;
@@ -17,8 +17,8 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn state() -> Arc<MeshState> {
-    Arc::new(MeshState::new(MeshConfig {
+fn state() -> Arc<MeshView> {
+    Arc::new(MeshView::new(MeshConfig {
         pod_ip: Some(ip("10.77.0.2")),
         ..MeshConfig::default()
     }))
@@ -137,7 +137,7 @@ async fn a_control_plane_that_goes_away_later_leaves_the_last_state_serving() {
 #[tokio::test(start_paused = true)]
 async fn the_destination_set_stays_bounded() {
     let fake = FakeMesh::new();
-    let st = Arc::new(MeshState::new(MeshConfig {
+    let st = Arc::new(MeshView::new(MeshConfig {
         pod_ip: Some(ip("10.77.0.2")),
         max_destinations: 4,
         ..MeshConfig::default()

@@ -28,7 +28,7 @@ use palisade_proxy::clock::Clock;
 use palisade_proxy::datapath::Limits;
 use palisade_proxy::identity::{CertStore, Installed};
 use palisade_proxy::inbound::InboundTarget;
-use palisade_proxy::mesh::{MeshConfig, MeshState};
+use palisade_proxy::mesh::{MeshConfig, MeshView};
 use palisade_proxy::metrics::Metrics;
 use palisade_proxy::outbound::OutboundTarget;
 use palisade_proxy::tls::TrustBundle;
@@ -131,7 +131,7 @@ fn proxy_role(role: &str) {
         .unwrap();
         let store = Arc::new(CertStore::new(Clock::system()));
         store.install(Installed::from_chain(chain, key).unwrap());
-        let mesh = Arc::new(MeshState::new(MeshConfig::default()));
+        let mesh = Arc::new(MeshView::new(MeshConfig::default()));
         mesh.set_inbound(Some(palisade_ca_api::policy::InboundPolicy {
             trust_domain: "cluster.local".into(),
             workload: "bench/server".into(),
@@ -182,7 +182,7 @@ fn proxy_role(role: &str) {
                 mesh,
                 metrics: Arc::new(Metrics::new()),
                 identity: None,
-                mesh_source: None,
+                mesh_watcher: None,
             },
         )
         .await

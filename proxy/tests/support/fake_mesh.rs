@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use palisade_ca_api::policy::InboundPolicy;
 use palisade_ca_api::wire::{Destination, WatchMessage, WatchMessageKind, WatchQuery};
-use palisade_proxy::source::{BoxFuture, MeshSource, SourceError, WatchEvents};
+use palisade_proxy::source::{BoxFuture, MeshWatcher, SourceError, WatchEvents};
 use tokio::sync::watch;
 
 pub struct FakeMesh {
@@ -114,12 +114,12 @@ impl WatchEvents for FakeStream {
 pub struct FakeMeshSource(pub Arc<FakeMesh>);
 
 impl FakeMesh {
-    pub fn source(self: &Arc<Self>) -> Arc<dyn MeshSource> {
+    pub fn source(self: &Arc<Self>) -> Arc<dyn MeshWatcher> {
         Arc::new(FakeMeshSource(self.clone()))
     }
 }
 
-impl MeshSource for FakeMeshSource {
+impl MeshWatcher for FakeMeshSource {
     fn watch<'a>(
         &'a self,
         query: &'a WatchQuery,

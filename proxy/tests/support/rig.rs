@@ -13,7 +13,7 @@ use palisade_proxy::clock::Clock;
 use palisade_proxy::datapath::Limits;
 use palisade_proxy::identity::{CertStore, Installed};
 use palisade_proxy::inbound::InboundTarget;
-use palisade_proxy::mesh::{MeshConfig, MeshState};
+use palisade_proxy::mesh::{MeshConfig, MeshView};
 use palisade_proxy::metrics::Metrics;
 use palisade_proxy::outbound::OutboundTarget;
 use palisade_proxy::tls::TrustBundle;
@@ -76,7 +76,7 @@ pub struct Proxy {
     pub bound: Bound,
     pub store: Arc<CertStore>,
     pub bundle: Arc<TrustBundle>,
-    pub mesh: Arc<MeshState>,
+    pub mesh: Arc<MeshView>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -123,7 +123,7 @@ pub async fn start_proxy(spec: ProxySpec<'_>) -> Proxy {
         store.install(Installed::from_chain(leaf.chain.clone(), leaf.key()).unwrap());
     }
     let bundle = Arc::new(TrustBundle::new(vec![spec.authority.root_der()]).unwrap());
-    let mesh = Arc::new(MeshState::new(MeshConfig {
+    let mesh = Arc::new(MeshView::new(MeshConfig {
         pod_ip: Some("127.0.0.1".parse().unwrap()),
         ..MeshConfig::default()
     }));
@@ -146,7 +146,7 @@ pub async fn start_proxy(spec: ProxySpec<'_>) -> Proxy {
             mesh: mesh.clone(),
             metrics: metrics.clone(),
             identity: None,
-            mesh_source: None,
+            mesh_watcher: None,
         },
     )
     .await
