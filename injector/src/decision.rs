@@ -7,7 +7,7 @@ use kube_core::GroupVersionKind;
 use kube_core::admission::Operation;
 
 use crate::annotations::{INJECT, ValueError, parse_inject};
-use crate::settings::PROXY_CONTAINER;
+use crate::sidecar::PROXY_CONTAINER;
 use palisade_ca_api::contract::INJECTED_LABEL;
 
 /// Why a request was allowed without a patch; each is counted in metrics.

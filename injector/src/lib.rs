@@ -8,6 +8,7 @@
 pub mod annotations;
 pub mod cli;
 pub mod decision;
+pub mod json_patch;
 pub mod metrics;
 pub mod patch;
 pub mod probes;

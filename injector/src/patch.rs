@@ -2,57 +2,18 @@
 //! of operations out. Operations that address existing array elements by index (probe
 //! rewrites) come before the insertions that shift those indices.
 
-use std::borrow::Cow;
-
 use k8s_openapi::api::core::v1::{Container, Pod};
-use serde::Serialize;
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use crate::annotations::{PodOverrides, ValueError, parse_overrides};
+use crate::json_patch::{PatchOp, PatchValue, pointer_token};
 use crate::probes::{ProbeError, rewrite_probes};
-use crate::settings::{
-    INIT_CONTAINER, InjectorSettings, PROXY_CONTAINER, TOKEN_VOLUME, TRUST_VOLUME,
-};
-use crate::sidecar::Prebuilt;
+use crate::settings::InjectorSettings;
+use crate::sidecar::{INIT_CONTAINER, PROXY_CONTAINER, Prebuilt, TOKEN_VOLUME, TRUST_VOLUME};
 use palisade_ca_api::contract::{
     APP_PROBES_ANNOTATION, AppProbes, INBOUND_PORT, INJECTED_LABEL, OUTBOUND_PORT,
     PROXY_ADMIN_PORT as ADMIN_PORT,
 };
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
-pub enum PatchOp<'a> {
-    Add { path: String, value: PatchValue<'a> },
-    Replace { path: String, value: PatchValue<'a> },
-    Remove { path: String },
-}
-
-/// A value in the patch: built for this pod, or rendered once ahead of time (borrowed from the
-/// settings, or owned when the pod's overrides needed a rendering of its own).
-#[derive(Debug, Clone, Serialize)]
-#[serde(untagged)]
-pub enum PatchValue<'a> {
-    Json(Value),
-    Raw(Box<RawValue>),
-    Shared(&'a RawValue),
-    List(Vec<PatchValue<'a>>),
-}
-
-impl From<Value> for PatchValue<'_> {
-    fn from(value: Value) -> Self {
-        Self::Json(value)
-    }
-}
-
-/// Escapes one reference token of a JSON pointer (RFC 6901): `~` → `~0`, `/` → `~1`.
-pub fn pointer_token(key: &str) -> Cow<'_, str> {
-    if key.contains(['~', '/']) {
-        Cow::Owned(key.replace('~', "~0").replace('/', "~1"))
-    } else {
-        Cow::Borrowed(key)
-    }
-}
 
 /// Why a pod that should be injected cannot be: the pod is denied with this message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -234,9 +195,9 @@ pub fn build_patch<'a>(
     let [init, proxy, token_volume, trust_volume] = if overrides == PodOverrides::default() {
         shared(&settings.prebuilt)
     } else {
-        owned(Prebuilt::new(settings, &overrides, resources))
+        owned(Prebuilt::new(&settings.sidecar, &overrides, resources))
     };
-    if settings.native_sidecar {
+    if settings.sidecar.native_sidecar {
         insert_front(
             &mut ops,
             "/spec/initContainers",

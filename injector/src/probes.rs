@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{Container, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
 
-use crate::patch::{PatchOp, pointer_token};
+use crate::json_patch::{PatchOp, pointer_token};
 use palisade_ca_api::contract::{
     AppProbe, AppProbes, Grpc, Header, HttpGet, PROBE_KINDS, PROXY_ADMIN_PORT, TcpSocket,
     app_health_path,

@@ -5,40 +5,22 @@
 use std::sync::Arc;
 
 use crate::annotations::{self, PodOverrides, Quantity, ValueError};
-use crate::sidecar::Prebuilt;
+use crate::sidecar::{Prebuilt, ProxyResources, SidecarDefaults};
 
-use palisade_ca_api::contract::{self, DEFAULT_CA_NAMESPACE, DEFAULT_TRUST_DOMAIN, ProxyEnv};
+use palisade_ca_api::contract::{self, DEFAULT_CA_NAMESPACE, DEFAULT_TRUST_DOMAIN};
 use palisade_ca_api::spiffe::validate_trust_domain;
-
-/// Names of the injected objects (the ports, paths and names they share with the proxy and the
-/// CA are in `palisade_ca_api::contract`).
-pub const PROXY_CONTAINER: &str = "palisade-proxy";
-pub const INIT_CONTAINER: &str = "palisade-init";
-pub const TOKEN_VOLUME: &str = "palisade-token";
-pub const TRUST_VOLUME: &str = "palisade-trust-anchors";
 
 /// The injector's defaults, validated. Built only by [`RawSettings::validate`], which also
 /// renders the injected objects once for pods without overrides; the fields are read-only
 /// outside this crate so that rendering cannot go stale.
 #[derive(Debug, Clone)]
 pub struct InjectorSettings {
-    pub(crate) proxy_image: String,
-    /// `host:port` of the CA, for `PALISADE_CA_ADDR`.
-    pub(crate) ca_addr: String,
-    /// DNS name the proxy verifies on the CA's certificate, for `PALISADE_CA_NAME`.
-    pub(crate) ca_name: String,
-    /// The mesh's trust domain, for `PALISADE_TRUST_DOMAIN`: it must be the CA's, or the
-    /// CA refuses every certificate request.
-    pub(crate) trust_domain: String,
-    /// The proxy as a native sidecar (init container with `restartPolicy: Always`) or, for
-    /// clusters before Kubernetes 1.29, as the first regular container.
-    pub(crate) native_sidecar: bool,
+    /// What the injected objects carry (image, CA, trust domain, sidecar mode, log level).
+    pub(crate) sidecar: SidecarDefaults,
     pub(crate) cpu_request: Quantity,
     pub(crate) cpu_limit: Option<Quantity>,
     pub(crate) memory_request: Quantity,
     pub(crate) memory_limit: Quantity,
-    /// `PALISADE_LOG` unless the pod's `palisade.dev/log-level` says otherwise.
-    pub(crate) log_level: String,
     /// The injected objects of a pod without overrides, serialised once: most pods have none,
     /// and rebuilding them per review was most of a review's CPU time.
     pub(crate) prebuilt: Arc<Prebuilt>,
@@ -125,11 +107,14 @@ impl RawSettings {
             ));
         }
         let mut settings = InjectorSettings {
-            proxy_image: self.proxy_image.clone(),
-            ca_addr: self.ca_addr.clone(),
-            ca_name: self.ca_name.clone(),
-            trust_domain: self.trust_domain.clone(),
-            native_sidecar: self.native_sidecar,
+            sidecar: SidecarDefaults {
+                proxy_image: self.proxy_image.clone(),
+                ca_addr: self.ca_addr.clone(),
+                ca_name: self.ca_name.clone(),
+                trust_domain: self.trust_domain.clone(),
+                native_sidecar: self.native_sidecar,
+                log_level: annotations::parse_log_level("--proxy-log-level", &self.log_level)?,
+            },
             cpu_request: Quantity::cpu("--proxy-cpu-request", &self.cpu_request)?,
             cpu_limit: self
                 .cpu_limit
@@ -138,7 +123,6 @@ impl RawSettings {
                 .transpose()?,
             memory_request: Quantity::memory("--proxy-memory-request", &self.memory_request)?,
             memory_limit: Quantity::memory("--proxy-memory-limit", &self.memory_limit)?,
-            log_level: annotations::parse_log_level("--proxy-log-level", &self.log_level)?,
             prebuilt: Arc::default(),
         };
         let resources = settings.resources(None, None).map_err(|e| ValueError {
@@ -146,7 +130,7 @@ impl RawSettings {
             ..e
         })?;
         settings.prebuilt = Arc::new(Prebuilt::new(
-            &settings,
+            &settings.sidecar,
             &PodOverrides::default(),
             resources,
         ));
@@ -154,40 +138,21 @@ impl RawSettings {
     }
 }
 
-/// The proxy's resources for one pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProxyResources {
-    pub cpu_request: Quantity,
-    pub cpu_limit: Option<Quantity>,
-    pub memory_request: Quantity,
-    pub memory_limit: Quantity,
-}
-
 impl InjectorSettings {
     pub fn native_sidecar(&self) -> bool {
-        self.native_sidecar
+        self.sidecar.native_sidecar
     }
 
     pub fn proxy_image(&self) -> &str {
-        &self.proxy_image
+        &self.sidecar.proxy_image
     }
 
     pub fn ca_addr(&self) -> &str {
-        &self.ca_addr
+        &self.sidecar.ca_addr
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
-    }
-
-    /// The environment of an injected proxy, with `log` as its filter.
-    pub fn proxy_env(&self, log: &str) -> ProxyEnv {
-        ProxyEnv {
-            ca_addr: self.ca_addr.clone(),
-            ca_name: self.ca_name.clone(),
-            trust_domain: self.trust_domain.clone(),
-            log: log.to_owned(),
-        }
+        &self.sidecar.trust_domain
     }
 
     /// Resources with a pod's overrides applied. A request above its limit would make the API
@@ -236,7 +201,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let s = RawSettings::default().validate().unwrap();
-        assert!(s.native_sidecar);
+        assert!(s.native_sidecar());
         assert_eq!(s.memory_limit.text, "256Mi");
     }
 

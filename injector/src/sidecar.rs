@@ -6,20 +6,63 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use palisade_ca_api::contract::{
-    EnvSource, INBOUND_PORT, OUTBOUND_PORT, PROXY_ADMIN_PORT as ADMIN_PORT, PROXY_UID,
+    EnvSource, INBOUND_PORT, OUTBOUND_PORT, PROXY_ADMIN_PORT as ADMIN_PORT, PROXY_UID, ProxyEnv,
     TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_FILE_NAME, TRUST_ANCHORS_CONFIGMAP,
     TRUST_ANCHORS_KEY, TRUST_DIR,
 };
 
-use crate::settings::{
-    INIT_CONTAINER, PROXY_CONTAINER, ProxyResources, TOKEN_VOLUME, TRUST_VOLUME,
-};
-use crate::{annotations::PodOverrides, settings::InjectorSettings};
+use crate::annotations::{PodOverrides, Quantity};
+
+/// Names of the injected objects (the ports, paths and names they share with the proxy and the
+/// CA are in `palisade_ca_api::contract`).
+pub const PROXY_CONTAINER: &str = "palisade-proxy";
+pub const INIT_CONTAINER: &str = "palisade-init";
+pub const TOKEN_VOLUME: &str = "palisade-token";
+pub const TRUST_VOLUME: &str = "palisade-trust-anchors";
+
+/// What every injected proxy gets unless a pod overrides it (validated by the settings).
+#[derive(Debug, Clone)]
+pub struct SidecarDefaults {
+    pub proxy_image: String,
+    /// `host:port` of the CA, for `PALISADE_CA_ADDR`.
+    pub ca_addr: String,
+    /// DNS name the proxy verifies on the CA's certificate, for `PALISADE_CA_NAME`.
+    pub ca_name: String,
+    /// The mesh's trust domain, for `PALISADE_TRUST_DOMAIN`: it must be the CA's, or the CA
+    /// refuses every certificate request.
+    pub trust_domain: String,
+    /// The proxy as a native sidecar (init container with `restartPolicy: Always`) or, for
+    /// clusters before Kubernetes 1.29, as the first regular container.
+    pub native_sidecar: bool,
+    /// `PALISADE_LOG` unless the pod's `palisade.dev/log-level` says otherwise.
+    pub log_level: String,
+}
+
+impl SidecarDefaults {
+    /// The environment of an injected proxy, with `log` as its filter.
+    pub fn proxy_env(&self, log: &str) -> ProxyEnv {
+        ProxyEnv {
+            ca_addr: self.ca_addr.clone(),
+            ca_name: self.ca_name.clone(),
+            trust_domain: self.trust_domain.clone(),
+            log: log.to_owned(),
+        }
+    }
+}
+
+/// The proxy's resources for one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyResources {
+    pub cpu_request: Quantity,
+    pub cpu_limit: Option<Quantity>,
+    pub memory_request: Quantity,
+    pub memory_limit: Quantity,
+}
 
 /// Everything that varies per pod in the injected objects.
 #[derive(Debug, Clone)]
 pub struct SidecarSpec<'a> {
-    pub settings: &'a InjectorSettings,
+    pub settings: &'a SidecarDefaults,
     pub overrides: &'a PodOverrides,
     pub resources: ProxyResources,
 }
@@ -55,7 +98,7 @@ impl Default for Prebuilt {
 
 impl Prebuilt {
     pub fn new(
-        settings: &InjectorSettings,
+        settings: &SidecarDefaults,
         overrides: &PodOverrides,
         resources: ProxyResources,
     ) -> Self {
@@ -235,14 +278,14 @@ pub fn trust_volume() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::RawSettings;
+    use crate::settings::{InjectorSettings, RawSettings};
 
     fn spec_with<'a>(
         settings: &'a InjectorSettings,
         overrides: &'a PodOverrides,
     ) -> SidecarSpec<'a> {
         SidecarSpec {
-            settings,
+            settings: &settings.sidecar,
             overrides,
             resources: settings.resources(None, None).unwrap(),
         }
