@@ -4,7 +4,7 @@
 //! of the path spent per request, added p50/p99 at a fixed 1,000 req/s, bulk MB/s, and
 //! resident memory idle and with 1,000 open idle connections.
 //!
-//!     cargo bench -p palisade-proxy --bench proxy_load
+//!     cargo bench -p palisade --bench proxy_load
 //!
 //! Needs root for the peer's `apt-get install` of nginx, haproxy, wrk and iperf3 (its run.sh
 //! installs them when missing). Every loop is bounded in count and time; loopback only.

@@ -3,7 +3,7 @@
 //! crypto floor, certificates/s at saturation with the CPU time of the CA and of the client,
 //! and latency at a fixed 1,000 certificates/s.
 //!
-//! `cargo bench -p palisade-ca --bench issue_load`; isolated: the built
+//! `cargo bench -p palisade --bench issue_load`; isolated: the built
 //! `target/release/deps/issue_load-* --bench` under `chrt -f 10`. Without `--bench` (as under
 //! `cargo test`) it runs a short smoke pass.
 //!
