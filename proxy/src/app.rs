@@ -81,28 +81,19 @@ impl Bound {
     }
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| AppError::Bind(what, addr, e))
+/// Binds `addr` and reads back the address the kernel gave (port 0 in tests).
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
+    let bind_error = |e| AppError::Bind(what, addr, e);
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, bound))
 }
 
 /// Binds everything and starts the tasks.
 pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> {
-    let inbound_l = bind("inbound", settings.inbound_listen).await?;
-    let outbound_l = bind("outbound", settings.outbound_listen).await?;
-    let admin_l = bind("admin", settings.admin_listen).await?;
-    let addrs = (
-        inbound_l
-            .local_addr()
-            .map_err(|e| AppError::Bind("inbound", settings.inbound_listen, e))?,
-        outbound_l
-            .local_addr()
-            .map_err(|e| AppError::Bind("outbound", settings.outbound_listen, e))?,
-        admin_l
-            .local_addr()
-            .map_err(|e| AppError::Bind("admin", settings.admin_listen, e))?,
-    );
+    let (inbound_l, inbound_addr) = bind("inbound", settings.inbound_listen).await?;
+    let (outbound_l, outbound_addr) = bind("outbound", settings.outbound_listen).await?;
+    let (admin_l, admin_addr) = bind("admin", settings.admin_listen).await?;
 
     let dp = Arc::new(DataPath::new(
         parts.store.clone(),
@@ -124,7 +115,7 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
         move |s, peer, dp| inbound::handle(s, peer, dp, in_target),
     )));
     let out_target = settings.outbound_target;
-    let out_listen = addrs.1;
+    let out_listen = outbound_addr;
     tasks.push(tokio::spawn(accept_loop(
         outbound_l,
         Direction::Outbound,
@@ -168,9 +159,9 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
     let done = tokio::spawn(drain.run(open_connections, settings.drain_timeout, tasks));
 
     Ok(Bound {
-        inbound: addrs.0,
-        outbound: addrs.1,
-        admin: addrs.2,
+        inbound: inbound_addr,
+        outbound: outbound_addr,
+        admin: admin_addr,
         data_path: dp,
         shutdown: shutdown_tx,
         done,

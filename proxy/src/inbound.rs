@@ -42,24 +42,8 @@ pub fn decide(policy: Option<&InboundPolicy>, port: u16, caller: Caller<'_>) -> 
 /// Handles one captured connection.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, dp: Arc<DataPath>, target: InboundTarget) {
     let _open = OpenConnection::new(dp.metrics.clone(), Direction::Inbound);
-    let port = match target {
-        InboundTarget::FixedPort(p) => p,
-        InboundTarget::OriginalDst => {
-            let local = match stream.local_addr() {
-                Ok(l) => l,
-                Err(_) => return,
-            };
-            match crate::orig_dst::original_dst(&stream, local) {
-                Ok(d) if d.port() != local.port() => d.port(),
-                Ok(_) | Err(_) => {
-                    dp.metrics.refused(Direction::Inbound, "not_redirected");
-                    tracing::warn!(
-                        "connection reached the inbound port directly, not through the capture rules; closing"
-                    );
-                    return;
-                }
-            }
-        }
+    let Some(port) = original_port(&stream, &dp, target) else {
+        return;
     };
     let sniffed = match sniff(&stream, dp.limits.detect_window).await {
         Ok(s) => s,
@@ -68,47 +52,17 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, dp: Arc<DataPath>, targ
             return;
         }
     };
-    let upstream_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     match sniffed {
         Sniff::Mesh => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(dp.server_config.clone());
-            let accepted =
-                tokio::time::timeout(dp.limits.handshake_timeout, acceptor.accept(stream))
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-            let tls = match accepted {
-                Ok(t) => t,
-                Err(e) => {
-                    let reason = handshake_failure_reason(&e);
-                    dp.metrics.handshake_failed(Direction::Inbound, reason);
-                    tracing::info!(reason, error = %e, "mTLS handshake with a caller failed");
-                    return;
-                }
-            };
-            let caller_id: Option<SpiffeId> = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|leaf| spiffe_id_from_cert(leaf).ok());
-            let Some(caller_id) = caller_id else {
-                dp.metrics
-                    .handshake_failed(Direction::Inbound, "no_identity");
+            let Some((tls, caller_id)) = accept_mesh(stream, &dp).await else {
                 return;
             };
-            tracing::debug!(peer.id = %caller_id, "caller authenticated");
             if !admit(&dp, peer, port, Caller::Authenticated(&caller_id)) {
                 return;
             }
-            let upstream = match connect(upstream_addr, dp.limits.connect_timeout).await {
-                Ok(s) => s,
-                Err(e) => {
-                    dp.metrics.refused(Direction::Inbound, "app_unreachable");
-                    tracing::info!(port, error = %e, "the app does not accept on this port");
-                    return;
-                }
-            };
-            finish(&dp, relay(tls, upstream, dp.limits.idle_timeout).await);
+            if let Some(upstream) = connect_app(&dp, port).await {
+                finish(&dp, relay(tls, upstream, dp.limits.idle_timeout).await);
+            }
         }
         Sniff::Plaintext(_) | Sniff::NeedMore => {
             let how = match sniffed {
@@ -119,15 +73,74 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, dp: Arc<DataPath>, targ
             if !admit(&dp, peer, port, Caller::Unauthenticated) {
                 return;
             }
-            let upstream = match connect(upstream_addr, dp.limits.connect_timeout).await {
-                Ok(s) => s,
-                Err(e) => {
-                    dp.metrics.refused(Direction::Inbound, "app_unreachable");
-                    tracing::info!(port, error = %e, "the app does not accept on this port");
-                    return;
-                }
-            };
-            finish(&dp, relay(stream, upstream, dp.limits.idle_timeout).await);
+            if let Some(upstream) = connect_app(&dp, port).await {
+                finish(&dp, relay(stream, upstream, dp.limits.idle_timeout).await);
+            }
+        }
+    }
+}
+
+/// The port the caller asked for: from `SO_ORIGINAL_DST`, or fixed (tests, demo). A connection
+/// that reached the inbound port without being redirected is refused.
+fn original_port(stream: &TcpStream, dp: &DataPath, target: InboundTarget) -> Option<u16> {
+    let local = match target {
+        InboundTarget::FixedPort(p) => return Some(p),
+        InboundTarget::OriginalDst => stream.local_addr().ok()?,
+    };
+    match crate::orig_dst::original_dst(stream, local) {
+        Ok(d) if d.port() != local.port() => Some(d.port()),
+        Ok(_) | Err(_) => {
+            dp.metrics.refused(Direction::Inbound, "not_redirected");
+            tracing::warn!(
+                "connection reached the inbound port directly, not through the capture rules; closing"
+            );
+            None
+        }
+    }
+}
+
+/// Terminates mTLS within the handshake timeout and reads the caller's SPIFFE ID.
+async fn accept_mesh(
+    stream: TcpStream,
+    dp: &DataPath,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, SpiffeId)> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(dp.server_config.clone());
+    let accepted = tokio::time::timeout(dp.limits.handshake_timeout, acceptor.accept(stream))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    let tls = match accepted {
+        Ok(t) => t,
+        Err(e) => {
+            let reason = handshake_failure_reason(&e);
+            dp.metrics.handshake_failed(Direction::Inbound, reason);
+            tracing::info!(reason, error = %e, "mTLS handshake with a caller failed");
+            return None;
+        }
+    };
+    let caller_id = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| spiffe_id_from_cert(leaf).ok());
+    let Some(caller_id) = caller_id else {
+        dp.metrics
+            .handshake_failed(Direction::Inbound, "no_identity");
+        return None;
+    };
+    tracing::debug!(peer.id = %caller_id, "caller authenticated");
+    Some((tls, caller_id))
+}
+
+/// Connects to the app's port; a refusal is counted and logged.
+async fn connect_app(dp: &DataPath, port: u16) -> Option<TcpStream> {
+    let upstream_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    match connect(upstream_addr, dp.limits.connect_timeout).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            dp.metrics.refused(Direction::Inbound, "app_unreachable");
+            tracing::info!(port, error = %e, "the app does not accept on this port");
+            None
         }
     }
 }

@@ -85,66 +85,74 @@ pub async fn handle(
                 "the control plane could not say whether the destination is meshed (or with which identity): refusing rather than sending plaintext");
         }
         Route::Passthrough => {
-            let upstream = match connect(dst, dp.limits.connect_timeout).await {
-                Ok(s) => s,
-                Err(e) => {
-                    dp.metrics.refused(Direction::Outbound, "connect_failed");
-                    tracing::debug!(dst = %dst, error = %e, "connect failed");
-                    return;
-                }
-            };
-            finish(
-                &dp,
-                relay(stream, upstream, dp.limits.idle_timeout).await,
-                dst,
-            );
+            if let Some(upstream) = connect_destination(&dp, dst).await {
+                let relayed = relay(stream, upstream, dp.limits.idle_timeout).await;
+                finish(&dp, relayed, dst);
+            }
         }
         Route::Mesh(expected) => {
-            if dp.store.valid().is_none() {
-                dp.metrics.refused(Direction::Outbound, "no_certificate");
-                tracing::warn!(dst = %dst, "no valid certificate: cannot originate mTLS; refusing");
-                return;
+            if let Some(tls) = originate_mesh(&dp, dst, &expected).await {
+                tracing::debug!(dst = %dst, peer.id = %expected, "mTLS established");
+                finish(&dp, relay(stream, tls, dp.limits.idle_timeout).await, dst);
             }
-            let config = match dp.client_configs.for_identity(&expected) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot build the client TLS config");
-                    return;
-                }
-            };
-            let tcp = match connect(dst, dp.limits.connect_timeout).await {
-                Ok(s) => s,
-                Err(e) => {
-                    dp.metrics.refused(Direction::Outbound, "connect_failed");
-                    tracing::debug!(dst = %dst, error = %e, "connect failed");
-                    return;
-                }
-            };
-            let connector = tokio_rustls::TlsConnector::from(config);
-            let handshake = tokio::time::timeout(
-                dp.limits.handshake_timeout,
-                connector.connect(ServerName::IpAddress(dst.ip().into()), tcp),
-            )
-            .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-            let tls = match handshake {
-                Ok(t) => t,
-                Err(e) => {
-                    let reason = handshake_failure_reason(&e);
-                    dp.metrics.handshake_failed(Direction::Outbound, reason);
-                    tracing::warn!(dst = %dst, expected = %expected, reason, error = %e, "mTLS handshake failed; refusing");
-                    return;
-                }
-            };
-            if tls.get_ref().1.alpn_protocol() != Some(MESH_ALPN) {
-                dp.metrics.handshake_failed(Direction::Outbound, "no_alpn");
-                tracing::warn!(dst = %dst, "the destination did not agree to palisade/1; refusing");
-                return;
-            }
-            tracing::debug!(dst = %dst, peer.id = %expected, "mTLS established");
-            finish(&dp, relay(stream, tls, dp.limits.idle_timeout).await, dst);
         }
     }
+}
+
+/// Connects to `dst`; a failure is counted and logged.
+async fn connect_destination(dp: &DataPath, dst: SocketAddr) -> Option<TcpStream> {
+    match connect(dst, dp.limits.connect_timeout).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            dp.metrics.refused(Direction::Outbound, "connect_failed");
+            tracing::debug!(dst = %dst, error = %e, "connect failed");
+            None
+        }
+    }
+}
+
+/// Originates mTLS to `dst`, presenting our certificate and requiring `expected`'s, with ALPN
+/// `palisade/1`. Every refusal is counted and logged; nothing is sent in plaintext.
+async fn originate_mesh(
+    dp: &DataPath,
+    dst: SocketAddr,
+    expected: &SpiffeId,
+) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+    if dp.store.valid().is_none() {
+        dp.metrics.refused(Direction::Outbound, "no_certificate");
+        tracing::warn!(dst = %dst, "no valid certificate: cannot originate mTLS; refusing");
+        return None;
+    }
+    let config = match dp.client_configs.for_identity(expected) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the client TLS config");
+            return None;
+        }
+    };
+    let tcp = connect_destination(dp, dst).await?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let handshake = tokio::time::timeout(
+        dp.limits.handshake_timeout,
+        connector.connect(ServerName::IpAddress(dst.ip().into()), tcp),
+    )
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    let tls = match handshake {
+        Ok(t) => t,
+        Err(e) => {
+            let reason = handshake_failure_reason(&e);
+            dp.metrics.handshake_failed(Direction::Outbound, reason);
+            tracing::warn!(dst = %dst, expected = %expected, reason, error = %e, "mTLS handshake failed; refusing");
+            return None;
+        }
+    };
+    if tls.get_ref().1.alpn_protocol() != Some(MESH_ALPN) {
+        dp.metrics.handshake_failed(Direction::Outbound, "no_alpn");
+        tracing::warn!(dst = %dst, "the destination did not agree to palisade/1; refusing");
+        return None;
+    }
+    Some(tls)
 }
 
 fn finish(dp: &DataPath, relayed: crate::relay::Relayed, dst: SocketAddr) {

@@ -47,24 +47,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// until [`Bound::shutdown`] (or `POST /shutdown`), and [`Bound::wait`] waits for its drain.
 /// Several proxies can run in one process this way (the `palisade demo`).
 pub async fn start(config: &Config) -> anyhow::Result<Bound> {
-    let anchors_pem = std::fs::read_to_string(&config.trust_anchors).with_context(|| {
-        format!(
-            "cannot read PALISADE_TRUST_ANCHORS={}",
-            config.trust_anchors.display()
-        )
-    })?;
-    let anchors = parse_pem_certs(&anchors_pem).with_context(|| {
-        format!(
-            "PALISADE_TRUST_ANCHORS={} holds no usable certificate",
-            config.trust_anchors.display()
-        )
-    })?;
-    let bundle = Arc::new(TrustBundle::new(anchors).with_context(|| {
-        format!(
-            "PALISADE_TRUST_ANCHORS={} is not a usable trust bundle",
-            config.trust_anchors.display()
-        )
-    })?);
+    let bundle = Arc::new(trust_bundle(config)?);
     let clock = Clock::system();
     let store = Arc::new(CertStore::new(clock.clone()));
     let metrics = Arc::new(Metrics::new());
@@ -101,30 +84,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Bound> {
         backoff_cap: Duration::from_secs(5),
         ..MeshConfig::default()
     }));
-    let settings = Settings {
-        inbound_listen: config.inbound_listen,
-        outbound_listen: config.outbound_listen,
-        admin_listen: config.admin_listen,
-        inbound_target: config
-            .inbound_forward_port
-            .map_or(InboundTarget::OriginalDst, InboundTarget::FixedPort),
-        outbound_target: config
-            .outbound_destination
-            .map_or(OutboundTarget::OriginalDst, OutboundTarget::Fixed),
-        limits: Limits {
-            connect_timeout: config.connect_timeout,
-            handshake_timeout: config.handshake_timeout,
-            idle_timeout: config.idle_timeout,
-            detect_window: config.inbound_detect_timeout,
-            destination_wait: config.destination_wait,
-            max_connections: config.max_connections,
-        },
-        drain_timeout: config.drain_timeout,
-        probes: config.app_probes.clone(),
-        probe_timeout: config.probe_timeout,
-    };
     let bound = crate::app::start(
-        settings,
+        settings(config),
         Parts {
             store,
             bundle,
@@ -145,6 +106,43 @@ pub async fn start(config: &Config) -> anyhow::Result<Bound> {
         "palisade-proxy started"
     );
     Ok(bound)
+}
+
+/// The mesh's roots from `PALISADE_TRUST_ANCHORS` (the palisade-trust-anchors ConfigMap).
+fn trust_bundle(config: &Config) -> anyhow::Result<TrustBundle> {
+    let path = config.trust_anchors.display();
+    let anchors_pem = std::fs::read_to_string(&config.trust_anchors)
+        .with_context(|| format!("cannot read PALISADE_TRUST_ANCHORS={path}"))?;
+    let anchors = parse_pem_certs(&anchors_pem)
+        .with_context(|| format!("PALISADE_TRUST_ANCHORS={path} holds no usable certificate"))?;
+    TrustBundle::new(anchors)
+        .with_context(|| format!("PALISADE_TRUST_ANCHORS={path} is not a usable trust bundle"))
+}
+
+/// Listeners, targets, limits and timeouts, as the configuration gives them.
+fn settings(config: &Config) -> Settings {
+    Settings {
+        inbound_listen: config.inbound_listen,
+        outbound_listen: config.outbound_listen,
+        admin_listen: config.admin_listen,
+        inbound_target: config
+            .inbound_forward_port
+            .map_or(InboundTarget::OriginalDst, InboundTarget::FixedPort),
+        outbound_target: config
+            .outbound_destination
+            .map_or(OutboundTarget::OriginalDst, OutboundTarget::Fixed),
+        limits: Limits {
+            connect_timeout: config.connect_timeout,
+            handshake_timeout: config.handshake_timeout,
+            idle_timeout: config.idle_timeout,
+            detect_window: config.inbound_detect_timeout,
+            destination_wait: config.destination_wait,
+            max_connections: config.max_connections,
+        },
+        drain_timeout: config.drain_timeout,
+        probes: config.app_probes.clone(),
+        probe_timeout: config.probe_timeout,
+    }
 }
 
 /// Polls `GET /ready` on the admin address until it answers 200 or `timeout` passes.
