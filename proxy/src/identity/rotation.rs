@@ -96,37 +96,8 @@ impl Identity {
             .await?;
 
         let bad = |m: String| IdentityError::BadAnswer(m);
-        let chain: Vec<CertificateDer<'static>> = answer
-            .certificate_chain
-            .iter()
-            .map(|pem| parse_pem_certs(pem))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(format!("certificate_chain: {e}")))?
-            .into_iter()
-            .flatten()
-            .collect();
-        let offered_bundle: Vec<CertificateDer<'static>> = answer
-            .trust_bundle
-            .iter()
-            .map(|pem| parse_pem_certs(pem))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(format!("trust_bundle: {e}")))?
-            .into_iter()
-            .flatten()
-            .collect();
-
-        // The answer's bundle is adopted only when it keeps at least one root we already trust,
-        // so that a root rotation goes through but an unrelated root never gets in.
-        let bundle = if self.bundle.continues_with(&offered_bundle) {
-            offered_bundle
-        } else {
-            if !offered_bundle.is_empty() {
-                tracing::warn!(
-                    "the CA's trust bundle shares no root with the current one; keeping the current bundle"
-                );
-            }
-            self.bundle.ders().as_ref().clone()
-        };
+        let chain = pem_list("certificate_chain", &answer.certificate_chain)?;
+        let bundle = self.bundle_to_adopt(pem_list("trust_bundle", &answer.trust_bundle)?);
         let roots = palisade_ca_api::tls::root_store(&bundle)
             .map_err(|e| bad(format!("trust bundle: {e}")))?;
         let now = UnixTime::since_unix_epoch(
@@ -163,6 +134,23 @@ impl Identity {
         let current = self.store.current().expect("just installed");
         self.metrics.certificate_installed(current.not_after);
         Ok(current)
+    }
+
+    /// The CA's bundle is adopted only when it keeps at least one root we already trust, so
+    /// that a root rotation goes through but an unrelated root never gets in.
+    fn bundle_to_adopt(
+        &self,
+        offered: Vec<CertificateDer<'static>>,
+    ) -> Vec<CertificateDer<'static>> {
+        if self.bundle.continues_with(&offered) {
+            return offered;
+        }
+        if !offered.is_empty() {
+            tracing::warn!(
+                "the CA's trust bundle shares no root with the current one; keeping the current bundle"
+            );
+        }
+        self.bundle.ders().as_ref().clone()
     }
 }
 
@@ -272,4 +260,15 @@ pub async fn run_rotation(identity: Arc<Identity>, mut shutdown: watch::Receiver
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
+}
+
+/// Every certificate in a list of PEM texts from the CA's answer; `field` names the list.
+fn pem_list(field: &str, pems: &[String]) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let mut certs = Vec::new();
+    for pem in pems {
+        certs.extend(
+            parse_pem_certs(pem).map_err(|e| IdentityError::BadAnswer(format!("{field}: {e}")))?,
+        );
+    }
+    Ok(certs)
 }
