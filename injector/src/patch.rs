@@ -152,6 +152,43 @@ fn owned(rendered: Prebuilt) -> [PatchValue<'static>; 4] {
     ]
 }
 
+/// Rewrites the probes of the app containers and of sidecar init containers; returns what they
+/// were, for the `palisade.dev/app-probes` record.
+fn rewrite_all_probes<'a>(
+    containers: &[Container],
+    init_containers: &[Container],
+    ops: &mut Vec<PatchOp<'a>>,
+) -> Result<AppProbes, ProbeError> {
+    let mut probes = AppProbes::new();
+    for (i, c) in containers.iter().enumerate() {
+        rewrite_probes(c, &format!("/spec/containers/{i}"), ops, &mut probes)?;
+    }
+    for (i, c) in init_containers.iter().enumerate() {
+        // Only sidecars (restartPolicy: Always) may have probes among init containers.
+        if c.restart_policy.as_deref() == Some("Always") {
+            rewrite_probes(c, &format!("/spec/initContainers/{i}"), ops, &mut probes)?;
+        }
+    }
+    Ok(probes)
+}
+
+/// Appends the token and trust-anchor volumes, creating the list when the pod has none.
+fn add_volumes<'a>(ops: &mut Vec<PatchOp<'a>>, no_volumes: bool, added: [PatchValue<'a>; 2]) {
+    if no_volumes {
+        ops.push(PatchOp::Add {
+            path: "/spec/volumes".into(),
+            value: PatchValue::List(added.into()),
+        });
+    } else {
+        for volume in added {
+            ops.push(PatchOp::Add {
+                path: "/spec/volumes/-".into(),
+                value: volume,
+            });
+        }
+    }
+}
+
 /// Builds the patch that injects `pod`. The caller has already decided that it should be
 /// injected (see `decision`).
 pub fn build_patch<'a>(
@@ -175,21 +212,7 @@ pub fn build_patch<'a>(
     check_reserved(&all, &volumes)?;
 
     let mut ops = Vec::new();
-    let mut probes = AppProbes::new();
-    for (i, c) in spec.containers.iter().enumerate() {
-        rewrite_probes(c, &format!("/spec/containers/{i}"), &mut ops, &mut probes)?;
-    }
-    for (i, c) in init_containers.iter().enumerate() {
-        // Only sidecars (restartPolicy: Always) may have probes among init containers.
-        if c.restart_policy.as_deref() == Some("Always") {
-            rewrite_probes(
-                c,
-                &format!("/spec/initContainers/{i}"),
-                &mut ops,
-                &mut probes,
-            )?;
-        }
-    }
+    let probes = rewrite_all_probes(&spec.containers, init_containers, &mut ops)?;
 
     // Pods without overrides (most) get the objects rendered at start-up.
     let [init, proxy, token_volume, trust_volume] = if overrides == PodOverrides::default() {
@@ -218,19 +241,7 @@ pub fn build_patch<'a>(
             vec![proxy],
         );
     }
-    if volumes.is_empty() {
-        ops.push(PatchOp::Add {
-            path: "/spec/volumes".into(),
-            value: PatchValue::List(vec![token_volume, trust_volume]),
-        });
-    } else {
-        for volume in [token_volume, trust_volume] {
-            ops.push(PatchOp::Add {
-                path: "/spec/volumes/-".into(),
-                value: volume,
-            });
-        }
-    }
+    add_volumes(&mut ops, volumes.is_empty(), [token_volume, trust_volume]);
 
     let meta = &pod.metadata;
     add_to_map(

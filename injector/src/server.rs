@@ -258,27 +258,43 @@ fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Ful
 }
 
 async fn handle_webhook(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
+    if let Some(refusal) = refuse_route(&req) {
+        return refusal;
+    }
+    let started = Instant::now();
+    match read_body(req, state).await {
+        Ok(body) => answer_review(&body, state, started),
+        Err(refusal) => refusal,
+    }
+}
+
+/// Only `POST /mutate` is served: anything else gets its refusal.
+fn refuse_route(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
     if req.uri().path() != "/mutate" {
-        return error_response(
+        return Some(error_response(
             StatusCode::NOT_FOUND,
             "not_found",
             &format!(
                 "no such path {:?}; palisade-injector serves POST /mutate",
                 req.uri().path()
             ),
-        );
+        ));
     }
     if req.method() != Method::POST {
-        return error_response(
+        return Some(error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             &format!(
                 "{} /mutate is not supported; send POST with an AdmissionReview",
                 req.method()
             ),
-        );
+        ));
     }
-    let started = Instant::now();
+    None
+}
+
+/// The body, within `--max-request-bytes` (a larger declared or actual body gets 413).
+async fn read_body(req: Request<Incoming>, state: &State) -> Result<Bytes, Response<Full<Bytes>>> {
     let too_large = || {
         state.metrics.record_rejected("body_too_large");
         error_response(
@@ -297,24 +313,28 @@ async fn handle_webhook(req: Request<Incoming>, state: &State) -> Response<Full<
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > state.max_request_bytes as u64) {
-        return too_large();
+        return Err(too_large());
     }
-    let body = match Limited::new(req.into_body(), state.max_request_bytes)
+    match Limited::new(req.into_body(), state.max_request_bytes)
         .collect()
         .await
     {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
         Err(e) => {
             state.metrics.record_rejected("body_unreadable");
-            return error_response(
+            Err(error_response(
                 StatusCode::BAD_REQUEST,
                 "body_unreadable",
                 &format!("could not read the request body: {e}"),
-            );
+            ))
         }
-    };
-    match review::review(&body, &state.settings) {
+    }
+}
+
+/// Reviews the AdmissionReview, counts and logs the verdict, and answers it.
+fn answer_review(body: &[u8], state: &State, started: Instant) -> Response<Full<Bytes>> {
+    match review::review(body, &state.settings) {
         Ok(outcome) => {
             state.metrics.record(outcome.verdict);
             if let Some(d) = outcome.patch_build {
