@@ -80,11 +80,7 @@ pub fn parse_mesh_file(
     text: &str,
     trust_domain: &str,
 ) -> Result<MeshState, MeshFileError> {
-    let invalid = |path: String, message: String| MeshFileError::Invalid {
-        file: file.into(),
-        path,
-        message,
-    };
+    let invalid = |path: String, message: String| invalid_at(file, path, message);
     let de = serde_yaml::Deserializer::from_str(text);
     let mesh: MeshFile = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -115,9 +111,23 @@ pub fn parse_mesh_file(
             .map_err(|e| invalid(format!("namespaces[{i}].name"), e.to_string()))?;
         namespace_defaults.insert(ns.name.clone(), ns.default_policy);
     }
+    let workloads = workloads_of(file, mesh.workloads)?;
+    let policies = policies_of(file, mesh.policies)?;
+    Ok(MeshState::new(
+        trust_domain.to_owned(),
+        mesh.default_policy,
+        namespace_defaults,
+        workloads,
+        policies,
+    ))
+}
+
+/// The mesh file's workloads, checked: valid names, and no address claimed twice.
+fn workloads_of(file: &Path, entries: Vec<WorkloadEntry>) -> Result<Vec<Workload>, MeshFileError> {
+    let invalid = |path: String, message: String| invalid_at(file, path, message);
     let mut seen_ips: HashMap<IpAddr, usize> = HashMap::new();
-    let mut workloads = Vec::with_capacity(mesh.workloads.len());
-    for (i, w) in mesh.workloads.into_iter().enumerate() {
+    let mut workloads = Vec::with_capacity(entries.len());
+    for (i, w) in entries.into_iter().enumerate() {
         validate_namespace(&w.namespace)
             .map_err(|e| invalid(format!("workloads[{i}].namespace"), e.to_string()))?;
         validate_service_account(&w.service_account)
@@ -143,9 +153,15 @@ pub fn parse_mesh_file(
             labels: w.labels,
         });
     }
-    let mut policies = Vec::with_capacity(mesh.policies.len());
+    Ok(workloads)
+}
+
+/// The mesh file's policies, checked: valid names, unique per namespace, valid selectors, ports.
+fn policies_of(file: &Path, entries: Vec<PolicyEntry>) -> Result<Vec<NamedPolicy>, MeshFileError> {
+    let invalid = |path: String, message: String| invalid_at(file, path, message);
+    let mut policies = Vec::with_capacity(entries.len());
     let mut names = HashMap::new();
-    for (i, p) in mesh.policies.into_iter().enumerate() {
+    for (i, p) in entries.into_iter().enumerate() {
         validate_namespace(&p.metadata.namespace)
             .map_err(|e| invalid(format!("policies[{i}].metadata.namespace"), e.to_string()))?;
         if p.metadata.name.is_empty() {
@@ -176,13 +192,15 @@ pub fn parse_mesh_file(
             spec: p.spec,
         });
     }
-    Ok(MeshState::new(
-        trust_domain.to_owned(),
-        mesh.default_policy,
-        namespace_defaults,
-        workloads,
-        policies,
-    ))
+    Ok(policies)
+}
+
+fn invalid_at(file: &Path, path: String, message: String) -> MeshFileError {
+    MeshFileError::Invalid {
+        file: file.into(),
+        path,
+        message,
+    }
 }
 
 pub fn load_mesh_file(path: &Path, trust_domain: &str) -> Result<MeshState, MeshFileError> {
