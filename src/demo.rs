@@ -7,6 +7,7 @@
 mod capture;
 mod progress;
 mod report;
+mod rotation;
 mod traffic;
 mod world;
 
@@ -22,7 +23,8 @@ use tracing_subscriber::layer::SubscriberExt as _;
 
 use capture::{POLICY_TARGET, PolicyEvents};
 use progress::Progress;
-use report::{CallRow, Report, RotationRow, Traffic, decisions_line, total};
+use report::{CallRow, Report, decisions_line, total};
+use rotation::rotation;
 use traffic::{Outcome, admin_get, get};
 use world::{API, INTRUDER, OUTSIDER_IP, WEB, World};
 
@@ -322,111 +324,6 @@ async fn policy_change(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Keeps shop/web calling shop/api until both proxies have renewed their certificates (and a
-/// little longer), counting every request that fails.
-async fn rotation(
-    world: &World,
-    progress: &Progress,
-) -> anyhow::Result<(Vec<RotationRow>, Traffic)> {
-    let proxies = [&world.web, &world.api];
-    let mut before = Vec::new();
-    for p in proxies {
-        before.push(serial(p.bound.admin).await?);
-    }
-    progress.step(
-        "rotation: shop/web keeps calling shop/api while both proxies renew their certificates",
-    );
-    let started = Instant::now();
-    // The renewal comes at 60% of the lifetime at the latest; the certificate expires at 100%.
-    let deadline = started + world.cert_ttl;
-    let mut after: Vec<Option<(String, f64)>> = vec![None; proxies.len()];
-    let mut traffic = Traffic::default();
-    let mut first_failure = None;
-    let mut polled = started;
-    let mut all_renewed_at = None;
-    loop {
-        let outcome = get(Some(WEB.ip), world.web.bound.outbound, "/orders").await;
-        traffic.requests += 1;
-        if !outcome.is_ok() {
-            traffic.failed += 1;
-            first_failure.get_or_insert_with(|| outcome.to_string());
-        }
-        if polled.elapsed() >= Duration::from_millis(250) {
-            polled = Instant::now();
-            for (i, p) in proxies.iter().enumerate() {
-                let now = serial(p.bound.admin).await?;
-                if after[i].is_none() && now != before[i] {
-                    after[i] = Some((now, progress.elapsed()));
-                }
-            }
-            let renewed = after.iter().filter(|a| a.is_some()).count();
-            progress.detail(&format!(
-                "rotation: {} requests, {} failed; {renewed} of {} proxies renewed ({:.0}s of at most {}s)",
-                traffic.requests,
-                traffic.failed,
-                proxies.len(),
-                started.elapsed().as_secs_f64(),
-                world.cert_ttl.as_secs()
-            ));
-            if renewed == proxies.len() {
-                all_renewed_at.get_or_insert_with(Instant::now);
-            }
-        }
-        if all_renewed_at.is_some_and(|t| t.elapsed() >= AFTER_ROTATION) {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let late: Vec<String> = proxies
-                .iter()
-                .zip(&after)
-                .filter(|(_, a)| a.is_none())
-                .map(|(p, _)| p.workload.name())
-                .collect();
-            bail!(
-                "the proxies of {} did not renew their certificates within {:?} (the certificates' lifetime)",
-                late.join(" and "),
-                world.cert_ttl
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if traffic.failed > 0 {
-        bail!(
-            "{} of {} requests from shop/web to shop/api failed during the rotation; the first: {}",
-            traffic.failed,
-            traffic.requests,
-            first_failure.unwrap_or_default()
-        );
-    }
-    let rows = proxies
-        .iter()
-        .zip(before)
-        .zip(after)
-        .filter_map(|((p, before), after)| {
-            after.map(|(after, seen_at)| RotationRow {
-                workload: p.workload.name(),
-                before,
-                after,
-                seen_at,
-            })
-        })
-        .collect();
-    Ok((rows, traffic))
-}
-
-/// The serial of the certificate a proxy presents now, from its `/identity`.
-async fn serial(admin: SocketAddr) -> anyhow::Result<String> {
-    let body = admin_get(admin, "/identity")
-        .await
-        .map_err(|e| anyhow!(e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&body).with_context(|| format!("/identity answered {body:?}"))?;
-    v["serial"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("/identity of {admin} has no serial: {body}"))
 }
 
 async fn totals(world: &World) -> anyhow::Result<Vec<String>> {
