@@ -2,11 +2,8 @@
 //! (authenticated by token) need no certificate; the mesh watch then verifies the chain with
 //! rustls's WebPKI verifier and answers a clear JSON error instead of a bare TLS alert.
 
-use std::sync::Arc;
-
-use palisade_ca_api::tls::crypto_provider;
+use palisade_ca_api::tls::handshake_signature;
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -14,14 +11,12 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 #[derive(Debug)]
 pub struct OptionalClientAuth {
     subjects: Vec<DistinguishedName>,
-    provider: Arc<CryptoProvider>,
 }
 
 impl OptionalClientAuth {
     pub fn new(roots: &RootCertStore) -> Self {
         OptionalClientAuth {
             subjects: roots.subjects(),
-            provider: crypto_provider(),
         }
     }
 }
@@ -56,12 +51,7 @@ impl ClientCertVerifier for OptionalClientAuth {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        handshake_signature::verify_tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -70,17 +60,10 @@ impl ClientCertVerifier for OptionalClientAuth {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        handshake_signature::verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        handshake_signature::supported_schemes()
     }
 }

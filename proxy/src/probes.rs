@@ -186,9 +186,10 @@ async fn grpc_check(g: &Grpc) -> ProbeResult {
 /// HTTPS probes, like the kubelet's, do not verify the app's certificate: the probe checks
 /// liveness on loopback, not identity, and never carries mesh traffic.
 fn insecure_probe_config() -> Arc<rustls::ClientConfig> {
+    use palisade_ca_api::tls::handshake_signature;
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     #[derive(Debug)]
-    struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+    struct AnyCertificate;
     impl ServerCertVerifier for AnyCertificate {
         fn verify_server_cert(
             &self,
@@ -206,12 +207,7 @@ fn insecure_probe_config() -> Arc<rustls::ClientConfig> {
             c: &rustls_pki_types::CertificateDer<'_>,
             d: &rustls::DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
+            handshake_signature::verify_tls12(m, c, d)
         }
         fn verify_tls13_signature(
             &self,
@@ -219,23 +215,18 @@ fn insecure_probe_config() -> Arc<rustls::ClientConfig> {
             c: &rustls_pki_types::CertificateDer<'_>,
             d: &rustls::DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
+            handshake_signature::verify_tls13(m, c, d)
         }
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
+            handshake_signature::supported_schemes()
         }
     }
     let provider = palisade_ca_api::tls::crypto_provider();
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("the provider supports the default versions")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate))
         .with_no_client_auth();
     Arc::new(config)
 }

@@ -10,8 +10,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use palisade_ca_api::SpiffeId;
 use palisade_ca_api::cert::spiffe_id_from_cert;
-use palisade_ca_api::tls::{MESH_ALPN, crypto_provider, root_store};
-use rustls::client::WebPkiServerVerifier;
+use palisade_ca_api::tls::{MESH_ALPN, crypto_provider, handshake_signature, root_store};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -36,7 +35,6 @@ struct BundleState {
     ders: Arc<Vec<CertificateDer<'static>>>,
     roots: Arc<RootCertStore>,
     client_verifier: Arc<dyn ClientCertVerifier>,
-    server_verifier: Arc<WebPkiServerVerifier>,
 }
 
 /// The roots the mesh trusts, swappable as a whole.
@@ -63,15 +61,10 @@ impl TrustBundle {
             WebPkiClientVerifier::builder_with_provider(roots.clone(), crypto_provider())
                 .build()
                 .map_err(|e| TlsError::Bundle(e.to_string()))?;
-        let server_verifier =
-            WebPkiServerVerifier::builder_with_provider(roots.clone(), crypto_provider())
-                .build()
-                .map_err(|e| TlsError::Bundle(e.to_string()))?;
         Ok(BundleState {
             ders: Arc::new(ders),
             roots,
             client_verifier,
-            server_verifier,
         })
     }
 
@@ -136,9 +129,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        handshake_signature::refuse_tls12()
     }
 
     fn verify_tls13_signature(
@@ -147,19 +138,11 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.bundle
-            .state
-            .load()
-            .client_verifier
-            .verify_tls13_signature(message, cert, dss)
+        handshake_signature::verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.bundle
-            .state
-            .load()
-            .client_verifier
-            .supported_verify_schemes()
+        handshake_signature::supported_schemes()
     }
 }
 
@@ -213,9 +196,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        handshake_signature::refuse_tls12()
     }
 
     fn verify_tls13_signature(
@@ -224,19 +205,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.bundle
-            .state
-            .load()
-            .server_verifier
-            .verify_tls13_signature(message, cert, dss)
+        handshake_signature::verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.bundle
-            .state
-            .load()
-            .server_verifier
-            .supported_verify_schemes()
+        handshake_signature::supported_schemes()
     }
 }
 

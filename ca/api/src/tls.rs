@@ -26,6 +26,49 @@ pub fn install_default_provider() {
     let _ = CryptoProvider::install_default((*crypto_provider()).clone());
 }
 
+/// The handshake-signature checks every Palisade certificate verifier shares (the mesh's
+/// client and server verifiers, the CA's optional client authentication, the proxy's HTTPS
+/// probes): the algorithms are [`crypto_provider`]'s, so no verifier names its own.
+pub mod handshake_signature {
+    use rustls::DigitallySignedStruct;
+    use rustls::client::danger::HandshakeSignatureValid;
+    use rustls::{Error, SignatureScheme};
+    use rustls_pki_types::CertificateDer;
+
+    use super::crypto_provider;
+
+    pub fn verify_tls12(
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        let algorithms = crypto_provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms)
+    }
+
+    pub fn verify_tls13(
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        let algorithms = crypto_provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms)
+    }
+
+    /// For mesh connections, which are TLS 1.3 only.
+    pub fn refuse_tls12() -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    pub fn supported_schemes() -> Vec<SignatureScheme> {
+        crypto_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// A root store holding every root of a trust bundle.
 pub fn root_store(bundle: &[CertificateDer<'static>]) -> Result<RootCertStore, CertError> {
     let mut roots = RootCertStore::empty();
