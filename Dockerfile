@@ -21,6 +21,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY ca ./ca
+COPY plumbing ./plumbing
 COPY proxy ./proxy
 COPY injector ./injector
 COPY benches ./benches

@@ -147,3 +147,18 @@ def test_iptables_stage_collects_a_working_iptables(tmp_path):
             resolved = parts[2] if len(parts) > 2 and parts[1] == "=>" else ""
             assert "not found" not in line, f"{binary.name}: {line.strip()}"
             assert name in GLIBC or resolved.startswith(str(rootfs)), f"{binary.name} links {line.strip()} from the host"
+
+
+def test_the_build_stage_copies_every_workspace_member():
+    """`cargo build --workspace --locked` in the build stage needs every member's sources: a
+    crate added to the workspace but not copied breaks every image."""
+    import tomllib
+
+    manifest = tomllib.loads((REPO / "Cargo.toml").read_text())
+    members = [m for m in manifest["workspace"]["members"] if m != "."]
+    bench_dirs = {Path(b["path"]).parts[0] for b in manifest.get("bench", []) if "path" in b}
+    copied = {rest.split()[0].rstrip("/") for keyword, rest in stages()["build"]["instructions"]
+              if keyword == "COPY" and not rest.startswith("--")}
+    needed = {Path(m).parts[0] for m in members} | bench_dirs | {"src"}
+    missing = sorted(needed - copied)
+    assert not missing, f"the Dockerfile's build stage does not COPY {missing}: add `COPY <dir> ./<dir>`"
