@@ -146,6 +146,43 @@ impl<E: Env> Reader<'_, E> {
         }
     }
 
+    /// `spiffe://<PALISADE_TRUST_DOMAIN>/ns/<PALISADE_NAMESPACE>/sa/<PALISADE_SERVICE_ACCOUNT>`.
+    fn identity(&self) -> Result<SpiffeId, ConfigError> {
+        let r = self;
+        let trust_domain = r.parsed(env::TRUST_DOMAIN, Some(DEFAULT_TRUST_DOMAIN), "", |s| {
+            validate_trust_domain(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| e.to_string())
+        })?;
+        let namespace = r.parsed(
+            env::NAMESPACE,
+            None,
+            "set it to the pod's namespace (downward API metadata.namespace)",
+            |s| {
+                validate_namespace(s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            },
+        )?;
+        let service_account = r.parsed(
+            env::SERVICE_ACCOUNT,
+            None,
+            "set it to the pod's service account (downward API spec.serviceAccountName)",
+            |s| {
+                validate_service_account(s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            },
+        )?;
+        SpiffeId::new(&trust_domain, &namespace, &service_account).map_err(|e| {
+            ConfigError::Invalid {
+                name: env::SERVICE_ACCOUNT,
+                value: service_account.clone(),
+                reason: e.to_string(),
+            }
+        })
+    }
+
     fn duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
         self.parsed(name, Some(default), "", parse_duration)
     }
@@ -185,39 +222,7 @@ fn count(min: usize, max: usize) -> impl Fn(&str) -> Result<usize, String> {
 impl Config {
     pub fn from_env(env: &impl Env) -> Result<Config, ConfigError> {
         let r = Reader { env };
-        let trust_domain = r.parsed(env::TRUST_DOMAIN, Some(DEFAULT_TRUST_DOMAIN), "", |s| {
-            validate_trust_domain(s)
-                .map(|_| s.to_owned())
-                .map_err(|e| e.to_string())
-        })?;
-        let namespace = r.parsed(
-            env::NAMESPACE,
-            None,
-            "set it to the pod's namespace (downward API metadata.namespace)",
-            |s| {
-                validate_namespace(s)
-                    .map(|_| s.to_owned())
-                    .map_err(|e| e.to_string())
-            },
-        )?;
-        let service_account = r.parsed(
-            env::SERVICE_ACCOUNT,
-            None,
-            "set it to the pod's service account (downward API spec.serviceAccountName)",
-            |s| {
-                validate_service_account(s)
-                    .map(|_| s.to_owned())
-                    .map_err(|e| e.to_string())
-            },
-        )?;
-        let spiffe_id =
-            SpiffeId::new(&trust_domain, &namespace, &service_account).map_err(|e| {
-                ConfigError::Invalid {
-                    name: env::SERVICE_ACCOUNT,
-                    value: service_account.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
+        let spiffe_id = r.identity()?;
         let config = Config {
             ca_addr: r.parsed(
                 env::CA_ADDR,
