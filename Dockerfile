@@ -22,6 +22,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY ca ./ca
 COPY plumbing ./plumbing
+COPY testkit ./testkit
 COPY proxy ./proxy
 COPY injector ./injector
 COPY benches ./benches

@@ -71,11 +71,7 @@ fn main() {
         (0..IDENTITIES)
             .map(|i| {
                 let key = rcgen::KeyPair::generate().unwrap();
-                let csr = rcgen::CertificateParams::default()
-                    .serialize_request(&key)
-                    .unwrap()
-                    .pem()
-                    .unwrap();
+                let csr = palisade_testkit::pki::csr_pem(&key, vec![]);
                 let token = issuer
                     .mint(
                         "load",

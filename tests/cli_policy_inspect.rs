@@ -2,18 +2,10 @@
 
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_palisade");
+use palisade_testkit::mesh_file::MeshFile;
+use palisade_testkit::pki::self_signed_leaf;
 
-const MESH: &str = r#"
-trustDomain: cluster.local
-defaultPolicy: all-authenticated
-workloads:
-  - {name: web, namespace: shop, serviceAccount: web, ips: [10.77.0.2], labels: {app: web}}
-  - {name: api, namespace: shop, serviceAccount: api, ips: [10.77.0.3], labels: {app: api}}
-policies:
-  - metadata: {name: api-from-web, namespace: shop}
-    spec: {targetSelector: {matchLabels: {app: api}}, ports: [8080], allow: [{serviceAccounts: ["shop/web"]}]}
-"#;
+const BIN: &str = env!("CARGO_BIN_EXE_palisade");
 
 fn check(args: &[&str]) -> (i32, String) {
     let out = Command::new(BIN)
@@ -35,7 +27,7 @@ fn check(args: &[&str]) -> (i32, String) {
 fn policy_check_with_a_mesh_file() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = dir.path().join("mesh.yaml");
-    std::fs::write(&mesh, MESH).unwrap();
+    std::fs::write(&mesh, MeshFile::web_and_api().to_yaml()).unwrap();
     let m = mesh.to_str().unwrap();
     let (code, out) = check(&[
         "--mesh-file",
@@ -142,17 +134,7 @@ fn policy_check_with_manifests() {
 #[test]
 fn inspect_explains_a_leaf_and_a_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.subject_alt_names = vec![rcgen::SanType::URI(
-        "spiffe://cluster.local/ns/shop/sa/web".try_into().unwrap(),
-    )];
-    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let leaf = p.self_signed(&key).unwrap().pem();
+    let leaf = self_signed_leaf("spiffe://cluster.local/ns/shop/sa/web").cert_pem;
     let path = dir.path().join("leaf.pem");
     std::fs::write(&path, &leaf).unwrap();
     let out = Command::new(BIN)

@@ -10,7 +10,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::node::{self, Node, Pod, contains};
+use palisade_testkit::capture::contains;
+use palisade_testkit::mesh_file::{API_FROM_WEB, MeshFile};
+use palisade_testkit::netns;
+use support::node::{self, Node, Pod};
 
 const BODY: &str = "the mesh says hello";
 
@@ -20,8 +23,7 @@ fn spiffe(sa: &str) -> String {
 
 /// A node, or `None` (after printing why) where these tests cannot run.
 fn node(test: &str, net: u8) -> Option<Node> {
-    if let Some(reason) = node::skip_reason() {
-        println!("SKIPPED {test}: {reason}");
+    if netns::skip(test, node::TOOLS) {
         return None;
     }
     let n = Node::new(net);
@@ -29,29 +31,16 @@ fn node(test: &str, net: u8) -> Option<Node> {
     Some(n)
 }
 
-/// A mesh file: `workloads` as (name, service account, ip), then `policies` verbatim.
-fn mesh(default_policy: &str, workloads: &[(&str, &str, &str)], policies: &str) -> String {
-    let mut y =
-        format!("trustDomain: cluster.local\ndefaultPolicy: {default_policy}\nworkloads:\n");
-    for (name, sa, ip) in workloads {
-        y.push_str(&format!(
-            "  - {{name: {name}, namespace: shop, serviceAccount: {sa}, ips: [{ip}], labels: {{app: {name}}}}}\n"
-        ));
-    }
-    y.push_str("policies:");
-    if policies.trim().is_empty() {
-        y.push_str(" []\n");
-    } else {
-        y.push('\n');
-        y.push_str(policies);
-    }
-    y
+/// A mesh file: `workloads` of namespace `shop` as (name, service account, ip), then
+/// `policies` verbatim.
+fn mesh(default_policy: &str, workloads: &[(&str, &str, &str)], policies: &str) -> MeshFile {
+    workloads
+        .iter()
+        .fold(MeshFile::new(default_policy), |m, (name, sa, ip)| {
+            m.workload(name, node::NAMESPACE, sa, ip)
+        })
+        .policies(policies)
 }
-
-/// `api` on port 8080 admits `shop/web` only.
-const API_FROM_WEB: &str = "  - metadata: {name: api-from-web, namespace: shop}
-    spec: {targetSelector: {matchLabels: {app: api}}, ports: [8080], allow: [{serviceAccounts: [\"shop/web\"]}]}
-";
 
 /// Starts the usual two pods: `web` (.2, calls) and `api` (.3, serves HTTP on 8080), both
 /// meshed, with the CA issuing certificates of lifetime `ttl`.

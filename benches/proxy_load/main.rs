@@ -32,10 +32,7 @@ use palisade_proxy::mesh::{MeshConfig, MeshView};
 use palisade_proxy::metrics::Metrics;
 use palisade_proxy::outbound::OutboundTarget;
 use palisade_proxy::tls::TrustBundle;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
+use palisade_testkit::pki::Authority;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -60,45 +57,15 @@ fn main() {
 
 // ---------------------------------------------------------------- certificates
 
-fn ca_params(cn: &str) -> CertificateParams {
-    let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, cn);
-    p.distinguished_name = dn;
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p
-}
-
 /// Writes ca.pem, and <name>.pem (leaf + intermediate) and <name>.key for both identities.
 fn make_certs(dir: &Path) {
-    let root = CertifiedIssuer::self_signed(ca_params("bench root"), KeyPair::generate().unwrap())
-        .unwrap();
-    let inter = CertifiedIssuer::signed_by(
-        ca_params("bench intermediate"),
-        KeyPair::generate().unwrap(),
-        &root,
-    )
-    .unwrap();
-    std::fs::write(dir.join("ca.pem"), root.pem()).unwrap();
+    let authority = Authority::new("bench");
+    std::fs::write(dir.join("ca.pem"), authority.root_pem()).unwrap();
     for (name, id) in [("server", SERVER_ID), ("client", CLIENT_ID)] {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::default();
-        p.distinguished_name = DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.use_authority_key_identifier_extension = true;
-        let cert = p.signed_by(&key, &inter).unwrap();
-        std::fs::write(
-            dir.join(format!("{name}.pem")),
-            format!("{}{}", cert.pem(), inter.pem()),
-        )
-        .unwrap();
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        // A day: longer than any run.
+        let leaf = authority.leaf_between(id, -60, 86_400);
+        std::fs::write(dir.join(format!("{name}.pem")), &leaf.cert_pem).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), &leaf.key_pem).unwrap();
     }
 }
 

@@ -3,13 +3,9 @@
 mod support;
 
 use palisade_ca_api::wire::CertificateRequest;
+use palisade_testkit::mesh_file::MeshFile;
+use palisade_testkit::pki::{csr_pem, spiffe_san};
 use support::{TestCa, chain_ders, raw};
-
-fn csr_pem(key: &rcgen::KeyPair, sans: Vec<rcgen::SanType>) -> String {
-    let mut p = rcgen::CertificateParams::default();
-    p.subject_alt_names = sans;
-    p.serialize_request(key).unwrap().pem().unwrap()
-}
 
 fn body(csr: &str) -> Vec<u8> {
     serde_json::to_vec(&CertificateRequest {
@@ -125,13 +121,12 @@ async fn csr_problems_are_refused_with_their_code() {
         base64_lines(&forged)
     );
     expect(&ca, Some(&token), body(&forged_pem), 400, "invalid_csr").await;
-    let uri = |s: &str| rcgen::SanType::URI(s.try_into().unwrap());
     let msg = expect(
         &ca,
         Some(&token),
         body(&csr_pem(
             &key,
-            vec![uri("spiffe://cluster.local/ns/shop/sa/api")],
+            vec![spiffe_san("spiffe://cluster.local/ns/shop/sa/api")],
         )),
         403,
         "identity_mismatch",
@@ -245,7 +240,9 @@ async fn watch_needs_a_mesh_client_certificate_of_this_trust_domain() {
     let other_dir = tempfile::tempdir().unwrap();
     std::fs::write(
         other_dir.path().join("mesh.yaml"),
-        support::MESH.replace("cluster.local", "other.domain"),
+        MeshFile::web_and_api()
+            .trust_domain("other.domain")
+            .to_yaml(),
     )
     .unwrap();
     let other = TestCa::start_in(other_dir, |c| c.trust_domain = "other.domain".into()).await;
@@ -387,7 +384,9 @@ async fn a_trusted_root_of_another_trust_domain_still_gives_no_watch() {
     let other_dir = tempfile::tempdir().unwrap();
     std::fs::write(
         other_dir.path().join("mesh.yaml"),
-        support::MESH.replace("cluster.local", "other.domain"),
+        MeshFile::web_and_api()
+            .trust_domain("other.domain")
+            .to_yaml(),
     )
     .unwrap();
     let other = TestCa::start_in(other_dir, |c| c.trust_domain = "other.domain".into()).await;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use palisade_ca_api::cert::check_leaf_profile;
 use palisade_ca_api::wire::{WatchMessageKind, WatchQuery};
+use palisade_testkit::mesh_file::MeshFile;
 use rustls_pki_types::UnixTime;
 use support::{TestCa, chain_ders};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -163,12 +164,11 @@ async fn watch_sends_a_snapshot_then_updates_when_the_mesh_file_changes() {
     assert!(first.destinations[0].meshed && !first.destinations[1].meshed);
 
     // Give 10.77.0.9 to a new workload and drop the policy: both reach this watch.
-    let changed = support::MESH.replace(
-        "policies:",
-        "  - {name: db, namespace: shop, serviceAccount: db, ips: [10.77.0.9]}\npolicies: []\nunused:",
-    );
-    let changed = changed[..changed.find("unused:").unwrap()].to_string();
-    std::fs::write(ca.mesh_file(), changed).unwrap();
+    let changed = MeshFile::new("all-authenticated")
+        .workload("web", "shop", "web", "10.77.0.2")
+        .workload("api", "shop", "api", "10.77.0.3")
+        .workload("db", "shop", "db", "10.77.0.9");
+    std::fs::write(ca.mesh_file(), changed.to_yaml()).unwrap();
     let update = tokio::time::timeout(Duration::from_secs(2), stream.next())
         .await
         .expect("update within 2 s")

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use std::time::{Duration, Instant};
 
-use support::{Client, Pki, pod_review, serve_config, tls_connector, write_leaf};
+use palisade_testkit::pki::Authority;
+use support::{Client, pod_review, serve_config, serving_leaf, tls_connector, write_leaf};
 
 fn env_number(name: &str, default: usize) -> usize {
     match std::env::var(name) {
@@ -62,13 +63,13 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let pki = Pki::new();
-        let mut config = serve_config(write_leaf(dir.path(), &pki.leaf()));
+        let pki = Authority::new("injector test");
+        let mut config = serve_config(write_leaf(dir.path(), &serving_leaf(&pki)));
         config.tls_reload_interval = Duration::from_secs(2);
         let bound = palisade_injector::start(config)
             .await
             .expect("injector starts");
-        let connector = tls_connector(&pki.ca_der);
+        let connector = tls_connector(&pki.root_der());
         let bodies: Arc<Vec<Bytes>> = Arc::new(
             (0..64)
                 .map(|i| {

@@ -5,8 +5,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
+use palisade_testkit::pki::Authority;
 use serde_json::Value;
-use support::{Client, Pki, pod_review, serve_config, tls_connector, write_leaf};
+use support::{Client, pod_review, serve_config, serving_leaf, tls_connector, write_leaf};
 
 async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,10 +27,10 @@ async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn injects_over_https_and_counts_every_result() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let files = write_leaf(dir.path(), &pki.leaf());
+    let pki = Authority::new("injector test");
+    let files = write_leaf(dir.path(), &serving_leaf(&pki));
     let bound = palisade_injector::start(serve_config(files)).await.unwrap();
-    let mut client = Client::connect(bound.webhook_addr, &tls_connector(&pki.ca_der)).await;
+    let mut client = Client::connect(bound.webhook_addr, &tls_connector(&pki.root_der())).await;
 
     let (status, body) = client
         .post(serde_json::to_vec(&pod_review("u-1")).unwrap())
@@ -91,11 +92,11 @@ async fn injects_over_https_and_counts_every_result() {
 #[tokio::test]
 async fn oversized_bodies_are_refused_with_413() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let bound = palisade_injector::start(serve_config(write_leaf(dir.path(), &pki.leaf())))
+    let pki = Authority::new("injector test");
+    let bound = palisade_injector::start(serve_config(write_leaf(dir.path(), &serving_leaf(&pki))))
         .await
         .unwrap();
-    let mut client = Client::connect(bound.webhook_addr, &tls_connector(&pki.ca_der)).await;
+    let mut client = Client::connect(bound.webhook_addr, &tls_connector(&pki.root_der())).await;
     let mut review = pod_review("big");
     review["request"]["object"]["metadata"]["annotations"] =
         serde_json::json!({"filler": "x".repeat(70 * 1024)});
@@ -113,29 +114,29 @@ async fn oversized_bodies_are_refused_with_413() {
 #[tokio::test]
 async fn certificate_is_reloaded_when_the_files_change() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let first = pki.leaf();
+    let pki = Authority::new("injector test");
+    let first = serving_leaf(&pki);
     let files = write_leaf(dir.path(), &first);
     let bound = palisade_injector::start(serve_config(files.clone()))
         .await
         .unwrap();
-    let connector = tls_connector(&pki.ca_der);
+    let connector = tls_connector(&pki.root_der());
     assert_eq!(
         Client::connect(bound.webhook_addr, &connector)
             .await
             .peer_cert,
-        first.der
+        first.der()
     );
 
     // A half-written pair (new certificate, old key) is rejected and the old one keeps serving.
-    let second = pki.leaf();
+    let second = serving_leaf(&pki);
     support::write_atomically(&files.cert, &second.cert_pem);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
         Client::connect(bound.webhook_addr, &connector)
             .await
             .peer_cert,
-        first.der
+        first.der()
     );
 
     support::write_atomically(&files.key, &second.key_pem);
@@ -144,7 +145,7 @@ async fn certificate_is_reloaded_when_the_files_change() {
         let served = Client::connect(bound.webhook_addr, &connector)
             .await
             .peer_cert;
-        if served == second.der {
+        if served == second.der() {
             break;
         }
         assert!(
@@ -168,8 +169,8 @@ async fn certificate_is_reloaded_when_the_files_change() {
 #[tokio::test]
 async fn start_fails_with_a_message_naming_the_bad_file() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let files = write_leaf(dir.path(), &pki.leaf());
+    let pki = Authority::new("injector test");
+    let files = write_leaf(dir.path(), &serving_leaf(&pki));
     std::fs::write(&files.key, "not a key").unwrap();
     let err = palisade_injector::start(serve_config(files.clone()))
         .await
@@ -191,11 +192,11 @@ async fn start_fails_with_a_message_naming_the_bad_file() {
 #[tokio::test]
 async fn shutdown_closes_idle_connections_without_waiting_out_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let bound = palisade_injector::start(serve_config(write_leaf(dir.path(), &pki.leaf())))
+    let pki = Authority::new("injector test");
+    let bound = palisade_injector::start(serve_config(write_leaf(dir.path(), &serving_leaf(&pki))))
         .await
         .unwrap();
-    let mut client = Client::connect(bound.webhook_addr, &tls_connector(&pki.ca_der)).await;
+    let mut client = Client::connect(bound.webhook_addr, &tls_connector(&pki.root_der())).await;
     let (status, _) = client
         .post(serde_json::to_vec(&pod_review("u")).unwrap())
         .await;
@@ -213,15 +214,18 @@ async fn shutdown_closes_idle_connections_without_waiting_out_the_grace_period()
 async fn shutdown_lets_the_review_in_flight_finish() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let bound = palisade_injector::start(serve_config(write_leaf(dir.path(), &pki.leaf())))
+    let pki = Authority::new("injector test");
+    let bound = palisade_injector::start(serve_config(write_leaf(dir.path(), &serving_leaf(&pki))))
         .await
         .unwrap();
     let tcp = tokio::net::TcpStream::connect(bound.webhook_addr)
         .await
         .unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = tls_connector(&pki.ca_der).connect(name, tcp).await.unwrap();
+    let mut tls = tls_connector(&pki.root_der())
+        .connect(name, tcp)
+        .await
+        .unwrap();
     let body = serde_json::to_vec(&pod_review("in-flight")).unwrap();
     let head = format!(
         "POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
@@ -256,12 +260,12 @@ async fn http2_is_negotiated_and_served() {
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let bound = palisade_injector::start(serve_config(write_leaf(dir.path(), &pki.leaf())))
+    let pki = Authority::new("injector test");
+    let bound = palisade_injector::start(serve_config(write_leaf(dir.path(), &serving_leaf(&pki))))
         .await
         .unwrap();
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der.clone()).unwrap();
+    roots.add(pki.root_der()).unwrap();
     let mut config =
         rustls::ClientConfig::builder_with_provider(palisade_injector::tls::crypto_provider())
             .with_safe_default_protocol_versions()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_ca_api::policy::DefaultPolicy;
-use support::fake_ca::Authority;
+use palisade_testkit::pki::Authority;
 use support::rig::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

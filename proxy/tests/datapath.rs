@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use palisade_ca_api::policy::DefaultPolicy;
 use palisade_proxy::metrics::Direction;
-use support::fake_ca::Authority;
+use palisade_testkit::pki::Authority;
 use support::rig::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

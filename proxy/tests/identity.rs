@@ -11,8 +11,9 @@ use palisade_proxy::clock::Clock;
 use palisade_proxy::identity::{CertStore, Identity, IdentityConfig, IdentityError, run_rotation};
 use palisade_proxy::metrics::Metrics;
 use palisade_proxy::tls::TrustBundle;
+use palisade_testkit::pki::Authority;
 use rustls::client::ResolvesClientCert;
-use support::fake_ca::{Answer, Authority, FakeCa, unreachable};
+use support::fake_ca::{Answer, FakeCa, unreachable};
 use tokio::sync::watch;
 
 const ME: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -118,9 +119,9 @@ async fn an_answer_for_another_identity_is_refused_and_not_installed() {
     let ca = r.ca.clone();
     let clock = r.identity.clock.clone();
     r.ca.script([Answer::Custom(Box::new(move |csr| {
-        ca.response_for(ca.authority.sign_csr_as(
+        ca.response_for(ca.authority.sign_csr(
             csr,
-            &clock,
+            clock.now(),
             Duration::from_secs(3600),
             Some("spiffe://cluster.local/ns/shop/sa/admin"),
         ))
@@ -152,7 +153,7 @@ async fn a_chain_from_an_unrelated_root_is_refused_even_with_its_bundle() {
         palisade_ca_api::wire::CertificateResponse {
             spiffe_id: ME.into(),
             certificate_chain: vec![
-                other.sign_csr(csr, &clock, Duration::from_secs(3600)),
+                other.sign_csr(csr, clock.now(), Duration::from_secs(3600), None),
                 other.intermediate.pem(),
             ],
             trust_bundle: vec![other.root_pem()],

@@ -2,60 +2,25 @@
 //! removes (a pod namespace and a peer namespace, 10.77.x.0/24 on a veth pair). Skipped, with the reason printed, when not root or
 //! when `ip`/`iptables` are missing.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use palisade_testkit::netns::{self, Namespaces};
+use palisade_testkit::process::Processes;
 
 const BIN: &str = env!("CARGO_BIN_EXE_palisade-proxy");
 const PY: &str = "/usr/bin/python3";
 
-fn sh(cmd: &[&str]) -> std::process::Output {
-    Command::new(cmd[0])
-        .args(&cmd[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
-}
-
-fn ok(cmd: &[&str]) -> String {
-    let out = sh(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn skip_reason() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok()?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        return Some("not root: network namespaces and iptables need root".into());
-    }
-    for tool in ["ip", "iptables", "iptables-save"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
-            return Some(format!(
-                "{tool} is not installed (apt-get install -y iptables iproute2)"
-            ));
-        }
-    }
-    if !std::path::Path::new(PY).exists() {
-        return Some(format!("{PY} is missing"));
-    }
-    None
-}
-
-/// A pod namespace and a peer namespace joined by a veth pair, removed on drop. Nothing is
-/// added to the host's own network namespace.
+/// A pod namespace and a peer namespace joined by a veth pair, removed on drop with what runs
+/// in them. Nothing is added to the host's own network namespace.
 struct Netns {
+    // Processes stop before their namespaces go.
+    procs: Processes,
+    _namespaces: Namespaces,
+    _logs: tempfile::TempDir,
     name: String,
     peer: String,
     host_ip: String,
     ns_ip: String,
-    children: Vec<Child>,
 }
 
 impl Netns {
@@ -66,85 +31,37 @@ impl Netns {
         // The peer's address, standing for "another host".
         let host_ip = format!("10.77.{r}.1");
         let ns_ip = format!("10.77.{r}.2");
-        for n in [&name, &peer] {
-            let _ = sh(&["ip", "netns", "del", n]);
-            ok(&["ip", "netns", "add", n]);
+        let mut namespaces = Namespaces::new();
+        namespaces.add(&name);
+        namespaces.add(&peer);
+        namespaces.veth((&peer, "veth-out"), (&name, "veth-pod"));
+        namespaces.address(&peer, "veth-out", &format!("{host_ip}/24"));
+        namespaces.address(&name, "veth-pod", &format!("{ns_ip}/24"));
+        let logs = tempfile::tempdir().unwrap();
+        Netns {
+            procs: Processes::new(logs.path()),
+            _namespaces: namespaces,
+            _logs: logs,
+            name,
+            peer,
+            host_ip,
+            ns_ip,
         }
-        let n = Netns {
-            name: name.clone(),
-            peer: peer.clone(),
-            host_ip: host_ip.clone(),
-            ns_ip: ns_ip.clone(),
-            children: vec![],
-        };
-        ok(&[
-            "ip", "-n", &peer, "link", "add", "veth-out", "type", "veth", "peer", "name",
-            "veth-pod",
-        ]);
-        ok(&["ip", "-n", &peer, "link", "set", "veth-pod", "netns", &name]);
-        ok(&[
-            "ip",
-            "-n",
-            &peer,
-            "addr",
-            "add",
-            &format!("{host_ip}/24"),
-            "dev",
-            "veth-out",
-        ]);
-        ok(&["ip", "-n", &peer, "link", "set", "veth-out", "up"]);
-        ok(&["ip", "-n", &peer, "link", "set", "lo", "up"]);
-        n.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{ns_ip}/24"),
-            "dev",
-            "veth-pod",
-        ]);
-        n.exec(&["ip", "link", "set", "veth-pod", "up"]);
-        n.exec(&["ip", "link", "set", "lo", "up"]);
-        n
     }
 
     /// Runs `args` in the peer namespace.
     fn outside(&self, args: &[&str]) -> String {
-        let mut v = vec!["ip", "netns", "exec", self.peer.as_str()];
-        v.extend_from_slice(args);
-        ok(&v)
-    }
-
-    fn cmd<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
-        let mut v = vec!["ip", "netns", "exec", self.name.as_str()];
-        v.extend_from_slice(args);
-        v
+        netns::exec(&self.peer, args)
     }
 
     fn exec(&self, args: &[&str]) -> String {
-        ok(&self.cmd(args))
+        netns::exec(&self.name, args)
     }
 
-    fn spawn(&mut self, args: &[&str]) {
-        let v = self.cmd(args);
-        let child = Command::new(v[0])
-            .args(&v[1..])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Deleting the namespaces removes the veth pair with them.
-        let _ = sh(&["ip", "netns", "del", &self.name]);
-        let _ = sh(&["ip", "netns", "del", &self.peer]);
+    fn spawn(&mut self, what: &str, args: &[&str]) {
+        let mut cmd = netns::command(&self.name, None, args[0]);
+        cmd.args(&args[1..]);
+        self.procs.spawn(what, cmd);
     }
 }
 
@@ -198,8 +115,10 @@ fn count(text: &str, needle: &str) -> usize {
 
 #[test]
 fn init_redirects_an_apps_traffic_and_is_idempotent() {
-    if let Some(reason) = skip_reason() {
-        println!("SKIPPED init_redirects_an_apps_traffic_and_is_idempotent: {reason}");
+    if netns::skip(
+        "init_redirects_an_apps_traffic_and_is_idempotent",
+        &["iptables", "iptables-save", PY],
+    ) {
         return;
     }
     let mut ns = Netns::create();
@@ -215,7 +134,7 @@ fn init_redirects_an_apps_traffic_and_is_idempotent() {
     );
 
     ns.exec(&[BIN, "init", "--skip-inbound-ports", "2222"]);
-    ns.spawn(&[PY, "-c", FAKE_PROXY]);
+    ns.spawn("fake-proxy", &[PY, "-c", FAKE_PROXY]);
     std::thread::sleep(Duration::from_millis(500));
 
     // The app's outbound connection to another address lands on the outbound port ...

@@ -16,21 +16,12 @@ use palisade_ca::server::{Running, start};
 use palisade_ca_api::client::{CaClient, CaClientConfig};
 use palisade_ca_api::tls::crypto_provider;
 use palisade_ca_api::wire::{CertificateRequest, CertificateResponse};
+use palisade_testkit::mesh_file::MeshFile;
+use palisade_testkit::pki::csr_pem;
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
 pub const CA_NAME: &str = "palisade-ca.palisade-system.svc";
-
-pub const MESH: &str = r#"
-trustDomain: cluster.local
-defaultPolicy: all-authenticated
-workloads:
-  - {name: web, namespace: shop, serviceAccount: web, ips: [10.77.0.2], labels: {app: web}}
-  - {name: api, namespace: shop, serviceAccount: api, ips: [10.77.0.3], labels: {app: api}}
-policies:
-  - metadata: {name: api-from-web, namespace: shop}
-    spec: {targetSelector: {matchLabels: {app: api}}, ports: [8080], allow: [{serviceAccounts: ["shop/web"]}]}
-"#;
 
 pub struct TestCa {
     pub dir: tempfile::TempDir,
@@ -53,7 +44,7 @@ impl TestCa {
         palisade_ca_api::tls::install_default_provider();
         let mesh = dir.path().join("mesh.yaml");
         if !mesh.exists() {
-            std::fs::write(&mesh, MESH).unwrap();
+            std::fs::write(&mesh, MeshFile::web_and_api().to_yaml()).unwrap();
         }
         let mut config = ServeConfig::embedded(dir.path().join("state"), mesh);
         tweak(&mut config);
@@ -106,11 +97,7 @@ impl TestCa {
     /// A fresh P-256 key and its certificate for `ns/sa`, issued through the API.
     pub async fn identity(&self, ns: &str, sa: &str) -> (rcgen::KeyPair, CertificateResponse) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(&key)
-            .unwrap()
-            .pem()
-            .unwrap();
+        let csr = csr_pem(&key, vec![]);
         let resp = self
             .client(None)
             .request_certificate(

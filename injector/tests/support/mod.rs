@@ -15,48 +15,16 @@ use hyper_util::rt::TokioIo;
 use palisade_injector::server::ServeConfig;
 use palisade_injector::settings::RawSettings;
 use palisade_injector::tls::CertFiles;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use palisade_testkit::pki::{Authority, Leaf};
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// A CA and a serving certificate for `localhost` and 127.0.0.1.
-pub struct Pki {
-    pub ca_der: CertificateDer<'static>,
-    pub issuer: Issuer<'static, KeyPair>,
-}
-
-pub struct Leaf {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub der: Vec<u8>,
-}
-
-impl Pki {
-    pub fn new() -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = params.self_signed(&key).unwrap();
-        Self {
-            ca_der: ca.der().clone(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    pub fn leaf(&self) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().to_vec(),
-        }
-    }
+/// A serving certificate for `localhost` and 127.0.0.1, as the API server reaches a webhook.
+pub fn serving_leaf(pki: &Authority) -> Leaf {
+    pki.server_leaf(&["localhost", "127.0.0.1"])
 }
 
 pub fn write_leaf(dir: &Path, leaf: &Leaf) -> CertFiles {

@@ -21,7 +21,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::fake_ca::{Authority, Leaf};
+use palisade_testkit::pki::{Authority, Leaf};
 
 pub const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 pub const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
