@@ -322,18 +322,8 @@ mod tests {
         let mut t = DestinationTable::new(4);
         t.touch(ip("10.0.0.1"));
         t.apply(&[
-            Destination {
-                address: ip("10.0.0.1"),
-                meshed: false,
-                spiffe_id: None,
-                workload: None,
-            },
-            Destination {
-                address: ip("10.0.0.9"),
-                meshed: false,
-                spiffe_id: None,
-                workload: None,
-            },
+            Destination::unmeshed(ip("10.0.0.1")),
+            Destination::unmeshed(ip("10.0.0.9")),
         ]);
         assert!(t.answer(ip("10.0.0.1")).is_some());
         assert!(t.answer(ip("10.0.0.9")).is_none());

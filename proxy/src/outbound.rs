@@ -174,6 +174,7 @@ mod tests {
             meshed,
             spiffe_id: id.map(|s| s.parse().unwrap()),
             workload: None,
+            service: None,
         }
     }
 

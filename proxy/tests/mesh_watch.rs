@@ -25,12 +25,11 @@ fn state() -> Arc<MeshView> {
 }
 
 fn meshed(addr: &str, id: &str) -> palisade_ca_api::wire::Destination {
-    palisade_ca_api::wire::Destination {
-        address: ip(addr),
-        meshed: true,
-        spiffe_id: Some(id.parse().unwrap()),
-        workload: Some("shop/api".into()),
-    }
+    palisade_ca_api::wire::Destination::meshed(
+        ip(addr),
+        id.parse().unwrap(),
+        Some("shop/api".into()),
+    )
 }
 
 #[tokio::test(start_paused = true)]

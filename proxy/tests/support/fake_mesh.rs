@@ -69,12 +69,10 @@ impl FakeMesh {
                 .destinations
                 .iter()
                 .map(|ip| {
-                    dests.get(ip).cloned().unwrap_or(Destination {
-                        address: *ip,
-                        meshed: false,
-                        spiffe_id: None,
-                        workload: None,
-                    })
+                    dests
+                        .get(ip)
+                        .cloned()
+                        .unwrap_or(Destination::unmeshed(*ip))
                 })
                 .collect(),
         }
