@@ -54,7 +54,7 @@ async fn snapshot_then_updates_and_destinations_asked_as_met() {
         .await
         .unwrap();
     assert!(d.meshed);
-    assert_eq!(d.spiffe_id.unwrap().to_string(), API);
+    assert_eq!(d.spiffe_id.as_ref().unwrap().to_string(), API);
     assert_eq!(
         fake.last_query().unwrap().destinations,
         vec![ip("10.77.0.3")]

@@ -68,12 +68,7 @@ impl FakeMesh {
             destinations: query
                 .destinations
                 .iter()
-                .map(|ip| {
-                    dests
-                        .get(ip)
-                        .cloned()
-                        .unwrap_or(Destination::unmeshed(*ip))
-                })
+                .map(|ip| dests.get(ip).cloned().unwrap_or(Destination::unmeshed(*ip)))
                 .collect(),
         }
     }
