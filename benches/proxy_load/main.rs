@@ -511,7 +511,10 @@ fn bench() -> Result<(), String> {
         ("haproxy mTLS pair", "127.0.0.1:18081".parse().unwrap()),
         ("palisade mTLS pair", http_client.outbound),
         ("palisade mTLS pair, 2 threads each", two_client.outbound),
-        ("palisade via Service address, 2 servers", svc_client.outbound),
+        (
+            "palisade via Service address, 2 servers",
+            svc_client.outbound,
+        ),
     ];
     let addrs: Vec<SocketAddr> = paths.iter().map(|p| p.1).collect();
     let fixed = fixed_rate(&addrs, rate, count);

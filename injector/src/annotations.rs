@@ -79,6 +79,9 @@ pub fn parse_overrides(
             PROXY_MEMORY_LIMIT => overrides.memory_limit = Some(Quantity::memory(key, value)?),
             LOG_LEVEL => overrides.log_level = Some(parse_log_level(key, value)?),
             INJECT => parse_inject(key, value).map(drop)?,
+            // Read by the proxy from its environment; checked here so a bad value is refused
+            // at admission, not found when the proxy stops at start-up.
+            INBOUND_LOOPBACK_PORTS => parse_ports(key, value).map(drop)?,
             APP_PROBES_ANNOTATION | DEFAULT_POLICY_ANNOTATION => {}
             other if other.starts_with("palisade.dev/") => warnings.push(format!(
                 "annotation {other} is not one palisade-injector knows and was ignored; \
@@ -343,6 +346,7 @@ mod tests {
             (PROXY_MEMORY_LIMIT, "512Mi"),
             (LOG_LEVEL, "debug"),
             (INJECT, "enabled"),
+            (INBOUND_LOOPBACK_PORTS, "9090"),
             ("example.com/other", "anything"),
         ]);
         let (o, warnings) = parse_overrides(Some(&a)).unwrap();

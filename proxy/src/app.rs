@@ -112,7 +112,7 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
         dp.clone(),
         drain.inbound_stop(),
         drain.abort(),
-        move |s, peer, dp| inbound::handle(s, peer, dp, in_target),
+        move |s, peer, dp| inbound::handle(s, peer, dp, in_target.clone()),
     )));
     let out_target = settings.outbound_target;
     let out_listen = outbound_addr;

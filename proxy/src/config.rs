@@ -9,7 +9,7 @@ use std::time::Duration;
 use palisade_ca_api::SpiffeId;
 use palisade_ca_api::contract::{
     AppProbes, DEFAULT_CA_NAMESPACE, DEFAULT_TRUST_DOMAIN, INBOUND_PORT, OUTBOUND_PORT,
-    PROXY_ADMIN_PORT, ca_dns_name, env, parse_duration, parse_probes,
+    PROXY_ADMIN_PORT, ca_dns_name, env, parse_duration, parse_ports, parse_probes,
 };
 use palisade_ca_api::spiffe::{
     validate_namespace, validate_service_account, validate_trust_domain,
@@ -87,6 +87,8 @@ pub struct Config {
     pub outbound_destination: Option<SocketAddr>,
     /// Test/demo mode: every inbound connection is for this port instead of `SO_ORIGINAL_DST`.
     pub inbound_forward_port: Option<u16>,
+    /// Inbound ports forwarded to the app's loopback address rather than the pod's own.
+    pub inbound_loopback_ports: Vec<u16>,
 }
 
 struct Reader<'a, E: Env> {
@@ -293,6 +295,9 @@ impl Config {
                     .filter(|p| *p != 0)
                     .ok_or_else(|| "expected a port 1-65535".to_owned())
             })?,
+            inbound_loopback_ports: r
+                .optional(env::INBOUND_LOOPBACK_PORTS, parse_ports)?
+                .unwrap_or_default(),
         };
         config.validate()?;
         Ok(config)

@@ -128,6 +128,10 @@ fn the_injected_environment_is_a_valid_config() {
         ("metadata.name", "web-0"),
         ("status.podIP", "10.77.0.2"),
         ("metadata.annotations['palisade.dev/app-probes']", ""),
+        (
+            "metadata.annotations['palisade.dev/inbound-loopback-ports']",
+            "9090",
+        ),
     ]);
     let env: HashMap<String, String> = injected
         .vars()
@@ -147,4 +151,5 @@ fn the_injected_environment_is_a_valid_config() {
     );
     assert_eq!(c.ca_name, "palisade-ca.mesh-control.svc");
     assert_eq!(c.log, "debug");
+    assert_eq!(c.inbound_loopback_ports, vec![9090]);
 }

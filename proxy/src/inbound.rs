@@ -1,8 +1,11 @@
 //! Inbound: connections to this workload, captured by iptables. A mesh caller (TLS with ALPN
 //! `palisade/1`) is authenticated by its client certificate; anyone else is a plaintext
-//! caller. Policy decides; allowed connections are forwarded to `127.0.0.1:<original port>`.
+//! caller. Policy decides; allowed connections are forwarded to the address and port the
+//! caller asked for — the pod's own address, never loopback — so a listener the app bound to
+//! loopback on purpose is not reachable through the mesh (ports opted in by the pod's
+//! `palisade.dev/inbound-loopback-ports` annotation excepted).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use palisade_ca_api::SpiffeId;
@@ -17,13 +20,29 @@ use crate::metrics::Direction;
 use crate::relay::relay;
 use crate::tls::handshake_failure_reason;
 
-/// Which local port a connection was meant for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a connection was meant for.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InboundTarget {
-    /// `SO_ORIGINAL_DST`; connections that were not redirected are refused.
-    OriginalDst,
-    /// Every connection is for this port (tests and demos on loopback, no iptables).
+    /// `SO_ORIGINAL_DST`, the pod's own address and port; connections that were not
+    /// redirected are refused. Connections for `loopback_ports` go to the loopback address of
+    /// the same family instead.
+    OriginalDst { loopback_ports: Arc<[u16]> },
+    /// Every connection is for this port on 127.0.0.1 (tests and demos on loopback, no
+    /// iptables).
     FixedPort(u16),
+}
+
+/// Where an allowed connection for `original` is forwarded. Pure.
+pub fn forward_to(original: SocketAddr, loopback_ports: &[u16]) -> SocketAddr {
+    if loopback_ports.contains(&original.port()) {
+        let lo = match original.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        SocketAddr::new(lo, original.port())
+    } else {
+        original
+    }
 }
 
 /// Decides on one connection. Without a policy from the control plane yet, refuse. Pure.
@@ -42,9 +61,10 @@ pub fn decide(policy: Option<&InboundPolicy>, port: u16, caller: Caller<'_>) -> 
 /// Handles one captured connection.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, dp: Arc<DataPath>, target: InboundTarget) {
     let _open = OpenConnection::new(dp.metrics.clone(), Direction::Inbound);
-    let Some(port) = original_port(&stream, &dp, target) else {
+    let Some(upstream) = upstream_of(&stream, &dp, &target) else {
         return;
     };
+    let port = upstream.port();
     let sniffed = match sniff(&stream, dp.limits.detect_window).await {
         Ok(s) => s,
         Err(e) => {
@@ -60,7 +80,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, dp: Arc<DataPath>, targ
             if !admit(&dp, peer, port, Caller::Authenticated(&caller_id)) {
                 return;
             }
-            if let Some(upstream) = connect_app(&dp, port).await {
+            if let Some(upstream) = connect_app(&dp, upstream).await {
                 finish(&dp, relay(tls, upstream, dp.limits.idle_timeout).await);
             }
         }
@@ -73,22 +93,25 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, dp: Arc<DataPath>, targ
             if !admit(&dp, peer, port, Caller::Unauthenticated) {
                 return;
             }
-            if let Some(upstream) = connect_app(&dp, port).await {
+            if let Some(upstream) = connect_app(&dp, upstream).await {
                 finish(&dp, relay(stream, upstream, dp.limits.idle_timeout).await);
             }
         }
     }
 }
 
-/// The port the caller asked for: from `SO_ORIGINAL_DST`, or fixed (tests, demo). A connection
-/// that reached the inbound port without being redirected is refused.
-fn original_port(stream: &TcpStream, dp: &DataPath, target: InboundTarget) -> Option<u16> {
-    let local = match target {
-        InboundTarget::FixedPort(p) => return Some(p),
-        InboundTarget::OriginalDst => stream.local_addr().ok()?,
+/// Where the app is for this connection: the address and port the caller asked for (from
+/// `SO_ORIGINAL_DST`), or 127.0.0.1 and a fixed port (tests, demo). A connection that reached
+/// the inbound port without being redirected is refused.
+fn upstream_of(stream: &TcpStream, dp: &DataPath, target: &InboundTarget) -> Option<SocketAddr> {
+    let (local, loopback_ports) = match target {
+        InboundTarget::FixedPort(p) => return Some(SocketAddr::from((Ipv4Addr::LOCALHOST, *p))),
+        InboundTarget::OriginalDst { loopback_ports } => {
+            (stream.local_addr().ok()?, loopback_ports)
+        }
     };
     match crate::orig_dst::original_dst(stream, local) {
-        Ok(d) if d.port() != local.port() => Some(d.port()),
+        Ok(d) if d.port() != local.port() => Some(forward_to(d, loopback_ports)),
         Ok(_) | Err(_) => {
             dp.metrics.refused(Direction::Inbound, "not_redirected");
             tracing::warn!(
@@ -132,10 +155,10 @@ async fn accept_mesh(
     Some((tls, caller_id))
 }
 
-/// Connects to the app's port; a refusal is counted and logged.
-async fn connect_app(dp: &DataPath, port: u16) -> Option<TcpStream> {
-    let upstream_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    match connect(upstream_addr, dp.limits.connect_timeout).await {
+/// Connects to the app; a refusal is counted and logged.
+async fn connect_app(dp: &DataPath, upstream: SocketAddr) -> Option<TcpStream> {
+    let port = upstream.port();
+    match connect(upstream, dp.limits.connect_timeout).await {
         Ok(s) => Some(s),
         Err(e) => {
             dp.metrics.refused(Direction::Inbound, "app_unreachable");
@@ -212,6 +235,17 @@ mod tests {
             default_policy,
             policies: vec![],
         }
+    }
+
+    #[test]
+    fn allowed_connections_go_to_the_pod_address_unless_the_port_opted_into_loopback() {
+        let pod: SocketAddr = "10.77.0.3:8080".parse().unwrap();
+        assert_eq!(forward_to(pod, &[]), pod);
+        assert_eq!(forward_to(pod, &[9090]), pod);
+        assert_eq!(forward_to(pod, &[8080]), "127.0.0.1:8080".parse().unwrap());
+        let pod6: SocketAddr = "[fd00:77::3]:8080".parse().unwrap();
+        assert_eq!(forward_to(pod6, &[]), pod6);
+        assert_eq!(forward_to(pod6, &[8080]), "[::1]:8080".parse().unwrap());
     }
 
     #[test]

@@ -125,9 +125,12 @@ fn settings(config: &Config) -> Settings {
         inbound_listen: config.inbound_listen,
         outbound_listen: config.outbound_listen,
         admin_listen: config.admin_listen,
-        inbound_target: config
-            .inbound_forward_port
-            .map_or(InboundTarget::OriginalDst, InboundTarget::FixedPort),
+        inbound_target: config.inbound_forward_port.map_or_else(
+            || InboundTarget::OriginalDst {
+                loopback_ports: config.inbound_loopback_ports.clone().into(),
+            },
+            InboundTarget::FixedPort,
+        ),
         outbound_target: config
             .outbound_destination
             .map_or(OutboundTarget::OriginalDst, OutboundTarget::Fixed),

@@ -60,6 +60,10 @@ pub mod annotations {
     pub const SKIP_INBOUND_PORTS: &str = "palisade.dev/skip-inbound-ports";
     pub const SKIP_OUTBOUND_PORTS: &str = "palisade.dev/skip-outbound-ports";
     pub const SKIP_OUTBOUND_CIDRS: &str = "palisade.dev/skip-outbound-cidrs";
+    /// Ports whose inbound connections go to the app's loopback listener (`127.0.0.1`), the
+    /// old way, for apps that listen only there; every other port is forwarded to the pod's
+    /// own address, so a loopback-only listener is not reachable through the mesh.
+    pub const INBOUND_LOOPBACK_PORTS: &str = "palisade.dev/inbound-loopback-ports";
     pub const PROXY_CPU_REQUEST: &str = "palisade.dev/proxy-cpu-request";
     pub const PROXY_MEMORY_LIMIT: &str = "palisade.dev/proxy-memory-limit";
     pub const LOG_LEVEL: &str = "palisade.dev/log-level";

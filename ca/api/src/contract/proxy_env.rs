@@ -3,6 +3,7 @@
 //! `config.rs`), so a variable it requires cannot be missing from an injected pod: the
 //! injector renders exactly [`ProxyEnv::vars`].
 
+use super::annotations::INBOUND_LOOPBACK_PORTS;
 use super::{APP_PROBES_ANNOTATION, INBOUND_PORT, OUTBOUND_PORT, PROXY_ADMIN_PORT};
 use super::{TOKEN_DIR, TOKEN_FILE_NAME, TRUST_ANCHORS_KEY, TRUST_DIR};
 
@@ -35,6 +36,10 @@ pub mod env {
     pub const WORKER_THREADS: &str = "PALISADE_WORKER_THREADS";
     pub const CERT_TTL: &str = "PALISADE_CERT_TTL";
     pub const PROBE_TIMEOUT: &str = "PALISADE_PROBE_TIMEOUT";
+    /// Inbound ports forwarded to the app's loopback address instead of the pod's own
+    /// (comma-separated; empty for none). From the pod's
+    /// `palisade.dev/inbound-loopback-ports` annotation.
+    pub const INBOUND_LOOPBACK_PORTS: &str = "PALISADE_INBOUND_LOOPBACK_PORTS";
     /// Test/demo mode without capture: every outbound connection goes here.
     pub const OUTBOUND_DESTINATION: &str = "PALISADE_OUTBOUND_DESTINATION";
     /// Test/demo mode without capture: every inbound connection is for this port.
@@ -89,6 +94,11 @@ impl ProxyEnv {
             (
                 env::APP_PROBES,
                 field(&format!("metadata.annotations['{APP_PROBES_ANNOTATION}']")),
+            ),
+            // The ports the pod opted back into loopback forwarding; empty for none.
+            (
+                env::INBOUND_LOOPBACK_PORTS,
+                field(&format!("metadata.annotations['{INBOUND_LOOPBACK_PORTS}']")),
             ),
             (
                 env::INBOUND_LISTEN,
