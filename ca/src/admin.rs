@@ -26,7 +26,7 @@ fn answer(ca: &Ca, path: &str) -> AdminResponse {
         }
         "/ready" if !*ca.ready.borrow() => admin_http::text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the first full sync of the Kubernetes watches (pods, namespaces, meshpolicies)\n",
+            "waiting for the first full sync of the Kubernetes watches (pods, namespaces, meshpolicies, services, endpointslices)\n",
         ),
         "/ready" => admin_http::text(StatusCode::OK, "ready\n"),
         "/metrics" => admin_http::metrics(

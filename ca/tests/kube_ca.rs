@@ -45,6 +45,11 @@ async fn kube_mode_starts_from_the_secret_and_is_ready_after_the_first_sync() {
     );
     router.list("/api/v1/pods", fixture("pod-list.json"));
     router.list("/api/v1/namespaces", fixture("namespace-list.json"));
+    router.list("/api/v1/services", fixture("service-list.json"));
+    router.list(
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        fixture("endpointslice-list.json"),
+    );
     let (policies_listed, policy_list) = oneshot::channel();
     router.script(
         Method::GET,

@@ -1,6 +1,6 @@
-//! The watches on Pods, Namespaces and MeshPolicies feed the mesh watch stream a proxy reads;
-//! a 410 Gone relists without dropping the last good state; an opted-in namespace gets its
-//! trust-anchor ConfigMap.
+//! The watches on Pods, Namespaces, MeshPolicies, Services and EndpointSlices feed the mesh
+//! watch stream a proxy reads; a 410 Gone relists without dropping the last good state; an
+//! opted-in namespace gets its trust-anchor ConfigMap.
 
 mod kube_support;
 
@@ -12,15 +12,25 @@ use http::{Method, StatusCode};
 use kube_support::{GUARD, Reply, Router, fixture, mock_client};
 use palisade_ca::kube::{WatchOutputs, WatchSettings, spawn_watches};
 use palisade_ca::mesh::watch::watch_stream;
-use palisade_ca::mesh::{MeshPublisher, MeshState};
+use palisade_ca::mesh::{MeshPublisher, MeshState, Snapshot};
 use palisade_ca::metrics::Metrics;
 use palisade_ca_api::policy::{DefaultPolicy, PolicyMode};
-use palisade_ca_api::wire::{WatchMessage, WatchQuery};
+use palisade_ca_api::wire::{ServiceAnswer, WatchMessage, WatchQuery};
 use tokio::sync::{mpsc, oneshot, watch};
 
 const PODS: &str = "/api/v1/pods";
 const NAMESPACES: &str = "/api/v1/namespaces";
 const POLICIES: &str = "/apis/palisade.dev/v1alpha1/meshpolicies";
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+/// Every watched kind and its recorded list.
+const LISTS: [(&str, &str); 5] = [
+    (PODS, "pod-list.json"),
+    (NAMESPACES, "namespace-list.json"),
+    (POLICIES, "meshpolicy-list-empty.json"),
+    (SERVICES, "service-list.json"),
+    (SLICES, "endpointslice-list.json"),
+];
 const API_POD_IP: &str = "10.244.1.7";
 
 struct Cluster {
@@ -31,6 +41,9 @@ struct Cluster {
     pods: mpsc::UnboundedSender<serde_json::Value>,
     namespaces: mpsc::UnboundedSender<serde_json::Value>,
     policies: mpsc::UnboundedSender<serde_json::Value>,
+    /// Kept open: the Service watch stays quiet.
+    _services: mpsc::UnboundedSender<serde_json::Value>,
+    slices: mpsc::UnboundedSender<serde_json::Value>,
     client: kube::Client,
     shutdown: watch::Sender<bool>,
     _tasks: tokio::task::JoinSet<()>,
@@ -43,19 +56,22 @@ async fn let_debounce_pass() {
 }
 
 fn start_cluster() -> Cluster {
-    let router = Router::default();
-    router.list(POLICIES, fixture("meshpolicy-list-empty.json"));
-    start_cluster_with(router)
+    start_cluster_with(Router::default(), None)
 }
 
-/// Pods and namespaces listed; the MeshPolicy list as `router` scripts it.
-fn start_cluster_with(router: Router) -> Cluster {
+/// Every kind listed from its recording, except `unlisted`, whose list is as `router` scripts it.
+fn start_cluster_with(router: Router, unlisted: Option<&str>) -> Cluster {
     let (client, handle) = mock_client("palisade-system");
-    router.list(PODS, fixture("pod-list.json"));
+    for (path, recording) in LISTS {
+        if Some(path) != unlisted {
+            router.list(path, fixture(recording));
+        }
+    }
     let pods = router.watch(PODS);
-    router.list(NAMESPACES, fixture("namespace-list.json"));
     let namespaces = router.watch(NAMESPACES);
     let policies = router.watch(POLICIES);
+    let services = router.watch(SERVICES);
+    let slices = router.watch(SLICES);
     router.serve(handle);
     let publisher = MeshPublisher::new(MeshState::new(
         "cluster.local".into(),
@@ -87,6 +103,8 @@ fn start_cluster_with(router: Router) -> Cluster {
         pods,
         namespaces,
         policies,
+        _services: services,
+        slices,
         client,
         shutdown,
         _tasks: tasks,
@@ -158,37 +176,49 @@ async fn watches_list_the_meshed_pods_only_and_become_ready() {
 
 #[tokio::test(start_paused = true)]
 async fn not_ready_and_nothing_published_until_every_watch_has_listed() {
-    let router = Router::default();
-    let (release, policy_list) = oneshot::channel();
-    router.script(Method::GET, POLICIES, false, Reply::Deferred(policy_list));
-    let mut cluster = start_cluster_with(router);
-    cluster
-        .router
-        .wait_until("pods and namespaces listed, policies asked", |log| {
-            let watching = |p: &str| log.iter().any(|s| s.path == p && s.is_watch());
-            watching(PODS) && watching(NAMESPACES) && log.iter().any(|s| s.path == POLICIES)
-        })
-        .await;
-    let_debounce_pass().await;
-    assert!(
-        !*cluster.outputs.ready.borrow(),
-        "ready before the MeshPolicy list"
-    );
-    assert_eq!(
-        cluster.publisher.current().version,
-        1,
-        "a partial state was published"
-    );
+    for (last, recording) in [
+        (POLICIES, "meshpolicy-list-empty.json"),
+        (SERVICES, "service-list.json"),
+        (SLICES, "endpointslice-list.json"),
+    ] {
+        let router = Router::default();
+        let (release, list) = oneshot::channel();
+        router.script(Method::GET, last, false, Reply::Deferred(list));
+        let mut cluster = start_cluster_with(router, Some(last));
+        cluster
+            .router
+            .wait_until(
+                "the others listed and watching, the last one asked",
+                |log| {
+                    let watching = |p: &str| log.iter().any(|s| s.path == p && s.is_watch());
+                    LISTS
+                        .iter()
+                        .all(|(path, _)| *path == last || watching(path))
+                        && log.iter().any(|s| s.path == last)
+                },
+            )
+            .await;
+        let_debounce_pass().await;
+        assert!(
+            !*cluster.outputs.ready.borrow(),
+            "ready before the list of {last}"
+        );
+        assert_eq!(
+            cluster.publisher.current().version,
+            1,
+            "a partial state was published before the list of {last}"
+        );
 
-    release
-        .send(kube_support::json_response(
-            StatusCode::OK,
-            &fixture("meshpolicy-list-empty.json"),
-        ))
-        .unwrap();
-    until_ready(&mut cluster).await;
-    assert!(cluster.publisher.current().version > 1);
-    let _ = cluster.shutdown.send(true);
+        release
+            .send(kube_support::json_response(
+                StatusCode::OK,
+                &fixture(recording),
+            ))
+            .unwrap();
+        until_ready(&mut cluster).await;
+        assert!(cluster.publisher.current().version > 1);
+        let _ = cluster.shutdown.send(true);
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -392,5 +422,138 @@ async fn a_namespace_opting_in_gets_its_trust_anchor_configmap() {
         "read before create, so nothing is overwritten blindly"
     );
     distributor.abort();
+    let _ = cluster.shutdown.send(true);
+}
+
+/// The answer the proxy of the `shop/api` pod gets for a Service address.
+fn service_answer(snap: &Snapshot, address: &str) -> Option<ServiceAnswer> {
+    snap.state
+        .destination(address.parse().unwrap(), Some(API_POD_IP.parse().unwrap()))
+        .service
+}
+
+fn endpoint_addresses(answer: &ServiceAnswer) -> Vec<String> {
+    answer
+        .endpoints
+        .iter()
+        .map(|e| e.address.to_string())
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_address_is_answered_with_the_ready_endpoints_of_its_slices() {
+    let mut cluster = start_cluster();
+    until_ready(&mut cluster).await;
+    let slice_list = cluster
+        .router
+        .wait_for("EndpointSlice list", |s| s.path == SLICES && !s.is_watch())
+        .await;
+    assert_eq!(
+        slice_list.query.get("labelSelector").map(String::as_str),
+        Some("kubernetes.io/service-name"),
+        "only the slices of Services are listed"
+    );
+    let snap = cluster.publisher.current();
+
+    let api = service_answer(&snap, "10.96.0.10").expect("shop/api is answered");
+    assert_eq!(api.name, "shop/api");
+    assert_eq!(api.ports, vec![80, 9090]);
+    assert_eq!(
+        endpoint_addresses(&api),
+        ["10.244.1.7", "10.244.1.8", "10.244.2.3"],
+        "both slices of shop/api, without the not-ready 10.244.2.4"
+    );
+    assert_eq!(api.total_endpoints, 3);
+    for e in &api.endpoints {
+        assert_eq!(
+            (e.target_port(80), e.target_port(9090)),
+            (Some(8080), Some(9090)),
+            "targetPort `http` arrives resolved in the slice's ports"
+        );
+    }
+    assert!(
+        api.endpoints[0].meshed,
+        "10.244.1.7 is the injected api pod"
+    );
+    assert_eq!(
+        api.endpoints[0].spiffe_id.as_ref().unwrap().to_string(),
+        "spiffe://cluster.local/ns/shop/sa/api"
+    );
+    assert!(!api.endpoints[1].meshed);
+
+    let by_v4 = service_answer(&snap, "10.96.0.20").expect("shop/web at its IPv4 address");
+    let by_v6 = service_answer(&snap, "fd00:10:96::20").expect("shop/web at its IPv6 address");
+    assert_eq!(by_v4, by_v6, "either family answers the same Service");
+    assert_eq!(by_v4.name, "shop/web");
+    assert_eq!(
+        endpoint_addresses(&by_v4),
+        ["10.244.1.20", "fd00:10:244:1::20"],
+        "the IPv4 and the IPv6 slice"
+    );
+    assert!(
+        by_v4
+            .endpoints
+            .iter()
+            .all(|e| e.target_port(80) == Some(8080))
+    );
+
+    let warmup = service_answer(&snap, "10.96.0.30").expect("shop/warmup");
+    assert_eq!(
+        endpoint_addresses(&warmup),
+        ["10.244.3.5", "10.244.3.6"],
+        "publishNotReadyAddresses: the not-ready endpoint too"
+    );
+
+    let legacy = service_answer(&snap, "10.96.0.40").expect("shop/legacy-db, without a selector");
+    assert_eq!(endpoint_addresses(&legacy), ["192.168.10.5"]);
+    assert_eq!(legacy.endpoints[0].target_port(5432), Some(5432));
+
+    assert!(
+        snap.state.services().iter().all(|s| s.name != "db"),
+        "a headless Service has no address to answer"
+    );
+    let _ = cluster.shutdown.send(true);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slice_that_drops_an_endpoint_drops_it_from_the_proxy_watch() {
+    let mut cluster = start_cluster();
+    until_ready(&mut cluster).await;
+    let (_stop, stop_rx) = watch::channel(false);
+    let query = WatchQuery {
+        pod_ip: Some(API_POD_IP.parse().unwrap()),
+        destinations: vec!["10.96.0.10".parse().unwrap()],
+    };
+    let mut stream = Box::pin(watch_stream(cluster.publisher.subscribe(), query, stop_rx));
+    let first = next_message(&mut stream).await;
+    let before = first.destinations[0].service.as_ref().unwrap();
+    assert_eq!(
+        endpoint_addresses(before),
+        ["10.244.1.7", "10.244.1.8", "10.244.2.3"]
+    );
+
+    let sent = tokio::time::Instant::now();
+    cluster
+        .slices
+        .send(fixture("endpointslice-modified-event.json"))
+        .unwrap();
+    let update = next_message(&mut stream).await;
+    assert!(
+        sent.elapsed() < std::time::Duration::from_secs(1),
+        "a change reaches the proxy within one second"
+    );
+    let after = update.destinations[0].service.as_ref().unwrap();
+    assert_eq!(
+        endpoint_addresses(after),
+        ["10.244.1.7", "10.244.1.8"],
+        "10.244.2.3 left slice api-m9q4d; the other slice is untouched"
+    );
+    assert_eq!(after.total_endpoints, 2);
+    let snap = cluster.publisher.current();
+    assert_eq!(
+        service_answer(&snap, "10.96.0.10").unwrap(),
+        *after,
+        "the published state agrees"
+    );
     let _ = cluster.shutdown.send(true);
 }

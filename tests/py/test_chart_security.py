@@ -21,6 +21,8 @@ CA_CLUSTER_ACCESS = {
     ("authentication.k8s.io", "tokenreviews"): {"create"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "namespaces"): {"get", "list", "watch"},
+    ("", "services"): {"get", "list", "watch"},
+    ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
     ("palisade.dev", "meshpolicies"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "update"},
 }

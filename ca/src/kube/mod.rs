@@ -1,5 +1,6 @@
-//! The Kubernetes mode: key material in a Secret, watches on Pods, Namespaces and MeshPolicies
-//! that feed the same [`MeshPublisher`] as the file source, and trust-anchor ConfigMaps.
+//! The Kubernetes mode: key material in a Secret, watches on Pods, Namespaces, MeshPolicies,
+//! Services and EndpointSlices that feed the same [`MeshPublisher`] as the file source, and
+//! trust-anchor ConfigMaps.
 //!
 //! The API calls made here are listed in `docs/kubernetes-mode.md`.
 
@@ -8,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use palisade_ca_api::policy::DefaultPolicy;
@@ -20,9 +22,11 @@ use crate::metrics::Metrics;
 pub mod anchors;
 pub mod crd;
 pub mod secret_keys;
+pub mod services;
 pub mod state;
 
 use crd::MeshPolicy;
+use services::{SERVICE_NAME_LABEL, service_info, slice_info};
 use state::{ClusterObjects, INJECTED_LABEL, namespace_info, policy_of, workload_of};
 
 /// Changes arriving within this window are published together: well inside the one-second
@@ -38,10 +42,12 @@ pub struct WatchOutputs {
 }
 
 enum Change {
-    /// Boxed: a Pod is far larger than the other objects.
+    /// Boxed, as `Service`: Pods and Services are far larger than the other objects.
     Pod(Box<Result<watcher::Event<Pod>, watcher::Error>>),
     Namespace(Result<watcher::Event<Namespace>, watcher::Error>),
     Policy(Result<watcher::Event<MeshPolicy>, watcher::Error>),
+    Service(Box<Result<watcher::Event<Service>, watcher::Error>>),
+    Slice(Result<watcher::Event<EndpointSlice>, watcher::Error>),
 }
 
 /// Settings of the watches.
@@ -74,11 +80,32 @@ pub fn spawn_watches(
     )
     .default_backoff()
     .map(Change::Namespace);
-    let policies = watcher(Api::<MeshPolicy>::all(client), watcher::Config::default())
-        .default_backoff()
-        .map(Change::Policy);
-    let changes =
-        futures_util::stream::select(futures_util::stream::select(pods, namespaces), policies);
+    let policies = watcher(
+        Api::<MeshPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(Change::Policy);
+    let services = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| Change::Service(Box::new(e)));
+    // Only the slices of Services: others (no owner label) would be ignored anyway.
+    let slices = watcher(
+        Api::<EndpointSlice>::all(client),
+        watcher::Config::default().labels(SERVICE_NAME_LABEL),
+    )
+    .default_backoff()
+    .map(Change::Slice);
+    let changes = futures_util::stream::select_all([
+        pods.boxed(),
+        namespaces.boxed(),
+        policies.boxed(),
+        services.boxed(),
+        slices.boxed(),
+    ]);
     tasks.spawn(run_watches(
         changes, settings, publisher, metrics, ready_tx, opted_tx, shutdown,
     ));
@@ -142,7 +169,13 @@ fn apply(objects: &mut ClusterObjects, change: Change, metrics: &Metrics) -> boo
         },
         Change::Namespace(Ok(e)) => objects.namespaces.apply(e, namespace_info),
         Change::Policy(Ok(e)) => objects.policies.apply(e, policy_of),
+        Change::Service(e) => match *e {
+            Ok(e) => objects.services.apply(e, service_info),
+            Err(e) => failed("services", e),
+        },
+        Change::Slice(Ok(e)) => objects.endpoint_slices.apply(e, slice_info),
         Change::Namespace(Err(e)) => failed("namespaces", e),
         Change::Policy(Err(e)) => failed("meshpolicies", e),
+        Change::Slice(Err(e)) => failed("endpointslices", e),
     }
 }

@@ -11,6 +11,7 @@ use kube::runtime::watcher::Event;
 use palisade_ca_api::policy::{DefaultPolicy, NamedPolicy};
 
 use super::crd::MeshPolicy;
+use super::services::{ServiceInfo, SliceInfo, services_with_endpoints};
 use crate::mesh::{MeshState, Workload};
 
 pub use palisade_ca_api::contract::{
@@ -177,11 +178,17 @@ pub struct ClusterObjects {
     pub pods: Tracked<Workload>,
     pub namespaces: Tracked<NamespaceInfo>,
     pub policies: Tracked<NamedPolicy>,
+    pub services: Tracked<ServiceInfo>,
+    pub endpoint_slices: Tracked<SliceInfo>,
 }
 
 impl ClusterObjects {
     pub fn synced(&self) -> bool {
-        self.pods.synced() && self.namespaces.synced() && self.policies.synced()
+        self.pods.synced()
+            && self.namespaces.synced()
+            && self.policies.synced()
+            && self.services.synced()
+            && self.endpoint_slices.synced()
     }
 
     pub fn mesh_state(&self, trust_domain: &str, default_policy: DefaultPolicy) -> MeshState {
@@ -196,7 +203,7 @@ impl ClusterObjects {
             namespace_defaults,
             self.pods.values().cloned().collect(),
             self.policies.values().cloned().collect(),
-            Vec::new(),
+            services_with_endpoints(self.services.values(), self.endpoint_slices.values()),
         )
     }
 
