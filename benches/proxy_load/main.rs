@@ -119,12 +119,11 @@ fn proxy_role(role: &str) {
             ),
             _ => {
                 let dest: SocketAddr = std::env::var("BENCH_DEST").unwrap().parse().unwrap();
-                mesh.set_destination(Destination {
-                    address: dest.ip(),
-                    meshed: true,
-                    spiffe_id: Some(SERVER_ID.parse().unwrap()),
-                    workload: None,
-                });
+                mesh.set_destination(Destination::meshed(
+                    dest.ip(),
+                    SERVER_ID.parse().unwrap(),
+                    None,
+                ));
                 (InboundTarget::FixedPort(9), OutboundTarget::Fixed(dest))
             }
         };

@@ -63,6 +63,7 @@ fn start_cluster_with(router: Router) -> Cluster {
         Default::default(),
         Vec::new(),
         Vec::new(),
+        Vec::new(),
     ));
     let metrics = Arc::new(Metrics::new(0));
     let (shutdown, shutdown_rx) = watch::channel(false);

@@ -11,6 +11,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::balance::Balancer;
 use crate::denial_log::{DenialLog, LogThrottle};
 use crate::identity::CertStore;
 use crate::mesh::MeshView;
@@ -53,6 +54,7 @@ pub struct DataPath {
     pub mesh: Arc<MeshView>,
     pub metrics: Arc<Metrics>,
     pub denials: DenialLog,
+    pub balancer: Arc<Balancer>,
     pub limits: Limits,
 }
 
@@ -72,6 +74,7 @@ impl DataPath {
             mesh,
             metrics,
             denials: DenialLog::default(),
+            balancer: Balancer::new(),
             limits,
         })
     }

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod balance;
 pub mod ca_client;
 pub mod clock;
 pub mod config;

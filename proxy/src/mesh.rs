@@ -9,14 +9,17 @@
 //! serving; only destinations never answered fail closed.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use palisade_ca_api::SpiffeId;
 use palisade_ca_api::policy::InboundPolicy;
-use palisade_ca_api::wire::{Destination, MAX_WATCH_DESTINATIONS, WatchMessage, WatchQuery};
+use palisade_ca_api::wire::{
+    Destination, MAX_WATCH_DESTINATIONS, ServiceAnswer, WatchMessage, WatchQuery,
+};
 use tokio::sync::{Notify, watch};
 
 use crate::identity::backoff;
@@ -46,9 +49,77 @@ impl Default for MeshConfig {
     }
 }
 
+/// The control plane's answer on one address, prepared for the data path: a Service's
+/// endpoints are indexed by Service port once per update, not once per connection.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub destination: Destination,
+    pub service: Option<ServiceRoutes>,
+}
+
+impl std::ops::Deref for Answer {
+    type Target = Destination;
+    fn deref(&self) -> &Destination {
+        &self.destination
+    }
+}
+
+impl From<Destination> for Answer {
+    fn from(mut destination: Destination) -> Self {
+        let service = destination.service.take().map(ServiceRoutes::from);
+        Answer {
+            destination,
+            service,
+        }
+    }
+}
+
+/// A Service's endpoints by Service port.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServiceRoutes {
+    /// `namespace/name`.
+    pub name: Arc<str>,
+    /// Each Service port with the endpoints that serve it (possibly none).
+    pub ports: HashMap<u16, Arc<[Target]>>,
+}
+
+/// Where a connection to a Service port may go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// The identity the endpoint must present; `None` for an endpoint without a proxy.
+    pub identity: Option<SpiffeId>,
+}
+
+impl From<ServiceAnswer> for ServiceRoutes {
+    fn from(answer: ServiceAnswer) -> Self {
+        let ports = answer
+            .ports
+            .iter()
+            .map(|port| {
+                let targets: Arc<[Target]> = answer
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| {
+                        Some(Target {
+                            addr: SocketAddr::new(e.address, e.target_port(*port)?),
+                            identity: if e.meshed { e.spiffe_id.clone() } else { None },
+                        })
+                    })
+                    .collect();
+                (*port, targets)
+            })
+            .collect();
+        ServiceRoutes {
+            name: answer.name.into(),
+            ports,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
-    answer: Option<Destination>,
+    answer: Option<Arc<Answer>>,
     last_used: u64,
 }
 
@@ -71,7 +142,7 @@ impl DestinationTable {
 
     /// Marks `ip` used; adds it when absent (evicting the least recently used past the cap).
     /// Returns its answer, if any, and whether it was added.
-    pub fn touch(&mut self, ip: IpAddr) -> (Option<Destination>, bool) {
+    pub fn touch(&mut self, ip: IpAddr) -> (Option<Arc<Answer>>, bool) {
         self.tick += 1;
         let tick = self.tick;
         if let Some(e) = self.entries.get_mut(&ip) {
@@ -97,7 +168,7 @@ impl DestinationTable {
         (None, true)
     }
 
-    pub fn answer(&self, ip: IpAddr) -> Option<Destination> {
+    pub fn answer(&self, ip: IpAddr) -> Option<Arc<Answer>> {
         self.entries.get(&ip).and_then(|e| e.answer.clone())
     }
 
@@ -112,7 +183,7 @@ impl DestinationTable {
     pub fn apply(&mut self, destinations: &[Destination]) {
         for d in destinations {
             if let Some(e) = self.entries.get_mut(&d.address) {
-                e.answer = Some(d.clone());
+                e.answer = Some(Arc::new(Answer::from(d.clone())));
             }
         }
     }
@@ -204,7 +275,7 @@ impl MeshView {
 
     /// What the control plane says about `ip`, waiting at most `wait` for a first answer.
     /// `None` means it could not say: the caller must fail closed.
-    pub async fn lookup(&self, ip: IpAddr, wait: Duration) -> Option<Destination> {
+    pub async fn lookup(&self, ip: IpAddr, wait: Duration) -> Option<Arc<Answer>> {
         let mut changed = self.changed.subscribe();
         let (answer, added) = self.table().touch(ip);
         if answer.is_some() {
@@ -322,18 +393,8 @@ mod tests {
         let mut t = DestinationTable::new(4);
         t.touch(ip("10.0.0.1"));
         t.apply(&[
-            Destination {
-                address: ip("10.0.0.1"),
-                meshed: false,
-                spiffe_id: None,
-                workload: None,
-            },
-            Destination {
-                address: ip("10.0.0.9"),
-                meshed: false,
-                spiffe_id: None,
-                workload: None,
-            },
+            Destination::unmeshed(ip("10.0.0.1")),
+            Destination::unmeshed(ip("10.0.0.9")),
         ]);
         assert!(t.answer(ip("10.0.0.1")).is_some());
         assert!(t.answer(ip("10.0.0.9")).is_none());

@@ -5,6 +5,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use palisade_plumbing::metrics::{CounterFamily, Exposition, Kind};
 
+/// Distinct Services named in metric labels; later ones are counted as `other`.
+pub const MAX_SERVICE_LABELS: usize = palisade_ca_api::wire::MAX_WATCH_DESTINATIONS;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     Inbound,
@@ -33,6 +36,11 @@ pub struct Metrics {
     decisions: CounterFamily,
     plaintext_inbound: CounterFamily,
     refused: CounterFamily,
+    service_connections: CounterFamily,
+    endpoint_failures: CounterFamily,
+    balancer_picks: CounterFamily,
+    /// The Service names used as label values so far: at most [`MAX_SERVICE_LABELS`].
+    service_labels: std::sync::Mutex<std::collections::HashSet<String>>,
     cert_not_after: AtomicI64,
     rotations: AtomicU64,
     rotation_failures: AtomicU64,
@@ -84,6 +92,52 @@ impl Metrics {
     pub fn refused(&self, d: Direction, reason: &str) {
         self.refused
             .add(&[("direction", d.as_str()), ("reason", reason)], 1);
+    }
+
+    /// The label value for Service `name`: itself for the first [`MAX_SERVICE_LABELS`] Services
+    /// seen, `other` past them, so the series stay bounded.
+    fn service_label<'a>(&self, name: &'a str) -> &'a str {
+        let mut seen = self
+            .service_labels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if seen.contains(name) {
+            return name;
+        }
+        if seen.len() < MAX_SERVICE_LABELS {
+            seen.insert(name.to_owned());
+            return name;
+        }
+        "other"
+    }
+
+    /// One app connection to a Service address and how it was carried: `mtls`, `plaintext`
+    /// (an endpoint without a proxy), `no_endpoints`, `unknown_port` or `failed`.
+    pub fn service_connection(&self, service: &str, outcome: &str) {
+        let service = self.service_label(service);
+        self.service_connections
+            .add(&[("dst_service", service), ("outcome", outcome)], 1);
+    }
+
+    /// A connect attempt to one endpoint of a Service that failed (and was retried elsewhere
+    /// when another endpoint was left).
+    pub fn endpoint_failure(&self, service: &str, reason: &str) {
+        let service = self.service_label(service);
+        self.endpoint_failures
+            .add(&[("dst_service", service), ("reason", reason)], 1);
+    }
+
+    /// An endpoint chosen by the balancer (`attempt` is `first` or `retry`).
+    pub fn balancer_pick(&self, service: &str, attempt: &str) {
+        let service = self.service_label(service);
+        self.balancer_picks
+            .add(&[("dst_service", service), ("attempt", attempt)], 1);
+    }
+
+    /// Test helper: Service connections by outcome.
+    pub fn service_connection_count(&self, service: &str, outcome: &str) -> u64 {
+        self.service_connections
+            .get(&[("dst_service", service), ("outcome", outcome)])
     }
 
     pub fn certificate_installed(&self, not_after: i64) {
@@ -166,6 +220,21 @@ impl Metrics {
             "palisade_connections_refused_total",
             "Connections refused before relaying, by direction and reason.",
         );
+        self.service_connections.encode(
+            &mut out,
+            "palisade_service_connections_total",
+            "Outbound connections to a Service address, by Service and how they were carried (mtls, plaintext, no_endpoints, unknown_port, failed).",
+        );
+        self.endpoint_failures.encode(
+            &mut out,
+            "palisade_service_endpoint_failures_total",
+            "Failed connect attempts to one endpoint of a Service, by Service and reason.",
+        );
+        self.balancer_picks.encode(
+            &mut out,
+            "palisade_balancer_picks_total",
+            "Endpoints chosen by the outbound balancer, by Service and attempt (first, retry).",
+        );
         out.single(
             "palisade_certificate_not_after_seconds",
             Kind::Gauge,
@@ -211,5 +280,19 @@ mod tests {
         assert!(text.contains("reason=\"bad\\\"quote\""));
         assert!(text.contains("palisade_certificate_not_after_seconds 1700000000"));
         assert_eq!(m.decision_count("deny", "no_rule_matched"), 1);
+    }
+
+    #[test]
+    fn service_labels_are_bounded() {
+        let m = Metrics::new();
+        for i in 0..MAX_SERVICE_LABELS + 10 {
+            m.service_connection(&format!("shop/s{i}"), "mtls");
+        }
+        assert_eq!(m.service_connection_count("shop/s0", "mtls"), 1);
+        assert_eq!(m.service_connection_count("other", "mtls"), 10);
+        m.service_connection("shop/s0", "plaintext");
+        assert!(m.render().contains(
+            "palisade_service_connections_total{dst_service=\"shop/s0\",outcome=\"plaintext\"} 1"
+        ));
     }
 }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use palisade_ca_api::SpiffeId;
 use palisade_ca_api::tls::MESH_ALPN;
-use palisade_ca_api::wire::Destination;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::datapath::{DataPath, OpenConnection, connect};
+use crate::mesh::{Answer, ServiceRoutes};
 use crate::metrics::Direction;
 use crate::relay::relay;
 use crate::tls::handshake_failure_reason;
@@ -31,12 +31,15 @@ pub enum OutboundTarget {
 pub enum Route {
     Mesh(SpiffeId),
     Passthrough,
+    /// A Service address: balance over its endpoints.
+    Service,
     Refuse(&'static str),
 }
 
-pub fn route(answer: Option<&Destination>) -> Route {
+pub fn route(answer: Option<&Answer>) -> Route {
     match answer {
         None => Route::Refuse("destination_unknown"),
+        Some(a) if a.service.is_some() => Route::Service,
         Some(d) if !d.meshed => Route::Passthrough,
         Some(d) => match &d.spiffe_id {
             Some(id) => Route::Mesh(id.clone()),
@@ -78,7 +81,7 @@ pub async fn handle(
     }
     tracing::trace!(app = %peer, dst = %dst, "outbound connection");
     let answer = dp.mesh.lookup(dst.ip(), dp.limits.destination_wait).await;
-    match route(answer.as_ref()) {
+    match route(answer.as_deref()) {
         Route::Refuse(reason) => {
             dp.metrics.refused(Direction::Outbound, reason);
             tracing::warn!(dst = %dst, reason,
@@ -90,12 +93,107 @@ pub async fn handle(
                 finish(&dp, relayed, dst);
             }
         }
-        Route::Mesh(expected) => {
-            if let Some(tls) = originate_mesh(&dp, dst, &expected).await {
+        Route::Mesh(expected) => match originate_mesh(&dp, dst, &expected).await {
+            Ok(tls) => {
                 tracing::debug!(dst = %dst, peer.id = %expected, "mTLS established");
                 finish(&dp, relay(stream, tls, dp.limits.idle_timeout).await, dst);
             }
+            Err(failure) => failure.count(&dp, dst, &expected),
+        },
+        Route::Service => {
+            if let Some(routes) = answer.as_deref().and_then(|a| a.service.as_ref()) {
+                to_service(stream, &dp, dst, routes).await;
+            }
         }
+    }
+}
+
+/// How many endpoints one connection to a Service tries before the app sees a failure.
+pub const MAX_ENDPOINT_ATTEMPTS: usize = 3;
+
+/// A connection to a Service address: connects straight to an endpoint chosen by the
+/// balancer (mTLS to one with a proxy, verifying its own identity; plain TCP to one without),
+/// trying another endpoint when a connect or handshake fails. Nothing has been read from the
+/// app yet, so a retry never repeats bytes the app sent.
+async fn to_service(stream: TcpStream, dp: &DataPath, dst: SocketAddr, routes: &ServiceRoutes) {
+    let service = &*routes.name;
+    let Some(targets) = routes.ports.get(&dst.port()) else {
+        dp.metrics.service_connection(service, "unknown_port");
+        tracing::warn!(dst = %dst, dst_service = service,
+            "the Service has no such port: refusing (check the port the app calls against the Service's ports)");
+        return;
+    };
+    if targets.is_empty() {
+        dp.metrics.service_connection(service, "no_endpoints");
+        tracing::warn!(dst = %dst, dst_service = service,
+            "the Service has no ready endpoint for this port: refusing, as kube-proxy does (check that its pods are ready and its selector picks them)");
+        return;
+    }
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    while tried.len() < MAX_ENDPOINT_ATTEMPTS {
+        let Some(target) = dp.balancer.pick(targets, &tried) else {
+            break;
+        };
+        dp.metrics
+            .balancer_pick(service, if tried.is_empty() { "first" } else { "retry" });
+        tried.push(target.addr);
+        let lease = dp.balancer.lease(target.addr);
+        match &target.identity {
+            Some(expected) => match originate_mesh(dp, target.addr, expected).await {
+                Ok(tls) => {
+                    dp.metrics.service_connection(service, "mtls");
+                    tracing::debug!(dst = %dst, dst_service = service, endpoint = %target.addr, peer.id = %expected, "mTLS established");
+                    finish(
+                        dp,
+                        relay(stream, tls, dp.limits.idle_timeout).await,
+                        target.addr,
+                    );
+                    drop(lease);
+                    return;
+                }
+                Err(failure) => {
+                    failure.count(dp, target.addr, expected);
+                    if !failure.retry {
+                        break;
+                    }
+                    dp.metrics.endpoint_failure(service, failure.reason);
+                }
+            },
+            None => match connect(target.addr, dp.limits.connect_timeout).await {
+                Ok(upstream) => {
+                    dp.metrics.service_connection(service, "plaintext");
+                    tracing::debug!(dst = %dst, dst_service = service, endpoint = %target.addr, "endpoint without a proxy: plain TCP");
+                    finish(
+                        dp,
+                        relay(stream, upstream, dp.limits.idle_timeout).await,
+                        target.addr,
+                    );
+                    drop(lease);
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(endpoint = %target.addr, dst_service = service, error = %e, "connect failed");
+                    dp.metrics
+                        .endpoint_failure(service, connect_failure_reason(&e));
+                }
+            },
+        }
+        dp.balancer.failed(target.addr);
+        drop(lease);
+        if tried.len() < targets.len().min(MAX_ENDPOINT_ATTEMPTS) {
+            tracing::info!(endpoint = %target.addr, dst_service = service, "endpoint failed before any byte was sent; trying another");
+        }
+    }
+    dp.metrics.service_connection(service, "failed");
+    tracing::warn!(dst = %dst, dst_service = service, tried = ?tried,
+        "no endpoint of the Service could be reached: closing the app's connection");
+}
+
+fn connect_failure_reason(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connect_refused",
+        std::io::ErrorKind::TimedOut => "connect_timeout",
+        _ => "connect_error",
     }
 }
 
@@ -111,26 +209,63 @@ async fn connect_destination(dp: &DataPath, dst: SocketAddr) -> Option<TcpStream
     }
 }
 
+/// Why mTLS could not be originated, and whether another endpoint may be tried.
+#[derive(Debug, Clone, Copy)]
+pub struct OriginateFailure {
+    pub reason: &'static str,
+    /// True when the failure belongs to the endpoint (refused, timed out, a failed handshake),
+    /// false when it is this proxy's own (no certificate).
+    pub retry: bool,
+    /// Already counted and logged (connect failures are counted by `connect_destination`).
+    handshake: bool,
+}
+
+impl OriginateFailure {
+    fn count(&self, dp: &DataPath, dst: SocketAddr, expected: &SpiffeId) {
+        if self.handshake {
+            dp.metrics
+                .handshake_failed(Direction::Outbound, self.reason);
+            tracing::warn!(dst = %dst, expected = %expected, reason = self.reason, "mTLS handshake failed; refusing");
+        }
+    }
+}
+
 /// Originates mTLS to `dst`, presenting our certificate and requiring `expected`'s, with ALPN
 /// `palisade/1`. Every refusal is counted and logged; nothing is sent in plaintext.
 async fn originate_mesh(
     dp: &DataPath,
     dst: SocketAddr,
     expected: &SpiffeId,
-) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, OriginateFailure> {
+    let own = |reason| OriginateFailure {
+        reason,
+        retry: false,
+        handshake: false,
+    };
     if dp.store.valid().is_none() {
         dp.metrics.refused(Direction::Outbound, "no_certificate");
         tracing::warn!(dst = %dst, "no valid certificate: cannot originate mTLS; refusing");
-        return None;
+        return Err(own("no_certificate"));
     }
     let config = match dp.client_configs.for_identity(expected) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the client TLS config");
-            return None;
+            return Err(own("client_config"));
         }
     };
-    let tcp = connect_destination(dp, dst).await?;
+    let tcp = match connect(dst, dp.limits.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            dp.metrics.refused(Direction::Outbound, "connect_failed");
+            tracing::debug!(dst = %dst, error = %e, "connect failed");
+            return Err(OriginateFailure {
+                reason: connect_failure_reason(&e),
+                retry: true,
+                handshake: false,
+            });
+        }
+    };
     let connector = tokio_rustls::TlsConnector::from(config);
     let handshake = tokio::time::timeout(
         dp.limits.handshake_timeout,
@@ -138,21 +273,22 @@ async fn originate_mesh(
     )
     .await
     .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    let failed = |reason| OriginateFailure {
+        reason,
+        retry: true,
+        handshake: true,
+    };
     let tls = match handshake {
         Ok(t) => t,
         Err(e) => {
-            let reason = handshake_failure_reason(&e);
-            dp.metrics.handshake_failed(Direction::Outbound, reason);
-            tracing::warn!(dst = %dst, expected = %expected, reason, error = %e, "mTLS handshake failed; refusing");
-            return None;
+            tracing::debug!(dst = %dst, error = %e, "mTLS handshake error");
+            return Err(failed(handshake_failure_reason(&e)));
         }
     };
     if tls.get_ref().1.alpn_protocol() != Some(MESH_ALPN) {
-        dp.metrics.handshake_failed(Direction::Outbound, "no_alpn");
-        tracing::warn!(dst = %dst, "the destination did not agree to palisade/1; refusing");
-        return None;
+        return Err(failed("no_alpn"));
     }
-    Some(tls)
+    Ok(tls)
 }
 
 fn finish(dp: &DataPath, relayed: crate::relay::Relayed, dst: SocketAddr) {
@@ -168,13 +304,15 @@ fn finish(dp: &DataPath, relayed: crate::relay::Relayed, dst: SocketAddr) {
 mod tests {
     use super::*;
 
-    fn dest(meshed: bool, id: Option<&str>) -> Destination {
-        Destination {
+    fn dest(meshed: bool, id: Option<&str>) -> Answer {
+        palisade_ca_api::wire::Destination {
             address: "10.77.0.2".parse().unwrap(),
             meshed,
             spiffe_id: id.map(|s| s.parse().unwrap()),
             workload: None,
+            service: None,
         }
+        .into()
     }
 
     #[test]
@@ -190,5 +328,15 @@ mod tests {
             route(Some(&dest(true, Some(id)))),
             Route::Mesh(id.parse().unwrap())
         );
+        let service = palisade_ca_api::wire::Destination {
+            service: Some(palisade_ca_api::wire::ServiceAnswer {
+                name: "shop/api".into(),
+                ports: vec![80],
+                endpoints: vec![],
+                total_endpoints: 0,
+            }),
+            ..palisade_ca_api::wire::Destination::unmeshed("10.96.0.10".parse().unwrap())
+        };
+        assert_eq!(route(Some(&service.into())), Route::Service);
     }
 }

@@ -25,12 +25,11 @@ fn state() -> Arc<MeshView> {
 }
 
 fn meshed(addr: &str, id: &str) -> palisade_ca_api::wire::Destination {
-    palisade_ca_api::wire::Destination {
-        address: ip(addr),
-        meshed: true,
-        spiffe_id: Some(id.parse().unwrap()),
-        workload: Some("shop/api".into()),
-    }
+    palisade_ca_api::wire::Destination::meshed(
+        ip(addr),
+        id.parse().unwrap(),
+        Some("shop/api".into()),
+    )
 }
 
 #[tokio::test(start_paused = true)]
@@ -55,7 +54,7 @@ async fn snapshot_then_updates_and_destinations_asked_as_met() {
         .await
         .unwrap();
     assert!(d.meshed);
-    assert_eq!(d.spiffe_id.unwrap().to_string(), API);
+    assert_eq!(d.spiffe_id.as_ref().unwrap().to_string(), API);
     assert_eq!(
         fake.last_query().unwrap().destinations,
         vec![ip("10.77.0.3")]

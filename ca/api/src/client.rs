@@ -22,8 +22,9 @@ use tokio_rustls::TlsConnector;
 
 use crate::tls::crypto_provider;
 use crate::wire::{
-    CertificateRequest, CertificateResponse, ErrorBody, ErrorCode, PATH_CERTIFICATES,
-    PATH_MESH_WATCH, PATH_TRUST_BUNDLE, TrustBundleResponse, WatchMessage, WatchQuery,
+    CertificateRequest, CertificateResponse, ErrorBody, ErrorCode, MAX_WATCH_MESSAGE_BYTES,
+    PATH_CERTIFICATES, PATH_MESH_WATCH, PATH_TRUST_BUNDLE, TrustBundleResponse, WatchMessage,
+    WatchQuery,
 };
 
 /// Largest answer or watch line the client accepts.
@@ -197,6 +198,7 @@ impl CaClient {
         Ok(WatchStream {
             body: resp.into_body(),
             buf: BytesMut::new(),
+            scanned: 0,
         })
     }
 
@@ -339,13 +341,18 @@ async fn api_error(resp: http::Response<Incoming>) -> ClientError {
 pub struct WatchStream {
     body: Incoming,
     buf: BytesMut,
+    /// How much of `buf` holds no newline.
+    scanned: usize,
 }
 
 impl WatchStream {
     /// The next message; `Ok(None)` when the CA ended the stream.
     pub async fn next(&mut self) -> Result<Option<WatchMessage>, ClientError> {
         loop {
-            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+            // Only the bytes not yet searched: a long line arrives in many frames.
+            if let Some(pos) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+                let pos = self.scanned + pos;
+                self.scanned = 0;
                 let line = self.buf.split_to(pos + 1);
                 let line = &line[..pos];
                 if line.iter().all(u8::is_ascii_whitespace) {
@@ -355,10 +362,12 @@ impl WatchStream {
                     .map(Some)
                     .map_err(|e| ClientError::Decode(format!("watch message: {e}")));
             }
-            if self.buf.len() > MAX_ANSWER_BYTES {
-                return Err(ClientError::Decode(
-                    "watch message longer than 1 MiB".into(),
-                ));
+            self.scanned = self.buf.len();
+            if self.buf.len() > MAX_WATCH_MESSAGE_BYTES {
+                return Err(ClientError::Decode(format!(
+                    "watch message longer than {} MiB",
+                    MAX_WATCH_MESSAGE_BYTES >> 20
+                )));
             }
             match self.body.frame().await {
                 None => return Ok(None),

@@ -169,6 +169,10 @@ pub struct WatchQuery {
 /// The most destinations one watch may ask about.
 pub const MAX_WATCH_DESTINATIONS: usize = 256;
 
+/// The longest watch message a client accepts: every destination of a full watch a Service
+/// of [`MAX_SERVICE_ENDPOINTS`] endpoints, with room to spare.
+pub const MAX_WATCH_MESSAGE_BYTES: usize = 16 << 20;
+
 impl WatchQuery {
     pub fn to_query_string(&self) -> String {
         let mut parts: Vec<String> = Vec::new();
@@ -240,10 +244,13 @@ pub enum WatchMessageKind {
     Update,
 }
 
-/// Whether an address is a meshed workload, and the identity it must present.
+/// Whether an address is a meshed workload, and the identity it must present; or, for a
+/// Service address, the Service and its ready endpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Destination {
     pub address: IpAddr,
+    /// Whether the address itself is a meshed workload (false for a Service address: see
+    /// `service`, whose endpoints each say whether they are meshed).
     pub meshed: bool,
     /// Present when `meshed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,6 +258,84 @@ pub struct Destination {
     /// `namespace/name` of the workload, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    /// Present when the address is one of a Service's `clusterIPs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceAnswer>,
+}
+
+impl Destination {
+    /// An address the control plane knows nothing about: not meshed, pass through.
+    pub fn unmeshed(address: IpAddr) -> Self {
+        Destination {
+            address,
+            meshed: false,
+            spiffe_id: None,
+            workload: None,
+            service: None,
+        }
+    }
+
+    /// A meshed workload's address and the identity it must present.
+    pub fn meshed(address: IpAddr, spiffe_id: SpiffeId, workload: Option<String>) -> Self {
+        Destination {
+            address,
+            meshed: true,
+            spiffe_id: Some(spiffe_id),
+            workload,
+            service: None,
+        }
+    }
+}
+
+/// The most endpoints one Service answer carries. A Service with more ready endpoints is
+/// answered with a subset of this size chosen per watch by rendezvous hashing (stable when
+/// endpoints come and go, and different watches get different subsets, so the load still
+/// spreads over every endpoint).
+pub const MAX_SERVICE_ENDPOINTS: usize = 256;
+
+/// A Service, as one of its addresses is answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAnswer {
+    /// `namespace/name`.
+    pub name: String,
+    /// The Service's ports (what a client may call).
+    pub ports: Vec<u16>,
+    /// Ready endpoints (at most [`MAX_SERVICE_ENDPOINTS`]), each with the target port of every
+    /// Service port it serves.
+    pub endpoints: Vec<ServiceEndpoint>,
+    /// How many ready endpoints the Service has (more than `endpoints.len()` when subset).
+    pub total_endpoints: usize,
+}
+
+/// One ready endpoint of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEndpoint {
+    pub address: IpAddr,
+    /// Service port → target port, for the ports this endpoint serves.
+    pub ports: Vec<PortMapping>,
+    pub meshed: bool,
+    /// Present when `meshed`: the identity this endpoint must present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<SpiffeId>,
+    /// `namespace/name` of the workload, when meshed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortMapping {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+impl ServiceEndpoint {
+    /// The target port for Service port `port`, when this endpoint serves it.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|m| m.port == port)
+            .map(|m| m.target_port)
+    }
 }
 
 #[cfg(test)]

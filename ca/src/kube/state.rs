@@ -196,6 +196,7 @@ impl ClusterObjects {
             namespace_defaults,
             self.pods.values().cloned().collect(),
             self.policies.values().cloned().collect(),
+            Vec::new(),
         )
     }
 

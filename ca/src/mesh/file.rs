@@ -10,8 +10,9 @@ use palisade_ca_api::policy::{DefaultPolicy, MeshPolicySpec, NamedPolicy};
 use palisade_ca_api::spiffe::{validate_namespace, validate_service_account};
 use serde::Deserialize;
 
-use super::{MeshPublisher, MeshState, Workload};
+use super::{Endpoint, MeshPublisher, MeshState, Service, Workload};
 use crate::metrics::Metrics;
+use palisade_ca_api::wire::PortMapping;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeshFileError {
@@ -39,6 +40,8 @@ struct MeshFile {
     workloads: Vec<WorkloadEntry>,
     #[serde(default)]
     policies: Vec<PolicyEntry>,
+    #[serde(default)]
+    services: Vec<ServiceEntry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,6 +61,50 @@ struct WorkloadEntry {
     ips: Vec<IpAddr>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    /// Named container ports, which a Service's `targetPort` may name.
+    #[serde(default)]
+    ports: BTreeMap<String, u16>,
+}
+
+/// A Service of the mesh file: what a Service object and its EndpointSlices say in a cluster.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ServiceEntry {
+    name: String,
+    namespace: String,
+    #[serde(default, rename = "clusterIPs")]
+    cluster_ips: Vec<IpAddr>,
+    /// Picks the workloads that are the endpoints; absent or empty for a Service whose
+    /// endpoints are listed by hand (`endpoints:`), as with hand-made EndpointSlices.
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    ports: Vec<ServicePortEntry>,
+    #[serde(default)]
+    endpoints: Vec<EndpointEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ServicePortEntry {
+    #[serde(default)]
+    name: Option<String>,
+    port: u16,
+    /// The port itself when absent.
+    #[serde(default)]
+    target_port: Option<TargetPort>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointEntry {
+    ip: IpAddr,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,14 +158,18 @@ pub fn parse_mesh_file(
             .map_err(|e| invalid(format!("namespaces[{i}].name"), e.to_string()))?;
         namespace_defaults.insert(ns.name.clone(), ns.default_policy);
     }
+    let named_ports: Vec<BTreeMap<String, u16>> =
+        mesh.workloads.iter().map(|w| w.ports.clone()).collect();
     let workloads = workloads_of(file, mesh.workloads)?;
     let policies = policies_of(file, mesh.policies)?;
+    let services = services_of(file, mesh.services, &workloads, &named_ports)?;
     Ok(MeshState::new(
         trust_domain.to_owned(),
         mesh.default_policy,
         namespace_defaults,
         workloads,
         policies,
+        services,
     ))
 }
 
@@ -134,6 +185,12 @@ fn workloads_of(file: &Path, entries: Vec<WorkloadEntry>) -> Result<Vec<Workload
             .map_err(|e| invalid(format!("workloads[{i}].serviceAccount"), e.to_string()))?;
         if w.name.is_empty() {
             return Err(invalid(format!("workloads[{i}].name"), "is empty".into()));
+        }
+        if let Some((name, _)) = w.ports.iter().find(|(_, port)| **port == 0) {
+            return Err(invalid(
+                format!("workloads[{i}].ports.{name}"),
+                "0 is not a port: use 1..65535".into(),
+            ));
         }
         for (j, ip) in w.ips.iter().enumerate() {
             if let Some(other) = seen_ips.insert(*ip, i) {
@@ -193,6 +250,179 @@ fn policies_of(file: &Path, entries: Vec<PolicyEntry>) -> Result<Vec<NamedPolicy
         });
     }
     Ok(policies)
+}
+
+/// The mesh file's Services, checked, with their endpoints derived the way the EndpointSlice
+/// controller derives them: every address of each workload in the Service's namespace whose
+/// labels include the selector, with each named `targetPort` resolved from that workload's
+/// `ports` (a workload without the name does not serve that port).
+fn services_of(
+    file: &Path,
+    entries: Vec<ServiceEntry>,
+    workloads: &[Workload],
+    named_ports: &[BTreeMap<String, u16>],
+) -> Result<Vec<Service>, MeshFileError> {
+    let invalid = |path: String, message: String| invalid_at(file, path, message);
+    let workload_ips: HashMap<IpAddr, usize> = workloads
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| w.ips.iter().map(move |ip| (*ip, i)))
+        .collect();
+    let mut cluster_ips: HashMap<IpAddr, usize> = HashMap::new();
+    let mut names = HashMap::new();
+    let mut services = Vec::with_capacity(entries.len());
+    for (i, s) in entries.into_iter().enumerate() {
+        let at = |field: &str| format!("services[{i}].{field}");
+        validate_namespace(&s.namespace).map_err(|e| invalid(at("namespace"), e.to_string()))?;
+        validate_namespace(&s.name).map_err(|e| {
+            invalid(
+                at("name"),
+                format!("{e} (a Service name follows the same rule as a namespace)"),
+            )
+        })?;
+        if let Some(j) = names.insert((s.namespace.clone(), s.name.clone()), i) {
+            return Err(invalid(
+                at("name"),
+                format!("same name and namespace as services[{j}]"),
+            ));
+        }
+        for (j, ip) in s.cluster_ips.iter().enumerate() {
+            if let Some(other) = cluster_ips.insert(*ip, i) {
+                return Err(invalid(
+                    format!("services[{i}].clusterIPs[{j}]"),
+                    format!(
+                        "{ip} is already a clusterIP of services[{other}]: an address belongs to one Service"
+                    ),
+                ));
+            }
+            if let Some(w) = workload_ips.get(ip) {
+                return Err(invalid(
+                    format!("services[{i}].clusterIPs[{j}]"),
+                    format!(
+                        "{ip} is the address of workloads[{w}]: a clusterIP comes from the Service range, never a pod's"
+                    ),
+                ));
+            }
+        }
+        if s.ports.is_empty() {
+            return Err(invalid(
+                at("ports"),
+                "is empty: list at least one, e.g. [{name: http, port: 80, targetPort: 8080}]"
+                    .into(),
+            ));
+        }
+        let mut targets = Vec::with_capacity(s.ports.len());
+        for (j, p) in s.ports.iter().enumerate() {
+            let at = |field: &str| format!("services[{i}].ports[{j}]{field}");
+            if p.port == 0 {
+                return Err(invalid(at(".port"), "0 is not a port: use 1..65535".into()));
+            }
+            if let Some(k) = s.ports[..j].iter().position(|q| q.port == p.port) {
+                return Err(invalid(
+                    at(".port"),
+                    format!("port {} is already services[{i}].ports[{k}]", p.port),
+                ));
+            }
+            if s.ports.len() > 1 && p.name.as_deref().unwrap_or("").is_empty() {
+                return Err(invalid(
+                    at(".name"),
+                    "a Service with several ports must name each one (name: http)".into(),
+                ));
+            }
+            let target = p.target_port.clone().unwrap_or(TargetPort::Number(p.port));
+            match &target {
+                TargetPort::Number(0) => {
+                    return Err(invalid(
+                        at(".targetPort"),
+                        "0 is not a port: use 1..65535 or a workload port name".into(),
+                    ));
+                }
+                TargetPort::Name(n) if n.is_empty() => {
+                    return Err(invalid(
+                        at(".targetPort"),
+                        "is empty: give a number or a workload port name".into(),
+                    ));
+                }
+                TargetPort::Name(n) if s.selector.is_empty() => {
+                    return Err(invalid(
+                        at(".targetPort"),
+                        format!(
+                            "{n:?} names a workload port, but the Service has no selector to pick workloads: give a number"
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            targets.push((p.port, target));
+        }
+        if !s.selector.is_empty() && !s.endpoints.is_empty() {
+            return Err(invalid(
+                at("endpoints"),
+                "a Service with a selector gets its endpoints from the workloads it picks: remove `endpoints:` or the selector".into(),
+            ));
+        }
+        let mut endpoints = Vec::new();
+        if s.selector.is_empty() {
+            for (j, e) in s.endpoints.iter().enumerate() {
+                if s.endpoints[..j].iter().any(|o| o.ip == e.ip) {
+                    return Err(invalid(
+                        format!("services[{i}].endpoints[{j}].ip"),
+                        format!("{} is listed twice", e.ip),
+                    ));
+                }
+                endpoints.push(Endpoint {
+                    address: e.ip,
+                    // Names were refused above for a Service without a selector.
+                    ports: targets
+                        .iter()
+                        .filter_map(|(port, t)| match t {
+                            TargetPort::Number(n) => Some(PortMapping {
+                                port: *port,
+                                target_port: *n,
+                            }),
+                            TargetPort::Name(_) => None,
+                        })
+                        .collect(),
+                });
+            }
+        } else {
+            for (w, ports) in workloads.iter().zip(named_ports) {
+                if w.namespace != s.namespace
+                    || !s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                {
+                    continue;
+                }
+                let mappings: Vec<PortMapping> = targets
+                    .iter()
+                    .filter_map(|(port, t)| {
+                        let target_port = match t {
+                            TargetPort::Number(n) => *n,
+                            TargetPort::Name(name) => *ports.get(name)?,
+                        };
+                        Some(PortMapping {
+                            port: *port,
+                            target_port,
+                        })
+                    })
+                    .collect();
+                if mappings.is_empty() {
+                    continue;
+                }
+                endpoints.extend(w.ips.iter().map(|ip| Endpoint {
+                    address: *ip,
+                    ports: mappings.clone(),
+                }));
+            }
+        }
+        services.push(Service {
+            name: s.name,
+            namespace: s.namespace,
+            cluster_ips: s.cluster_ips,
+            ports: s.ports.iter().map(|p| p.port).collect(),
+            endpoints,
+        });
+    }
+    Ok(services)
 }
 
 fn invalid_at(file: &Path, path: String, message: String) -> MeshFileError {

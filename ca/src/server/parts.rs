@@ -142,6 +142,7 @@ pub(super) fn mesh_source(
                 Default::default(),
                 Vec::new(),
                 Vec::new(),
+                Vec::new(),
             ));
             let settings = WatchSettings {
                 trust_domain: config.trust_domain.clone(),

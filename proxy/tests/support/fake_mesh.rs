@@ -68,14 +68,7 @@ impl FakeMesh {
             destinations: query
                 .destinations
                 .iter()
-                .map(|ip| {
-                    dests.get(ip).cloned().unwrap_or(Destination {
-                        address: *ip,
-                        meshed: false,
-                        spiffe_id: None,
-                        workload: None,
-                    })
-                })
+                .map(|ip| dests.get(ip).cloned().unwrap_or(Destination::unmeshed(*ip)))
                 .collect(),
         }
     }

@@ -55,21 +55,11 @@ pub fn resolved(name: &str, yaml_allow: &str, audit: bool) -> ResolvedPolicy {
 }
 
 pub fn meshed(addr: SocketAddr, id: &str) -> Destination {
-    Destination {
-        address: addr.ip(),
-        meshed: true,
-        spiffe_id: Some(id.parse().unwrap()),
-        workload: None,
-    }
+    Destination::meshed(addr.ip(), id.parse().unwrap(), None)
 }
 
 pub fn plain(addr: SocketAddr) -> Destination {
-    Destination {
-        address: addr.ip(),
-        meshed: false,
-        spiffe_id: None,
-        workload: None,
-    }
+    Destination::unmeshed(addr.ip())
 }
 
 pub struct Proxy {
