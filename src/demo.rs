@@ -26,7 +26,7 @@ use progress::Progress;
 use report::{CallRow, Report, decisions_line, total};
 use rotation::rotation;
 use traffic::{Outcome, admin_get, get};
-use world::{API, INTRUDER, OUTSIDER_IP, WEB, World};
+use world::{API, API_2, API_SERVICE, INTRUDER, OUTSIDER_IP, WEB, World};
 
 /// Short enough that the proxies renew during the demo (at 8 to 12 s).
 const CERT_TTL: Duration = Duration::from_secs(20);
@@ -42,8 +42,10 @@ mode: explicit destinations over loopback, no capture. Transparent capture (ipta
       and network namespaces; here each proxy is told where its outbound connections go
       (PALISADE_OUTBOUND_DESTINATION) and which app port its inbound ones are for
       (PALISADE_INBOUND_FORWARD_PORT), and each workload has its own 127.0.10.x address as its
-      pod IP. The same mesh with capture, in network-namespace pods:
-      `cargo test --test mesh_netns` as root (docs/whole-system-tests.md).";
+      pod IP. The callers' apps connect to the Service shop/api at 127.0.96.10:80 (its
+      clusterIP); their proxies balance over its two replicas themselves. The same mesh with
+      capture and kube-proxy's DNAT, in network-namespace pods: `cargo test --test mesh_netns
+      --test services_netns` as root (docs/whole-system-tests.md).";
 
 pub fn run() -> ExitCode {
     let started = Instant::now();
@@ -62,7 +64,7 @@ pub fn run() -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!(
-        "Palisade demo: a CA, three meshed workloads and a plaintext caller on this machine, no cluster."
+        "Palisade demo: a CA, four meshed workloads (two behind a Service) and a plaintext caller on this machine, no cluster."
     );
     println!("{MODE}\n");
     let progress = Progress::new();
@@ -137,7 +139,7 @@ async fn scenario(
     progress: &Progress,
 ) -> anyhow::Result<Report> {
     progress
-        .step("starting the CA, the api app and the proxies of shop/web, shop/api, shop/intruder");
+        .step("starting the CA, the api app and the proxies of shop/web, shop/api-1, shop/api-2, shop/intruder");
     let world = World::start(dir, CERT_TTL).await?;
     let exercised = exercise(&world, events, progress).await;
     progress.step("stopping the proxies (drain), the CA and the app");
@@ -148,7 +150,7 @@ async fn scenario(
         bail!("still accepting connections after the shutdown: {open:?}");
     }
     report.totals.push(format!(
-        "stopped: the CA, 3 proxies and the app; all {} listeners closed",
+        "stopped: the CA, 4 proxies and the app; all {} listeners closed",
         addrs.len()
     ));
     Ok(report)
@@ -222,6 +224,7 @@ async fn exercise(
             .calls
             .push(check(events, mark, api_port, call, &outcome).await?);
     }
+    report.service = spread(world, events, progress, api_port).await?;
 
     let (row, took) = policy_change(world, events, progress, api_port).await?;
     report.calls.push(row);
@@ -247,9 +250,10 @@ async fn check(
     expected: &Call,
     outcome: &Outcome,
 ) -> anyhow::Result<CallRow> {
+    let replicas = [API.workload(), API_2.workload()];
     let event = events
         .wait_for(mark, DECISION_WAIT, |e| {
-            e.target == API.name() && e.caller == expected.identity
+            replicas.contains(&e.target) && e.caller == expected.identity
         })
         .await
         .ok_or_else(|| {
@@ -290,6 +294,75 @@ async fn check(
     Ok(CallRow::new(&expected.caller, &event, outcome))
 }
 
+/// How many calls show the Service's balancing.
+const SPREAD_CALLS: usize = 20;
+
+/// shop/web calls the Service shop/api on new connections; each replica's proxy must have
+/// decided some of them, all allowed by the policy. Returns the report's Service lines.
+async fn spread(
+    world: &World,
+    events: &PolicyEvents,
+    progress: &Progress,
+    api_port: u16,
+) -> anyhow::Result<Vec<String>> {
+    progress.step(
+        "shop/web calls the Service shop/api 20 times: its proxy balances over api-1 and api-2",
+    );
+    let mark = events.mark();
+    for i in 0..SPREAD_CALLS {
+        let outcome = get(Some(WEB.ip), world.web.bound.outbound, "/orders").await;
+        if !outcome.is_ok() {
+            bail!("call {i} of shop/web to the Service shop/api failed: {outcome}");
+        }
+    }
+    let replicas = [API.workload(), API_2.workload()];
+    // Decisions are logged as the calls are made; wait for them all to be seen.
+    events
+        .wait_for_count(mark, DECISION_WAIT, SPREAD_CALLS, |e| {
+            replicas.contains(&e.target) && e.caller == WEB.spiffe_id()
+        })
+        .await;
+    let mut lines = Vec::new();
+    for replica in &replicas {
+        let decided = |e: &capture::PolicyEvent| {
+            e.target == *replica && e.caller == WEB.spiffe_id() && e.port == api_port
+        };
+        let seen = events.since(mark, decided);
+        if seen.is_empty() {
+            bail!(
+                "none of {SPREAD_CALLS} calls to the Service shop/api reached {replica}: the caller's proxy did not balance"
+            );
+        }
+        let allowed = seen.iter().filter(|e| e.result == "allow").count();
+        if allowed != seen.len() {
+            bail!("{replica} denied shop/web on some calls through the Service");
+        }
+        lines.push(format!(
+            "{replica}: {} of {SPREAD_CALLS} calls, each ALLOW by {} ({})",
+            seen.len(),
+            seen[0].policy,
+            seen[0].reason
+        ));
+    }
+    let picks = admin_get(world.web.bound.admin, "/metrics")
+        .await
+        .map_err(|e| anyhow!(e))?;
+    lines.push(format!(
+        "shop/web's proxy carried {} connections to the Service over mTLS, {} in plaintext",
+        total(
+            &picks,
+            "palisade_service_connections_total",
+            &[("dst_service", "shop/api"), ("outcome", "mtls")]
+        ),
+        total(
+            &picks,
+            "palisade_service_connections_total",
+            &[("dst_service", "shop/api"), ("outcome", "plaintext")]
+        ),
+    ));
+    Ok(lines)
+}
+
 /// Lets shop/intruder in by editing the mesh file, and measures how soon a call gets through.
 async fn policy_change(
     world: &World,
@@ -328,7 +401,15 @@ async fn policy_change(
 
 async fn totals(world: &World) -> anyhow::Result<Vec<String>> {
     let metrics = |addr| async move { admin_get(addr, "/metrics").await.map_err(|e| anyhow!(e)) };
-    let api = metrics(world.api.bound.admin).await?;
+    let mut decided = Vec::new();
+    for p in world.replicas() {
+        let m = metrics(p.bound.admin).await?;
+        decided.push(format!(
+            "{}'s proxy decided: {}",
+            p.workload.workload(),
+            decisions_line(&m)
+        ));
+    }
     let ca = metrics(world.ca.admin_addr).await?;
     let mut renewals = Vec::new();
     let mut failed_renewals = 0;
@@ -336,50 +417,53 @@ async fn totals(world: &World) -> anyhow::Result<Vec<String>> {
         let m = metrics(p.bound.admin).await?;
         // The first certificate is counted too: renewals are the ones after it.
         let obtained = total(&m, "palisade_certificate_rotations_total", &[]);
-        renewals.push(format!(
-            "{} {}",
-            p.workload.service_account,
-            obtained.saturating_sub(1)
-        ));
+        renewals.push(format!("{} {}", p.workload.pod, obtained.saturating_sub(1)));
         failed_renewals += total(&m, "palisade_certificate_rotation_failures_total", &[]);
     }
-    Ok(vec![
-        format!("shop/api's proxy decided: {}", decisions_line(&api)),
-        format!(
+    decided.push(format!(
             "the CA issued {} certificates; renewals by proxy: {}; failed certificate requests: {failed_renewals}",
             total(&ca, "palisade_ca_certificates_issued_total", &[]),
             renewals.join(", ")
-        ),
-    ])
+    ));
+    Ok(decided)
 }
 
 fn mesh_rows(world: &World) -> Vec<[String; 4]> {
-    let api = &world.api.bound;
-    let sends = |p: &world::Proxy| format!("proxy {} → {}", p.bound.outbound, api.inbound);
+    let sends = |_: &world::Proxy| format!("proxy → Service {API_SERVICE}");
+    let replica = |w: world::Workload, p: &world::Proxy| {
+        [
+            w.workload(),
+            w.ip.to_string(),
+            w.spiffe_id(),
+            format!("proxy {} → app {}", p.bound.inbound, world.app.addr),
+        ]
+    };
     vec![
         [
-            WEB.name(),
+            WEB.workload(),
             WEB.ip.to_string(),
             WEB.spiffe_id(),
             sends(&world.web),
         ],
+        replica(API, &world.api),
+        replica(API_2, &world.api_2),
         [
-            API.name(),
-            API.ip.to_string(),
-            API.spiffe_id(),
-            format!("proxy {} → app {}", api.inbound, world.app.addr),
-        ],
-        [
-            INTRUDER.name(),
+            INTRUDER.workload(),
             INTRUDER.ip.to_string(),
             INTRUDER.spiffe_id(),
             sends(&world.intruder),
         ],
         [
+            "Service shop/api".into(),
+            API_SERVICE.to_string(),
+            "none: an address, not a pod".into(),
+            "endpoints: api-1 and api-2 (their proxies)".into(),
+        ],
+        [
             "outsider".into(),
             OUTSIDER_IP.to_string(),
             "none".into(),
-            format!("no proxy: plaintext → {}", api.inbound),
+            format!("no proxy: plaintext → {}", world.api.bound.inbound),
         ],
         [
             "palisade-ca".into(),

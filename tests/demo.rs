@@ -105,11 +105,25 @@ fn the_demo_shows_allowed_and_denied_calls_and_a_rotation_then_exits() {
     );
     assert!(out.contains("applied to the api's proxy in"), "{out}");
 
+    // The Service: the callers' proxies balance over both replicas, over mTLS only.
+    let service = out
+        .split_once("Service shop/api (")
+        .map(|(_, rest)| rest)
+        .unwrap_or_else(|| panic!("no Service section in:\n{out}"));
+    for replica in ["shop/api-1: ", "shop/api-2: "] {
+        assert_has(
+            row(service, replica),
+            &["of 20 calls", "ALLOW by shop/api-from-web"],
+            &out,
+        );
+    }
+    assert!(service.contains("over mTLS, 0 in plaintext"), "{out}");
+
     let rotation = out
         .split_once("Rotation")
         .map(|(_, rest)| rest)
         .unwrap_or_else(|| panic!("no rotation section in:\n{out}"));
-    for proxy in ["shop/web", "shop/api"] {
+    for proxy in ["shop/web", "shop/api-1", "shop/api-2"] {
         let line = row(rotation, proxy);
         let serials: Vec<&str> = line
             .split_whitespace()

@@ -84,6 +84,30 @@ impl PolicyEvents {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// Waits at most `timeout` until `count` events after `mark` are accepted by `wanted`.
+    pub async fn wait_for_count(
+        &self,
+        mark: usize,
+        timeout: Duration,
+        count: usize,
+        wanted: impl Fn(&PolicyEvent) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.since(mark, &wanted).len() < count && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The events after `mark` that `wanted` accepts.
+    pub fn since(&self, mark: usize, wanted: impl Fn(&PolicyEvent) -> bool) -> Vec<PolicyEvent> {
+        self.events()
+            .iter()
+            .skip(mark)
+            .filter(|e| wanted(e))
+            .cloned()
+            .collect()
+    }
 }
 
 #[derive(Default)]

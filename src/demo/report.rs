@@ -65,6 +65,8 @@ pub struct Report {
     /// `[workload, address, identity, what runs there]`.
     pub mesh: Vec<[String; 4]>,
     pub calls: Vec<CallRow>,
+    /// How the calls to the Service spread over its replicas.
+    pub service: Vec<String>,
     /// A line on the policy change, when one was made.
     pub policy_change: Option<String>,
     pub cert_ttl_seconds: u64,
@@ -100,6 +102,16 @@ impl std::fmt::Display for Report {
             writeln!(f, "  {change}")?;
         }
         writeln!(f)?;
+        if !self.service.is_empty() {
+            writeln!(
+                f,
+                "Service shop/api (the callers' apps connect to its address; their proxies pick a replica, power of two choices)"
+            )?;
+            for line in &self.service {
+                writeln!(f, "  {line}")?;
+            }
+            writeln!(f)?;
+        }
         writeln!(
             f,
             "Rotation (certificates live {}s; each proxy renews at half-life ±10%, with a fresh key)",
@@ -123,7 +135,7 @@ impl std::fmt::Display for Report {
         ))?;
         writeln!(
             f,
-            "  shop/web → shop/api meanwhile: {} requests, {} failed",
+            "  shop/web → Service shop/api meanwhile: {} requests, {} failed",
             self.traffic.requests, self.traffic.failed
         )?;
         writeln!(f)?;
@@ -354,6 +366,7 @@ palisade_certificate_rotations_total 3
                 ),
                 &Outcome::Closed,
             )],
+            service: vec!["shop/api-1: 12 of 20 calls".into()],
             policy_change: Some("policy changed".into()),
             cert_ttl_seconds: 20,
             rotations: vec![RotationRow {
@@ -379,6 +392,8 @@ palisade_certificate_rotations_total 3
             "9.5s",
             "120 requests, 0 failed",
             "api proxy decisions: allow 1",
+            "Service shop/api (",
+            "shop/api-1: 12 of 20 calls",
         ] {
             assert!(report.contains(part), "{part} missing from:\n{report}");
         }

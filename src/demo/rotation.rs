@@ -1,5 +1,5 @@
-//! The demo's live rotation: shop/web keeps calling shop/api while both proxies renew their
-//! certificates, and every failed request is counted.
+//! The demo's live rotation: shop/web keeps calling the Service shop/api while its proxy and
+//! both api replicas' proxies renew their certificates, and every failed request is counted.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -12,16 +12,16 @@ use super::report::{RotationRow, Traffic};
 use super::traffic::{admin_get, get};
 use super::world::{Proxy, WEB, World};
 
-/// Keeps shop/web calling shop/api until both proxies have renewed their certificates (and a
-/// little longer), counting every request that fails.
+/// Keeps shop/web calling shop/api until the three proxies on the way have renewed their
+/// certificates (and a little longer), counting every request that fails.
 pub(super) async fn rotation(
     world: &World,
     progress: &Progress,
 ) -> anyhow::Result<(Vec<RotationRow>, Traffic)> {
-    let proxies = [&world.web, &world.api];
+    let proxies = [&world.web, &world.api, &world.api_2];
     let mut renewals = Renewals::start(&proxies).await?;
     progress.step(
-        "rotation: shop/web keeps calling shop/api while both proxies renew their certificates",
+        "rotation: shop/web keeps calling shop/api while the proxies of web, api-1 and api-2 renew their certificates",
     );
     let started = Instant::now();
     // The renewal comes at 60% of the lifetime at the latest; the certificate expires at 100%.
@@ -110,7 +110,7 @@ impl Renewals {
             .iter()
             .zip(&self.after)
             .filter(|(_, a)| a.is_none())
-            .map(|(p, _)| p.workload.name())
+            .map(|(p, _)| p.workload.workload())
             .collect()
     }
 
@@ -121,7 +121,7 @@ impl Renewals {
             .zip(self.after)
             .filter_map(|((p, before), after)| {
                 after.map(|(after, seen_at)| RotationRow {
-                    workload: p.workload.name(),
+                    workload: p.workload.workload(),
                     before,
                     after,
                     seen_at,

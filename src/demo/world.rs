@@ -21,17 +21,24 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 /// The policy that protects the api.
 pub const POLICY: &str = "api-from-web";
 
-/// A meshed workload: its service account names it, its loopback address is its pod IP.
+/// A meshed workload (one pod): its service account is its identity, its loopback address is
+/// its pod IP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Workload {
+    pub pod: &'static str,
     pub service_account: &'static str,
     pub ip: Ipv4Addr,
 }
 
 impl Workload {
-    /// `shop/web`.
+    /// The identity's short name: `shop/web`.
     pub fn name(&self) -> String {
         format!("{NAMESPACE}/{}", self.service_account)
+    }
+
+    /// The workload (pod) as proxies name it in their decisions: `shop/api-1`.
+    pub fn workload(&self) -> String {
+        format!("{NAMESPACE}/{}", self.pod)
     }
 
     pub fn spiffe_id(&self) -> String {
@@ -47,29 +54,50 @@ impl Workload {
 }
 
 pub const WEB: Workload = Workload {
+    pod: "web",
     service_account: "web",
     ip: Ipv4Addr::new(127, 0, 10, 2),
 };
+/// The two replicas of shop/api, behind the Service [`API_SERVICE`].
 pub const API: Workload = Workload {
+    pod: "api-1",
     service_account: "api",
     ip: Ipv4Addr::new(127, 0, 10, 3),
 };
+pub const API_2: Workload = Workload {
+    pod: "api-2",
+    service_account: "api",
+    ip: Ipv4Addr::new(127, 0, 10, 5),
+};
 /// Meshed, with a valid certificate, but not a caller the api's policy lists.
 pub const INTRUDER: Workload = Workload {
+    pod: "intruder",
     service_account: "intruder",
     ip: Ipv4Addr::new(127, 0, 10, 4),
 };
+/// The Service `shop/api`: its clusterIP and port, what the callers' apps connect to.
+pub const API_SERVICE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 96, 10)), 80);
+/// The name of the api replicas' mesh port, the Service's `targetPort`.
+const MESH_PORT_NAME: &str = "mesh";
 /// A caller outside the mesh: no proxy, no certificate.
 pub const OUTSIDER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 10, 9);
 
-/// The mesh file: three meshed workloads, and a policy that lets `allowed` reach the api's
-/// port. Pure.
-pub fn mesh_yaml(api_port: u16, allowed: &[&str]) -> String {
-    let workloads: String = [WEB, API, INTRUDER]
+/// The mesh file: four meshed workloads, the Service `shop/api` over the two api replicas,
+/// and a policy that lets `allowed` reach the api's port. `replica_ports` are the ports the
+/// replicas' proxies accept on (their named port `mesh`, the Service's target port), once
+/// they are known; without them the Service has no endpoint yet. Pure.
+pub fn mesh_yaml(api_port: u16, allowed: &[&str], replica_ports: &[u16]) -> String {
+    let workloads: String = [WEB, API, API_2, INTRUDER]
         .iter()
         .map(|w| {
+            let replica = [API, API_2].iter().position(|r| r == w);
+            let ports = match replica.and_then(|i| replica_ports.get(i)) {
+                Some(p) => format!(", ports: {{{MESH_PORT_NAME}: {p}}}"),
+                None => String::new(),
+            };
             format!(
-                "  - {{name: {sa}, namespace: {NAMESPACE}, serviceAccount: {sa}, ips: [{ip}], labels: {{app: {sa}}}}}\n",
+                "  - {{name: {pod}, namespace: {NAMESPACE}, serviceAccount: {sa}, ips: [{ip}], labels: {{app: {sa}}}{ports}}}\n",
+                pod = w.pod,
                 sa = w.service_account,
                 ip = w.ip
             )
@@ -84,10 +112,15 @@ pub fn mesh_yaml(api_port: u16, allowed: &[&str]) -> String {
         "trustDomain: {TRUST_DOMAIN}\n\
          defaultPolicy: all-authenticated\n\
          workloads:\n{workloads}\
+         services:\n\
+         \x20 - {{name: api, namespace: {NAMESPACE}, clusterIPs: [{vip}], selector: {{app: api}},\n\
+         \x20    ports: [{{name: http, port: {vport}, targetPort: {MESH_PORT_NAME}}}]}}\n\
          policies:\n\
          \x20 - metadata: {{name: {POLICY}, namespace: {NAMESPACE}}}\n\
          \x20   spec: {{targetSelector: {{matchLabels: {{app: api}}}}, ports: [{api_port}],\n\
-         \x20          allow: [{{serviceAccounts: [{allowed}]}}]}}\n"
+         \x20          allow: [{{serviceAccounts: [{allowed}]}}]}}\n",
+        vip = API_SERVICE.ip(),
+        vport = API_SERVICE.port(),
     )
 }
 
@@ -121,7 +154,7 @@ pub fn proxy_env(
         ),
         ("PALISADE_NAMESPACE", NAMESPACE.into()),
         ("PALISADE_SERVICE_ACCOUNT", w.service_account.into()),
-        ("PALISADE_POD_NAME", format!("{}-0", w.service_account)),
+        ("PALISADE_POD_NAME", w.pod.into()),
         ("PALISADE_POD_IP", w.ip.to_string()),
         ("PALISADE_INBOUND_LISTEN", listen.clone()),
         ("PALISADE_OUTBOUND_LISTEN", listen.clone()),
@@ -142,7 +175,7 @@ pub fn proxy_env(
 }
 
 fn token_path(dir: &Path, w: &Workload) -> PathBuf {
-    dir.join("tokens").join(w.service_account)
+    dir.join("tokens").join(w.pod)
 }
 
 /// A running proxy and the workload it serves.
@@ -159,8 +192,11 @@ pub struct World {
     pub ca: Running,
     pub cert_ttl: Duration,
     pub api: Proxy,
+    pub api_2: Proxy,
     pub web: Proxy,
     pub intruder: Proxy,
+    /// The ports the api replicas' proxies accept on: the Service's endpoints.
+    pub replica_ports: Vec<u16>,
 }
 
 impl World {
@@ -170,7 +206,7 @@ impl World {
             .await
             .context("cannot start the api app on 127.0.0.1")?;
         let mesh_file = dir.join("mesh.yaml");
-        write_atomically(&mesh_file, &mesh_yaml(app.addr.port(), &[&WEB.name()]))?;
+        write_atomically(&mesh_file, &mesh_yaml(app.addr.port(), &[&WEB.name()], &[]))?;
 
         let state_dir = dir.join("ca-state");
         let mut config = ServeConfig::embedded(state_dir.clone(), mesh_file.clone());
@@ -190,12 +226,12 @@ impl World {
         let issuer = LocalIssuer::load_or_create(&state_dir)
             .context("cannot load the CA's local token issuer")?;
         std::fs::create_dir_all(dir.join("tokens")).context("cannot make the token directory")?;
-        for w in [WEB, API, INTRUDER] {
+        for w in [WEB, API, API_2, INTRUDER] {
             let token = issuer
                 .mint(
                     NAMESPACE,
                     w.service_account,
-                    Some(&format!("{}-0", w.service_account)),
+                    Some(w.pod),
                     palisade_ca_api::wire::TOKEN_AUDIENCE,
                     Duration::from_secs(600),
                 )
@@ -204,58 +240,93 @@ impl World {
                 .with_context(|| format!("cannot write the token of {}", w.name()))?;
         }
 
-        let api = start_proxy(
-            API,
-            ca.api_addr,
-            dir,
-            Explicit {
-                inbound_forward_port: Some(app.addr.port()),
-                ..Explicit::default()
-            },
-        )
-        .await?;
-        let to_api = Explicit {
-            outbound_destination: Some(api.bound.inbound),
+        let to_app = Explicit {
+            inbound_forward_port: Some(app.addr.port()),
             ..Explicit::default()
         };
-        let web = start_proxy(WEB, ca.api_addr, dir, to_api).await?;
-        let intruder = start_proxy(INTRUDER, ca.api_addr, dir, to_api).await?;
-        for p in [&api, &web, &intruder] {
+        let api = start_proxy(API, ca.api_addr, dir, to_app).await?;
+        let api_2 = start_proxy(API_2, ca.api_addr, dir, to_app).await?;
+        // The callers' apps connect to the Service address; their proxies balance.
+        let to_service = Explicit {
+            outbound_destination: Some(API_SERVICE),
+            ..Explicit::default()
+        };
+        let web = start_proxy(WEB, ca.api_addr, dir, to_service).await?;
+        let intruder = start_proxy(INTRUDER, ca.api_addr, dir, to_service).await?;
+        for p in [&api, &api_2, &web, &intruder] {
             palisade_proxy::run::wait_ready(p.bound.admin, Duration::from_secs(10))
                 .await
-                .map_err(|e| anyhow::anyhow!("the proxy of {}: {e}", p.workload.name()))?;
+                .map_err(|e| anyhow::anyhow!("the proxy of {}: {e}", p.workload.workload()))?;
         }
-        Ok(World {
+        // The replicas' ports are known now: they become the Service's endpoints.
+        let replica_ports = vec![api.bound.inbound.port(), api_2.bound.inbound.port()];
+        write_atomically(
+            &mesh_file,
+            &mesh_yaml(app.addr.port(), &[&WEB.name()], &replica_ports),
+        )?;
+        let world = World {
             mesh_file,
             app,
             ca,
             cert_ttl,
             api,
+            api_2,
             web,
             intruder,
-        })
+            replica_ports,
+        };
+        world.wait_for_endpoints(2).await?;
+        Ok(world)
     }
 
-    pub fn proxies(&self) -> [&Proxy; 3] {
-        [&self.web, &self.api, &self.intruder]
+    /// Waits until the CA serves `n` endpoints for the api Service.
+    async fn wait_for_endpoints(&self, n: usize) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        loop {
+            let state = self.ca.ca.publisher.current().state;
+            let ready = state
+                .service_at(API_SERVICE.ip())
+                .map_or(0, |s| s.endpoints.len());
+            if ready == n {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(5) {
+                anyhow::bail!(
+                    "the CA serves {ready} endpoints for the Service shop/api after 5s, not {n}: the mesh file's reload did not apply"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn proxies(&self) -> [&Proxy; 4] {
+        [&self.web, &self.api, &self.api_2, &self.intruder]
+    }
+
+    /// The api replicas' proxies.
+    pub fn replicas(&self) -> [&Proxy; 2] {
+        [&self.api, &self.api_2]
     }
 
     /// Rewrites the mesh file so that `allowed` may call the api; the CA picks it up.
     pub fn allow_callers(&self, allowed: &[&str]) -> anyhow::Result<()> {
-        write_atomically(&self.mesh_file, &mesh_yaml(self.app.addr.port(), allowed))
+        write_atomically(
+            &self.mesh_file,
+            &mesh_yaml(self.app.addr.port(), allowed, &self.replica_ports),
+        )
     }
 
     /// Stops the proxies (drained), the CA and the app. Returns the addresses that were
     /// listening, for the caller to check that they are closed.
     pub async fn shutdown(self) -> Vec<SocketAddr> {
         let mut addrs = vec![self.ca.api_addr, self.ca.admin_addr, self.app.addr];
-        let proxies = [self.web, self.intruder, self.api];
+        let proxies = [self.web, self.intruder, self.api, self.api_2];
         for p in &proxies {
             p.bound.shutdown();
             addrs.extend([p.bound.inbound, p.bound.outbound, p.bound.admin]);
         }
         for p in proxies {
-            let name = p.workload.name();
+            let name = p.workload.workload();
             if tokio::time::timeout(Duration::from_secs(5), p.bound.wait())
                 .await
                 .is_err()
@@ -280,7 +351,7 @@ async fn start_proxy(
     dir: &Path,
     explicit: Explicit,
 ) -> anyhow::Result<Proxy> {
-    let name = workload.name();
+    let name = workload.workload();
     let config = Config::from_env(&proxy_env(&workload, ca_addr, dir, explicit))
         .with_context(|| format!("the proxy configuration of {name}"))?;
     let bound = palisade_proxy::run::start(&config)
@@ -303,14 +374,37 @@ mod tests {
 
     #[test]
     fn the_mesh_file_is_one_the_ca_accepts_with_the_policy_on_the_app_port() {
-        let text = mesh_yaml(41234, &["shop/web", "shop/intruder"]);
+        let text = mesh_yaml(41234, &["shop/web", "shop/intruder"], &[40001, 40002]);
         let state =
             palisade_ca::mesh::file::parse_mesh_file(Path::new("mesh.yaml"), &text, TRUST_DOMAIN)
                 .unwrap();
-        assert_eq!(state.workloads().len(), 3);
+        assert_eq!(state.workloads().len(), 4);
+        let service = state.destination(API_SERVICE.ip(), None).service.unwrap();
+        assert_eq!(service.name, "shop/api");
+        let endpoints: Vec<String> = service
+            .endpoints
+            .iter()
+            .map(|e| format!("{}:{}", e.address, e.target_port(80).unwrap()))
+            .collect();
+        assert_eq!(endpoints, ["127.0.10.3:40001", "127.0.10.5:40002"]);
+        let before_start = mesh_yaml(41234, &["shop/web"], &[]);
+        let state = palisade_ca::mesh::file::parse_mesh_file(
+            Path::new("mesh.yaml"),
+            &before_start,
+            TRUST_DOMAIN,
+        )
+        .unwrap();
+        assert!(
+            state
+                .destination(API_SERVICE.ip(), None)
+                .service
+                .unwrap()
+                .endpoints
+                .is_empty()
+        );
         let api = state.workload_at(IpAddr::V4(API.ip)).unwrap();
         let inbound = state.inbound_policy(api);
-        assert_eq!(inbound.workload, "shop/api");
+        assert_eq!(inbound.workload, "shop/api-1");
         assert_eq!(inbound.policies.len(), 1);
         assert_eq!(inbound.policies[0].name, "shop/api-from-web");
         assert_eq!(inbound.policies[0].ports, vec![41234]);
@@ -348,6 +442,6 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(api.inbound_forward_port, Some(8080));
-        assert_eq!(api.token_file, dir.join("tokens/api"));
+        assert_eq!(api.token_file, dir.join("tokens/api-1"));
     }
 }
