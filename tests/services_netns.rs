@@ -587,6 +587,17 @@ fn scaling_down_moves_new_connections_off_the_removed_replica_without_failures()
         m
     };
     let first = samples.first().expect("the load loop ran").started;
+    let last_to_removed = samples
+        .iter()
+        .filter(|s| s.answer.as_deref() == Ok("api-2"))
+        .map(|s| s.started)
+        .max();
+    if let Some(t) = last_to_removed.filter(|t| *t >= updated_at) {
+        println!(
+            "the last call api-2 answered started {:?} after the update",
+            t - updated_at
+        );
+    }
     let before = answered(first, updated_at);
     // The control plane's update reaches the proxy within a second.
     let settled = updated_at + Duration::from_secs(1);
