@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use palisade_ca_api::wire::Destination;
+use palisade_ca_api::wire::{Destination, PortMapping, ServiceAnswer, ServiceEndpoint};
 use palisade_proxy::app::{Parts, Settings, start};
 use palisade_proxy::clock::Clock;
 use palisade_proxy::datapath::Limits;
@@ -39,6 +39,33 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 const SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
 const PEER: &str = "/work/shared/peers/haproxy-mtls";
+/// The Service address the Service path's client calls (nothing listens there).
+const SERVICE_VIP: &str = "127.0.96.10:80";
+
+/// The control plane's answer for the Service at `vip`: every endpoint meshed as the server.
+fn service_destination(vip: SocketAddr, endpoints: &[SocketAddr]) -> Destination {
+    Destination {
+        service: Some(ServiceAnswer {
+            name: "bench/server".into(),
+            ports: vec![vip.port()],
+            endpoints: endpoints
+                .iter()
+                .map(|e| ServiceEndpoint {
+                    address: e.ip(),
+                    ports: vec![PortMapping {
+                        port: vip.port(),
+                        target_port: e.port(),
+                    }],
+                    meshed: true,
+                    spiffe_id: Some(SERVER_ID.parse().unwrap()),
+                    workload: None,
+                })
+                .collect(),
+            total_endpoints: endpoints.len(),
+        }),
+        ..Destination::unmeshed(vip.ip())
+    }
+}
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -117,6 +144,17 @@ fn proxy_role(role: &str) {
                 ),
                 OutboundTarget::Fixed(loopback),
             ),
+            "service-client" => {
+                // The app calls a Service address; the proxy balances over its endpoints.
+                let endpoints: Vec<SocketAddr> = std::env::var("BENCH_ENDPOINTS")
+                    .unwrap()
+                    .split(',')
+                    .map(|a| a.parse().unwrap())
+                    .collect();
+                let vip: SocketAddr = SERVICE_VIP.parse().unwrap();
+                mesh.set_destination(service_destination(vip, &endpoints));
+                (InboundTarget::FixedPort(9), OutboundTarget::Fixed(vip))
+            }
             _ => {
                 let dest: SocketAddr = std::env::var("BENCH_DEST").unwrap().parse().unwrap();
                 mesh.set_destination(Destination::meshed(
@@ -244,6 +282,28 @@ fn pair(dir: &Path, target_port: u16, workers: usize) -> (ProxyProc, ProxyProc) 
     (client, server)
 }
 
+/// Two server proxies in front of `target_port` and a client proxy whose app calls the
+/// Service address over them: returns (client, servers).
+fn service_path(dir: &Path, target_port: u16) -> (ProxyProc, [ProxyProc; 2]) {
+    let w = ("BENCH_WORKERS", "1".to_string());
+    let server = || {
+        ProxyProc::spawn(
+            dir,
+            "server",
+            &[("BENCH_FORWARD_PORT", target_port.to_string()), w.clone()],
+        )
+    };
+    let servers = [server(), server()];
+    let endpoints = format!("{},{}", servers[0].inbound, servers[1].inbound);
+    let client = ProxyProc::spawn(
+        dir,
+        "service-client",
+        &[("BENCH_ENDPOINTS", endpoints), w.clone()],
+    );
+    (client, servers)
+}
+
+mod lookup;
 mod measure;
 
 use measure::{child_of, fixed_rate, iperf, open_idle, wrk};
@@ -287,6 +347,8 @@ fn bench() -> Result<(), String> {
     let (http_client, http_server) = pair(dir.path(), 18080, 1);
     let (two_client, two_server) = pair(dir.path(), 18080, 2);
     let (bulk_client, _bulk_server) = pair(dir.path(), 15201, 1);
+    let (svc_client, svc_servers) = service_path(dir.path(), 18080);
+    let service = svc_client.outbound.to_string();
     let palisade = http_client.outbound.to_string();
     let palisade_two = two_client.outbound.to_string();
     std::thread::sleep(Duration::from_millis(300));
@@ -349,6 +411,12 @@ fn bench() -> Result<(), String> {
     let nginx = child_of(pids_of(&peer_dir.join("nginx.pid"))).unwrap_or(0);
     let pal_pids = [http_client.child.id(), http_server.child.id()];
     let two_pids = [two_client.child.id(), two_server.child.id()];
+    // The Service path's client proxy and both of its servers (one request uses one server).
+    let svc_pids = [
+        svc_client.child.id(),
+        svc_servers[0].child.id(),
+        svc_servers[1].child.id(),
+    ];
     let hap_pids = [hc_pid, hs_pid];
     println!(
         "\n{:<50} {:>8} {:>9} {:>9} | {:>25}",
@@ -363,6 +431,11 @@ fn bench() -> Result<(), String> {
             "palisade mTLS pair, 2 threads each",
             palisade_two.as_str(),
             &two_pids[..],
+        ),
+        (
+            "palisade via Service address, 2 servers",
+            service.as_str(),
+            &svc_pids[..],
         ),
     ] {
         let run = wrk(addr, 50, false, nginx, proxies);
@@ -381,10 +454,12 @@ fn bench() -> Result<(), String> {
         );
         ka.push(run);
     }
+    let mut per_conn = Vec::new();
     for (name, addr) in [
         ("direct", "127.0.0.1:18080"),
         ("haproxy mTLS pair", "127.0.0.1:18081"),
         ("palisade mTLS pair", palisade.as_str()),
+        ("palisade via Service address, 2 servers", service.as_str()),
     ] {
         let run = wrk(addr, 20, true, nginx, &[]);
         println!(
@@ -392,7 +467,13 @@ fn bench() -> Result<(), String> {
             format!("{name} new connection per request -c20"),
             run.rps
         );
+        per_conn.push(run.rps);
     }
+    println!(
+        "Service address / pod address (same run): keep-alive {:.1}%, new connection per request {:.1}%   (target >= 95%)",
+        100.0 * ka[4].rps / ka[2].rps,
+        100.0 * per_conn[3] / per_conn[2]
+    );
     println!(
         "ratio proxied/direct keep-alive: palisade {:.1}% (2 threads each: {:.1}%)   haproxy {:.1}%   (target >= 60%)",
         100.0 * ka[2].rps / ka[0].rps,
@@ -425,11 +506,12 @@ fn bench() -> Result<(), String> {
         "p99 (us)",
         "client late p99"
     );
-    let paths: [(&str, SocketAddr); 4] = [
+    let paths: [(&str, SocketAddr); 5] = [
         ("direct", "127.0.0.1:18080".parse().unwrap()),
         ("haproxy mTLS pair", "127.0.0.1:18081".parse().unwrap()),
         ("palisade mTLS pair", http_client.outbound),
         ("palisade mTLS pair, 2 threads each", two_client.outbound),
+        ("palisade via Service address, 2 servers", svc_client.outbound),
     ];
     let addrs: Vec<SocketAddr> = paths.iter().map(|p| p.1).collect();
     let fixed = fixed_rate(&addrs, rate, count);
@@ -448,6 +530,12 @@ fn bench() -> Result<(), String> {
         fixed[1].p50 - fixed[0].p50,
         fixed[1].p99 - fixed[0].p99
     );
+    println!(
+        "added latency via the Service address: p50 {:+.0} us, p99 {:+.0} us (pod address: p99 {:+.0} us)",
+        fixed[4].p50 - fixed[0].p50,
+        fixed[4].p99 - fixed[0].p99,
+        fixed[2].p99 - fixed[0].p99,
+    );
 
     println!("\n{:<44} {:>12}", "bulk (iperf3, 5 s)", "MB/s");
     for (name, port) in [
@@ -457,6 +545,8 @@ fn bench() -> Result<(), String> {
     ] {
         println!("{:<44} {:>12.0}", name, iperf(port));
     }
+
+    lookup::print();
 
     Ok(())
 }

@@ -137,10 +137,9 @@ impl rustls::client::ResolvesClientCert for CertResolver {
     }
 }
 
-#[tokio::test]
-async fn watch_sends_a_snapshot_then_updates_when_the_mesh_file_changes() {
-    let ca = TestCa::start().await;
-    let (key, resp) = ca.identity("shop", "api").await;
+/// A CA client presenting a mesh certificate of `ns/sa`, as a proxy's watch does.
+async fn mesh_client(ca: &TestCa, ns: &str, sa: &str) -> palisade_ca_api::client::CaClient {
+    let (key, resp) = ca.identity(ns, sa).await;
     let signing = palisade_ca_api::tls::crypto_provider()
         .key_provider
         .load_private_key(rustls_pki_types::PrivateKeyDer::Pkcs8(
@@ -148,9 +147,15 @@ async fn watch_sends_a_snapshot_then_updates_when_the_mesh_file_changes() {
         ))
         .unwrap();
     let ck = rustls::sign::CertifiedKey::new(chain_ders(&resp), signing);
-    let client = ca.client(Some(std::sync::Arc::new(CertResolver(
+    ca.client(Some(std::sync::Arc::new(CertResolver(
         std::sync::Arc::new(ck),
-    ))));
+    ))))
+}
+
+#[tokio::test]
+async fn watch_sends_a_snapshot_then_updates_when_the_mesh_file_changes() {
+    let ca = TestCa::start().await;
+    let client = mesh_client(&ca, "shop", "api").await;
     let query = WatchQuery {
         pod_ip: Some("10.77.0.3".parse().unwrap()),
         destinations: vec!["10.77.0.2".parse().unwrap(), "10.77.0.9".parse().unwrap()],
@@ -223,4 +228,118 @@ async fn reqwest_metrics(addr: std::net::SocketAddr) -> String {
     let mut out = String::new();
     tcp.read_to_string(&mut out).await.unwrap();
     out
+}
+
+/// Two api replicas behind the Service 10.96.0.10:80 (named target port `http`), and the
+/// Service `shop/empty` whose selector picks nothing.
+fn services_yaml(replicas: &[(&str, &str, u16)]) -> String {
+    let mut y = String::from(
+        "defaultPolicy: all-authenticated\nworkloads:\n  - {name: web, namespace: shop, serviceAccount: web, ips: [10.77.0.2], labels: {app: web}}\n",
+    );
+    for (name, ip, port) in replicas {
+        y.push_str(&format!(
+            "  - {{name: {name}, namespace: shop, serviceAccount: api, ips: [{ip}], labels: {{app: api}}, ports: {{http: {port}}}}}\n"
+        ));
+    }
+    y.push_str(
+        "services:\n  - {name: api, namespace: shop, clusterIPs: [10.96.0.10], selector: {app: api}, ports: [{name: http, port: 80, targetPort: http}]}\n  - {name: empty, namespace: shop, clusterIPs: [10.96.0.11], selector: {app: none}, ports: [{port: 80}]}\n",
+    );
+    y
+}
+
+#[tokio::test]
+async fn watch_answers_a_service_address_and_follows_its_endpoints() {
+    let ca = TestCa::start().await;
+    std::fs::write(
+        ca.mesh_file(),
+        services_yaml(&[("api-1", "10.77.0.3", 8080), ("api-2", "10.77.0.4", 9090)]),
+    )
+    .unwrap();
+    let client = mesh_client(&ca, "shop", "web").await;
+    let query = WatchQuery {
+        pod_ip: Some("10.77.0.2".parse().unwrap()),
+        destinations: vec!["10.96.0.10".parse().unwrap(), "10.96.0.11".parse().unwrap()],
+    };
+    // The CA picks the file up within its poll interval.
+    let mut first = None;
+    for _ in 0..20 {
+        let mut stream = client.watch(&query).await.unwrap();
+        let m = stream.next().await.unwrap().unwrap();
+        if m.destinations[0]
+            .service
+            .as_ref()
+            .is_some_and(|s| s.endpoints.len() == 2)
+        {
+            first = Some((stream, m));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut stream, first) = first.expect("the Service with two endpoints is served");
+    let api = first.destinations[0].service.as_ref().unwrap();
+    assert_eq!(api.name, "shop/api");
+    assert!(
+        !first.destinations[0].meshed,
+        "a Service address is not itself a workload"
+    );
+    let endpoints: Vec<(String, Option<u16>, String)> = api
+        .endpoints
+        .iter()
+        .map(|e| {
+            (
+                e.address.to_string(),
+                e.target_port(80),
+                e.spiffe_id.as_ref().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        endpoints,
+        [
+            (
+                "10.77.0.3".into(),
+                Some(8080),
+                "spiffe://cluster.local/ns/shop/sa/api".into()
+            ),
+            (
+                "10.77.0.4".into(),
+                Some(9090),
+                "spiffe://cluster.local/ns/shop/sa/api".into()
+            ),
+        ]
+    );
+    let empty = first.destinations[1].service.as_ref().unwrap();
+    assert_eq!(
+        (empty.name.as_str(), empty.endpoints.len()),
+        ("shop/empty", 0)
+    );
+
+    // Scale down: api-2 leaves; the watch hears of it within a second (2 s bound: not a
+    // speed test, the poll interval is 200 ms).
+    std::fs::write(
+        ca.mesh_file(),
+        services_yaml(&[("api-1", "10.77.0.3", 8080)]),
+    )
+    .unwrap();
+    let update = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .expect("update within 2 s")
+        .unwrap()
+        .unwrap();
+    let api = update.destinations[0].service.as_ref().unwrap();
+    assert_eq!(api.endpoints.len(), 1);
+    assert_eq!(api.endpoints[0].address.to_string(), "10.77.0.3");
+
+    // A bad services entry changes nothing: the last good state stays.
+    std::fs::write(
+        ca.mesh_file(),
+        services_yaml(&[("api-1", "10.77.0.3", 8080)]).replace("targetPort: http", "targetPort: 0"),
+    )
+    .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), stream.next())
+            .await
+            .is_err(),
+        "no update for a bad file"
+    );
 }

@@ -434,23 +434,44 @@ fn invalid_at(file: &Path, path: String, message: String) -> MeshFileError {
 }
 
 pub fn load_mesh_file(path: &Path, trust_domain: &str) -> Result<MeshState, MeshFileError> {
-    let text = std::fs::read_to_string(path).map_err(|e| MeshFileError::Read(path.into(), e))?;
-    parse_mesh_file(path, &text, trust_domain)
+    load_mesh_file_as_read(path, trust_domain).map(|(state, _)| state)
+}
+
+/// [`load_mesh_file`], also returning the bytes it parsed: what [`reload_loop`] compares
+/// against, so that a change made right after the first load is not missed.
+pub fn load_mesh_file_as_read(
+    path: &Path,
+    trust_domain: &str,
+) -> Result<(MeshState, Vec<u8>), MeshFileError> {
+    let bytes = std::fs::read(path).map_err(|e| MeshFileError::Read(path.into(), e))?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| not_utf8(path))?;
+    let state = parse_mesh_file(path, text, trust_domain)?;
+    Ok((state, bytes))
+}
+
+fn not_utf8(path: &Path) -> MeshFileError {
+    MeshFileError::Invalid {
+        file: path.into(),
+        path: "(file)".into(),
+        message: "not UTF-8: save the file as UTF-8".into(),
+    }
 }
 
 /// How often the file is checked for changes: well inside the one-second propagation budget.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Re-reads the mesh file whenever its contents change and publishes the new state; a file that
-/// does not validate is logged and counted, and the last good state stays.
+/// Re-reads the mesh file whenever its contents differ from `last` (the bytes the published
+/// state came from) and publishes the new state; a file that does not validate is logged and
+/// counted, and the last good state stays.
 pub async fn reload_loop(
     path: PathBuf,
     trust_domain: String,
     publisher: MeshPublisher,
     metrics: std::sync::Arc<Metrics>,
+    last: Vec<u8>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut last = std::fs::read(&path).ok();
+    let mut last = Some(last);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(POLL_INTERVAL) => {}
@@ -464,11 +485,7 @@ pub async fn reload_loop(
         }
         last = Some(now.clone());
         let result = std::str::from_utf8(&now)
-            .map_err(|_| MeshFileError::Invalid {
-                file: path.clone(),
-                path: "(file)".into(),
-                message: "not UTF-8".into(),
-            })
+            .map_err(|_| not_utf8(&path))
             .and_then(|text| parse_mesh_file(&path, text, &trust_domain));
         match result {
             Ok(state) => {

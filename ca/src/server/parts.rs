@@ -22,7 +22,7 @@ use crate::config::{AuthMode, MeshSource, ServeConfig};
 use crate::keys::{KeyMaterial, KeySource, load_or_create};
 use crate::kube::secret_keys::load_or_create_in_secret;
 use crate::kube::{WatchSettings, spawn_watches};
-use crate::mesh::file::{load_mesh_file, reload_loop};
+use crate::mesh::file::{load_mesh_file_as_read, reload_loop};
 use crate::mesh::{MeshPublisher, MeshState};
 use crate::metrics::Metrics;
 
@@ -124,12 +124,14 @@ pub(super) fn mesh_source(
     } = background;
     match &config.source {
         MeshSource::File(mesh_file) => {
-            let publisher = MeshPublisher::new(load_mesh_file(mesh_file, &config.trust_domain)?);
+            let (state, read) = load_mesh_file_as_read(mesh_file, &config.trust_domain)?;
+            let publisher = MeshPublisher::new(state);
             tasks.spawn(reload_loop(
                 mesh_file.clone(),
                 config.trust_domain.clone(),
                 publisher.clone(),
                 metrics.clone(),
+                read,
                 shutdown.clone(),
             ));
             Ok((publisher, watch::channel(true).1))
