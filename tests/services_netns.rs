@@ -406,9 +406,10 @@ fn a_service_without_ready_endpoints_is_refused_at_once(node: &mut Node, shop: &
     );
     let log = node.log("web-proxy");
     assert!(
-        log.lines()
-            .any(|l| l.contains("no ready endpoint") && l.contains("shop/empty")),
-        "web's proxy did not log `no ready endpoint` for shop/empty"
+        log.lines().any(
+            |l| l.contains("no ready endpoint") && l.contains("\"dst_service\":\"shop/empty\"")
+        ),
+        "web's proxy did not log `no ready endpoint` with dst_service shop/empty"
     );
     assert_eq!(
         node.metric_sum(
