@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-need_debs openssl:openssl curl:curl ip:iproute2 iptables:iptables tcpdump:tcpdump
+need_debs openssl:openssl curl:curl ip:iproute2 iptables:iptables tcpdump:tcpdump sysctl:procps
 ensure_venv
 
 echo "== cargo build (binaries the whole-system and Python tests start)"

@@ -65,16 +65,6 @@ fn url(pod: &Pod, port: u16) -> String {
     format!("http://{}:{port}/hello.txt", pod.ip)
 }
 
-/// The sum of every series of `metric` whose labels contain all of `labels`.
-fn metric_sum(node: &Node, pod: &Pod, metric: &str, labels: &[&str]) -> f64 {
-    node.admin(pod, "/metrics")
-        .lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn allowed_call_crosses_the_link_as_mtls_with_alpn_palisade_and_no_plaintext() {
     let Some(mut node) = node("allowed_call", 61) else {
@@ -96,8 +86,7 @@ fn allowed_call_crosses_the_link_as_mtls_with_alpn_palisade_and_no_plaintext() {
         !contains(&pcap, BODY) && !contains(&pcap, "GET /hello.txt"),
         "request or response bytes crossed the link in clear"
     );
-    let allowed = metric_sum(
-        &node,
+    let allowed = node.metric_sum(
         &api,
         "palisade_policy_decisions_total",
         &["result=\"allow\""],
@@ -214,8 +203,7 @@ fn a_meshed_client_reaches_a_pod_without_proxy_in_plain_tcp() {
         "the call to a pod outside the mesh was not plain TCP"
     );
     // It went through web's proxy (captured), not around it.
-    let outbound = metric_sum(
-        &node,
+    let outbound = node.metric_sum(
         &web,
         "palisade_connections_opened_total",
         &["direction=\"outbound\""],

@@ -59,6 +59,13 @@ impl Processes {
         terminate(&mut self.running[id.0].child);
     }
 
+    /// Kills one process at once (SIGKILL), as a crash would, and reaps it.
+    pub fn kill(&mut self, id: ProcessId) {
+        let child = &mut self.running[id.0].child;
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Stops every process.
     pub fn stop_all(&mut self) {
         for p in &mut self.running {

@@ -1,12 +1,17 @@
-//! A "node" for whole-system tests: a bridge in a network namespace of its own, "pods" that are
-//! network namespaces joined to it by veth pairs, the CA on the node, and in each meshed pod
+//! A "node" for whole-system tests: a network namespace of its own, "pods" that are network
+//! namespaces joined to it by veth pairs, the CA on the node, and in each meshed pod
 //! `palisade-proxy init` then `palisade-proxy run` as uid 1337 next to an unmodified app that
 //! runs as another uid — the way a cluster runs them.
+//!
+//! Two shapes: [`Node::new`] puts the pods on one bridge (one L2 segment, the node sees only
+//! what is addressed to it); [`Node::routed`] routes every pod's traffic through the node the
+//! way Calico does and runs kube-proxy's Service rules there (see `routed.rs`).
 //!
 //! Everything a node creates (namespaces, links, processes, files) is removed when it is
 //! dropped, also when the test fails; [`Node::finish`] checks that nothing was left behind.
 //! Needs root; [`TOOLS`] lists what else it needs (see `palisade_testkit::netns::skip`).
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,6 +23,8 @@ use palisade_testkit::mesh_file::MeshFile;
 use palisade_testkit::netns::{self, Namespaces, run_ok};
 use palisade_testkit::process::{ProcessId, Processes, wait_for};
 
+use super::routed::{self, KubeProxy};
+
 /// The uid the proxy runs as (its traffic is never captured).
 pub const PROXY_UID: u32 = 1337;
 /// The uid apps run as: anything but root and the proxy.
@@ -27,6 +34,8 @@ pub const NAMESPACE: &str = "shop";
 const APP_PY: &str = "/usr/bin/python3";
 /// What a node runs besides the workspace's binaries.
 pub const TOOLS: &[&str] = &["iptables", "curl", "setpriv", "tcpdump", APP_PY];
+/// What a routed node runs besides [`TOOLS`].
+pub const ROUTED_TOOLS: &[&str] = &["iptables-restore", "iptables-save", "sysctl"];
 
 /// Paths of the binaries under test: built next to the `palisade` binary of this package.
 #[derive(Clone)]
@@ -59,12 +68,20 @@ impl Bins {
     }
 }
 
-/// A pod: a network namespace with one address on the node's bridge.
+/// A pod: a network namespace with one address, on the node's bridge or routed by the node.
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub name: String,
     pub netns: String,
     pub ip: String,
+}
+
+/// How pods reach each other and the node.
+enum Links {
+    /// One bridge `br0`, the node's address on it.
+    Bridge,
+    /// Point-to-point links routed by the node, which also runs kube-proxy's rules.
+    Routed(KubeProxy),
 }
 
 /// One node: see the module documentation.
@@ -75,9 +92,12 @@ pub struct Node {
     namespaces: Namespaces,
     tag: String,
     net: u8,
-    bridge_ns: String,
+    node_ns: String,
+    links: Links,
     ca: Option<ProcessId>,
     ca_stops: usize,
+    proxies: HashMap<String, ProcessId>,
+    proxy_log: String,
     pub bins: Bins,
     pub dir: tempfile::TempDir,
 }
@@ -85,6 +105,23 @@ pub struct Node {
 impl Node {
     /// A node with the bridge `10.77.<net>.1/24`; `net` also keeps names apart between tests.
     pub fn new(net: u8) -> Node {
+        let node = Node::empty(net);
+        node.namespaces
+            .bridge(&node.node_ns, "br0", &format!("{}/24", node.node_ip()));
+        node
+    }
+
+    /// A node that routes its pods' traffic (Calico's shape) and applies Services the way
+    /// kube-proxy's iptables mode does ([`Node::install_service`]). The node's address is
+    /// `10.77.<net>.1`, pods get `10.77.<net>.<host>/32`.
+    pub fn routed(net: u8) -> Node {
+        let mut node = Node::empty(net);
+        routed::plumb_node(&node.node_ns, &node.node_ip());
+        node.links = Links::Routed(KubeProxy::new(&node.node_ns));
+        node
+    }
+
+    fn empty(net: u8) -> Node {
         let tag = format!("{}n{net}", std::process::id() % 100_000);
         let dir = tempfile::Builder::new()
             .prefix("palisade-node-")
@@ -94,21 +131,28 @@ impl Node {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         fs::create_dir(dir.path().join("www")).unwrap();
         fs::set_permissions(dir.path().join("www"), fs::Permissions::from_mode(0o755)).unwrap();
-        let bridge_ns = format!("pal{tag}-node");
+        let node_ns = format!("pal{tag}-node");
         let mut namespaces = Namespaces::new();
-        namespaces.add(&bridge_ns);
-        namespaces.bridge(&bridge_ns, "br0", &format!("10.77.{net}.1/24"));
+        namespaces.add(&node_ns);
         Node {
             procs: Processes::new(dir.path()),
             namespaces,
             tag,
             net,
-            bridge_ns,
+            node_ns,
+            links: Links::Bridge,
             ca: None,
             ca_stops: 0,
+            proxies: HashMap::new(),
+            proxy_log: "info".into(),
             bins: Bins::locate(),
             dir,
         }
+    }
+
+    /// The tracing filter (`PALISADE_LOG`) of proxies meshed from now on; `info` by default.
+    pub fn set_proxy_log(&mut self, filter: &str) {
+        self.proxy_log = filter.to_owned();
     }
 
     /// The node's own address (where the CA listens).
@@ -121,20 +165,53 @@ impl Node {
         format!("10.77.{}.{host}", self.net)
     }
 
-    /// A pod named `name` at host number `host`, joined to the bridge by a veth pair.
+    /// A pod named `name` at host number `host`, joined to the node by a veth pair (on the
+    /// bridge, or routed).
     pub fn add_pod(&mut self, name: &str, host: u8) -> Pod {
         let netns = format!("pal{}-{name}", self.tag);
         self.namespaces.add(&netns);
         let outer = format!("v{}h{host}b", self.tag);
         let ip = self.pod_ip(host);
-        self.namespaces
-            .veth((&netns, "eth0"), (&self.bridge_ns, &outer));
-        self.namespaces.address(&netns, "eth0", &format!("{ip}/24"));
-        self.namespaces.attach(&self.bridge_ns, "br0", &outer);
+        match self.links {
+            Links::Bridge => {
+                self.namespaces
+                    .veth((&netns, "eth0"), (&self.node_ns, &outer));
+                self.namespaces.address(&netns, "eth0", &format!("{ip}/24"));
+                self.namespaces.attach(&self.node_ns, "br0", &outer);
+            }
+            Links::Routed(_) => {
+                routed::plumb_pod(&self.namespaces, &self.node_ns, &netns, &outer, &ip);
+            }
+        }
         Pod {
             name: name.to_owned(),
             netns,
             ip,
+        }
+    }
+
+    /// kube-proxy's part: the Service port `cluster_ip:port` now sends new connections to
+    /// `endpoints` (pod address, target port), chosen at random; none refuses them. Replaces
+    /// what was installed for that Service port before. Routed nodes only.
+    pub fn install_service(&mut self, cluster_ip: &str, port: u16, endpoints: &[(&str, u16)]) {
+        self.kube_proxy()
+            .install_service(cluster_ip, port, endpoints);
+    }
+
+    /// How many connections the node's Service rules have balanced to `cluster_ip:port`.
+    pub fn dnat_packets(&mut self, cluster_ip: &str, port: u16) -> u64 {
+        self.kube_proxy().dnat_packets(cluster_ip, port)
+    }
+
+    /// The node's iptables rules with their counters, for failure messages.
+    pub fn node_rules(&mut self) -> String {
+        self.kube_proxy().dump()
+    }
+
+    fn kube_proxy(&mut self) -> &mut KubeProxy {
+        match &mut self.links {
+            Links::Routed(kp) => kp,
+            Links::Bridge => panic!("Services need a routed node (Node::routed)"),
         }
     }
 
@@ -162,7 +239,7 @@ impl Node {
     pub fn start_ca(&mut self, ttl: &str) {
         assert!(self.ca.is_none(), "the CA is already running");
         let ip = self.node_ip();
-        let mut cmd = netns::command(&self.bridge_ns, None, &self.bins.ca);
+        let mut cmd = netns::command(&self.node_ns, None, &self.bins.ca);
         cmd.arg("serve")
             .arg("--state-dir")
             .arg(self.state_dir())
@@ -183,7 +260,7 @@ impl Node {
         wait_for(
             &format!("the CA to be ready ({url})"),
             Duration::from_secs(30),
-            || netns::curl(&self.bridge_ns, None, &["-sf", "--max-time", "1", &url]).is_ok(),
+            || netns::curl(&self.node_ns, None, &["-sf", "--max-time", "1", &url]).is_ok(),
         );
         let bundle = self.trust_bundle_file();
         if !bundle.exists() {
@@ -221,7 +298,7 @@ impl Node {
     pub fn served_trust_bundle(&self) -> String {
         let ip = self.node_ip();
         netns::curl(
-            &self.bridge_ns,
+            &self.node_ns,
             None,
             &[
                 "-sf",
@@ -285,13 +362,14 @@ impl Node {
             .env("PALISADE_SERVICE_ACCOUNT", sa)
             .env("PALISADE_POD_NAME", format!("{}-0", pod.name))
             .env("PALISADE_POD_IP", claimed_ip.unwrap_or(&pod.ip))
-            .env("PALISADE_LOG", "info")
+            .env("PALISADE_LOG", &self.proxy_log)
             .env("PALISADE_LOG_FORMAT", "json")
             // A first call to a new destination waits for the control plane's answer; on a
             // loaded CI machine (debug builds, several nodes at once) the default 2 s has been
             // exceeded once. These scenarios are about what the answer does, not how fast it is.
             .env("PALISADE_DESTINATION_WAIT", "5s");
-        self.procs.spawn(&format!("{}-proxy", pod.name), cmd);
+        let id = self.procs.spawn(&format!("{}-proxy", pod.name), cmd);
+        self.proxies.insert(pod.name.clone(), id);
         let wait = netns::command(&pod.netns, None, &self.bins.proxy)
             .args(["wait-ready", "--timeout", "30s"])
             .output()
@@ -308,10 +386,14 @@ impl Node {
     /// Serves `www/` over HTTP on `port` in `pod`: `python3 -m http.server`, as the app uid.
     pub fn serve_http(&mut self, pod: &Pod, port: u16) {
         let www = self.dir.path().join("www");
+        self.spawn_http(pod, port, &www);
+    }
+
+    fn spawn_http(&mut self, pod: &Pod, port: u16, www: &Path) {
         let mut cmd = netns::command(&pod.netns, Some(APP_UID), APP_PY);
         cmd.args(["-m", "http.server", &port.to_string(), "--bind", "0.0.0.0"])
             .arg("--directory")
-            .arg(&www);
+            .arg(www);
         self.procs.spawn(&format!("{}-app-{port}", pod.name), cmd);
         let url = format!("http://127.0.0.1:{port}/");
         wait_for(
@@ -319,6 +401,29 @@ impl Node {
             Duration::from_secs(15),
             || netns::curl(&pod.netns, None, &["-sf", "--max-time", "1", &url]).is_ok(),
         );
+    }
+
+    /// Kills the proxy of `pod` (SIGKILL), as a crash would. Its capture rules stay: what
+    /// reaches the pod is redirected to a port where nothing listens any more.
+    pub fn kill_proxy(&mut self, pod: &Pod) {
+        let id = self.proxies[&pod.name];
+        self.procs.kill(id);
+    }
+
+    /// Serves HTTP on `port` in `pod` like [`Node::serve_http`], from a directory of its own
+    /// that also holds `who` (the pod's name), so a caller can tell replicas apart.
+    pub fn serve_replica(&mut self, pod: &Pod, port: u16) {
+        let www = self.dir.path().join(format!("www-{}", pod.name));
+        fs::create_dir_all(&www).unwrap();
+        fs::set_permissions(&www, fs::Permissions::from_mode(0o755)).unwrap();
+        for entry in fs::read_dir(self.dir.path().join("www")).unwrap() {
+            let from = entry.unwrap().path();
+            fs::copy(&from, www.join(from.file_name().unwrap())).unwrap();
+        }
+        let who = www.join("who");
+        fs::write(&who, &pod.name).unwrap();
+        fs::set_permissions(&who, fs::Permissions::from_mode(0o644)).unwrap();
+        self.spawn_http(pod, port, &www);
     }
 
     /// Writes a file the apps serve.
@@ -364,6 +469,19 @@ impl Node {
                     .ok()
             })
             .unwrap_or(0.0)
+    }
+
+    /// The sum of every series of `metric` whose labels contain all of `labels` (each
+    /// written `name="value"`), whatever their order.
+    pub fn metric_sum(&self, pod: &Pod, metric: &str, labels: &[&str]) -> f64 {
+        self.admin(pod, "/metrics")
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} "))
+            })
+            .filter(|l| labels.iter().all(|want| l.contains(want)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     /// The serial of the certificate the proxy in `pod` presents now.
