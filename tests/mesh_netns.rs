@@ -430,3 +430,52 @@ fn a_valid_certificate_of_another_identity_is_refused_by_the_client_proxy() {
     );
     node.finish();
 }
+
+#[test]
+fn a_listener_the_app_keeps_on_loopback_is_not_reachable_through_the_mesh() {
+    let Some(mut node) = node("loopback_listener", 69) else {
+        return;
+    };
+    let legacy_ip = node.pod_ip(5);
+    let (web, api) = web_and_api(&mut node, "1h", &[("legacy", "legacy", &legacy_ip)]);
+    node.serve_http_on_loopback(&api, 9090);
+    // A pod that opted port 9090 back into loopback forwarding
+    // (palisade.dev/inbound-loopback-ports: "9090").
+    let legacy = node.add_pod("legacy", 5);
+    node.serve_http_on_loopback(&legacy, 9090);
+    node.mesh_pod_with(
+        &legacy,
+        "legacy",
+        None,
+        &[("PALISADE_INBOUND_LOOPBACK_PORTS", "9090")],
+    );
+
+    node.app_get(&web, &url(&api, 8080))
+        .expect("web → api:8080 is allowed");
+    // The app sees the call come to its pod address from its own proxy, not from loopback.
+    let served = node.log("api-app-8080");
+    assert!(
+        served
+            .lines()
+            .any(|l| l.starts_with(&format!("{} ", api.ip)) && l.contains("GET /hello.txt")),
+        "the app did not see the call arrive on the pod's address:\n{served}"
+    );
+    let reached = node.app_get(&web, &url(&api, 9090));
+    assert!(
+        reached.is_err(),
+        "a mesh caller reached api's loopback-only port 9090: {reached:?}"
+    );
+    assert!(
+        !node.log("api-app-9090").contains("GET /hello.txt"),
+        "the loopback-only app answered a mesh caller"
+    );
+    assert!(
+        node.metric(
+            &api,
+            "palisade_connections_refused_total{direction=\"inbound\",reason=\"app_unreachable\"}"
+        ) >= 1.0
+    );
+    node.app_get(&web, &url(&legacy, 9090))
+        .expect("a port opted into loopback forwarding is reached as before");
+    node.finish();
+}

@@ -136,9 +136,23 @@ impl Namespaces {
         ip(&["-n", netns, "link", "set", dev, "up"]);
     }
 
-    /// A bridge `dev` in `netns` with the address `cidr`, up.
+    /// A bridge `dev` in `netns` with the address `cidr`, up. Its MAC address is set, not
+    /// inherited: a bridge without one takes the lowest MAC of its ports, so attaching a pod
+    /// could change the MAC behind the node's address while other pods still have the old one
+    /// in their ARP cache — their packets to the node (the CA) would be dropped until the
+    /// entry expires.
     pub fn bridge(&self, netns: &str, dev: &str, cidr: &str) {
-        ip(&["-n", netns, "link", "add", dev, "type", "bridge"]);
+        ip(&[
+            "-n",
+            netns,
+            "link",
+            "add",
+            dev,
+            "address",
+            "02:00:5e:77:00:01",
+            "type",
+            "bridge",
+        ]);
         self.address(netns, dev, cidr);
     }
 

@@ -84,7 +84,8 @@ impl Processes {
         }
     }
 
-    /// Prints the last lines of every log in the directory (after a failure).
+    /// Prints the last lines (25, or `PALISADE_TEST_LOG_LINES`) of every log in the directory
+    /// (after a failure).
     pub fn dump_logs(&self) {
         let Ok(entries) = fs::read_dir(&self.log_dir) else {
             return;
@@ -96,7 +97,16 @@ impl Processes {
         logs.sort();
         for p in logs {
             let text = fs::read_to_string(&p).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(25).collect();
+            let tail: Vec<&str> = text
+                .lines()
+                .rev()
+                .take(
+                    std::env::var("PALISADE_TEST_LOG_LINES")
+                        .ok()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(25),
+                )
+                .collect();
             eprintln!("--- {} (last lines)", p.display());
             for l in tail.into_iter().rev() {
                 eprintln!("{l}");

@@ -248,7 +248,11 @@ impl Node {
             .args(["--auth", "local", "--cert-ttl", ttl])
             .args(["--listen", &format!("{ip}:15012")])
             .args(["--admin-listen", &format!("{ip}:15014")])
-            .env("PALISADE_LOG", "info");
+            // PALISADE_TEST_CA_LOG (e.g. `debug,h2=debug`) when a failure needs more.
+            .env(
+                "PALISADE_LOG",
+                std::env::var("PALISADE_TEST_CA_LOG").unwrap_or_else(|_| "info".into()),
+            );
         let ttl_secs = palisade_ca_api::contract::parse_duration(ttl)
             .unwrap_or_else(|e| panic!("certificate lifetime: {e}"))
             .as_secs();
@@ -341,6 +345,18 @@ impl Node {
     /// as uid 1337; waits until the proxy is ready. `claimed_ip` is the pod IP the proxy tells
     /// the control plane (normally the pod's own).
     pub fn mesh_pod(&mut self, pod: &Pod, sa: &str, claimed_ip: Option<&str>) {
+        self.mesh_pod_with(pod, sa, claimed_ip, &[]);
+    }
+
+    /// [`Node::mesh_pod`], with more `PALISADE_*` variables for the proxy (what an annotation
+    /// would give it).
+    pub fn mesh_pod_with(
+        &mut self,
+        pod: &Pod,
+        sa: &str,
+        claimed_ip: Option<&str>,
+        extra_env: &[(&str, &str)],
+    ) {
         let init = netns::command(&pod.netns, None, &self.bins.proxy)
             .arg("init")
             .output()
@@ -368,6 +384,7 @@ impl Node {
             // loaded CI machine (debug builds, several nodes at once) the default 2 s has been
             // exceeded once. These scenarios are about what the answer does, not how fast it is.
             .env("PALISADE_DESTINATION_WAIT", "5s");
+        cmd.envs(extra_env.iter().copied());
         let id = self.procs.spawn(&format!("{}-proxy", pod.name), cmd);
         self.proxies.insert(pod.name.clone(), id);
         let wait = netns::command(&pod.netns, None, &self.bins.proxy)
@@ -389,9 +406,20 @@ impl Node {
         self.spawn_http(pod, port, &www);
     }
 
+    /// Serves `www/` on `port` bound to the pod's loopback address only, as an app does with
+    /// a port it means to keep to itself (an admin or debug port).
+    pub fn serve_http_on_loopback(&mut self, pod: &Pod, port: u16) {
+        let www = self.dir.path().join("www");
+        self.spawn_http_bound(pod, port, &www, "127.0.0.1");
+    }
+
     fn spawn_http(&mut self, pod: &Pod, port: u16, www: &Path) {
+        self.spawn_http_bound(pod, port, www, "0.0.0.0");
+    }
+
+    fn spawn_http_bound(&mut self, pod: &Pod, port: u16, www: &Path, bind: &str) {
         let mut cmd = netns::command(&pod.netns, Some(APP_UID), APP_PY);
-        cmd.args(["-m", "http.server", &port.to_string(), "--bind", "0.0.0.0"])
+        cmd.args(["-m", "http.server", &port.to_string(), "--bind", bind])
             .arg("--directory")
             .arg(www);
         self.procs.spawn(&format!("{}-app-{port}", pod.name), cmd);
