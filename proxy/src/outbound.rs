@@ -295,8 +295,34 @@ fn finish(dp: &DataPath, relayed: crate::relay::Relayed, dst: SocketAddr) {
     let crate::relay::Relayed { up, down, result } = relayed;
     dp.metrics.bytes(Direction::Outbound, "to_upstream", up);
     dp.metrics.bytes(Direction::Outbound, "to_downstream", down);
-    if let Err(e) = result {
-        tracing::debug!(dst = %dst, error = %e, "outbound connection ended");
+    match result {
+        Ok(()) => {}
+        Err(e) => match refused_after_handshake(&e, down) {
+            // TLS 1.3: the server checks our certificate after the client's side of the
+            // handshake is done, so its refusal arrives as an alert on the first read. Without
+            // this, the app's request fails and the proxy says nothing.
+            Some(alert) => {
+                dp.metrics
+                    .handshake_failed(Direction::Outbound, "peer_refused_certificate");
+                tracing::warn!(dst = %dst, alert = %alert,
+                    "the destination refused this proxy's certificate: it does not trust the mesh root or admit this identity (check its trust bundle)");
+            }
+            None => tracing::debug!(dst = %dst, error = %e, "outbound connection ended"),
+        },
+    }
+}
+
+/// The TLS alert a destination sent before any byte came back, if that is how the relay ended.
+fn refused_after_handshake(error: &crate::relay::RelayError, down: u64) -> Option<String> {
+    let crate::relay::RelayError::Io(e) = error else {
+        return None;
+    };
+    if down > 0 {
+        return None;
+    }
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(alert) => Some(format!("{alert:?}")),
+        _ => None,
     }
 }
 

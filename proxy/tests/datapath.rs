@@ -368,3 +368,63 @@ async fn idle_connections_are_closed() {
         .expect("the proxy closes an idle connection");
     assert_eq!(n.unwrap_or(0), 0);
 }
+
+/// An mTLS server with a valid mesh certificate of `shop/api` that trusts another root for its
+/// clients: it refuses the proxy's certificate after the handshake (TLS 1.3).
+async fn server_that_distrusts_the_mesh(mesh: &Authority) -> std::net::SocketAddr {
+    use std::sync::Arc;
+    let provider = palisade_ca_api::tls::crypto_provider();
+    let other = Authority::new("other");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(other.root_der()).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let leaf = mesh.leaf(API);
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(leaf.chain.clone(), leaf.key())
+        .unwrap();
+    config.alpn_protocols = vec![palisade_ca_api::tls::MESH_ALPN.to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(s).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_destination_that_refuses_our_certificate_is_counted_and_logged() {
+    let a = Authority::new("mesh");
+    let server = server_that_distrusts_the_mesh(&a).await;
+    let mut c = ProxySpec::new(&a, WEB);
+    c.outbound_to = server;
+    let client = start_proxy(c).await;
+    client.mesh.set_destination(meshed(server, API));
+    assert!(
+        exchange(client.bound.outbound, b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .is_empty()
+    );
+    assert!(
+        eventually(|| client
+            .metrics
+            .handshake_failure_count(Direction::Outbound, "peer_refused_certificate")
+            == 1)
+        .await,
+        "{}",
+        client.metrics.render()
+    );
+}
