@@ -174,6 +174,7 @@ fn proxy_role(role: &str) {
                 outbound_target,
                 limits: Limits {
                     max_connections: 16_384,
+                    max_connections_per_source: 16_384,
                     ..Limits::default()
                 },
                 drain_timeout: Duration::from_secs(1),

@@ -78,6 +78,8 @@ pub struct Config {
     pub destination_wait: Duration,
     pub ca_timeout: Duration,
     pub max_connections: usize,
+    /// Concurrent inbound connections from one source address.
+    pub max_connections_per_source: usize,
     pub max_destinations: usize,
     pub worker_threads: usize,
     pub cert_ttl: Option<Duration>,
@@ -271,6 +273,12 @@ impl Config {
             destination_wait: r.duration(env::DESTINATION_WAIT, "2s")?,
             ca_timeout: r.duration(env::CA_TIMEOUT, "10s")?,
             max_connections: r.parsed(env::MAX_CONNECTIONS, Some("8192"), "", count(1, 1_000_000))?,
+            max_connections_per_source: r.parsed(
+                env::MAX_CONNECTIONS_PER_SOURCE,
+                Some("1024"),
+                "",
+                count(1, 1_000_000),
+            )?,
             max_destinations: r.parsed(
                 env::MAX_DESTINATIONS,
                 Some("256"),
@@ -320,6 +328,17 @@ impl Config {
                     });
                 }
             }
+        }
+        if self.max_connections_per_source > self.max_connections {
+            return Err(ConfigError::Invalid {
+                name: env::MAX_CONNECTIONS_PER_SOURCE,
+                value: self.max_connections_per_source.to_string(),
+                reason: format!(
+                    "more than {} ({}): one source cannot have more than all; lower it or raise the other",
+                    env::MAX_CONNECTIONS,
+                    self.max_connections
+                ),
+            });
         }
         if self.inbound_detect_timeout > Duration::from_secs(10)
             || self.inbound_detect_timeout.is_zero()

@@ -111,6 +111,29 @@ fn listeners_must_not_share_a_port() {
     assert!(err.contains("same port"), "{err}");
 }
 
+#[test]
+fn the_per_source_cap_cannot_exceed_the_total() {
+    let mut env = base();
+    env.insert("PALISADE_MAX_CONNECTIONS", "100");
+    env.insert("PALISADE_MAX_CONNECTIONS_PER_SOURCE", "200");
+    let err = Config::from_env(&env).unwrap_err().to_string();
+    assert!(
+        err.contains("PALISADE_MAX_CONNECTIONS_PER_SOURCE") && err.contains("lower it"),
+        "{err}"
+    );
+    env.insert("PALISADE_MAX_CONNECTIONS_PER_SOURCE", "100");
+    assert_eq!(
+        Config::from_env(&env).unwrap().max_connections_per_source,
+        100
+    );
+    env.remove("PALISADE_MAX_CONNECTIONS");
+    env.remove("PALISADE_MAX_CONNECTIONS_PER_SOURCE");
+    assert_eq!(
+        Config::from_env(&env).unwrap().max_connections_per_source,
+        1024
+    );
+}
+
 /// Exactly what the injector sets, with the pod's fields filled in as the kubelet would, is a
 /// valid configuration, and the proxy asks for an identity in the injector's trust domain.
 #[test]

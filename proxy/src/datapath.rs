@@ -30,6 +30,9 @@ pub struct Limits {
     pub destination_wait: Duration,
     /// Concurrent connections per direction.
     pub max_connections: usize,
+    /// Concurrent inbound connections from one source address, so that one hostile or broken
+    /// caller (stalled ClientHellos, say) cannot fill the inbound cap for everyone else.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for Limits {
@@ -41,6 +44,7 @@ impl Default for Limits {
             detect_window: Duration::from_millis(200),
             destination_wait: Duration::from_secs(2),
             max_connections: 8192,
+            max_connections_per_source: 1024,
         }
     }
 }
@@ -130,6 +134,10 @@ pub async fn accept_loop<F, Fut>(
     let max = data_path.limits.max_connections;
     let slots = Arc::new(Semaphore::new(max));
     let limit_log = LogThrottle::new(1, 1);
+    // Only inbound callers are told apart: outbound ones are all the pod's own app.
+    let sources = (direction == Direction::Inbound)
+        .then(|| SourceCounts::new(data_path.limits.max_connections_per_source));
+    let source_log = LogThrottle::new(1, 1);
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -152,11 +160,27 @@ pub async fn accept_loop<F, Fut>(
                     drop(stream);
                     continue;
                 };
+                let source = match &sources {
+                    None => None,
+                    Some(counts) => match counts.admit(peer.ip()) {
+                        Some(held) => Some(held),
+                        None => {
+                            data_path.metrics.refused(direction, "source_connection_limit");
+                            if let Some(suppressed) = source_log.admit() {
+                                tracing::warn!(direction = direction.as_str(), limit = counts.cap, peer = %peer, suppressed_since_last = suppressed,
+                                    "one source holds as many connections as it may: refusing its new ones until some close (PALISADE_MAX_CONNECTIONS_PER_SOURCE)");
+                            }
+                            drop(stream);
+                            continue;
+                        }
+                    },
+                };
                 let _ = stream.set_nodelay(true);
                 let span = tracing::info_span!("conn", direction = direction.as_str(), peer.ip = %peer.ip(), peer.port = peer.port());
                 let fut = handle(stream, peer, data_path.clone());
                 tasks.spawn(async move {
                     let _permit = permit;
+                    let _source = source;
                     fut.await;
                 }.instrument(span));
                 while tasks.try_join_next().is_some() {}
@@ -169,6 +193,53 @@ pub async fn accept_loop<F, Fut>(
     tokio::select! {
         _ = until_true(&mut abort) => tasks.abort_all(),
         _ = async { while tasks.join_next().await.is_some() {} } => {}
+    }
+}
+
+/// Open connections per source address, at most `cap` each; holds only sources with open
+/// connections.
+struct SourceCounts {
+    cap: usize,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// One connection counted against its source until dropped.
+struct SourceHeld {
+    ip: std::net::IpAddr,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl SourceCounts {
+    fn new(cap: usize) -> Self {
+        SourceCounts {
+            cap: cap.max(1),
+            open: Default::default(),
+        }
+    }
+
+    fn admit(&self, ip: std::net::IpAddr) -> Option<SourceHeld> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(SourceHeld {
+            ip,
+            open: self.open.clone(),
+        })
+    }
+}
+
+impl Drop for SourceHeld {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -141,6 +141,7 @@ fn settings(config: &Config) -> Settings {
             detect_window: config.inbound_detect_timeout,
             destination_wait: config.destination_wait,
             max_connections: config.max_connections,
+            max_connections_per_source: config.max_connections_per_source,
         },
         drain_timeout: config.drain_timeout,
         probes: config.app_probes.clone(),

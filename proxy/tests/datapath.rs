@@ -428,3 +428,50 @@ async fn a_destination_that_refuses_our_certificate_is_counted_and_logged() {
         client.metrics.render()
     );
 }
+
+#[tokio::test]
+async fn one_source_cannot_fill_the_inbound_cap() {
+    let a = Authority::new("mesh");
+    let app = echo_app().await;
+    let mut s = ProxySpec::new(&a, API);
+    s.inbound_port = app.addr.port();
+    s.limits.max_connections_per_source = 2;
+    let server = start_proxy(s).await;
+    server
+        .mesh
+        .set_inbound(Some(policy(DefaultPolicy::All, vec![])));
+    // Two stalled ClientHellos from 127.0.0.1: the first byte of a TLS record, then nothing.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(server.bound.inbound).await.unwrap();
+        s.write_all(&[0x16]).await.unwrap();
+        stalled.push(s);
+    }
+    assert!(
+        eventually(|| server.metrics.active(Direction::Inbound) == 2).await,
+        "both stalled callers are held"
+    );
+    // A third from the same source is refused at once...
+    assert!(exchange(server.bound.inbound, b"third").await.is_empty());
+    assert_eq!(
+        server
+            .metrics
+            .refused_count(Direction::Inbound, "source_connection_limit"),
+        1
+    );
+    // ...while another source is served (plaintext admitted by `all`).
+    let other = tokio::net::TcpSocket::new_v4().unwrap();
+    other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut s = other.connect(server.bound.inbound).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"GET / HTTP/1.0\r\n\r\n");
+    drop(stalled);
+    assert!(eventually(|| server.metrics.active(Direction::Inbound) == 0).await);
+    assert_eq!(exchange(server.bound.inbound, b"again").await, b"again");
+}

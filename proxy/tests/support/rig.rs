@@ -79,6 +79,7 @@ pub fn limits() -> Limits {
         detect_window: Duration::from_secs(1),
         destination_wait: Duration::from_millis(300),
         max_connections: 64,
+        max_connections_per_source: 64,
     }
 }
 
