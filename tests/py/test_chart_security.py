@@ -24,7 +24,7 @@ CA_CLUSTER_ACCESS = {
     ("", "services"): {"get", "list", "watch"},
     ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
     ("palisade.dev", "meshpolicies"): {"get", "list", "watch"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "update"},
+    ("", "configmaps"): {"get", "create", "update"},
 }
 CA_NAMESPACED_ACCESS = {("", "secrets"): {"get", "create", "update"}}
 
@@ -60,6 +60,17 @@ def test_ca_rbac_is_exactly_what_kubernetes_mode_needs(name):
             assert rule["resourceNames"] == ["palisade-ca-keys"]
         else:
             assert rule["verbs"] == ["create"] and "resourceNames" not in rule
+    # ConfigMaps: read and updated only by the trust anchors' name; create alone is open (it
+    # cannot be limited by name). No list or watch of ConfigMaps at all.
+    for rule in rendered.one("ClusterRole", "palisade-ca")["rules"]:
+        if "configmaps" not in rule["resources"]:
+            continue
+        assert rule["resources"] == ["configmaps"], rule
+        if set(rule["verbs"]) & {"get", "update"}:
+            assert rule["resourceNames"] == ["palisade-trust-anchors"], rule
+            assert set(rule["verbs"]) == {"get", "update"}, rule
+        else:
+            assert rule["verbs"] == ["create"] and "resourceNames" not in rule, rule
     # No secrets anywhere cluster-wide.
     assert not any("secrets" in r["resources"] for r in rendered.one("ClusterRole", "palisade-ca")["rules"])
 
