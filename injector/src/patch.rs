@@ -2,7 +2,7 @@
 //! of operations out. Operations that address existing array elements by index (probe
 //! rewrites) come before the insertions that shift those indices.
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use serde_json::Value;
 
 use crate::annotations::{PodOverrides, ValueError, parse_overrides};
@@ -12,7 +12,7 @@ use crate::settings::InjectorSettings;
 use crate::sidecar::{INIT_CONTAINER, PROXY_CONTAINER, Prebuilt, TOKEN_VOLUME, TRUST_VOLUME};
 use palisade_ca_api::contract::{
     APP_PROBES_ANNOTATION, AppProbes, INBOUND_PORT, INJECTED_LABEL, OUTBOUND_PORT,
-    PROXY_ADMIN_PORT as ADMIN_PORT,
+    PROXY_ADMIN_PORT as ADMIN_PORT, PROXY_UID,
 };
 
 /// Why a pod that should be injected cannot be: the pod is denied with this message.
@@ -33,6 +33,12 @@ pub enum InjectError {
          another port, or opt the pod out with the label palisade.dev/inject=disabled"
     )]
     ReservedPort { container: String, port: i32 },
+    #[error(
+        "{field} is {PROXY_UID}, the uid palisade-proxy runs as: capture leaves that uid's \
+         traffic alone, so container {container:?} would bypass the mesh; run it as another uid, \
+         or opt the pod out with the label palisade.dev/inject=disabled"
+    )]
+    ProxyUid { container: String, field: String },
     #[error("the pod has no spec; send a complete Pod object")]
     NoSpec,
 }
@@ -83,6 +89,37 @@ fn check_reserved(pod_containers: &[&Container], volumes: &[&str]) -> Result<(),
             kind: "volume",
             name: (*name).to_owned(),
         });
+    }
+    Ok(())
+}
+
+/// Refuses a pod whose app would run as the proxy's uid: its traffic would skip capture.
+fn check_app_uid(spec: &PodSpec) -> Result<(), InjectError> {
+    let pod_uid = spec.security_context.as_ref().and_then(|s| s.run_as_user);
+    let lists = [
+        ("containers", spec.containers.as_slice()),
+        (
+            "initContainers",
+            spec.init_containers.as_deref().unwrap_or_default(),
+        ),
+    ];
+    for (list, containers) in lists {
+        for (i, c) in containers.iter().enumerate() {
+            let own = c.security_context.as_ref().and_then(|s| s.run_as_user);
+            let field = match (own, pod_uid) {
+                (Some(uid), _) if uid == i64::from(PROXY_UID) => {
+                    format!("spec.{list}[{i}].securityContext.runAsUser")
+                }
+                (None, Some(uid)) if uid == i64::from(PROXY_UID) => {
+                    "spec.securityContext.runAsUser".to_owned()
+                }
+                _ => continue,
+            };
+            return Err(InjectError::ProxyUid {
+                container: c.name.clone(),
+                field,
+            });
+        }
     }
     Ok(())
 }
@@ -210,6 +247,7 @@ pub fn build_patch<'a>(
         .map(|v| v.name.as_str())
         .collect();
     check_reserved(&all, &volumes)?;
+    check_app_uid(spec)?;
 
     let mut ops = Vec::new();
     let probes = rewrite_all_probes(&spec.containers, init_containers, &mut ops)?;
@@ -251,7 +289,13 @@ pub fn build_patch<'a>(
         INJECTED_LABEL,
         "true".into(),
     );
-    if !probes.is_empty() {
+    // Always written when the pod brought its own: the proxy runs what it records, so a pod
+    // must not choose it.
+    let supplied = meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(APP_PROBES_ANNOTATION));
+    if !probes.is_empty() || supplied {
         let record = serde_json::to_string(&probes).unwrap_or_default();
         add_to_map(
             &mut ops,

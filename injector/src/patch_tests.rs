@@ -370,3 +370,43 @@ fn the_injected_pod_is_not_injected_again() {
         assert_eq!(skip_pod(&typed).unwrap(), Some(SkipReason::AlreadyInjected));
     }
 }
+
+#[test]
+fn an_app_running_as_the_proxy_uid_is_refused_with_the_field_named() {
+    let s = settings();
+    let deny = |pod: Value| {
+        let typed: Pod = serde_json::from_value(pod).unwrap();
+        build_patch(&typed, &s).unwrap_err().to_string()
+    };
+    let mut pod = minimal();
+    pod["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 1337});
+    let err = deny(pod.clone());
+    assert!(
+        err.contains("spec.containers[0].securityContext.runAsUser is 1337")
+            && err.contains("run it as another uid"),
+        "{err}"
+    );
+    let mut pod_level = minimal();
+    pod_level["spec"]["securityContext"] = json!({"runAsUser": 1337});
+    assert!(deny(pod_level.clone()).contains("spec.securityContext.runAsUser is 1337"));
+    // A container's own uid wins over the pod's.
+    pod_level["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 1000});
+    inject(pod_level);
+    let mut init = minimal();
+    init["spec"]["initContainers"] = json!([{"name": "setup", "image": "busybox",
+        "securityContext": {"runAsUser": 1337}}]);
+    assert!(deny(init).contains("spec.initContainers[0].securityContext.runAsUser"));
+}
+
+#[test]
+fn an_app_probes_annotation_the_pod_brought_is_overwritten() {
+    let mut pod = minimal();
+    pod["metadata"]["annotations"] = json!({
+        "palisade.dev/app-probes": "{\"app/liveness\": {\"httpGet\": {\"port\": 15000, \"path\": \"/internal\"}}}"
+    });
+    let (patched, _, _) = inject(pod);
+    assert_eq!(
+        patched["metadata"]["annotations"]["palisade.dev/app-probes"], "{}",
+        "a pod without probes to rewrite records none, whatever it brought"
+    );
+}

@@ -71,16 +71,18 @@ pub enum DenyReason {
     InvalidProbe,
     ReservedName,
     ReservedPort,
+    ProxyUid,
     NoSpec,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 6] = [
+    pub const ALL: [DenyReason; 7] = [
         Self::InvalidAnnotation,
         Self::InvalidInjectValue,
         Self::InvalidProbe,
         Self::ReservedName,
         Self::ReservedPort,
+        Self::ProxyUid,
         Self::NoSpec,
     ];
 
@@ -91,6 +93,7 @@ impl DenyReason {
             Self::InvalidProbe => "invalid_probe",
             Self::ReservedName => "reserved_name",
             Self::ReservedPort => "reserved_port",
+            Self::ProxyUid => "proxy_uid",
             Self::NoSpec => "no_spec",
         }
     }
@@ -101,6 +104,7 @@ impl DenyReason {
             InjectError::Probe(_) => Self::InvalidProbe,
             InjectError::ReservedName { .. } => Self::ReservedName,
             InjectError::ReservedPort { .. } => Self::ReservedPort,
+            InjectError::ProxyUid { .. } => Self::ProxyUid,
             InjectError::NoSpec => Self::NoSpec,
         }
     }

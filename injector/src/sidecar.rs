@@ -15,7 +15,7 @@ use crate::annotations::{PodOverrides, Quantity};
 
 /// Names of the injected objects (the ports, paths and names they share with the proxy and the
 /// CA are in `palisade_ca_api::contract`).
-pub const PROXY_CONTAINER: &str = "palisade-proxy";
+pub use palisade_ca_api::contract::PROXY_CONTAINER;
 pub const INIT_CONTAINER: &str = "palisade-init";
 pub const TOKEN_VOLUME: &str = "palisade-token";
 pub const TRUST_VOLUME: &str = "palisade-trust-anchors";

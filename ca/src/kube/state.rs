@@ -15,7 +15,7 @@ use super::services::{ServiceInfo, SliceInfo, services_with_endpoints};
 use crate::mesh::{MeshState, Workload};
 
 pub use palisade_ca_api::contract::{
-    DEFAULT_POLICY_ANNOTATION, INJECT as INJECT_LABEL, INJECTED_LABEL,
+    DEFAULT_POLICY_ANNOTATION, INJECT as INJECT_LABEL, INJECTED_LABEL, PROXY_CONTAINER,
 };
 
 /// The objects of one kind, by `(namespace, name)`, as converted values.
@@ -91,9 +91,26 @@ impl<V> Tracked<V> {
     }
 }
 
-/// A meshed pod as a workload; `None` for pods that are gone (their IPs may be reused).
+/// A meshed pod as a workload; `None` for pods that are gone (their IPs may be reused), and
+/// for pods that only claim to be meshed: the label alone is something any pod can set, so a
+/// pod counts only with the injected proxy container, and never a hostNetwork pod (its
+/// address is the node's, shared with everything on the node).
 pub fn workload_of(pod: &Pod) -> Option<Workload> {
     if pod.labels().get(INJECTED_LABEL).map(String::as_str) != Some("true") {
+        return None;
+    }
+    let spec = pod.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    let has_proxy = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == PROXY_CONTAINER);
+    if !has_proxy {
+        tracing::debug!(pod = %format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
+            "labelled injected without the proxy container: not meshed");
         return None;
     }
     let status = pod.status.as_ref();
@@ -228,7 +245,8 @@ mod tests {
     fn pods_become_workloads() {
         let p = pod(serde_json::json!({
             "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web", "palisade.dev/injected": "true"}},
-            "spec": {"serviceAccountName": "web", "containers": []},
+            "spec": {"serviceAccountName": "web", "containers": [{"name": "web"}],
+                     "initContainers": [{"name": "palisade-proxy", "restartPolicy": "Always"}]},
             "status": {"phase": "Running", "podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}]}
         }));
         let w = workload_of(&p).unwrap();
@@ -244,6 +262,24 @@ mod tests {
         let mut done = p.clone();
         done.status.as_mut().unwrap().phase = Some("Succeeded".into());
         assert!(workload_of(&done).is_none());
+        // The label without the proxy container, or on a hostNetwork pod, is not enough.
+        let mut claimed = p.clone();
+        claimed.spec.as_mut().unwrap().init_containers = None;
+        assert!(workload_of(&claimed).is_none());
+        let mut host = p.clone();
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert!(workload_of(&host).is_none());
+        let mut classic = p.clone();
+        let spec = classic.spec.as_mut().unwrap();
+        spec.init_containers = None;
+        spec.containers.insert(
+            0,
+            serde_json::from_value(serde_json::json!({"name": "palisade-proxy"})).unwrap(),
+        );
+        assert!(
+            workload_of(&classic).is_some(),
+            "the proxy as the first container counts"
+        );
         let mut plain = p;
         plain
             .metadata
@@ -293,6 +329,7 @@ mod tests {
         let mut t: Tracked<Workload> = Tracked::default();
         let p = pod(serde_json::json!({
             "metadata": {"name": "a", "namespace": "n", "labels": {"palisade.dev/injected": "true"}},
+            "spec": {"containers": [{"name": "palisade-proxy"}]},
             "status": {"podIP": "10.0.0.1"}
         }));
         t.apply(Event::Init, workload_of);

@@ -45,8 +45,12 @@ pub fn ca_addr(namespace: &str) -> String {
     format!("{}:{CA_PORT}", ca_dns_name(namespace))
 }
 
-/// The label the injector puts on every pod it injects; the CA treats such pods as meshed.
+/// The label the injector puts on every pod it injects; the CA treats such pods as meshed
+/// when they also carry the proxy container ([`PROXY_CONTAINER`]) and are not hostNetwork.
 pub const INJECTED_LABEL: &str = "palisade.dev/injected";
+/// The name of the injected proxy container (a native sidecar init container, or the first
+/// container on older clusters).
+pub const PROXY_CONTAINER: &str = "palisade-proxy";
 /// Namespace label that opts a namespace in (`enabled`); as a pod label or annotation,
 /// `disabled` opts the pod out.
 pub const INJECT: &str = "palisade.dev/inject";
