@@ -296,3 +296,126 @@ async fn the_admin_port_refuses_past_its_caps_and_answers_probes() {
     );
     ca.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn http2_streams_and_header_lists_are_bounded() {
+    let ca = TestCa::start().await;
+    let limits = ConnectionLimits::default();
+    let tcp = tokio::net::TcpStream::connect(ca.addr()).await.unwrap();
+    let tls = tls_over(tcp, tls_config(ca.roots.clone(), None, &[b"h2"])).await;
+    let (client, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    // The server's SETTINGS arrive with the first exchange.
+    let get = |extra: Option<String>| {
+        let mut req = http::Request::get(format!("https://{}/v1/trust-bundle", support::CA_NAME));
+        if let Some(v) = extra {
+            req = req.header("x-padding", v);
+        }
+        req.body(()).unwrap()
+    };
+    let (resp, _) = client.send_request(get(None), true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    assert_eq!(
+        client.current_max_send_streams(),
+        limits.h2_max_concurrent_streams as usize,
+        "the stream limit the server announced"
+    );
+    // A header list over the limit is refused, and the connection serves on.
+    let big = "a".repeat(limits.h2_max_header_list_size as usize + 1024);
+    let mut client = client.ready().await.unwrap();
+    let (resp, _) = client.send_request(get(Some(big)), true).unwrap();
+    match resp.await {
+        Ok(r) => assert_eq!(r.status(), 431),
+        Err(e) => assert_eq!(e.reason(), Some(h2::Reason::REFUSED_STREAM), "{e}"),
+    }
+    let mut client = client.ready().await.unwrap();
+    let (resp, _) = client.send_request(get(None), true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    ca.running.shutdown().await;
+}
+
+/// A connection whose reads and writes stop when told, as a peer that vanished without a FIN.
+struct Freezable<S> {
+    inner: S,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Freezable<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Freezable<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn an_http2_peer_that_stops_answering_pings_is_dropped() {
+    let limits = ConnectionLimits {
+        h2_keepalive_interval: Duration::from_secs(1),
+        h2_keepalive_timeout: Duration::from_secs(1),
+        ..ConnectionLimits::default()
+    };
+    let ca = TestCa::start_with(|c| c.connections = limits).await;
+    let stats = ca.running.ca.metrics.api_connections.clone();
+    let tcp = tokio::net::TcpStream::connect(ca.addr()).await.unwrap();
+    let tls = tls_over(tcp, tls_config(ca.roots.clone(), None, &[b"h2"])).await;
+    let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = Freezable {
+        inner: tls,
+        frozen: frozen.clone(),
+    };
+    let (client, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("https://{}/v1/trust-bundle", support::CA_NAME))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Well inside the idle timeout: only the unanswered PING can end it.
+    let deadline = Instant::now()
+        + limits.h2_keepalive_interval
+        + limits.h2_keepalive_timeout
+        + Duration::from_secs(3);
+    while stats.closed_count("keepalive_timeout") == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats.closed_count("keepalive_timeout"), 1);
+    assert_eq!(stats.closed_count("idle_timeout"), 0);
+    drop(client);
+    ca.running.shutdown().await;
+}
