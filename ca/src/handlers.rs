@@ -254,7 +254,7 @@ async fn authenticate(
     }
     let source = peer.to_canonical().to_string();
     if let Err(retry) = ca.source_limiter.check(&source, Instant::now()) {
-        ca.metrics.source_limited();
+        ca.metrics.source_limited(&source);
         return Err(ApiError {
             code: ErrorCode::RateLimited,
             message: format!(

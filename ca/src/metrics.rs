@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use palisade_plumbing::conn_gate::ConnectionStats;
+use palisade_plumbing::conn_gate::{ConnectionStats, LogThrottle};
 use palisade_plumbing::metrics::{CounterFamily, Exposition, Histogram, Kind};
 
 /// Upper bounds of the issuance latency histogram, in seconds.
@@ -27,6 +27,7 @@ pub struct Metrics {
     /// What the admin port's connection bounds did.
     pub admin_connections: Arc<ConnectionStats>,
     source_limited: AtomicU64,
+    source_limited_log: LogThrottle,
 }
 
 impl Metrics {
@@ -44,6 +45,7 @@ impl Metrics {
             api_connections: Arc::new(ConnectionStats::new("api")),
             admin_connections: Arc::new(ConnectionStats::new("admin")),
             source_limited: AtomicU64::new(0),
+            source_limited_log: LogThrottle::default(),
         }
     }
 
@@ -56,9 +58,20 @@ impl Metrics {
         self.refused.add(&[("code", code)], 1);
     }
 
-    /// A request was refused before its token was checked: its source failed too many checks.
-    pub fn source_limited(&self) {
+    /// A request from `source` was refused before its token was checked: the address failed
+    /// too many checks. Counted, and logged at most every 10 s.
+    pub fn source_limited(&self, source: &str) {
         self.source_limited.fetch_add(1, Ordering::Relaxed);
+        if let Some(skipped) = self
+            .source_limited_log
+            .allow("source_rate_limited", std::time::Instant::now())
+        {
+            tracing::warn!(
+                peer.ip = source,
+                skipped,
+                "certificate request refused before its token was checked: too many failed token checks from this address"
+            );
+        }
     }
 
     pub fn mesh_reload(&self, ok: bool) {
