@@ -4,18 +4,19 @@
 use std::sync::Arc;
 
 use http::StatusCode;
-use palisade_plumbing::admin_http::{self, AdminResponse, Limits};
+use palisade_plumbing::admin_http::{self, AdminResponse};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::state::Ca;
 
 pub async fn serve_admin(listener: TcpListener, ca: Arc<Ca>, shutdown: watch::Receiver<bool>) {
+    let (limits, stats) = (ca.config.admin_limits, ca.metrics.admin_connections.clone());
     let route = move |req: http::Request<hyper::body::Incoming>, _peer| {
         let answer = answer(&ca, req.uri().path());
         async move { answer }
     };
-    admin_http::serve(listener, Limits::default(), route, shutdown).await;
+    admin_http::serve_counted(listener, limits, stats, route, shutdown).await;
 }
 
 fn answer(ca: &Ca, path: &str) -> AdminResponse {

@@ -48,6 +48,54 @@ pub struct ServeConfig {
     pub default_policy: DefaultPolicy,
     /// Audit lines are appended to this file instead of going to stdout.
     pub audit_file: Option<PathBuf>,
+    /// Token checks per second allowed per source address (0: no limit). Taken before the
+    /// token is checked and given back when it is valid, so only failed checks count.
+    pub source_rate_limit: u32,
+    pub source_rate_limit_burst: u32,
+    /// The bounds of the API port's connections.
+    pub connections: ConnectionLimits,
+    /// The bounds of the admin port's connections.
+    pub admin_limits: palisade_plumbing::admin_http::Limits,
+}
+
+/// The bounds of every connection to the API port: how many, how long each may take to say
+/// something, and how much HTTP/2 may ask of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Connections open at once from one source address.
+    pub max_connections_per_source: usize,
+    /// From accept to a finished TLS handshake.
+    pub handshake_timeout: Duration,
+    /// For the headers of a request (HTTP/1.1), and for the first request of a connection.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight this long is closed.
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams open at once per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 header list size (decoded bytes) of one request.
+    pub h2_max_header_list_size: u32,
+    /// HTTP/2 keep-alive: a PING this often...
+    pub h2_keepalive_interval: Duration,
+    /// ...and a peer that has not answered within this is gone.
+    pub h2_keepalive_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 10_000,
+            max_connections_per_source: 64,
+            handshake_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            h2_max_concurrent_streams: 100,
+            h2_max_header_list_size: 16 * 1024,
+            h2_keepalive_interval: Duration::from_secs(30),
+            h2_keepalive_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +131,10 @@ impl ServeConfig {
             shutdown_grace: Duration::from_secs(10),
             default_policy: DefaultPolicy::AllAuthenticated,
             audit_file: None,
+            source_rate_limit: 5,
+            source_rate_limit_burst: 20,
+            connections: ConnectionLimits::default(),
+            admin_limits: palisade_plumbing::admin_http::Limits::default(),
         }
     }
 
@@ -108,6 +160,25 @@ impl ServeConfig {
                     palisade_ca_api::contract::format_duration(self.cert_ttl)
                 ),
             ));
+        }
+        let c = &self.connections;
+        if c.max_connections == 0 {
+            return Err(invalid("--max-connections", "must be at least 1"));
+        }
+        if c.max_connections_per_source == 0 {
+            return Err(invalid(
+                "--max-connections-per-source",
+                "must be at least 1",
+            ));
+        }
+        for (flag, d) in [
+            ("--tls-handshake-timeout", c.handshake_timeout),
+            ("--header-read-timeout", c.header_read_timeout),
+            ("--idle-timeout", c.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(flag, "must be more than 0 (use e.g. 10s)"));
+            }
         }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(invalid("--admin-listen", "must differ from --listen"));

@@ -1,14 +1,15 @@
 //! The CA API's request handlers. Each refusal is the documented JSON error.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use palisade_ca_api::SpiffeId;
 use palisade_ca_api::wire::{
@@ -20,6 +21,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use time::format_description::well_known::Rfc3339;
 
 use crate::audit::Issuance;
+use crate::auth::{AuthError, TokenIdentity};
 use crate::csr::{CsrError, check_csr, csr_der_from_pem};
 use crate::state::Ca;
 
@@ -62,15 +64,30 @@ fn error_response(ca: &Ca, e: ApiError) -> Response<Body> {
     resp
 }
 
-/// Routes one request; `peer_chain` is the client certificate chain of the connection, if any.
+/// The methods each path takes, for the `Allow` header of a 405 (RFC 9110, 15.5.6).
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    match path {
+        PATH_CERTIFICATES => Some("POST"),
+        PATH_TRUST_BUNDLE => Some("GET, HEAD"),
+        PATH_MESH_WATCH => Some("GET"),
+        _ => None,
+    }
+}
+
+/// Routes one request from `peer`; `peer_chain` is the client certificate chain of the
+/// connection, if any. `HEAD` is answered as `GET` would be, without the body, on both HTTP/1.1
+/// and HTTP/2.
 pub async fn route(
     ca: Arc<Ca>,
+    peer: IpAddr,
     peer_chain: Option<Arc<Vec<CertificateDer<'static>>>>,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let result = match (req.method(), req.uri().path()) {
-        (&Method::POST, PATH_CERTIFICATES) => issue(&ca, req).await,
-        (&Method::GET, PATH_TRUST_BUNDLE) => Ok(json_response(
+    let head = req.method() == Method::HEAD;
+    let path = req.uri().path().to_owned();
+    let result = match (req.method(), path.as_str()) {
+        (&Method::POST, PATH_CERTIFICATES) => issue(&ca, peer, req).await,
+        (&Method::GET | &Method::HEAD, PATH_TRUST_BUNDLE) => Ok(json_response(
             StatusCode::OK,
             &TrustBundleResponse {
                 trust_bundle: ca.authority.trust_bundle_pem().to_vec(),
@@ -79,14 +96,15 @@ pub async fn route(
         (&Method::GET, PATH_MESH_WATCH) => {
             watch(&ca, peer_chain.as_deref().map(Vec::as_slice), &req)
         }
-        (_, PATH_CERTIFICATES | PATH_TRUST_BUNDLE | PATH_MESH_WATCH) => Err(ApiError::new(
-            ErrorCode::MethodNotAllowed,
-            format!(
-                "{} does not take {}: see docs/ca-api.md",
-                req.uri().path(),
-                req.method()
-            ),
-        )),
+        (method, path @ (PATH_CERTIFICATES | PATH_TRUST_BUNDLE | PATH_MESH_WATCH)) => {
+            Err(ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                format!(
+                    "{path} does not take {method}: it takes {}; see docs/ca-api.md",
+                    allowed_methods(path).unwrap_or_default()
+                ),
+            ))
+        }
         (_, path) => Err(ApiError::new(
             ErrorCode::NotFound,
             format!(
@@ -94,12 +112,45 @@ pub async fn route(
             ),
         )),
     };
-    result.unwrap_or_else(|e| error_response(&ca, e))
+    let mut response = result.unwrap_or_else(|e| error_response(&ca, e));
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED
+        && let Some(allow) = allowed_methods(&path)
+    {
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    }
+    if head {
+        response = without_body(response);
+    }
+    response
 }
 
+/// The answer to a `HEAD`: the headers `GET` would get, its length included, and no body.
+fn without_body(response: Response<Body>) -> Response<Body> {
+    use hyper::body::Body as _;
+    let (mut parts, body) = response.into_parts();
+    if let Some(len) = body.size_hint().exact() {
+        parts
+            .headers
+            .entry(header::CONTENT_LENGTH)
+            .or_insert_with(|| len.into());
+    }
+    Response::from_parts(parts, Empty::new().boxed_unsync())
+}
+
+/// A request body must have arrived this long after its headers.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Of a body over the limit, up to this much is read and thrown away (within
+/// [`DRAIN_TIMEOUT`]) before the 413 is sent, so that a client still sending it sees the answer
+/// rather than a reset stream (HTTP/2) or connection (HTTP/1.1).
+const DRAIN_BYTES: u64 = 1024 * 1024;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn read_json_body(
-    req: Request<Incoming>,
-) -> Result<(http::request::Parts, CertificateRequest), ApiError> {
+    parts: &http::request::Parts,
+    mut body: Incoming,
+) -> Result<CertificateRequest, ApiError> {
     let too_large = || {
         ApiError::new(
             ErrorCode::BodyTooLarge,
@@ -109,36 +160,76 @@ async fn read_json_body(
             ),
         )
     };
-    let declared = req
-        .headers()
+    let unreadable = |why: String| {
+        ApiError::new(
+            ErrorCode::MalformedRequest,
+            format!("the request body could not be read: {why}"),
+        )
+    };
+    let declared = parts
+        .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_REQUEST_BODY_BYTES as u64) {
+    let max = MAX_REQUEST_BODY_BYTES as u64;
+    if let Some(declared) = declared.filter(|n| *n > max) {
+        if declared <= max + DRAIN_BYTES {
+            drain(&mut body).await;
+        }
         return Err(too_large());
     }
-    let (parts, body) = req.into_parts();
-    let bytes = Limited::new(body, MAX_REQUEST_BODY_BYTES)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
-            } else {
-                ApiError::new(
-                    ErrorCode::MalformedRequest,
-                    format!("the request body could not be read: {e}"),
-                )
-            }
-        })?
-        .to_bytes();
+    let bytes = match tokio::time::timeout(BODY_READ_TIMEOUT, collect_at_most(&mut body, max)).await
+    {
+        Err(_) => {
+            return Err(unreadable(format!(
+                "it did not arrive within {}s",
+                BODY_READ_TIMEOUT.as_secs()
+            )));
+        }
+        Ok(Err(e)) => return Err(unreadable(e.to_string())),
+        Ok(Ok(None)) => {
+            drain(&mut body).await;
+            return Err(too_large());
+        }
+        Ok(Ok(Some(bytes))) => bytes,
+    };
     let request = serde_json::from_slice::<CertificateRequest>(&bytes).map_err(|e| {
         ApiError::new(
             ErrorCode::MalformedRequest,
             format!("the body is not the expected JSON ({e}): send {{\"csr\": \"<PEM CSR>\", \"ttl_seconds\": <optional>}}"),
         )
     })?;
-    Ok((parts, request))
+    Ok(request)
+}
+
+/// The whole body, or `None` as soon as it passes `max` bytes.
+async fn collect_at_most(body: &mut Incoming, max: u64) -> Result<Option<Vec<u8>>, hyper::Error> {
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame?.data_ref() {
+            if (bytes.len() + data.len()) as u64 > max {
+                return Ok(None);
+            }
+            bytes.extend_from_slice(data);
+        }
+    }
+    Ok(Some(bytes))
+}
+
+/// Reads and discards the rest of `body`, at most [`DRAIN_BYTES`] within [`DRAIN_TIMEOUT`].
+async fn drain(body: &mut Incoming) {
+    let discard = async {
+        let mut left = DRAIN_BYTES;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                let Some(rest) = left.checked_sub(data.len() as u64) else {
+                    return;
+                };
+                left = rest;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, discard).await;
 }
 
 fn bearer_token(parts: &http::request::Parts) -> Option<&str> {
@@ -147,15 +238,45 @@ fn bearer_token(parts: &http::request::Parts) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-async fn issue(ca: &Ca, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let started = Instant::now();
-    let (parts, request) = read_json_body(req).await?;
-    let token = bearer_token(&parts).unwrap_or_default();
+/// Checks the token of a certificate request, first of all (a request with neither a valid
+/// token nor a valid body is a 401). A source that has failed too many checks is refused
+/// before its token costs anything: each check takes a place from its source's bucket, and a
+/// valid token gives it back.
+async fn authenticate(
+    ca: &Ca,
+    peer: IpAddr,
+    parts: &http::request::Parts,
+) -> Result<TokenIdentity, ApiError> {
+    let token = bearer_token(parts).unwrap_or_default();
+    if token.is_empty() {
+        let missing = AuthError::Missing;
+        return Err(ApiError::new(missing.code(), missing.to_string()));
+    }
+    let source = peer.to_canonical().to_string();
+    if let Err(retry) = ca.source_limiter.check(&source, Instant::now()) {
+        ca.metrics.source_limited(&source);
+        return Err(ApiError {
+            code: ErrorCode::RateLimited,
+            message: format!(
+                "too many failed token checks from {source}: retry in {retry}s with a valid service-account token (audience palisade-ca)"
+            ),
+            retry_after: Some(retry),
+        });
+    }
     let who = ca
         .authenticator
         .authenticate(token)
         .await
         .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    ca.source_limiter.give_back(&source);
+    Ok(who)
+}
+
+async fn issue(ca: &Ca, peer: IpAddr, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let who = authenticate(ca, peer, &parts).await?;
+    let request = read_json_body(&parts, body).await?;
     let id = SpiffeId::new(
         &ca.config.trust_domain,
         &who.namespace,

@@ -132,6 +132,32 @@ struct ServeArgs {
     /// Burst of certificate requests allowed per identity.
     #[arg(long, env = "PALISADE_RATE_LIMIT_BURST", default_value_t = 20)]
     rate_limit_burst: u32,
+    /// Failed token checks per second allowed per source address, before the token is checked
+    /// (0: no limit).
+    #[arg(long, env = "PALISADE_SOURCE_RATE_LIMIT", default_value_t = 5)]
+    source_rate_limit: u32,
+    /// Burst of failed token checks allowed per source address.
+    #[arg(long, env = "PALISADE_SOURCE_RATE_LIMIT_BURST", default_value_t = 20)]
+    source_rate_limit_burst: u32,
+    /// Connections open at once on the API port; more are closed at once.
+    #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Connections open at once on the API port from one source address.
+    #[arg(
+        long,
+        env = "PALISADE_MAX_CONNECTIONS_PER_SOURCE",
+        default_value_t = 64
+    )]
+    max_connections_per_source: usize,
+    /// Time from accept to a finished TLS handshake.
+    #[arg(long, env = "PALISADE_TLS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    tls_handshake_timeout: std::time::Duration,
+    /// Time for a request's headers, and for a connection's first request.
+    #[arg(long, env = "PALISADE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    header_read_timeout: std::time::Duration,
+    /// A connection with no request in flight this long is closed.
+    #[arg(long, env = "PALISADE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    idle_timeout: std::time::Duration,
     /// Log filter (tracing syntax), e.g. info or palisade_ca=debug.
     #[arg(long, env = "PALISADE_LOG", default_value = "info")]
     log: String,
@@ -222,6 +248,13 @@ fn serve_config(a: ServeArgs) -> anyhow::Result<ServeConfig> {
     config.extra_trust_roots = a.extra_trust_roots;
     config.rate_limit_per_identity = a.rate_limit;
     config.rate_limit_burst = a.rate_limit_burst;
+    config.source_rate_limit = a.source_rate_limit;
+    config.source_rate_limit_burst = a.source_rate_limit_burst;
+    config.connections.max_connections = a.max_connections;
+    config.connections.max_connections_per_source = a.max_connections_per_source;
+    config.connections.handshake_timeout = a.tls_handshake_timeout;
+    config.connections.header_read_timeout = a.header_read_timeout;
+    config.connections.idle_timeout = a.idle_timeout;
     config.default_policy = a
         .default_policy
         .parse()

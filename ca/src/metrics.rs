@@ -1,8 +1,10 @@
 //! The CA's Prometheus metrics, rendered as text on the admin port.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use palisade_plumbing::conn_gate::{ConnectionStats, LogThrottle};
 use palisade_plumbing::metrics::{CounterFamily, Exposition, Histogram, Kind};
 
 /// Upper bounds of the issuance latency histogram, in seconds.
@@ -20,6 +22,12 @@ pub struct Metrics {
     watch_streams: AtomicI64,
     kube_watch_errors: CounterFamily,
     intermediate_not_after: AtomicI64,
+    /// What the API port's connection bounds did.
+    pub api_connections: Arc<ConnectionStats>,
+    /// What the admin port's connection bounds did.
+    pub admin_connections: Arc<ConnectionStats>,
+    source_limited: AtomicU64,
+    source_limited_log: LogThrottle,
 }
 
 impl Metrics {
@@ -34,6 +42,10 @@ impl Metrics {
             watch_streams: AtomicI64::new(0),
             kube_watch_errors: CounterFamily::default(),
             intermediate_not_after: AtomicI64::new(intermediate_not_after_unix),
+            api_connections: Arc::new(ConnectionStats::new("api")),
+            admin_connections: Arc::new(ConnectionStats::new("admin")),
+            source_limited: AtomicU64::new(0),
+            source_limited_log: LogThrottle::default(),
         }
     }
 
@@ -44,6 +56,22 @@ impl Metrics {
 
     pub fn refused(&self, code: &'static str) {
         self.refused.add(&[("code", code)], 1);
+    }
+
+    /// A request from `source` was refused before its token was checked: the address failed
+    /// too many checks. Counted, and logged at most every 10 s.
+    pub fn source_limited(&self, source: &str) {
+        self.source_limited.fetch_add(1, Ordering::Relaxed);
+        if let Some(skipped) = self
+            .source_limited_log
+            .allow("source_rate_limited", std::time::Instant::now())
+        {
+            tracing::warn!(
+                peer.ip = source,
+                skipped,
+                "certificate request refused before its token was checked: too many failed token checks from this address"
+            );
+        }
     }
 
     pub fn mesh_reload(&self, ok: bool) {
@@ -122,6 +150,14 @@ impl Metrics {
             "palisade_ca_kube_watch_errors_total",
             "Failed Kubernetes watches (retried with backoff; the last good state is kept), by kind.",
         );
+        out.single(
+            "palisade_ca_source_rate_limited_total",
+            Kind::Counter,
+            "Certificate requests refused before their token was checked: the source address failed too many token checks.",
+            self.source_limited.load(Ordering::Relaxed),
+        );
+        self.api_connections.encode(&mut out, "palisade_ca_api");
+        self.admin_connections.encode(&mut out, "palisade_ca_admin");
         out.finish()
     }
 }

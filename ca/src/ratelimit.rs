@@ -48,6 +48,20 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// Returns the token a [`check`](Self::check) of `key` took (the request turned out to be
+    /// one the limit is not about).
+    pub fn give_back(&self, key: &str) {
+        if self.per_second == 0.0 {
+            return;
+        }
+        let mut buckets = self.buckets.lock().expect("rate limiter lock");
+        if let Some((tokens, _)) = buckets.get_mut(key) {
+            *tokens = (*tokens + 1.0).min(self.burst);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +81,25 @@ mod tests {
         );
         assert!(rl.check("a", t0 + Duration::from_millis(500)).is_ok());
         assert!(rl.check("a", t0 + Duration::from_millis(500)).is_err());
+    }
+
+    #[test]
+    fn a_token_given_back_can_be_taken_again() {
+        let rl = RateLimiter::new(1, 2);
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            assert!(rl.check("a", t0).is_ok());
+            rl.give_back("a");
+        }
+        assert!(rl.check("a", t0).is_ok());
+        assert!(rl.check("a", t0).is_ok());
+        assert!(rl.check("a", t0).is_err());
+        rl.give_back("a");
+        rl.give_back("a");
+        rl.give_back("a");
+        assert!(rl.check("a", t0).is_ok());
+        assert!(rl.check("a", t0).is_ok());
+        assert!(rl.check("a", t0).is_err(), "never more than the burst");
     }
 
     #[test]

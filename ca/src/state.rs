@@ -22,6 +22,8 @@ pub struct Ca {
     pub publisher: MeshPublisher,
     pub metrics: Arc<Metrics>,
     pub limiter: RateLimiter,
+    /// Failed token checks per source address, taken before a token is checked.
+    pub source_limiter: RateLimiter,
     pub audit: AuditLog,
     pub roots: Arc<RootCertStore>,
     pub shutdown: watch::Receiver<bool>,

@@ -1,12 +1,16 @@
 //! The bounded plain-HTTP/1.1 server behind every admin port (`/ready`, `/live`, `/metrics`, and
 //! the proxy's own paths). The caller supplies the routing; this module supplies the bounds,
-//! so that a flood of idle or slow connections cannot exhaust the process:
+//! so that a flood of idle or slow connections cannot exhaust the process nor starve a probe:
 //!
-//! - at most [`Limits::max_connections`] connections at once; further ones wait in the
-//!   kernel's backlog until one closes;
-//! - a request's headers must arrive within [`Limits::header_read_timeout`];
+//! - at most [`Limits::max_connections`] connections at once, and
+//!   [`Limits::max_connections_per_source`] from one address; a connection past either cap is
+//!   closed at once (the accept loop never waits for a free place);
+//! - a request's headers must arrive within [`Limits::header_read_timeout`] (this also closes
+//!   a kept-alive connection that stays idle that long);
 //! - a connection lives at most [`Limits::connection_deadline`];
 //! - accept errors (fd exhaustion, say) back off, doubling up to a second, instead of spinning.
+//!
+//! Each bound that bites is counted in a [`ConnectionStats`] and logged at most every 10 s.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,9 +24,10 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::conn_gate::{ConnectionGate, ConnectionStats};
 use crate::until_true;
 
 /// A response of an admin endpoint.
@@ -31,6 +36,7 @@ pub type AdminResponse = Response<Full<Bytes>>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_connections: usize,
+    pub max_connections_per_source: usize,
     pub header_read_timeout: Duration,
     pub connection_deadline: Duration,
 }
@@ -40,6 +46,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 64,
+            max_connections_per_source: 16,
             header_read_timeout: Duration::from_secs(10),
             connection_deadline: Duration::from_secs(30),
         }
@@ -52,23 +59,31 @@ pub async fn serve<F, Fut>(
     listener: TcpListener,
     limits: Limits,
     route: F,
+    stop: watch::Receiver<bool>,
+) where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = AdminResponse> + Send + 'static,
+{
+    let stats = Arc::new(ConnectionStats::new("admin"));
+    serve_counted(listener, limits, stats, route, stop).await;
+}
+
+/// [`serve`], counting what its bounds do in `stats` (for the owner's `/metrics`).
+pub async fn serve_counted<F, Fut>(
+    listener: TcpListener,
+    limits: Limits,
+    stats: Arc<ConnectionStats>,
+    route: F,
     mut stop: watch::Receiver<bool>,
 ) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = AdminResponse> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let gate = ConnectionGate::new(limits.max_connections, limits.max_connections_per_source);
     let mut connections = JoinSet::new();
     let mut backoff = AcceptBackoff::default();
     loop {
         while connections.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = until_true(&mut stop) => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => {
@@ -86,7 +101,16 @@ pub async fn serve<F, Fut>(
             },
             _ = until_true(&mut stop) => break,
         };
-        let route = route.clone();
+        let permit = match gate.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(why) => {
+                stats.refused(why, peer.ip());
+                drop(stream);
+                continue;
+            }
+        };
+        let (route, stats) = (route.clone(), stats.clone());
+        let open = stats.track();
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let answer = route(req, peer);
@@ -96,8 +120,12 @@ pub async fn serve<F, Fut>(
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(limits.connection_deadline, connection).await;
-            drop(permit);
+            match tokio::time::timeout(limits.connection_deadline, connection).await {
+                Ok(Err(e)) if e.is_timeout() => stats.closed_by("header_timeout", peer.ip()),
+                Ok(_) => {}
+                Err(_) => stats.closed_by("connection_deadline", peer.ip()),
+            }
+            drop((open, permit));
         });
     }
     connections.shutdown().await;
@@ -181,30 +209,77 @@ mod tests {
         out
     }
 
+    /// Resolves once the server has closed `stream` (bounded by the guard).
+    async fn closed_by_server(mut stream: tokio::net::TcpStream) -> bool {
+        let mut buf = Vec::new();
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    async fn connect_from(source: &str, addr: SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
     #[tokio::test]
-    async fn connections_beyond_the_cap_wait_until_one_closes() {
+    async fn connections_beyond_the_caps_are_refused_and_others_still_served() {
         let limits = Limits {
-            max_connections: 2,
+            max_connections: 3,
+            max_connections_per_source: 2,
             ..Limits::default()
         };
-        let (addr, stop, task) = start(limits).await;
-        let idle_a = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let _idle_b = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let third = tokio::spawn(get(addr, "/ready"));
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        let stats = Arc::new(ConnectionStats::new("admin"));
+        let route = |req: Request<Incoming>, _peer: SocketAddr| async move {
+            text(StatusCode::OK, format!("{}\n", req.uri().path()))
+        };
+        let task = tokio::spawn(serve_counted(
+            listener,
+            limits,
+            stats.clone(),
+            route,
+            stop_rx,
+        ));
+        // Two idle connections from one source fill its share; a third from it is closed at once.
+        let idle_a = connect_from("127.0.0.2", addr).await;
+        let _idle_b = connect_from("127.0.0.2", addr).await;
+        let third = connect_from("127.0.0.2", addr).await;
         assert!(
-            !third.is_finished(),
-            "a third connection was served past the cap of two"
+            closed_by_server(third).await,
+            "a third connection from one source was kept"
         );
+        // Another source is still served, up to the total cap.
+        let answer = get(addr, "/ready").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let _idle_c = connect_from("127.0.0.3", addr).await;
+        let over_total = connect_from("127.0.0.4", addr).await;
+        assert!(
+            closed_by_server(over_total).await,
+            "a connection past the total cap was kept"
+        );
+        assert_eq!(stats.refused_count(crate::conn_gate::Refusal::SourceCap), 1);
+        assert_eq!(stats.refused_count(crate::conn_gate::Refusal::TotalCap), 1);
         drop(idle_a);
-        let answer = tokio::time::timeout(Duration::from_secs(5), third)
-            .await
-            .expect("served once a slot freed")
-            .unwrap();
-        assert!(
-            answer.starts_with("HTTP/1.1 200") && answer.ends_with("/ready\n"),
-            "{answer}"
-        );
+        let mut served = false;
+        for _ in 0..50 {
+            let mut s = connect_from("127.0.0.4", addr).await;
+            let request = "GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+            if s.write_all(request.as_bytes()).await.is_ok() {
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out).await;
+                if out.starts_with("HTTP/1.1 200") {
+                    served = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(served, "a freed place was not taken again");
         stop.send(true).unwrap();
         task.await.unwrap();
     }

@@ -1,8 +1,10 @@
 //! The process plumbing every Palisade binary (CA, injector, proxy) shares, written once so
 //! that their bounds and shapes cannot drift apart:
 //!
-//! - [`admin_http`]: the bounded plain-HTTP server behind each admin port (connection cap,
+//! - [`admin_http`]: the bounded plain-HTTP server behind each admin port (connection caps,
 //!   header-read timeout, a deadline per connection, back-off on accept errors);
+//! - [`conn_gate`]: the connection caps (in all and per source) every listener admits through,
+//!   the counters of what its bounds did, and the rate-limited warning when one bites;
 //! - [`metrics`]: Prometheus text exposition (one encoder, one histogram, one labelled counter);
 //! - [`logging`]: the one tracing setup, with the same JSON shape in every binary;
 //! - [`credentials`]: a certificate chain and key loaded and checked to match, and the resolver
@@ -12,6 +14,7 @@
 //! depends on.
 
 pub mod admin_http;
+pub mod conn_gate;
 pub mod credentials;
 pub mod logging;
 pub mod metrics;

@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use tokio::sync::Notify;
+use tokio::sync::Mutex;
 
 use super::jwt::verify_service_account_token;
 use super::{AuthError, Authenticator, TokenIdentity};
@@ -69,10 +69,16 @@ pub struct JwksAuthenticator {
     audience: String,
     source: JwksSource,
     keys: ArcSwap<Vec<KeyEntry>>,
-    /// Woken when a token names a key we do not have: the issuer may have rotated.
-    refresh_now: Notify,
+    /// When a token named a key we do not have (the issuer may have rotated), the keys were
+    /// last fetched for it. Held while such a fetch runs, so concurrent tokens wait for that
+    /// one fetch instead of starting their own.
+    forced: Mutex<Option<Instant>>,
+    forced_refresh_min: Duration,
 }
 
+/// Forced refreshes (a token names an unknown key) happen at most this often, however many
+/// such tokens arrive: forged key IDs cannot make the CA hammer the issuer.
+pub const FORCED_REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(5);
 const REFRESH_EVERY: Duration = Duration::from_secs(300);
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(300);
@@ -84,6 +90,17 @@ impl JwksAuthenticator {
         audience: String,
         source: JwksSource,
     ) -> Result<Arc<Self>, String> {
+        Self::with_forced_refresh_interval(issuer, audience, source, FORCED_REFRESH_MIN_INTERVAL)
+            .await
+    }
+
+    /// [`new`](Self::new), with forced refreshes at most every `forced_refresh_min`.
+    pub async fn with_forced_refresh_interval(
+        issuer: String,
+        audience: String,
+        source: JwksSource,
+        forced_refresh_min: Duration,
+    ) -> Result<Arc<Self>, String> {
         let text = fetch(&source).await?;
         let keys = parse_jwks(&text).map_err(|e| format!("{source}: {e}"))?;
         let auth = Arc::new(JwksAuthenticator {
@@ -91,19 +108,19 @@ impl JwksAuthenticator {
             audience,
             source,
             keys: ArcSwap::from_pointee(to_entries(keys)),
-            refresh_now: Notify::new(),
+            forced: Mutex::new(None),
+            forced_refresh_min,
         });
         Ok(auth)
     }
 
-    /// Refreshes the keys periodically, sooner when asked, with capped exponential backoff on
-    /// failure. Runs until `shutdown` fires; the last good keys stay in use meanwhile.
+    /// Refreshes the keys periodically, with capped exponential backoff on failure. Runs until
+    /// `shutdown` fires; the last good keys stay in use meanwhile.
     pub async fn refresh_loop(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut wait = REFRESH_EVERY;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.refresh_now.notified() => {}
                 _ = shutdown.changed() => return,
             }
             match fetch(&self.source).await.and_then(|t| parse_jwks(&t)) {
@@ -124,18 +141,41 @@ impl JwksAuthenticator {
         }
     }
 
-    fn verify(&self, token: &str) -> Result<TokenIdentity, AuthError> {
+    fn verify_with_current_keys(&self, token: &str) -> Result<TokenIdentity, AuthError> {
         let keys = self.keys.load();
-        let result =
-            verify_service_account_token(token, &self.issuer, &self.audience, |kid, alg| {
-                keys.iter()
-                    .find(|k| k.alg == alg && (kid.is_none() || k.kid.as_deref() == kid))
-                    .map(|k| k.key.clone())
-            });
-        if matches!(&result, Err(AuthError::Invalid(m)) if m.contains("unknown key")) {
-            self.refresh_now.notify_one();
+        verify_service_account_token(token, &self.issuer, &self.audience, |kid, alg| {
+            keys.iter()
+                .find(|k| k.alg == alg && (kid.is_none() || k.kid.as_deref() == kid))
+                .map(|k| k.key.clone())
+        })
+    }
+
+    /// Verifies `token`; when it names a key we do not have, fetches the keys (at most once per
+    /// [`FORCED_REFRESH_MIN_INTERVAL`], shared by every token waiting) and tries once more.
+    async fn verify(&self, token: &str) -> Result<TokenIdentity, AuthError> {
+        let result = self.verify_with_current_keys(token);
+        if !matches!(&result, Err(AuthError::Invalid(m)) if m.contains("unknown key")) {
+            return result;
         }
-        result
+        self.forced_refresh().await;
+        self.verify_with_current_keys(token)
+    }
+
+    async fn forced_refresh(&self) {
+        let mut last = self.forced.lock().await;
+        if last.is_some_and(|at| at.elapsed() < self.forced_refresh_min) {
+            return;
+        }
+        *last = Some(Instant::now());
+        match fetch(&self.source).await.and_then(|t| parse_jwks(&t)) {
+            Ok(keys) => {
+                tracing::info!(source = %self.source, keys = keys.len(), "JWKS fetched for a token with an unknown key");
+                self.keys.store(Arc::new(to_entries(keys)));
+            }
+            Err(error) => {
+                tracing::warn!(source = %self.source, %error, "JWKS fetch for a token with an unknown key failed; keeping the last good keys");
+            }
+        }
     }
 }
 
@@ -154,7 +194,7 @@ impl Authenticator for JwksAuthenticator {
         &'a self,
         token: &'a str,
     ) -> BoxFuture<'a, Result<TokenIdentity, AuthError>> {
-        Box::pin(async move { self.verify(token) })
+        Box::pin(self.verify(token))
     }
 }
 

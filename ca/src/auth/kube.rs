@@ -1,17 +1,22 @@
 //! The `kube` authenticator: a TokenReview (`authentication.k8s.io/v1`) with audience
 //! `palisade-ca` asks the API server whose token it is. Answers are cached by the token's
 //! SHA-256, bounded in number and never kept past the token's own expiry.
+//!
+//! A review costs the API server work, so an unauthenticated caller must not be able to order
+//! them at will: a token that is not a well-formed JWT for us never gets one
+//! ([`super::precheck`]); a refused token is remembered for [`NEGATIVE_CACHE_SECONDS`]; and
+//! requests carrying the same token at the same time share one review.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use base64::Engine;
 use futures_util::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
 use palisade_ca_api::spiffe::{validate_namespace, validate_service_account};
-use serde::Deserialize;
+use tokio::sync::OnceCell;
 
+use super::precheck::precheck;
 use super::{AuthError, Authenticator, TokenIdentity};
 
 /// `extra` keys the API server sets for tokens bound to a pod.
@@ -22,12 +27,28 @@ pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
 /// A cached answer is re-checked after this long even when the token lives longer, so a deleted
 /// pod or service account stops getting certificates soon.
 pub const MAX_CACHE_SECONDS: i64 = 300;
+/// A token the API server refused is refused again without asking for this long.
+pub const NEGATIVE_CACHE_SECONDS: i64 = 30;
+/// How many refused tokens are remembered; past this, expired entries and then the oldest go.
+pub const NEGATIVE_CACHE_ENTRIES: usize = 10_000;
+
+type ReviewOutcome = Result<TokenIdentity, AuthError>;
 
 pub struct KubeAuthenticator {
     client: kube::Client,
     audience: String,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
     max_entries: usize,
+    refused: Mutex<HashMap<[u8; 32], Refused>>,
+    /// Reviews under way, by token hash: a second request with the same token waits for the
+    /// first one's answer instead of sending its own.
+    in_flight: Mutex<HashMap<[u8; 32], Arc<OnceCell<ReviewOutcome>>>>,
+}
+
+struct Refused {
+    error: AuthError,
+    /// Unix seconds.
+    until: i64,
 }
 
 #[derive(Clone)]
@@ -35,44 +56,6 @@ struct Cached {
     identity: TokenIdentity,
     /// Unix seconds; never later than the token's `exp`.
     until: i64,
-}
-
-/// The claims read, unverified, from the token: only to refuse early and to bound the cache.
-#[derive(Deserialize)]
-struct UnverifiedClaims {
-    exp: Option<i64>,
-    #[serde(default)]
-    aud: Option<Audience>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Audience {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl Audience {
-    fn contains(&self, wanted: &str) -> bool {
-        match self {
-            Audience::One(a) => a == wanted,
-            Audience::Many(list) => list.iter().any(|a| a == wanted),
-        }
-    }
-}
-
-fn unverified_claims(token: &str) -> Result<UnverifiedClaims, AuthError> {
-    let not_jwt = || AuthError::Invalid("not a JSON Web Token (header.payload.signature)".into());
-    let mut parts = token.split('.');
-    let (Some(_), Some(payload), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(not_jwt());
-    };
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .map_err(|_| not_jwt())?;
-    serde_json::from_slice(&bytes).map_err(|_| not_jwt())
 }
 
 impl KubeAuthenticator {
@@ -86,6 +69,8 @@ impl KubeAuthenticator {
             audience,
             cache: Mutex::new(HashMap::new()),
             max_entries: max_entries.max(1),
+            refused: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -96,30 +81,7 @@ impl KubeAuthenticator {
 
     /// [`Authenticator::authenticate`] at a given time (unix seconds), so tests can move the clock.
     pub async fn authenticate_at(&self, token: &str, now: i64) -> Result<TokenIdentity, AuthError> {
-        if token.is_empty() {
-            return Err(AuthError::Missing);
-        }
-        let claims = unverified_claims(token)?;
-        let Some(aud) = &claims.aud else {
-            return Err(AuthError::WrongAudience(
-                "none: the token is not audience-bound (a legacy Secret token?); mount a projected token".into(),
-            ));
-        };
-        if !aud.contains(&self.audience) {
-            let shown = match aud {
-                Audience::One(a) => a.clone(),
-                Audience::Many(l) => l.join(","),
-            };
-            return Err(AuthError::WrongAudience(shown));
-        }
-        let Some(exp) = claims.exp else {
-            return Err(AuthError::Invalid(
-                "the token has no expiry (exp): use a projected service-account token".into(),
-            ));
-        };
-        if exp <= now {
-            return Err(AuthError::Expired);
-        }
+        let exp = precheck(token, &self.audience, now)?.exp;
         let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
             .as_ref()
             .try_into()
@@ -127,17 +89,90 @@ impl KubeAuthenticator {
         if let Some(hit) = self.lookup(&key, now) {
             return Ok(hit);
         }
-        let status = self.review(token).await?;
-        let identity = identity_from_status(&status, &self.audience)?;
-        self.remember(
+        if let Some(refusal) = self.lookup_refused(&key, now) {
+            return Err(refusal);
+        }
+        let review = self
+            .in_flight
+            .lock()
+            .expect("in-flight lock")
+            .entry(key)
+            .or_default()
+            .clone();
+        let outcome = review
+            .get_or_init(|| self.review_and_remember(token, key, exp, now))
+            .await
+            .clone();
+        let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+        if in_flight.get(&key).is_some_and(|r| Arc::ptr_eq(r, &review)) {
+            in_flight.remove(&key);
+        }
+        outcome
+    }
+
+    /// One TokenReview, its answer remembered (accepted or refused) before anyone waiting on
+    /// it sees it, so that a request arriving after finds it in a cache.
+    async fn review_and_remember(
+        &self,
+        token: &str,
+        key: [u8; 32],
+        exp: i64,
+        now: i64,
+    ) -> ReviewOutcome {
+        let outcome = self
+            .review(token)
+            .await
+            .and_then(|status| identity_from_status(&status, &self.audience));
+        match &outcome {
+            Ok(identity) => self.remember(
+                key,
+                Cached {
+                    identity: identity.clone(),
+                    until: exp.min(now + MAX_CACHE_SECONDS),
+                },
+                now,
+            ),
+            // The API server could not answer: nothing is known about the token.
+            Err(AuthError::Unavailable(_)) => {}
+            Err(error) => self.remember_refused(key, error.clone(), exp, now),
+        }
+        outcome
+    }
+
+    fn lookup_refused(&self, key: &[u8; 32], now: i64) -> Option<AuthError> {
+        let mut refused = self.refused.lock().expect("negative cache lock");
+        match refused.get(key) {
+            Some(r) if r.until > now => Some(r.error.clone()),
+            Some(_) => {
+                refused.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remember_refused(&self, key: [u8; 32], error: AuthError, exp: i64, now: i64) {
+        let mut refused = self.refused.lock().expect("negative cache lock");
+        if refused.len() >= NEGATIVE_CACHE_ENTRIES {
+            refused.retain(|_, r| r.until > now);
+        }
+        if refused.len() >= NEGATIVE_CACHE_ENTRIES
+            && let Some(oldest) = refused.iter().min_by_key(|(_, r)| r.until).map(|(k, _)| *k)
+        {
+            refused.remove(&oldest);
+        }
+        refused.insert(
             key,
-            Cached {
-                identity: identity.clone(),
-                until: exp.min(now + MAX_CACHE_SECONDS),
+            Refused {
+                error,
+                until: exp.min(now + NEGATIVE_CACHE_SECONDS),
             },
-            now,
         );
-        Ok(identity)
+    }
+
+    /// Number of remembered refusals (for tests).
+    pub fn refused_cached(&self) -> usize {
+        self.refused.lock().expect("negative cache lock").len()
     }
 
     fn lookup(&self, key: &[u8; 32], now: i64) -> Option<TokenIdentity> {

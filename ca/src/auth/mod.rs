@@ -8,6 +8,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod kube;
 pub mod local;
+pub mod precheck;
 
 /// The workload a valid token belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -113,6 +113,7 @@ pub async fn start_with_kube_client(
 
     let ca = Arc::new(Ca {
         limiter: RateLimiter::new(config.rate_limit_per_identity, config.rate_limit_burst),
+        source_limiter: RateLimiter::new(config.source_rate_limit, config.source_rate_limit_burst),
         audit: parts::audit_log(&config)?,
         config,
         authority,

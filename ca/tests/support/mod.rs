@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use palisade_ca::auth::local::LocalIssuer;
 use palisade_ca::config::ServeConfig;
-use palisade_ca::server::{Running, start};
+use palisade_ca::server::{Running, start_with_kube_client};
 use palisade_ca_api::client::{CaClient, CaClientConfig};
 use palisade_ca_api::tls::crypto_provider;
 use palisade_ca_api::wire::{CertificateRequest, CertificateResponse};
@@ -41,6 +41,22 @@ impl TestCa {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut ServeConfig)) -> Self {
+        Self::start_in_with_kube(dir, None, tweak).await
+    }
+
+    /// A CA whose Kubernetes client is `kube_client` (a mock), e.g. for `--auth kube`.
+    pub async fn start_with_kube(
+        kube_client: kube::Client,
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> Self {
+        Self::start_in_with_kube(tempfile::tempdir().unwrap(), Some(kube_client), tweak).await
+    }
+
+    async fn start_in_with_kube(
+        dir: tempfile::TempDir,
+        kube_client: Option<kube::Client>,
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> Self {
         palisade_ca_api::tls::install_default_provider();
         let mesh = dir.path().join("mesh.yaml");
         if !mesh.exists() {
@@ -48,7 +64,9 @@ impl TestCa {
         }
         let mut config = ServeConfig::embedded(dir.path().join("state"), mesh);
         tweak(&mut config);
-        let running = start(config).await.expect("CA starts");
+        let running = start_with_kube_client(config, kube_client)
+            .await
+            .expect("CA starts");
         let roots =
             Arc::new(palisade_ca_api::tls::root_store(running.ca.authority.roots()).unwrap());
         let issuer = LocalIssuer::load_or_create(&dir.path().join("state")).unwrap();
@@ -122,6 +140,7 @@ pub fn chain_ders(resp: &CertificateResponse) -> Vec<CertificateDer<'static>> {
 
 pub struct RawResponse {
     pub status: u16,
+    pub headers: http::HeaderMap,
     pub body: String,
 }
 
@@ -136,16 +155,12 @@ impl RawResponse {
     }
 }
 
-/// One HTTP/1.1 request over TLS, optionally presenting `client` (chain, key).
-pub async fn raw(
-    addr: SocketAddr,
+/// A TLS client config trusting `roots`, presenting `client` if given, offering `alpn`.
+pub fn tls_config(
     roots: Arc<RootCertStore>,
     client: Option<(Vec<CertificateDer<'static>>, rcgen::KeyPair)>,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Vec<u8>,
-) -> RawResponse {
+    alpn: &[&[u8]],
+) -> Arc<rustls::ClientConfig> {
     let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -159,15 +174,45 @@ pub async fn raw(
             .unwrap(),
         None => builder.with_no_client_auth(),
     };
+    let mut config = config;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// A TLS connection to the CA offering `alpn`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tls_over(tcp, config).await
+}
+
+/// A TCP connection to `addr` from `source` (an address of 127.0.0.0/8), port chosen by the
+/// kernel.
+pub async fn connect_from(source: &str, addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// TLS to the CA over `tcp`.
+pub async fn tls_over(
+    tcp: tokio::net::TcpStream,
+    config: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tokio_rustls::TlsConnector::from(config)
         .connect(ServerName::try_from(CA_NAME).unwrap(), tcp)
         .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+        .unwrap()
+}
+
+fn request(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> http::Request<Full<Bytes>> {
     let mut req = http::Request::builder()
         .method(method)
         .uri(path)
@@ -175,11 +220,102 @@ pub async fn raw(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = sender
-        .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
+    req.body(Full::new(Bytes::from(body))).unwrap()
+}
+
+/// One HTTP/1.1 request over TLS, optionally presenting `client` (chain, key).
+pub async fn raw(
+    addr: SocketAddr,
+    roots: Arc<RootCertStore>,
+    client: Option<(Vec<CertificateDer<'static>>, rcgen::KeyPair)>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> RawResponse {
+    let tls = tls_connect(addr, tls_config(roots, client, &[])).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(request(method, path, headers, body))
+        .await
+        .unwrap();
+    read_response(resp).await
+}
+
+/// An HTTP/2 connection to the CA from `source`, for many requests at once.
+pub async fn h2_sender(
+    addr: SocketAddr,
+    roots: Arc<RootCertStore>,
+    source: &str,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let tcp = connect_from(source, addr).await;
+    let tls = tls_over(tcp, tls_config(roots, None, &[b"h2"])).await;
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// POST /v1/certificates with `token` and `body` on an HTTP/2 connection.
+pub async fn post_h2(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    token: &str,
+    body: Vec<u8>,
+) -> RawResponse {
+    let auth = format!("Bearer {token}");
+    let req = request(
+        "POST",
+        &format!("https://{CA_NAME}/v1/certificates"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &auth),
+        ],
+        body,
+    );
+    let resp = sender.send_request(req).await.expect("an answer");
+    read_response(resp).await
+}
+
+/// One HTTP/2 request over TLS (ALPN h2); `Err` when the server answers with a stream or
+/// connection error instead of a response.
+pub async fn raw_h2(
+    addr: SocketAddr,
+    roots: Arc<RootCertStore>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<RawResponse, hyper::Error> {
+    let tls = tls_connect(addr, tls_config(roots, None, &[b"h2"])).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(request(
+            method,
+            &format!("https://{CA_NAME}{path}"),
+            headers,
+            body,
+        ))
+        .await?;
+    Ok(read_response(resp).await)
+}
+
+async fn read_response(resp: http::Response<hyper::body::Incoming>) -> RawResponse {
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     // A stream (a watch that was wrongly accepted) must fail the test, not hang it.
     let body = match tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await
     {
@@ -188,6 +324,7 @@ pub async fn raw(
     };
     RawResponse {
         status,
+        headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     }
 }
