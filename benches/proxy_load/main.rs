@@ -113,12 +113,14 @@ fn proxy_role(role: &str) {
         .enable_all()
         .build()
         .unwrap();
+    // Both client roles (pod address, Service address) are the client identity.
+    let identity = if role == "server" { "server" } else { "client" };
     rt.block_on(async move {
         let chain: Vec<CertificateDer<'static>> = palisade_ca_api::cert::parse_pem_certs(
-            &std::fs::read_to_string(dir.join(format!("{role}.pem"))).unwrap(),
+            &std::fs::read_to_string(dir.join(format!("{identity}.pem"))).unwrap(),
         )
         .unwrap();
-        let key = PrivateKeyDer::from_pem_file(dir.join(format!("{role}.key"))).unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.join(format!("{identity}.key"))).unwrap();
         let roots = palisade_ca_api::cert::parse_pem_certs(
             &std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
         )
@@ -420,7 +422,7 @@ fn bench() -> Result<(), String> {
     ];
     let hap_pids = [hc_pid, hs_pid];
     println!(
-        "\n{:<50} {:>8} {:>9} {:>9} | {:>25}",
+        "\n{:<54} {:>8} {:>9} {:>9} | {:>25}",
         "path (wrk -t1, 8 s)", "req/s", "p50", "p99", "CPU us/req wrk nginx proxies"
     );
     let mut ka = Vec::new();
@@ -433,16 +435,12 @@ fn bench() -> Result<(), String> {
             palisade_two.as_str(),
             &two_pids[..],
         ),
-        (
-            "palisade via Service address, 2 servers",
-            service.as_str(),
-            &svc_pids[..],
-        ),
+        ("palisade Service path", service.as_str(), &svc_pids[..]),
     ] {
         let run = wrk(addr, 50, false, nginx, proxies);
         let c = run.cpu;
         println!(
-            "{:<50} {:>8.0} {:>9} {:>9} | {:>5.1} {:>5.1} {:>5.1} (user {:.1} + sys {:.1})",
+            "{:<54} {:>8.0} {:>9} {:>9} | {:>5.1} {:>5.1} {:>5.1} (user {:.1} + sys {:.1})",
             format!("{name} keep-alive -c50"),
             run.rps,
             run.p50,
@@ -460,18 +458,18 @@ fn bench() -> Result<(), String> {
         ("direct", "127.0.0.1:18080"),
         ("haproxy mTLS pair", "127.0.0.1:18081"),
         ("palisade mTLS pair", palisade.as_str()),
-        ("palisade via Service address, 2 servers", service.as_str()),
+        ("palisade Service path", service.as_str()),
     ] {
         let run = wrk(addr, 20, true, nginx, &[]);
         println!(
-            "{:<50} {:>8.0}",
+            "{:<54} {:>8.0}",
             format!("{name} new connection per request -c20"),
             run.rps
         );
         per_conn.push(run.rps);
     }
     println!(
-        "Service address / pod address (same run): keep-alive {:.1}%, new connection per request {:.1}%   (target >= 95%)",
+        "Service path (a Service address, balanced over 2 server proxies) / pod address path (same run): keep-alive {:.1}%, new connection per request {:.1}%   (target >= 95%)",
         100.0 * ka[4].rps / ka[2].rps,
         100.0 * per_conn[3] / per_conn[2]
     );
@@ -512,10 +510,7 @@ fn bench() -> Result<(), String> {
         ("haproxy mTLS pair", "127.0.0.1:18081".parse().unwrap()),
         ("palisade mTLS pair", http_client.outbound),
         ("palisade mTLS pair, 2 threads each", two_client.outbound),
-        (
-            "palisade via Service address, 2 servers",
-            svc_client.outbound,
-        ),
+        ("palisade Service path", svc_client.outbound),
     ];
     let addrs: Vec<SocketAddr> = paths.iter().map(|p| p.1).collect();
     let fixed = fixed_rate(&addrs, rate, count);
