@@ -5,6 +5,7 @@ mod support;
 use palisade_ca_api::wire::CertificateRequest;
 use palisade_testkit::mesh_file::MeshFile;
 use palisade_testkit::pki::{csr_pem, spiffe_san};
+use support::post_certificate as post;
 use support::{TestCa, chain_ders, raw};
 
 fn body(csr: &str) -> Vec<u8> {
@@ -13,24 +14,6 @@ fn body(csr: &str) -> Vec<u8> {
         ttl_seconds: None,
     })
     .unwrap()
-}
-
-async fn post(ca: &TestCa, token: Option<&str>, body: Vec<u8>) -> support::RawResponse {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let mut headers = vec![("content-type", "application/json")];
-    if let Some(a) = &auth {
-        headers.push(("authorization", a.as_str()));
-    }
-    raw(
-        ca.addr(),
-        ca.roots.clone(),
-        None,
-        "POST",
-        "/v1/certificates",
-        &headers,
-        body,
-    )
-    .await
 }
 
 async fn expect(

@@ -215,23 +215,7 @@ async fn authentication_is_checked_before_the_body() {
     let ca = TestCa::start().await;
     let post = |token: Option<String>, body: Vec<u8>| {
         let ca = &ca;
-        async move {
-            let auth = token.map(|t| format!("Bearer {t}"));
-            let mut headers = vec![("content-type", "application/json")];
-            if let Some(a) = &auth {
-                headers.push(("authorization", a.as_str()));
-            }
-            raw(
-                ca.addr(),
-                ca.roots.clone(),
-                None,
-                "POST",
-                "/v1/certificates",
-                &headers,
-                body,
-            )
-            .await
-        }
+        async move { support::post_certificate(ca, token.as_deref(), body).await }
     };
     for body in [
         b"{not json".to_vec(),

@@ -47,6 +47,13 @@ pub struct Lease {
     addr: SocketAddr,
 }
 
+impl Lease {
+    /// The endpoint this lease counts against.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut map = self.balancer.lock();

@@ -141,15 +141,8 @@ async fn to_service(stream: TcpStream, dp: &DataPath, dst: SocketAddr, routes: &
         match &target.identity {
             Some(expected) => match originate_mesh(dp, target.addr, expected).await {
                 Ok(tls) => {
-                    dp.metrics.service_connection(service, "mtls");
                     tracing::debug!(dst = %dst, dst_service = service, endpoint = %target.addr, peer.id = %expected, "mTLS established");
-                    finish(
-                        dp,
-                        relay(stream, tls, dp.limits.idle_timeout).await,
-                        target.addr,
-                    );
-                    drop(lease);
-                    return;
+                    return carry(dp, stream, tls, service, "mtls", lease).await;
                 }
                 Err(failure) => {
                     failure.count(dp, target.addr, expected);
@@ -161,15 +154,8 @@ async fn to_service(stream: TcpStream, dp: &DataPath, dst: SocketAddr, routes: &
             },
             None => match connect(target.addr, dp.limits.connect_timeout).await {
                 Ok(upstream) => {
-                    dp.metrics.service_connection(service, "plaintext");
                     tracing::debug!(dst = %dst, dst_service = service, endpoint = %target.addr, "endpoint without a proxy: plain TCP");
-                    finish(
-                        dp,
-                        relay(stream, upstream, dp.limits.idle_timeout).await,
-                        target.addr,
-                    );
-                    drop(lease);
-                    return;
+                    return carry(dp, stream, upstream, service, "plaintext", lease).await;
                 }
                 Err(e) => {
                     tracing::debug!(endpoint = %target.addr, dst_service = service, error = %e, "connect failed");
@@ -187,6 +173,28 @@ async fn to_service(stream: TcpStream, dp: &DataPath, dst: SocketAddr, routes: &
     dp.metrics.service_connection(service, "failed");
     tracing::warn!(dst = %dst, dst_service = service, tried = ?tried,
         "no endpoint of the Service could be reached: closing the app's connection");
+}
+
+/// Relays the app's connection to the endpoint it was given, counted as `outcome` for the
+/// Service and against the endpoint's lease until it ends.
+async fn carry<U>(
+    dp: &DataPath,
+    app: TcpStream,
+    upstream: U,
+    service: &str,
+    outcome: &'static str,
+    lease: crate::balance::Lease,
+) where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    dp.metrics.service_connection(service, outcome);
+    let endpoint = lease.addr();
+    finish(
+        dp,
+        relay(app, upstream, dp.limits.idle_timeout).await,
+        endpoint,
+    );
+    drop(lease);
 }
 
 fn connect_failure_reason(e: &std::io::Error) -> &'static str {

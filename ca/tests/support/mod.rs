@@ -223,6 +223,25 @@ fn request(
     req.body(Full::new(Bytes::from(body))).unwrap()
 }
 
+/// `POST /v1/certificates` over HTTP/1.1 with `body`, and the bearer `token` when given.
+pub async fn post_certificate(ca: &TestCa, token: Option<&str>, body: Vec<u8>) -> RawResponse {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    raw(
+        ca.addr(),
+        ca.roots.clone(),
+        None,
+        "POST",
+        "/v1/certificates",
+        &headers,
+        body,
+    )
+    .await
+}
+
 /// One HTTP/1.1 request over TLS, optionally presenting `client` (chain, key).
 pub async fn raw(
     addr: SocketAddr,
