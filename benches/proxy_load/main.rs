@@ -182,6 +182,7 @@ fn proxy_role(role: &str) {
                 drain_timeout: Duration::from_secs(1),
                 probes: Default::default(),
                 probe_timeout: Duration::from_secs(1),
+                admin_remote_metrics: false,
             },
             Parts {
                 store,

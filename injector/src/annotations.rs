@@ -16,6 +16,7 @@ const MEMORY_FORM: &str = "a Kubernetes memory quantity above zero, e.g. \"128Mi
 const LOG_FORM: &str = "a level (trace, debug, info, warn, error, off) or comma-separated \
      target=level directives, e.g. \"info,palisade_proxy=debug\"";
 const INJECT_FORM: &str = "\"enabled\" or \"disabled\"";
+const SWITCH_FORM: &str = "\"true\" or \"false\"";
 
 /// A value that cannot be used: names the setting, the value and the accepted form.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +83,9 @@ pub fn parse_overrides(
             // Read by the proxy from its environment; checked here so a bad value is refused
             // at admission, not found when the proxy stops at start-up.
             INBOUND_LOOPBACK_PORTS => parse_ports(key, value).map(drop)?,
+            ADMIN_REMOTE_METRICS => contract::parse_switch(value)
+                .map(drop)
+                .map_err(|reason| ValueError::new(key, value, reason, SWITCH_FORM))?,
             APP_PROBES_ANNOTATION | DEFAULT_POLICY_ANNOTATION => {}
             other if other.starts_with("palisade.dev/") => warnings.push(format!(
                 "annotation {other} is not one palisade-injector knows and was ignored; \
@@ -347,6 +351,7 @@ mod tests {
             (LOG_LEVEL, "debug"),
             (INJECT, "enabled"),
             (INBOUND_LOOPBACK_PORTS, "9090"),
+            (ADMIN_REMOTE_METRICS, "true"),
             ("example.com/other", "anything"),
         ]);
         let (o, warnings) = parse_overrides(Some(&a)).unwrap();
@@ -379,6 +384,21 @@ mod tests {
             err.to_string().contains("\"enabled\" or \"disabled\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_remote_metrics_switch_is_true_or_false() {
+        let a = annotations(&[(ADMIN_REMOTE_METRICS, "yes")]);
+        let err = parse_overrides(Some(&a)).unwrap_err().to_string();
+        assert!(
+            err.starts_with("palisade.dev/admin-remote-metrics=\"yes\"")
+                && err.contains("\"true\" or \"false\""),
+            "{err}"
+        );
+        for ok in ["true", "false", ""] {
+            let a = annotations(&[(ADMIN_REMOTE_METRICS, ok)]);
+            assert!(parse_overrides(Some(&a)).is_ok(), "{ok:?}");
+        }
     }
 
     #[test]

@@ -28,6 +28,31 @@ pub struct AdminState {
     pub draining: Arc<AtomicBool>,
     /// Starts the shutdown (as SIGTERM does).
     pub shutdown: watch::Sender<bool>,
+    /// `/metrics` answers callers other than loopback.
+    pub remote_metrics: bool,
+}
+
+/// Whether a caller at `peer` may use `path`. Loopback callers (the pod itself, `kubectl
+/// exec`) may use everything; others — the kubelet, and anyone else who can reach the pod —
+/// only what the kubelet needs: `/ready`, `/live` and `/app-health/...`, plus `/metrics` when
+/// the pod opted in for a scraper. `/identity` and `/shutdown` never. Pure.
+pub fn remote_allowed(peer: SocketAddr, path: &str, remote_metrics: bool) -> bool {
+    peer.ip().is_loopback()
+        || peer.ip().to_canonical().is_loopback()
+        || matches!(path, "/ready" | "/live")
+        || path.starts_with("/app-health/")
+        || (remote_metrics && path == "/metrics")
+}
+
+/// The admin port's bounds: the kubelet sends its probe at once, so a caller that has not sent
+/// its headers within a second is not one; over the caps new connections are refused (never
+/// queued), so a flood cannot make the kubelet's probes wait.
+pub fn limits() -> Limits {
+    Limits {
+        header_read_timeout: Duration::from_secs(1),
+        connection_deadline: Duration::from_secs(10),
+        ..Limits::default()
+    }
 }
 
 /// Why the proxy is not ready, if it is not. Pure.
@@ -54,6 +79,19 @@ pub async fn route(
     method: &Method,
     path: &str,
 ) -> AdminResponse {
+    if !remote_allowed(peer, path, state.remote_metrics) {
+        return text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{path} answers loopback callers only (kubectl exec into the pod){}\n",
+                if path == "/metrics" {
+                    "; for a scraper, annotate the pod palisade.dev/admin-remote-metrics: \"true\""
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
     match (method, path) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
@@ -127,7 +165,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: watch::R
         let state = state.clone();
         async move { route(&state, peer, req.method(), req.uri().path()).await }
     };
-    admin_http::serve(listener, Limits::default(), route, stop).await;
+    admin_http::serve(listener, limits(), route, stop).await;
 }
 
 #[cfg(test)]

@@ -41,6 +41,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub probes: AppProbes,
     pub probe_timeout: Duration,
+    /// `/metrics` answers callers other than loopback.
+    pub admin_remote_metrics: bool,
 }
 
 /// The components, built by the caller (from the config in production, by hand in tests).
@@ -145,6 +147,7 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
         probe_timeout: settings.probe_timeout,
         draining: drain.draining(),
         shutdown: drain.requester(),
+        remote_metrics: settings.admin_remote_metrics,
     });
     tasks.push(tokio::spawn(admin::serve(
         admin_l,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use palisade_ca_api::SpiffeId;
 use palisade_ca_api::contract::{
     AppProbes, DEFAULT_CA_NAMESPACE, DEFAULT_TRUST_DOMAIN, INBOUND_PORT, OUTBOUND_PORT,
-    PROXY_ADMIN_PORT, ca_dns_name, env, parse_duration, parse_ports, parse_probes,
+    PROXY_ADMIN_PORT, ca_dns_name, env, parse_duration, parse_ports, parse_probes, parse_switch,
 };
 use palisade_ca_api::spiffe::{
     validate_namespace, validate_service_account, validate_trust_domain,
@@ -91,6 +91,8 @@ pub struct Config {
     pub inbound_forward_port: Option<u16>,
     /// Inbound ports forwarded to the app's loopback address rather than the pod's own.
     pub inbound_loopback_ports: Vec<u16>,
+    /// `/metrics` answers callers other than loopback.
+    pub admin_remote_metrics: bool,
 }
 
 struct Reader<'a, E: Env> {
@@ -306,6 +308,9 @@ impl Config {
             inbound_loopback_ports: r
                 .optional(env::INBOUND_LOOPBACK_PORTS, parse_ports)?
                 .unwrap_or_default(),
+            admin_remote_metrics: r
+                .optional(env::ADMIN_REMOTE_METRICS, parse_switch)?
+                .unwrap_or(false),
         };
         config.validate()?;
         Ok(config)

@@ -155,6 +155,10 @@ fn the_injected_environment_is_a_valid_config() {
             "metadata.annotations['palisade.dev/inbound-loopback-ports']",
             "9090",
         ),
+        (
+            "metadata.annotations['palisade.dev/admin-remote-metrics']",
+            "",
+        ),
     ]);
     let env: HashMap<String, String> = injected
         .vars()
@@ -175,4 +179,5 @@ fn the_injected_environment_is_a_valid_config() {
     assert_eq!(c.ca_name, "palisade-ca.mesh-control.svc");
     assert_eq!(c.log, "debug");
     assert_eq!(c.inbound_loopback_ports, vec![9090]);
+    assert!(!c.admin_remote_metrics, "an absent annotation is off");
 }

@@ -146,6 +146,7 @@ fn settings(config: &Config) -> Settings {
         drain_timeout: config.drain_timeout,
         probes: config.app_probes.clone(),
         probe_timeout: config.probe_timeout,
+        admin_remote_metrics: config.admin_remote_metrics,
     }
 }
 

@@ -141,6 +141,7 @@ async fn shutdown_is_for_loopback_callers_only() {
         probe_timeout: Duration::from_secs(1),
         draining: Arc::new(Default::default()),
         shutdown: tx.clone(),
+        remote_metrics: false,
     };
     let outsider: SocketAddr = "10.77.0.9:5555".parse().unwrap();
     let r = palisade_proxy::admin::route(&state, outsider, &http::Method::POST, "/shutdown").await;
@@ -155,6 +156,63 @@ async fn shutdown_is_for_loopback_callers_only() {
     .await;
     assert_eq!(r.status(), 200);
     assert!(*tx.borrow());
+}
+
+#[tokio::test]
+async fn callers_from_outside_the_pod_get_only_what_the_kubelet_needs() {
+    let a = Authority::new("mesh");
+    let p = start_proxy(ProxySpec::new(&a, API)).await;
+    let (tx, _rx) = tokio::sync::watch::channel(false);
+    let mut state = palisade_proxy::admin::AdminState {
+        store: p.store.clone(),
+        mesh: p.mesh.clone(),
+        metrics: p.metrics.clone(),
+        probes: Default::default(),
+        probe_timeout: Duration::from_secs(1),
+        draining: Arc::new(Default::default()),
+        shutdown: tx,
+        remote_metrics: false,
+    };
+    async fn get(state: &palisade_proxy::admin::AdminState, peer: &str, path: &str) -> u16 {
+        let peer: SocketAddr = peer.parse().unwrap();
+        palisade_proxy::admin::route(state, peer, &http::Method::GET, path)
+            .await
+            .status()
+            .as_u16()
+    }
+    let kubelet = "10.77.0.1:40000";
+    assert_eq!(get(&state, kubelet, "/live").await, 200);
+    assert_ne!(get(&state, kubelet, "/ready").await, 403);
+    assert_eq!(
+        get(&state, kubelet, "/app-health/app/livez").await,
+        404,
+        "answered, nothing recorded"
+    );
+    for path in ["/metrics", "/identity"] {
+        assert_eq!(get(&state, kubelet, path).await, 403, "{path}");
+        assert_eq!(
+            get(&state, "[fd00:77::1]:40000", path).await,
+            403,
+            "{path} over IPv6"
+        );
+        assert_eq!(
+            get(&state, "127.0.0.1:40000", path).await,
+            200,
+            "{path} from loopback"
+        );
+        assert_eq!(
+            get(&state, "[::ffff:127.0.0.1]:40000", path).await,
+            200,
+            "{path} from mapped loopback"
+        );
+    }
+    state.remote_metrics = true;
+    assert_eq!(
+        get(&state, kubelet, "/metrics").await,
+        200,
+        "a pod that opted in"
+    );
+    assert_eq!(get(&state, kubelet, "/identity").await, 403);
 }
 
 #[tokio::test]
@@ -246,5 +304,50 @@ async fn wait_ready_polls_until_ready_or_says_why_not() {
         ready.status.success(),
         "{}",
         String::from_utf8_lossy(&ready.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_flood_of_idle_connections_cannot_starve_the_kubelets_probes() {
+    let a = Authority::new("mesh");
+    let p = start_proxy(ProxySpec::new(&a, API)).await;
+    // 200 connections from one source that never send a request.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        if let Ok(s) = TcpStream::connect(p.bound.admin).await {
+            idle.push(s);
+        }
+    }
+    // The kubelet, from another address, probes 30 times meanwhile: every probe is answered.
+    for i in 0..30 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = socket.connect(p.bound.admin).await.unwrap();
+        s.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+            .await
+            .unwrap_or_else(|_| panic!("probe {i} got no answer"))
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "probe {i}: {out:?}");
+    }
+    // The idle ones are gone within the header timeout (1 s) and some slack.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut still_open = 0;
+    for s in &mut idle {
+        let mut b = [0u8; 1];
+        // Closed: EOF (or a reset) at once. Still open: the read waits.
+        if tokio::time::timeout(Duration::from_millis(20), s.read(&mut b))
+            .await
+            .is_err()
+        {
+            still_open += 1;
+        }
+    }
+    assert_eq!(
+        still_open, 0,
+        "idle connections outlived the header timeout"
     );
 }

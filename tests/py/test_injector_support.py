@@ -338,7 +338,9 @@ def check_injected(original: dict, mutated: dict, native: bool = True):
                        ("PALISADE_POD_NAME", "metadata.name"), ("PALISADE_POD_IP", "status.podIP"),
                        ("PALISADE_APP_PROBES", "metadata.annotations['palisade.dev/app-probes']"),
                        ("PALISADE_INBOUND_LOOPBACK_PORTS",
-                        "metadata.annotations['palisade.dev/inbound-loopback-ports']")]:
+                        "metadata.annotations['palisade.dev/inbound-loopback-ports']"),
+                       ("PALISADE_ADMIN_REMOTE_METRICS",
+                        "metadata.annotations['palisade.dev/admin-remote-metrics']")]:
         assert env[name] == {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}, name
 
     assert [v["name"] for v in new["volumes"]] == [v["name"] for v in spec.get("volumes", [])] + [

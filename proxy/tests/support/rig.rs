@@ -130,6 +130,7 @@ pub async fn start_proxy(spec: ProxySpec<'_>) -> Proxy {
             drain_timeout: spec.drain,
             probes: palisade_proxy::probes::parse_probes(spec.probes).unwrap(),
             probe_timeout: Duration::from_secs(1),
+            admin_remote_metrics: false,
         },
         Parts {
             store: store.clone(),

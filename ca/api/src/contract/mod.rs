@@ -7,7 +7,7 @@ mod parse;
 mod probes;
 mod proxy_env;
 
-pub use parse::{Cidr, format_duration, parse_cidrs, parse_duration, parse_ports};
+pub use parse::{Cidr, format_duration, parse_cidrs, parse_duration, parse_ports, parse_switch};
 pub use probes::{AppProbe, AppProbes, Grpc, Header, HttpGet, PROBE_KINDS, TcpSocket};
 pub use probes::{app_health_path, parse_probes};
 pub use proxy_env::{EnvSource, ProxyEnv, env};
@@ -68,6 +68,9 @@ pub mod annotations {
     /// old way, for apps that listen only there; every other port is forwarded to the pod's
     /// own address, so a loopback-only listener is not reachable through the mesh.
     pub const INBOUND_LOOPBACK_PORTS: &str = "palisade.dev/inbound-loopback-ports";
+    /// `true` lets callers other than loopback read the proxy's `/metrics` (a Prometheus that
+    /// scrapes pods); by default only `/ready`, `/live` and `/app-health/...` answer them.
+    pub const ADMIN_REMOTE_METRICS: &str = "palisade.dev/admin-remote-metrics";
     pub const PROXY_CPU_REQUEST: &str = "palisade.dev/proxy-cpu-request";
     pub const PROXY_MEMORY_LIMIT: &str = "palisade.dev/proxy-memory-limit";
     pub const LOG_LEVEL: &str = "palisade.dev/log-level";

@@ -54,6 +54,15 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 /// Parses `P,P,...` (empty is none) into sorted, distinct ports 1-65535.
+/// A switch: `true` or `false`; empty (an absent annotation through the downward API) is false.
+pub fn parse_switch(text: &str) -> Result<bool, String> {
+    match text.trim() {
+        "" | "false" => Ok(false),
+        "true" => Ok(true),
+        other => Err(format!("{other:?} is not a switch: write true or false")),
+    }
+}
+
 pub fn parse_ports(text: &str) -> Result<Vec<u16>, String> {
     let mut ports = Vec::new();
     for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {

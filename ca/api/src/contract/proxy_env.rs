@@ -3,7 +3,7 @@
 //! `config.rs`), so a variable it requires cannot be missing from an injected pod: the
 //! injector renders exactly [`ProxyEnv::vars`].
 
-use super::annotations::INBOUND_LOOPBACK_PORTS;
+use super::annotations::{ADMIN_REMOTE_METRICS, INBOUND_LOOPBACK_PORTS};
 use super::{APP_PROBES_ANNOTATION, INBOUND_PORT, OUTBOUND_PORT, PROXY_ADMIN_PORT};
 use super::{TOKEN_DIR, TOKEN_FILE_NAME, TRUST_ANCHORS_KEY, TRUST_DIR};
 
@@ -41,6 +41,9 @@ pub mod env {
     /// (comma-separated; empty for none). From the pod's
     /// `palisade.dev/inbound-loopback-ports` annotation.
     pub const INBOUND_LOOPBACK_PORTS: &str = "PALISADE_INBOUND_LOOPBACK_PORTS";
+    /// `true`: `/metrics` answers callers other than loopback. From the pod's
+    /// `palisade.dev/admin-remote-metrics` annotation; empty means false.
+    pub const ADMIN_REMOTE_METRICS: &str = "PALISADE_ADMIN_REMOTE_METRICS";
     /// Test/demo mode without capture: every outbound connection goes here.
     pub const OUTBOUND_DESTINATION: &str = "PALISADE_OUTBOUND_DESTINATION";
     /// Test/demo mode without capture: every inbound connection is for this port.
@@ -100,6 +103,10 @@ impl ProxyEnv {
             (
                 env::INBOUND_LOOPBACK_PORTS,
                 field(&format!("metadata.annotations['{INBOUND_LOOPBACK_PORTS}']")),
+            ),
+            (
+                env::ADMIN_REMOTE_METRICS,
+                field(&format!("metadata.annotations['{ADMIN_REMOTE_METRICS}']")),
             ),
             (
                 env::INBOUND_LISTEN,
