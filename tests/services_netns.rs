@@ -492,7 +492,7 @@ fn policy_applies_through_the_service_as_through_the_pod_ip(node: &mut Node, sho
 /// node's DNAT.
 fn web_and_two_replicas(node: &mut Node) -> (Pod, Pod, Pod) {
     let (web_ip, api1_ip, api2_ip) = (node.pod_ip(2), node.pod_ip(3), node.pod_ip(4));
-    node.write_mesh(&two_replicas_mesh(&web_ip, &[&api1_ip, &api2_ip]));
+    node.write_mesh(&two_replicas_mesh(&web_ip, &[&api1_ip, &api2_ip], &[]));
     node.start_ca("1h");
     node.install_service(
         API_IP,
@@ -512,15 +512,25 @@ fn web_and_two_replicas(node: &mut Node) -> (Pod, Pod, Pod) {
 
 /// `web` and the replicas at `replica_ips` (named `api-<n>`), the Service `api` selecting
 /// them.
-fn two_replicas_mesh(web_ip: &str, replica_ips: &[&str]) -> MeshFile {
+/// Replicas whose address is in `draining` stay workloads (their identity and policy stay) but
+/// leave the Service's endpoints, as a scaled-down pod leaves its EndpointSlice while it
+/// finishes its connections: the Service selects `serving: "true"` as well.
+fn two_replicas_mesh(web_ip: &str, replica_ips: &[&str], draining: &[&str]) -> MeshFile {
     replica_ips
         .iter()
         .enumerate()
         .fold(
             MeshFile::new("all-authenticated").workload("web", NAMESPACE, "web", web_ip),
-            |m, (i, ip)| m.add_workload(api_replica(&format!("api-{}", i + 1), ip)),
+            |m, (i, ip)| {
+                let serving = if draining.contains(ip) {
+                    "false"
+                } else {
+                    "true"
+                };
+                m.add_workload(api_replica(&format!("api-{}", i + 1), ip).label("serving", serving))
+            },
         )
-        .service(service("api", API_IP, "api", APP_PORT))
+        .service(service("api", API_IP, "api", APP_PORT).selector("serving", "true"))
         .policies(API_FROM_WEB)
 }
 
@@ -536,7 +546,7 @@ fn scaling_down_moves_new_connections_off_the_removed_replica_without_failures()
     let Some(mut node) = node("scale_down", 72) else {
         return;
     };
-    let (web, api1, _api2) = web_and_two_replicas(&mut node);
+    let (web, api1, api2) = web_and_two_replicas(&mut node);
     let url = who_url(API_IP, SERVICE_PORT, "s2");
     let limit = Duration::from_secs(30);
     let mut updated_at = None;
@@ -557,7 +567,11 @@ fn scaling_down_moves_new_connections_off_the_removed_replica_without_failures()
         });
         // Load before the update: until both replicas answered (bounded by the loop's limit).
         std::thread::sleep(Duration::from_secs(2));
-        node.write_mesh(&two_replicas_mesh(&web.ip, &[&api1.ip]));
+        node.write_mesh(&two_replicas_mesh(
+            &web.ip,
+            &[&api1.ip, &api2.ip],
+            &[&api2.ip],
+        ));
         node.install_service(API_IP, SERVICE_PORT, &[(&api1.ip, APP_PORT)]);
         updated_at = Some(Instant::now());
         std::thread::sleep(Duration::from_secs(4));
