@@ -387,31 +387,57 @@ fn watch(
     }
     let query = WatchQuery::parse(req.uri().query().unwrap_or_default())
         .map_err(|m| ApiError::new(ErrorCode::InvalidWatchQuery, m))?;
+    let owner = crate::mesh::watch::Owner {
+        namespace: id.namespace().to_owned(),
+        service_account: id.service_account().to_owned(),
+    };
     if let Some(ip) = query.pod_ip {
         let snapshot = ca.publisher.current();
-        if let Some(w) = snapshot.state.workload_at(ip)
-            && (w.namespace != id.namespace() || w.service_account != id.service_account())
-        {
-            return Err(ApiError::new(
-                ErrorCode::IdentityMismatch,
-                format!(
-                    "pod_ip {ip} is workload {}/{} with service account {}, not {id}: watch your own pod's address",
-                    w.namespace, w.name, w.service_account
-                ),
-            ));
+        match snapshot.state.workload_at(ip) {
+            Some(w) if owner.holds(w) => {}
+            Some(w) => {
+                return Err(ApiError::new(
+                    ErrorCode::IdentityMismatch,
+                    format!(
+                        "pod_ip {ip} is workload {}/{} with service account {}, not {id}: watch your own pod's address",
+                        w.namespace, w.name, w.service_account
+                    ),
+                ));
+            }
+            None => {
+                return Err(ApiError::new(
+                    ErrorCode::IdentityMismatch,
+                    format!(
+                        "no workload of {id} holds pod_ip {ip}: watch your own pod's address (a pod the control plane has not seen yet is refused until it has; the proxy retries)"
+                    ),
+                ));
+            }
         }
     }
+    // The stream lives no longer than the certificate that opened it: the proxy reopens it
+    // with its renewed one.
+    let not_after = palisade_ca_api::cert::serial_and_validity(&chain[0])
+        .map(|(_, _, not_after)| not_after)
+        .map_err(|e| untrusted(e.to_string()))?;
+    let lives_for = (not_after - time::OffsetDateTime::now_utc())
+        .try_into()
+        .unwrap_or(std::time::Duration::ZERO);
+    let until = tokio::time::Instant::now() + lives_for;
     tracing::debug!(peer.id = %id, destinations = query.destinations.len(), "mesh watch opened");
     let metrics = ca.metrics.clone();
     metrics.watch_opened();
     let guard = WatchGuard(metrics);
-    let stream =
-        crate::mesh::watch::watch_stream(ca.publisher.subscribe(), query, ca.shutdown.clone()).map(
-            move |line| {
-                let _ = &guard;
-                Ok::<_, Infallible>(Frame::data(line))
-            },
-        );
+    let stream = crate::mesh::watch::watch_stream(
+        ca.publisher.subscribe(),
+        query,
+        owner,
+        until,
+        ca.shutdown.clone(),
+    )
+    .map(move |line| {
+        let _ = &guard;
+        Ok::<_, Infallible>(Frame::data(line))
+    });
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-ndjson")

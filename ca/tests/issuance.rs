@@ -343,3 +343,70 @@ async fn watch_answers_a_service_address_and_follows_its_endpoints() {
         "no update for a bad file"
     );
 }
+
+#[tokio::test]
+async fn a_watch_is_only_for_a_pod_address_the_callers_identity_holds() {
+    let ca = TestCa::start().await;
+    // shop/web asks for the policy of an address no workload holds.
+    let client = mesh_client(&ca, "shop", "web").await;
+    let nobody = WatchQuery {
+        pod_ip: Some("10.77.0.99".parse().unwrap()),
+        destinations: vec![],
+    };
+    match client.watch(&nobody).await {
+        Err(palisade_ca_api::client::ClientError::Api {
+            status, message, ..
+        }) => {
+            assert_eq!(status, 403);
+            assert!(
+                message.contains(
+                    "no workload of spiffe://cluster.local/ns/shop/sa/web holds pod_ip 10.77.0.99"
+                ),
+                "{message}"
+            );
+        }
+        Ok(_) => panic!("a watch for an address nobody holds was opened"),
+        Err(other) => panic!("{other}"),
+    }
+
+    // shop/api watches its own address; then the address goes to another identity: the stream
+    // ends rather than stream that workload's policy.
+    let api = mesh_client(&ca, "shop", "api").await;
+    let own = WatchQuery {
+        pod_ip: Some("10.77.0.3".parse().unwrap()),
+        destinations: vec![],
+    };
+    let mut stream = api.watch(&own).await.unwrap();
+    assert!(stream.next().await.unwrap().unwrap().inbound.is_some());
+    let taken = MeshFile::new("all-authenticated")
+        .workload("web", "shop", "web", "10.77.0.2")
+        .workload("db", "shop", "db", "10.77.0.3");
+    std::fs::write(ca.mesh_file(), taken.to_yaml()).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(3), stream.next())
+        .await
+        .expect("the stream ends within the reload interval");
+    assert!(
+        matches!(ended, Ok(None) | Err(_)),
+        "the stream went on: {ended:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_watch_ends_when_the_certificate_that_opened_it_expires() {
+    let ca = TestCa::start_with(|c| {
+        c.allow_short_ttl_for_testing = true;
+        c.cert_ttl = Duration::from_secs(3);
+    })
+    .await;
+    let client = mesh_client(&ca, "shop", "api").await;
+    let query = WatchQuery {
+        pod_ip: Some("10.77.0.3".parse().unwrap()),
+        destinations: vec![],
+    };
+    let mut stream = client.watch(&query).await.unwrap();
+    assert!(stream.next().await.unwrap().is_some());
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the stream ends when the certificate expires (3 s), not later");
+    assert!(matches!(ended, Ok(None) | Err(_)), "{ended:?}");
+}

@@ -221,6 +221,14 @@ async fn not_ready_and_nothing_published_until_every_watch_has_listed() {
     }
 }
 
+/// The identity of the recorded api pod, as its proxy's certificate says.
+fn api_owner() -> palisade_ca::mesh::watch::Owner {
+    palisade_ca::mesh::watch::Owner {
+        namespace: "shop".into(),
+        service_account: "api".into(),
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_policy_added_changed_and_deleted_reaches_the_proxy_watch() {
     let mut cluster = start_cluster();
@@ -230,7 +238,13 @@ async fn a_policy_added_changed_and_deleted_reaches_the_proxy_watch() {
         pod_ip: Some(API_POD_IP.parse().unwrap()),
         destinations: vec![API_POD_IP.parse().unwrap()],
     };
-    let mut stream = Box::pin(watch_stream(cluster.publisher.subscribe(), query, stop_rx));
+    let mut stream = Box::pin(watch_stream(
+        cluster.publisher.subscribe(),
+        query,
+        api_owner(),
+        tokio::time::Instant::now() + std::time::Duration::from_secs(3600),
+        stop_rx,
+    ));
     let first = next_message(&mut stream).await;
     let inbound = first.inbound.expect("the proxy's own workload is known");
     assert!(inbound.policies.is_empty());
@@ -524,7 +538,13 @@ async fn a_slice_that_drops_an_endpoint_drops_it_from_the_proxy_watch() {
         pod_ip: Some(API_POD_IP.parse().unwrap()),
         destinations: vec!["10.96.0.10".parse().unwrap()],
     };
-    let mut stream = Box::pin(watch_stream(cluster.publisher.subscribe(), query, stop_rx));
+    let mut stream = Box::pin(watch_stream(
+        cluster.publisher.subscribe(),
+        query,
+        api_owner(),
+        tokio::time::Instant::now() + std::time::Duration::from_secs(3600),
+        stop_rx,
+    ));
     let first = next_message(&mut stream).await;
     let before = first.destinations[0].service.as_ref().unwrap();
     assert_eq!(

@@ -1,16 +1,36 @@
-//! The mesh watch stream: a snapshot, then an update whenever this watch's view changes.
+//! The mesh watch stream: a snapshot, then an update whenever this watch's view changes. A
+//! stream that watches a pod's address ends when that address stops being a workload of the
+//! watcher's identity, and when the watcher's certificate expires.
 
 use bytes::Bytes;
 use futures_util::Stream;
 use palisade_ca_api::wire::{WatchMessage, WatchMessageKind, WatchQuery};
 
-use super::Snapshot;
+use super::{Snapshot, Workload};
 
-/// Newline-delimited JSON messages for `query`, ending when `shutdown` fires or the publisher
-/// goes away. Changes that do not touch this view send nothing.
+/// The identity a watch was opened with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Owner {
+    /// Whether `w` runs as this identity.
+    pub fn holds(&self, w: &Workload) -> bool {
+        w.namespace == self.namespace && w.service_account == self.service_account
+    }
+}
+
+/// Newline-delimited JSON messages for `query`, ending when `shutdown` fires, the publisher
+/// goes away, `until` passes (the client certificate's expiry), or the watched pod address is
+/// no longer a workload of `owner` (its pod went away, or another workload took the address).
+/// Changes that do not touch this view send nothing.
 pub fn watch_stream(
     mut rx: tokio::sync::watch::Receiver<Snapshot>,
     query: WatchQuery,
+    owner: Owner,
+    until: tokio::time::Instant,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     let first = {
@@ -20,8 +40,10 @@ pub fn watch_stream(
     };
     let line = encode(&first);
     let state = (rx, query, first, Some(line));
+    let owner = std::sync::Arc::new(owner);
     futures_util::stream::unfold(state, move |(mut rx, query, mut last, pending)| {
         let mut shutdown = shutdown.clone();
+        let owner = owner.clone();
         async move {
             if let Some(line) = pending {
                 return Some((line, (rx, query, last, None)));
@@ -30,9 +52,15 @@ pub fn watch_stream(
                 tokio::select! {
                     changed = rx.changed() => changed.ok()?,
                     _ = shutdown.changed() => return None,
+                    _ = tokio::time::sleep_until(until) => return None,
                 }
                 let next = {
                     let snap = rx.borrow_and_update();
+                    if let Some(ip) = query.pod_ip
+                        && !snap.state.workload_at(ip).is_some_and(|w| owner.holds(w))
+                    {
+                        return None;
+                    }
                     snap.state
                         .view(&query, WatchMessageKind::Update, snap.version)
                 };
