@@ -34,6 +34,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub cert_ttl: Duration,
+    /// The longest lifetime a caller gets; a longer `ttl_seconds` is cut to it.
+    pub max_cert_ttl: Duration,
     /// Lowers the 5-minute floor on certificate lifetimes, for rotation tests only.
     pub allow_short_ttl_for_testing: bool,
     pub keys: KeySource,
@@ -123,6 +125,7 @@ impl ServeConfig {
             listen: "127.0.0.1:0".parse().expect("literal"),
             admin_listen: "127.0.0.1:0".parse().expect("literal"),
             cert_ttl: Duration::from_secs(3600),
+            max_cert_ttl: Duration::from_secs(MAX_TTL_SECONDS),
             allow_short_ttl_for_testing: false,
             keys: KeySource::Generated,
             extra_trust_roots: None,
@@ -157,6 +160,16 @@ impl ServeConfig {
                 "--cert-ttl",
                 format!(
                     "{} is outside 5m..24h (use e.g. 1h)",
+                    palisade_ca_api::contract::format_duration(self.cert_ttl)
+                ),
+            ));
+        }
+        if self.max_cert_ttl < self.cert_ttl || self.max_cert_ttl > max {
+            return Err(invalid(
+                "--max-cert-ttl",
+                format!(
+                    "{} is outside --cert-ttl ({})..24h: a default longer than the cap could not be issued",
+                    palisade_ca_api::contract::format_duration(self.max_cert_ttl),
                     palisade_ca_api::contract::format_duration(self.cert_ttl)
                 ),
             ));

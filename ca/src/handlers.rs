@@ -310,7 +310,8 @@ async fn issue(ca: &Ca, peer: IpAddr, req: Request<Incoming>) -> Result<Response
                     ),
                 ));
             }
-            ttl
+            // The CA's own cap, whatever the caller asks.
+            ttl.min(ca.config.max_cert_ttl)
         }
     };
     let der = csr_der_from_pem(&request.csr).map_err(csr_error)?;

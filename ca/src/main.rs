@@ -100,6 +100,9 @@ struct ServeArgs {
     /// Default certificate lifetime (5m..24h).
     #[arg(long, env = "PALISADE_CERT_TTL", default_value = "1h", value_parser = parse_duration)]
     cert_ttl: std::time::Duration,
+    /// Longest certificate lifetime a caller gets (--cert-ttl..24h); a longer ask is cut to it.
+    #[arg(long, env = "PALISADE_MAX_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    max_cert_ttl: std::time::Duration,
     /// TESTING ONLY: allow lifetimes below 5 minutes.
     #[arg(long, env = "PALISADE_ALLOW_SHORT_TTL_FOR_TESTING")]
     allow_short_ttl_for_testing: bool,
@@ -243,6 +246,7 @@ fn serve_config(a: ServeArgs) -> anyhow::Result<ServeConfig> {
     config.listen = a.listen;
     config.admin_listen = a.admin_listen;
     config.cert_ttl = a.cert_ttl;
+    config.max_cert_ttl = a.max_cert_ttl;
     config.allow_short_ttl_for_testing = a.allow_short_ttl_for_testing;
     config.keys = keys;
     config.extra_trust_roots = a.extra_trust_roots;

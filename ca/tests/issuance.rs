@@ -410,3 +410,35 @@ async fn a_watch_ends_when_the_certificate_that_opened_it_expires() {
         .expect("the stream ends when the certificate expires (3 s), not later");
     assert!(matches!(ended, Ok(None) | Err(_)), "{ended:?}");
 }
+
+#[tokio::test]
+async fn a_longer_lifetime_than_the_ca_allows_is_cut_to_its_cap() {
+    let ca = TestCa::start_with(|c| c.max_cert_ttl = Duration::from_secs(2 * 3600)).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let resp = ca
+        .client(None)
+        .request_certificate(
+            &ca.token("shop", "web"),
+            &palisade_ca_api::wire::CertificateRequest {
+                csr: palisade_testkit::pki::csr_pem(&key, vec![]),
+                ttl_seconds: Some(20 * 3600),
+            },
+        )
+        .await
+        .expect("issued, cut to the cap");
+    let (_, not_before, not_after) =
+        palisade_ca_api::cert::serial_and_validity(&chain_ders(&resp)[0]).unwrap();
+    let lifetime = not_after - not_before;
+    assert!(
+        lifetime <= time::Duration::hours(2) + time::Duration::minutes(2),
+        "asked 20h under a 2h cap, got {lifetime}"
+    );
+    assert!(lifetime >= time::Duration::hours(2), "{lifetime}");
+    let mut bad = palisade_ca::config::ServeConfig::embedded("/tmp/x".into(), "/tmp/m".into());
+    bad.max_cert_ttl = Duration::from_secs(600);
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("--max-cert-ttl") && err.contains("--cert-ttl"),
+        "{err}"
+    );
+}

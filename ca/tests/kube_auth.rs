@@ -85,7 +85,7 @@ async fn authenticated_review_names_namespace_service_account_and_pod() {
     );
 
     // Cached: no second review while the token lives...
-    assert!(offline(auth.authenticate_at(&t, NOW + 60)).await.is_ok());
+    assert!(offline(auth.authenticate_at(&t, NOW + 30)).await.is_ok());
     api.expect_no_more().await;
     // ...and never past its expiry, even inside the cache's own lifetime.
     assert_eq!(
@@ -93,6 +93,47 @@ async fn authenticated_review_names_namespace_service_account_and_pod() {
         Err(AuthError::Expired)
     );
     assert_eq!(auth.cached(), 1);
+}
+
+#[tokio::test]
+async fn a_pod_the_watch_saw_deleted_loses_its_cached_review() {
+    let (client, handle) = mock_client("palisade-system");
+    let deletions = std::sync::Arc::new(palisade_ca::auth::kube::PodDeletions::default());
+    let auth =
+        KubeAuthenticator::new(client, "palisade-ca".into()).with_pod_deletions(deletions.clone());
+    let mut api = Scenario { handle };
+    let t = ours(NOW + 3600);
+    let (r, _) = tokio::join!(auth.authenticate_at(&t, NOW), async {
+        api.expect(
+            Method::POST,
+            REVIEWS,
+            StatusCode::CREATED,
+            fixture_with("tokenreview-authenticated.json", &[("TOKEN", &t)]),
+        )
+        .await
+    });
+    r.unwrap();
+    assert!(
+        offline(auth.authenticate_at(&t, NOW + 1)).await.is_ok(),
+        "cached"
+    );
+    // The pod the token is bound to is deleted: the cached answer is not trusted any more,
+    // and the API server is asked again (a real one then refuses the token).
+    deletions.deleted("a3b1c2d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d", NOW + 2);
+    let (r, seen) = tokio::join!(auth.authenticate_at(&t, NOW + 2), async {
+        api.expect(
+            Method::POST,
+            REVIEWS,
+            StatusCode::CREATED,
+            fixture_with("tokenreview-unauthenticated.json", &[("TOKEN", &t)]),
+        )
+        .await
+    });
+    assert_eq!(seen.body.unwrap()["spec"]["token"], t.as_str());
+    assert!(r.is_err(), "a deleted pod's token is refused: {r:?}");
+    // Another pod's deletion leaves a cached review alone.
+    deletions.deleted("another-uid", NOW + 3);
+    assert_eq!(palisade_ca::auth::kube::MAX_CACHE_SECONDS, 60);
 }
 
 #[tokio::test]

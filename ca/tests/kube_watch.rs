@@ -44,6 +44,7 @@ struct Cluster {
     /// Kept open: the Service watch stays quiet.
     _services: mpsc::UnboundedSender<serde_json::Value>,
     slices: mpsc::UnboundedSender<serde_json::Value>,
+    pod_deletions: Arc<palisade_ca::auth::kube::PodDeletions>,
     client: kube::Client,
     shutdown: watch::Sender<bool>,
     _tasks: tokio::task::JoinSet<()>,
@@ -84,9 +85,11 @@ fn start_cluster_with(router: Router, unlisted: Option<&str>) -> Cluster {
     let metrics = Arc::new(Metrics::new(0));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let pod_deletions = Arc::new(palisade_ca::auth::kube::PodDeletions::default());
     let outputs = spawn_watches(
         client.clone(),
         WatchSettings {
+            pod_deletions: Some(pod_deletions.clone()),
             trust_domain: "cluster.local".into(),
             default_policy: DefaultPolicy::AllAuthenticated,
         },
@@ -105,6 +108,7 @@ fn start_cluster_with(router: Router, unlisted: Option<&str>) -> Cluster {
         policies,
         _services: services,
         slices,
+        pod_deletions,
         client,
         shutdown,
         _tasks: tasks,
@@ -219,6 +223,39 @@ async fn not_ready_and_nothing_published_until_every_watch_has_listed() {
         assert!(cluster.publisher.current().version > 1);
         let _ = cluster.shutdown.send(true);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_pod_is_reported_to_the_token_cache_and_leaves_the_mesh() {
+    let mut cluster = start_cluster();
+    until_ready(&mut cluster).await;
+    let uid = "1c2d3e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f";
+    assert!(!cluster.pod_deletions.contains(uid));
+    let list: serde_json::Value = fixture("pod-list.json");
+    let mut pod = list["items"][0].clone();
+    pod["apiVersion"] = "v1".into();
+    pod["kind"] = "Pod".into();
+    assert_eq!(pod["metadata"]["uid"], uid);
+    cluster
+        .pods
+        .send(serde_json::json!({"type": "DELETED", "object": pod}))
+        .unwrap();
+    let gone = async {
+        while !cluster.pod_deletions.contains(uid)
+            || cluster
+                .publisher
+                .current()
+                .state
+                .workload_at(API_POD_IP.parse().unwrap())
+                .is_some()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), gone)
+        .await
+        .expect("the deletion reaches the token cache and the mesh state");
+    let _ = cluster.shutdown.send(true);
 }
 
 /// The identity of the recorded api pod, as its proxy's certificate says.

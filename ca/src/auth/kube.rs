@@ -25,8 +25,39 @@ pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 /// How many reviewed tokens are remembered (one per proxy and token rotation is plenty).
 pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
 /// A cached answer is re-checked after this long even when the token lives longer, so a deleted
-/// pod or service account stops getting certificates soon.
-pub const MAX_CACHE_SECONDS: i64 = 300;
+/// pod or service account stops getting certificates within a minute (at once for a pod the
+/// pod watch sees deleted: [`PodDeletions`]).
+pub const MAX_CACHE_SECONDS: i64 = 60;
+
+/// Pods the pod watch saw deleted, by UID: a cached review of a token bound to one of them is
+/// dropped rather than trusted (the API server then refuses the token). Bounded: entries older
+/// than a token's longest cache life are forgotten.
+#[derive(Debug, Default)]
+pub struct PodDeletions(Mutex<HashMap<String, i64>>);
+
+/// How many deletions are remembered at most.
+const MAX_POD_DELETIONS: usize = 50_000;
+
+impl PodDeletions {
+    /// Records that the pod with `uid` was deleted at `now` (Unix seconds).
+    pub fn deleted(&self, uid: &str, now: i64) {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= MAX_POD_DELETIONS {
+            seen.retain(|_, at| now - *at <= MAX_CACHE_SECONDS);
+        }
+        if seen.len() < MAX_POD_DELETIONS {
+            seen.insert(uid.to_owned(), now);
+        }
+    }
+
+    /// Whether the pod with `uid` was seen deleted.
+    pub fn contains(&self, uid: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(uid)
+    }
+}
 /// A token the API server refused is refused again without asking for this long.
 pub const NEGATIVE_CACHE_SECONDS: i64 = 30;
 /// How many refused tokens are remembered; past this, expired entries and then the oldest go.
@@ -43,6 +74,7 @@ pub struct KubeAuthenticator {
     /// Reviews under way, by token hash: a second request with the same token waits for the
     /// first one's answer instead of sending its own.
     in_flight: Mutex<HashMap<[u8; 32], Arc<OnceCell<ReviewOutcome>>>>,
+    deletions: Arc<PodDeletions>,
 }
 
 struct Refused {
@@ -68,10 +100,17 @@ impl KubeAuthenticator {
             client,
             audience,
             cache: Mutex::new(HashMap::new()),
+            deletions: Arc::default(),
             max_entries: max_entries.max(1),
             refused: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Trusts no cached review of a token bound to a pod that `deletions` holds.
+    pub fn with_pod_deletions(mut self, deletions: Arc<PodDeletions>) -> Self {
+        self.deletions = deletions;
+        self
     }
 
     /// Number of cached answers (for tests and metrics).
@@ -178,7 +217,16 @@ impl KubeAuthenticator {
     fn lookup(&self, key: &[u8; 32], now: i64) -> Option<TokenIdentity> {
         let mut cache = self.cache.lock().expect("cache lock");
         match cache.get(key) {
-            Some(c) if c.until > now => Some(c.identity.clone()),
+            Some(c)
+                if c.until > now
+                    && !c
+                        .identity
+                        .pod_uid
+                        .as_deref()
+                        .is_some_and(|uid| self.deletions.contains(uid)) =>
+            {
+                Some(c.identity.clone())
+            }
             Some(_) => {
                 cache.remove(key);
                 None

@@ -55,6 +55,8 @@ enum Change {
 pub struct WatchSettings {
     pub trust_domain: String,
     pub default_policy: DefaultPolicy,
+    /// Told of every pod the pod watch sees deleted (the TokenReview cache drops its tokens).
+    pub pod_deletions: Option<Arc<crate::auth::kube::PodDeletions>>,
 }
 
 /// Starts the watches as one task; returns the readiness and opted-in-namespace channels.
@@ -129,6 +131,12 @@ async fn run_watches(
         tokio::select! {
             change = changes.next() => {
                 let Some(change) = change else { return };
+                if let (Change::Pod(event), Some(deletions)) = (&change, &settings.pod_deletions)
+                    && let Ok(watcher::Event::Delete(pod)) = event.as_ref()
+                    && let Some(uid) = pod.metadata.uid.as_deref()
+                {
+                    deletions.deleted(uid, time::OffsetDateTime::now_utc().unix_timestamp());
+                }
                 if apply(&mut objects, change, &metrics) && publish_at.is_none() {
                     publish_at = Some(tokio::time::Instant::now() + DEBOUNCE);
                 }

@@ -95,13 +95,22 @@ pub async fn start_with_kube_client(
         shutdown: &shutdown_rx,
         tasks: &mut tasks,
     };
-    let authenticator = parts::authenticator(&config, kube_client.as_ref(), background).await?;
+    // The pod watch tells the TokenReview cache which pods are gone.
+    let pod_deletions = Arc::new(crate::auth::kube::PodDeletions::default());
+    let authenticator = parts::authenticator(
+        &config,
+        kube_client.as_ref(),
+        pod_deletions.clone(),
+        background,
+    )
+    .await?;
     let background = parts::Background {
         metrics: &metrics,
         shutdown: &shutdown_rx,
         tasks: &mut tasks,
     };
-    let (publisher, ready) = parts::mesh_source(&config, kube_client, &authority, background)?;
+    let (publisher, ready) =
+        parts::mesh_source(&config, kube_client, &authority, pod_deletions, background)?;
 
     let serving = ServingIdentity::of(&config)?;
     let resolver = Arc::new(ReloadingResolver::new(serving_cert::server_cert(

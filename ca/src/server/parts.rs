@@ -85,6 +85,7 @@ pub(super) fn extra_roots(
 pub(super) async fn authenticator(
     config: &ServeConfig,
     kube_client: Option<&::kube::Client>,
+    pod_deletions: Arc<crate::auth::kube::PodDeletions>,
     background: Background<'_>,
 ) -> Result<Arc<dyn Authenticator>, StartError> {
     let audience = palisade_ca_api::wire::TOKEN_AUDIENCE;
@@ -102,10 +103,13 @@ pub(super) async fn authenticator(
                 .spawn(auth.clone().refresh_loop(background.shutdown.clone()));
             auth
         }
-        AuthMode::Kube => Arc::new(KubeAuthenticator::new(
-            kube_client.cloned().expect("made for kube mode"),
-            audience.into(),
-        )),
+        AuthMode::Kube => Arc::new(
+            KubeAuthenticator::new(
+                kube_client.cloned().expect("made for kube mode"),
+                audience.into(),
+            )
+            .with_pod_deletions(pod_deletions),
+        ),
     })
 }
 
@@ -115,6 +119,7 @@ pub(super) fn mesh_source(
     config: &ServeConfig,
     kube_client: Option<::kube::Client>,
     authority: &Authority,
+    pod_deletions: Arc<crate::auth::kube::PodDeletions>,
     background: Background<'_>,
 ) -> Result<(MeshPublisher, watch::Receiver<bool>), StartError> {
     let Background {
@@ -149,6 +154,7 @@ pub(super) fn mesh_source(
             let settings = WatchSettings {
                 trust_domain: config.trust_domain.clone(),
                 default_policy: config.default_policy,
+                pod_deletions: Some(pod_deletions),
             };
             let outputs = spawn_watches(
                 client.clone(),
