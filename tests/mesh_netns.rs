@@ -479,3 +479,47 @@ fn a_listener_the_app_keeps_on_loopback_is_not_reachable_through_the_mesh() {
         .expect("a port opted into loopback forwarding is reached as before");
     node.finish();
 }
+
+#[test]
+fn inbound_udp_is_dropped_except_replies_and_the_ports_a_pod_lists() {
+    let Some(mut node) = node("inbound_udp", 60) else {
+        return;
+    };
+    let (web, api) = (node.pod_ip(2), node.pod_ip(3));
+    node.write_mesh(&mesh(
+        "all-authenticated",
+        &[("web", "web", &web), ("api", "api", &api)],
+        API_FROM_WEB,
+    ));
+    node.start_ca("1h");
+    let web = node.add_pod("web", 2);
+    let api = node.add_pod("api", 3);
+    node.serve_http(&api, 8080);
+    node.serve_udp_echo(Some(&api), 5300);
+    node.serve_udp_echo(Some(&api), 5301);
+    node.serve_udp_echo(None, 5353);
+    node.mesh_pod(&web, "web", None);
+    // As palisade.dev/inbound-udp-ports: "5301" makes the injector run init.
+    node.mesh_pod_with(
+        &api,
+        "api",
+        None,
+        &[("PALISADE_ALLOW_INBOUND_UDP_PORTS", "5301")],
+    );
+    let udp = |port: u16| format!("{}:{port}", api.ip);
+    // The proxy carries TCP only: policy cannot judge a UDP caller, so it is kept out...
+    assert_eq!(
+        node.udp_ask(&web, &udp(5300)),
+        None,
+        "a UDP service of a meshed pod answered a caller no policy saw"
+    );
+    // ...unless the pod lists the port,
+    assert_eq!(node.udp_ask(&web, &udp(5301)).as_deref(), Some("ping"));
+    // and the pod's own requests still get their answers (a DNS server's, say).
+    let resolver = format!("{}:5353", node.node_ip());
+    assert_eq!(node.udp_ask(&api, &resolver).as_deref(), Some("ping"));
+    // TCP is untouched.
+    node.app_get(&web, &url(&api, 8080))
+        .expect("web → api over the mesh");
+    node.finish();
+}

@@ -56,6 +56,7 @@ pub struct PodOverrides {
     pub skip_inbound_ports: Vec<u16>,
     pub skip_outbound_ports: Vec<u16>,
     pub skip_outbound_cidrs: Vec<Cidr>,
+    pub inbound_udp_ports: Vec<u16>,
     pub cpu_request: Option<Quantity>,
     pub memory_limit: Option<Quantity>,
     pub log_level: Option<String>,
@@ -76,6 +77,7 @@ pub fn parse_overrides(
             SKIP_INBOUND_PORTS => overrides.skip_inbound_ports = parse_ports(key, value)?,
             SKIP_OUTBOUND_PORTS => overrides.skip_outbound_ports = parse_ports(key, value)?,
             SKIP_OUTBOUND_CIDRS => overrides.skip_outbound_cidrs = parse_cidrs(key, value)?,
+            INBOUND_UDP_PORTS => overrides.inbound_udp_ports = parse_ports(key, value)?,
             PROXY_CPU_REQUEST => overrides.cpu_request = Some(Quantity::cpu(key, value)?),
             PROXY_MEMORY_LIMIT => overrides.memory_limit = Some(Quantity::memory(key, value)?),
             LOG_LEVEL => overrides.log_level = Some(parse_log_level(key, value)?),
@@ -351,6 +353,7 @@ mod tests {
             (LOG_LEVEL, "debug"),
             (INJECT, "enabled"),
             (INBOUND_LOOPBACK_PORTS, "9090"),
+            (INBOUND_UDP_PORTS, "5353,8125"),
             (ADMIN_REMOTE_METRICS, "true"),
             ("example.com/other", "anything"),
         ]);
@@ -358,6 +361,7 @@ mod tests {
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(o.skip_inbound_ports, vec![22]);
         assert_eq!(o.skip_outbound_ports, vec![5432, 6379]);
+        assert_eq!(o.inbound_udp_ports, vec![5353, 8125]);
         assert_eq!(
             o.skip_outbound_cidrs,
             vec!["169.254.169.254/32".parse().unwrap()]

@@ -163,6 +163,10 @@ pub fn init_container(spec: &SidecarSpec<'_>) -> Value {
         command.push("--skip-outbound-cidrs".to_owned());
         command.push(join(&spec.overrides.skip_outbound_cidrs));
     }
+    if !spec.overrides.inbound_udp_ports.is_empty() {
+        command.push("--allow-inbound-udp-ports".to_owned());
+        command.push(join(&spec.overrides.inbound_udp_ports));
+    }
     json!({
         "name": INIT_CONTAINER,
         "image": spec.settings.proxy_image,
@@ -298,6 +302,7 @@ mod tests {
             skip_inbound_ports: vec![22, 15021],
             skip_outbound_ports: vec![5432],
             skip_outbound_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            inbound_udp_ports: vec![5353],
             ..PodOverrides::default()
         };
         let init = init_container(&spec_with(&settings, &overrides));
@@ -317,7 +322,9 @@ mod tests {
                 "--skip-outbound-ports",
                 "5432",
                 "--skip-outbound-cidrs",
-                "10.0.0.0/8"
+                "10.0.0.0/8",
+                "--allow-inbound-udp-ports",
+                "5353"
             ])
         );
         assert_eq!(
@@ -339,6 +346,7 @@ mod tests {
             .collect();
         assert!(!command.contains(&"--skip-outbound-ports"));
         assert!(!command.contains(&"--skip-outbound-cidrs"));
+        assert!(!command.contains(&"--allow-inbound-udp-ports"));
         assert!(command.ends_with(&["--skip-inbound-ports", "15021"]));
     }
 

@@ -1,7 +1,11 @@
-//! `palisade-proxy init`: the nat rules that capture the pod's TCP traffic.
+//! `palisade-proxy init`: the nat rules that capture the pod's TCP traffic, and the filter rule
+//! that keeps inbound UDP out.
 //!
-//! Two chains of our own, `PALISADE_INBOUND` (jumped to from PREROUTING, redirecting to the
-//! inbound port) and `PALISADE_OUTBOUND` (from OUTPUT, redirecting to the outbound port).
+//! Two nat chains of our own, `PALISADE_INBOUND` (jumped to from PREROUTING, redirecting to the
+//! inbound port) and `PALISADE_OUTBOUND` (from OUTPUT, redirecting to the outbound port). The
+//! proxy carries TCP only, so inbound UDP could reach the app around every policy: the filter
+//! chain `PALISADE_INBOUND_UDP` (from INPUT) drops it, except replies to the pod's own requests
+//! (DNS answers among them), loopback, and the ports `--allow-inbound-udp-ports` lists.
 //! Each run flushes and refills those chains and adds each jump only when it is missing, so
 //! running twice leaves one set of rules. The rules are built by a pure function; only
 //! `apply` runs `iptables`, with the backend (legacy or nft) the host already uses.
@@ -12,6 +16,7 @@ use palisade_ca_api::contract::{self, Cidr};
 
 pub const INBOUND_CHAIN: &str = "PALISADE_INBOUND";
 pub const OUTBOUND_CHAIN: &str = "PALISADE_OUTBOUND";
+pub const INBOUND_UDP_CHAIN: &str = "PALISADE_INBOUND_UDP";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -39,6 +44,8 @@ pub struct InitOptions {
     pub skip_inbound_ports: Vec<u16>,
     pub skip_outbound_ports: Vec<u16>,
     pub skip_outbound_cidrs: Vec<Cidr>,
+    /// Inbound UDP ports the app may be reached on (policy does not apply to them).
+    pub allow_inbound_udp_ports: Vec<u16>,
 }
 
 impl Default for InitOptions {
@@ -51,6 +58,7 @@ impl Default for InitOptions {
             skip_inbound_ports: vec![],
             skip_outbound_ports: vec![],
             skip_outbound_cidrs: vec![],
+            allow_inbound_udp_ports: vec![],
         }
     }
 }
@@ -131,6 +139,31 @@ pub fn jump_rules() -> Vec<(&'static str, Vec<String>)> {
     ]
 }
 
+/// The filter table's rules for inbound UDP (arguments after `-t filter -A <chain>`). Pure.
+pub fn udp_rules(o: &InitOptions) -> Vec<(&'static str, Vec<String>)> {
+    let mut rules = vec![
+        (INBOUND_UDP_CHAIN, args("-i lo -j RETURN")),
+        // Answers to the pod's own requests: DNS, NTP, whatever the app asked.
+        (
+            INBOUND_UDP_CHAIN,
+            args("-m conntrack --ctstate ESTABLISHED,RELATED -j RETURN"),
+        ),
+    ];
+    for p in &o.allow_inbound_udp_ports {
+        rules.push((
+            INBOUND_UDP_CHAIN,
+            args(&format!("-p udp --dport {p} -j RETURN")),
+        ));
+    }
+    rules.push((INBOUND_UDP_CHAIN, args("-j DROP")));
+    rules
+}
+
+/// The filter table's jump into the UDP chain. Pure.
+pub fn udp_jump_rules() -> Vec<(&'static str, Vec<String>)> {
+    vec![("INPUT", args(&format!("-p udp -j {INBOUND_UDP_CHAIN}")))]
+}
+
 /// Every command `apply` runs on a host where our chains do not exist yet, for `--dry-run`.
 pub fn script(binary: &str, o: &InitOptions) -> Vec<String> {
     let mut out = Vec::new();
@@ -143,6 +176,14 @@ pub fn script(binary: &str, o: &InitOptions) -> Vec<String> {
     }
     for (parent, rule) in jump_rules() {
         out.push(format!("{binary} -t nat -A {parent} {}", rule.join(" ")));
+    }
+    out.push(format!("{binary} -t filter -N {INBOUND_UDP_CHAIN}"));
+    out.push(format!("{binary} -t filter -F {INBOUND_UDP_CHAIN}"));
+    for (chain, rule) in udp_rules(o) {
+        out.push(format!("{binary} -t filter -A {chain} {}", rule.join(" ")));
+    }
+    for (parent, rule) in udp_jump_rules() {
+        out.push(format!("{binary} -t filter -A {parent} {}", rule.join(" ")));
     }
     out
 }
@@ -221,8 +262,8 @@ fn must(binary: &str, a: &[String]) -> Result<(), InitError> {
     }
 }
 
-fn nat(rest: &[&str]) -> Vec<String> {
-    ["-t", "nat"]
+fn in_table(table: &str, rest: &[&str]) -> Vec<String> {
+    ["-t", table]
         .iter()
         .chain(rest)
         .map(|s| (*s).to_owned())
@@ -232,22 +273,47 @@ fn nat(rest: &[&str]) -> Vec<String> {
 /// Installs the rules with `binary`: creates our chains if missing, flushes and refills them,
 /// and adds each jump only when it is not there yet.
 pub fn apply(binary: &str, o: &InitOptions) -> Result<(), InitError> {
-    for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
-        if !run(binary, &nat(&["-S", chain]))? {
-            must(binary, &nat(&["-N", chain]))?;
+    install(
+        binary,
+        "nat",
+        &[INBOUND_CHAIN, OUTBOUND_CHAIN],
+        chain_rules(o),
+        jump_rules(),
+    )?;
+    install(
+        binary,
+        "filter",
+        &[INBOUND_UDP_CHAIN],
+        udp_rules(o),
+        udp_jump_rules(),
+    )
+}
+
+/// One table's chains of ours: each made if missing, flushed and refilled; each jump added
+/// only when missing, so running twice leaves one set of rules.
+fn install(
+    binary: &str,
+    table: &str,
+    chains: &[&str],
+    rules: Vec<(&'static str, Vec<String>)>,
+    jumps: Vec<(&'static str, Vec<String>)>,
+) -> Result<(), InitError> {
+    for chain in chains {
+        if !run(binary, &in_table(table, &["-S", chain]))? {
+            must(binary, &in_table(table, &["-N", chain]))?;
         }
-        must(binary, &nat(&["-F", chain]))?;
+        must(binary, &in_table(table, &["-F", chain]))?;
     }
-    for (chain, rule) in chain_rules(o) {
-        let mut a = nat(&["-A", chain]);
+    for (chain, rule) in rules {
+        let mut a = in_table(table, &["-A", chain]);
         a.extend(rule);
         must(binary, &a)?;
     }
-    for (parent, rule) in jump_rules() {
-        let mut check = nat(&["-C", parent]);
+    for (parent, rule) in jumps {
+        let mut check = in_table(table, &["-C", parent]);
         check.extend(rule.iter().cloned());
         if !run(binary, &check)? {
-            let mut add = nat(&["-A", parent]);
+            let mut add = in_table(table, &["-A", parent]);
             add.extend(rule);
             must(binary, &add)?;
         }
@@ -275,8 +341,41 @@ mod tests {
             "iptables-nft -t nat -A PALISADE_OUTBOUND -p tcp -j REDIRECT --to-ports 15001",
             "iptables-nft -t nat -A PREROUTING -p tcp -j PALISADE_INBOUND",
             "iptables-nft -t nat -A OUTPUT -p tcp -j PALISADE_OUTBOUND",
+            "iptables-nft -t filter -N PALISADE_INBOUND_UDP",
+            "iptables-nft -t filter -F PALISADE_INBOUND_UDP",
+            "iptables-nft -t filter -A PALISADE_INBOUND_UDP -i lo -j RETURN",
+            "iptables-nft -t filter -A PALISADE_INBOUND_UDP -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
+            "iptables-nft -t filter -A PALISADE_INBOUND_UDP -j DROP",
+            "iptables-nft -t filter -A INPUT -p udp -j PALISADE_INBOUND_UDP",
         ];
         assert_eq!(s, expected);
+    }
+
+    #[test]
+    fn inbound_udp_is_dropped_but_for_replies_loopback_and_listed_ports() {
+        let o = InitOptions {
+            allow_inbound_udp_ports: vec![5301, 8125],
+            ..InitOptions::default()
+        };
+        let rules: Vec<String> = udp_rules(&o)
+            .into_iter()
+            .map(|(c, r)| format!("{c} {}", r.join(" ")))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "PALISADE_INBOUND_UDP -i lo -j RETURN",
+                "PALISADE_INBOUND_UDP -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
+                "PALISADE_INBOUND_UDP -p udp --dport 5301 -j RETURN",
+                "PALISADE_INBOUND_UDP -p udp --dport 8125 -j RETURN",
+                "PALISADE_INBOUND_UDP -j DROP",
+            ]
+        );
+        let s = script("iptables-nft", &o);
+        assert!(s.contains(
+            &"iptables-nft -t filter -A INPUT -p udp -j PALISADE_INBOUND_UDP".to_owned()
+        ));
+        assert!(s.contains(&"iptables-nft -t filter -N PALISADE_INBOUND_UDP".to_owned()));
     }
 
     #[test]

@@ -66,6 +66,10 @@ struct InitArgs {
     /// Outbound IPv4 CIDRs left alone, comma-separated.
     #[arg(long, env = "PALISADE_SKIP_OUTBOUND_CIDRS", default_value = "")]
     skip_outbound_cidrs: String,
+    /// Inbound UDP ports the app may be reached on, comma-separated; every other inbound UDP
+    /// (but replies to the pod's own requests) is dropped.
+    #[arg(long, env = "PALISADE_ALLOW_INBOUND_UDP_PORTS", default_value = "")]
+    allow_inbound_udp_ports: String,
     /// Print the commands instead of running them.
     #[arg(long, env = "PALISADE_DRY_RUN")]
     dry_run: bool,
@@ -80,6 +84,10 @@ fn run_init(a: InitArgs) -> Result<(), init::InitError> {
         skip_inbound_ports: init::parse_ports("--skip-inbound-ports", &a.skip_inbound_ports)?,
         skip_outbound_ports: init::parse_ports("--skip-outbound-ports", &a.skip_outbound_ports)?,
         skip_outbound_cidrs: init::parse_cidrs("--skip-outbound-cidrs", &a.skip_outbound_cidrs)?,
+        allow_inbound_udp_ports: init::parse_ports(
+            "--allow-inbound-udp-ports",
+            &a.allow_inbound_udp_ports,
+        )?,
     };
     let backend = init::detect_backend();
     if a.dry_run {

@@ -359,6 +359,7 @@ impl Node {
     ) {
         let init = netns::command(&pod.netns, None, &self.bins.proxy)
             .arg("init")
+            .envs(extra_env.iter().copied())
             .output()
             .unwrap();
         assert!(
@@ -429,6 +430,48 @@ impl Node {
             Duration::from_secs(15),
             || netns::curl(&pod.netns, None, &["-sf", "--max-time", "1", &url]).is_ok(),
         );
+    }
+
+    /// A UDP echo server on `port` in `pod` (the app uid), or in the node's namespace when `pod`
+    /// is `None`: it sends every datagram back to its sender.
+    pub fn serve_udp_echo(&mut self, pod: Option<&Pod>, port: u16) {
+        let (netns, uid, what) = match pod {
+            Some(p) => (
+                p.netns.clone(),
+                Some(APP_UID),
+                format!("{}-udp-{port}", p.name),
+            ),
+            None => (self.node_ns.clone(), None, format!("node-udp-{port}")),
+        };
+        let mut cmd = netns::command(&netns, uid, APP_PY);
+        cmd.args([
+            "-c",
+            &format!(
+                "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                 s.bind(('0.0.0.0', {port}))\nwhile True:\n    data, peer = s.recvfrom(2048)\n    \
+                 s.sendto(data, peer)\n"
+            ),
+        ]);
+        self.procs.spawn(&what, cmd);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Sends one UDP datagram from `from` to `to` and returns the answer, or `None` when none
+    /// came back within a second.
+    pub fn udp_ask(&self, from: &Pod, to: &str) -> Option<String> {
+        let script = format!(
+            "import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.settimeout(1.0)\nhost, port = '{to}'.rsplit(':', 1)\n\
+             s.sendto(b'ping', (host, int(port)))\ntry:\n    print(s.recvfrom(2048)[0].decode())\n\
+             except socket.timeout:\n    sys.exit(3)\n"
+        );
+        let out = netns::command(&from.netns, Some(APP_UID), APP_PY)
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
     /// Kills the proxy of `pod` (SIGKILL), as a crash would. Its capture rules stay: what

@@ -71,6 +71,9 @@ pub mod annotations {
     /// `true` lets callers other than loopback read the proxy's `/metrics` (a Prometheus that
     /// scrapes pods); by default only `/ready`, `/live` and `/app-health/...` answer them.
     pub const ADMIN_REMOTE_METRICS: &str = "palisade.dev/admin-remote-metrics";
+    /// Inbound UDP ports the app may be reached on; all other inbound UDP (but replies to the
+    /// pod's own requests, such as DNS answers) is dropped, as policy cannot see UDP.
+    pub const INBOUND_UDP_PORTS: &str = "palisade.dev/inbound-udp-ports";
     pub const PROXY_CPU_REQUEST: &str = "palisade.dev/proxy-cpu-request";
     pub const PROXY_MEMORY_LIMIT: &str = "palisade.dev/proxy-memory-limit";
     pub const LOG_LEVEL: &str = "palisade.dev/log-level";
