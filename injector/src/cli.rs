@@ -84,9 +84,16 @@ pub struct ServeArgs {
     /// How often the certificate files are checked for changes, e.g. 500ms, 2s, 1m.
     #[arg(long, env = "PALISADE_TLS_RELOAD_INTERVAL", default_value = "2s", value_parser = positive_duration)]
     pub tls_reload_interval: Duration,
-    /// Most webhook connections served at once; further ones wait to be accepted.
+    /// Most webhook connections served at once; further ones are refused (closed at once).
     #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+    /// Most webhook connections from one source address; further ones are refused.
+    #[arg(
+        long,
+        env = "PALISADE_MAX_CONNECTIONS_PER_SOURCE",
+        default_value_t = 256
+    )]
+    pub max_connections_per_source: usize,
     /// Log filter of the injector itself (tracing syntax, e.g. info or debug).
     #[arg(long, env = "PALISADE_LOG", default_value = "info")]
     pub log: String,
@@ -137,6 +144,7 @@ impl ServeArgs {
             max_request_bytes: self.max_request_bytes,
             tls_reload_interval: self.tls_reload_interval,
             max_connections: self.max_connections,
+            max_connections_per_source: self.max_connections_per_source,
         })
     }
 }

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub review_duration: Histogram,
     tls_reload_ok: AtomicU64,
     tls_reload_failed: AtomicU64,
+    /// The webhook listener's connections: open, refused over a cap.
+    pub webhook_connections: std::sync::Arc<palisade_plumbing::conn_gate::ConnectionStats>,
 }
 
 impl Default for Metrics {
@@ -37,6 +39,9 @@ impl Default for Metrics {
             review_duration: Histogram::new(&BUCKETS),
             tls_reload_ok: AtomicU64::default(),
             tls_reload_failed: AtomicU64::default(),
+            webhook_connections: std::sync::Arc::new(
+                palisade_plumbing::conn_gate::ConnectionStats::new("webhook"),
+            ),
         }
     }
 }
@@ -130,6 +135,8 @@ impl Metrics {
             &[("result", "failure")],
             self.tls_reload_failed.load(Relaxed),
         );
+        self.webhook_connections
+            .encode(&mut out, "palisade_injector_webhook");
         out.finish()
     }
 }

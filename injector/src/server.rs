@@ -15,8 +15,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use palisade_plumbing::admin_http::{self, AdminResponse};
+use palisade_plumbing::conn_gate::ConnectionGate;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
@@ -36,6 +37,8 @@ pub struct ServeConfig {
     pub max_request_bytes: usize,
     pub tls_reload_interval: Duration,
     pub max_connections: usize,
+    /// Most connections from one source address (the API server's replicas each have one).
+    pub max_connections_per_source: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +119,7 @@ pub async fn start(config: ServeConfig) -> Result<Bound, ServeError> {
         webhook,
         acceptor,
         state.clone(),
-        config.max_connections,
+        ConnectionGate::new(config.max_connections, config.max_connections_per_source),
         shutdown_rx.clone(),
     ));
     let admin_state = state.clone();
@@ -158,16 +161,12 @@ async fn accept_webhook(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     state: Arc<State>,
-    max_connections: usize,
+    gate: Arc<ConnectionGate>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -179,6 +178,17 @@ async fn accept_webhook(
             },
             _ = shutdown.changed() => break,
         };
+        // Over a cap the connection is closed at once: the accept loop never waits, so a
+        // flood from one address cannot hold up the API server's reviews.
+        let permit = match gate.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(why) => {
+                state.metrics.webhook_connections.refused(why, peer.ip());
+                drop(stream);
+                continue;
+            }
+        };
+        let open = state.metrics.webhook_connections.track();
         let acceptor = acceptor.clone();
         let state = state.clone();
         let shutdown = shutdown.clone();
@@ -186,7 +196,7 @@ async fn accept_webhook(
         connections.spawn(
             async move {
                 serve_webhook_connection(stream, peer, acceptor, state, shutdown).await;
-                drop(permit);
+                drop((permit, open));
             }
             .instrument(span),
         );

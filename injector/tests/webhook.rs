@@ -301,3 +301,48 @@ async fn http2_is_negotiated_and_served() {
     assert_eq!(body["response"]["patchType"], "JSONPatch");
     bound.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_flood_from_one_address_is_refused_at_once_not_queued() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Authority::new("injector test");
+    let files = write_leaf(dir.path(), &serving_leaf(&pki));
+    let mut config = serve_config(files);
+    config.max_connections_per_source = 2;
+    let bound = palisade_injector::start(config).await.unwrap();
+    // Two connections that never start TLS hold this address's places...
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            tokio::net::TcpStream::connect(bound.webhook_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...so a third from it is closed at once rather than left waiting.
+    let mut third = tokio::net::TcpStream::connect(bound.webhook_addr)
+        .await
+        .unwrap();
+    let mut b = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(2), third.read(&mut b))
+        .await
+        .expect("the third connection was left open");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let (_, metrics) = admin_get(bound.admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains(
+            "palisade_injector_webhook_connections_refused_total{reason=\"source_cap\"} 1"
+        ),
+        "{metrics}"
+    );
+    // Once they go, reviews are served again.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut client = Client::connect(bound.webhook_addr, &tls_connector(&pki.root_der())).await;
+    let (status, _) = client
+        .post(serde_json::to_vec(&pod_review("u-9")).unwrap())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -53,6 +53,7 @@ pub fn serve_config(files: CertFiles) -> ServeConfig {
         max_request_bytes: 64 * 1024,
         tls_reload_interval: Duration::from_millis(100),
         max_connections: 64,
+        max_connections_per_source: 64,
     }
 }
 
