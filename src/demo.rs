@@ -45,7 +45,7 @@ mode: explicit destinations over loopback, no capture. Transparent capture (ipta
       pod IP. The callers' apps connect to the Service shop/api at 127.0.96.10:80 (its
       clusterIP); their proxies balance over its two replicas themselves. The same mesh with
       capture and kube-proxy's DNAT, in network-namespace pods: `cargo test --test mesh_netns
-      --test services_netns` as root (docs/whole-system-tests.md).";
+      --test services_netns --test services_failover_netns` as root (docs/whole-system-tests.md).";
 
 pub fn run() -> ExitCode {
     let started = Instant::now();
