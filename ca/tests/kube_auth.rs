@@ -33,6 +33,17 @@ fn token(aud: Option<serde_json::Value>, exp: i64) -> String {
     )
 }
 
+/// The API server answers one TokenReview of `token` with the recording `answer`.
+async fn review(api: &mut Scenario, answer: &str, token: &str) -> kube_support::Seen {
+    api.expect(
+        Method::POST,
+        REVIEWS,
+        StatusCode::CREATED,
+        fixture_with(answer, &[("TOKEN", token)]),
+    )
+    .await
+}
+
 /// Awaits an answer that must come without the API server: a request sent instead would wait
 /// for an answer forever, so this fails rather than hangs.
 async fn offline<T>(answer: impl std::future::Future<Output = T>) -> T {
@@ -58,13 +69,7 @@ async fn authenticated_review_names_namespace_service_account_and_pod() {
     let (auth, mut api) = setup();
     let t = ours(NOW + 600);
     let (result, seen) = tokio::join!(auth.authenticate_at(&t, NOW), async {
-        api.expect(
-            Method::POST,
-            REVIEWS,
-            StatusCode::CREATED,
-            fixture_with("tokenreview-authenticated.json", &[("TOKEN", &t)]),
-        )
-        .await
+        review(&mut api, "tokenreview-authenticated.json", &t).await
     });
     let body = seen.body.unwrap();
     assert_eq!(body["apiVersion"], "authentication.k8s.io/v1");
@@ -104,13 +109,7 @@ async fn a_pod_the_watch_saw_deleted_loses_its_cached_review() {
     let mut api = Scenario { handle };
     let t = ours(NOW + 3600);
     let (r, _) = tokio::join!(auth.authenticate_at(&t, NOW), async {
-        api.expect(
-            Method::POST,
-            REVIEWS,
-            StatusCode::CREATED,
-            fixture_with("tokenreview-authenticated.json", &[("TOKEN", &t)]),
-        )
-        .await
+        review(&mut api, "tokenreview-authenticated.json", &t).await
     });
     r.unwrap();
     assert!(
@@ -121,13 +120,7 @@ async fn a_pod_the_watch_saw_deleted_loses_its_cached_review() {
     // and the API server is asked again (a real one then refuses the token).
     deletions.deleted("a3b1c2d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d", NOW + 2);
     let (r, seen) = tokio::join!(auth.authenticate_at(&t, NOW + 2), async {
-        api.expect(
-            Method::POST,
-            REVIEWS,
-            StatusCode::CREATED,
-            fixture_with("tokenreview-unauthenticated.json", &[("TOKEN", &t)]),
-        )
-        .await
+        review(&mut api, "tokenreview-unauthenticated.json", &t).await
     });
     assert_eq!(seen.body.unwrap()["spec"]["token"], t.as_str());
     assert!(r.is_err(), "a deleted pod's token is refused: {r:?}");
@@ -145,13 +138,7 @@ async fn cache_is_re_reviewed_after_its_bound_and_stays_bounded() {
     for (i, at) in [NOW, NOW + 1, NOW + 2].into_iter().enumerate() {
         let t = ours(long + i as i64);
         let (r, _) = tokio::join!(auth.authenticate_at(&t, at), async {
-            api.expect(
-                Method::POST,
-                REVIEWS,
-                StatusCode::CREATED,
-                fixture_with("tokenreview-authenticated.json", &[("TOKEN", &t)]),
-            )
-            .await
+            review(&mut api, "tokenreview-authenticated.json", &t).await
         });
         r.unwrap();
         assert!(auth.cached() <= 2);
@@ -160,13 +147,7 @@ async fn cache_is_re_reviewed_after_its_bound_and_stays_bounded() {
     let t = ours(long + 2);
     let later = NOW + 2 + palisade_ca::auth::kube::MAX_CACHE_SECONDS;
     let (r, _) = tokio::join!(auth.authenticate_at(&t, later), async {
-        api.expect(
-            Method::POST,
-            REVIEWS,
-            StatusCode::CREATED,
-            fixture_with("tokenreview-authenticated.json", &[("TOKEN", &t)]),
-        )
-        .await
+        review(&mut api, "tokenreview-authenticated.json", &t).await
     });
     r.unwrap();
 }
@@ -176,13 +157,7 @@ async fn unauthenticated_review_is_an_invalid_token() {
     let (auth, mut api) = setup();
     let t = ours(NOW + 600);
     let (result, _) = tokio::join!(auth.authenticate_at(&t, NOW), async {
-        api.expect(
-            Method::POST,
-            REVIEWS,
-            StatusCode::CREATED,
-            fixture_with("tokenreview-unauthenticated.json", &[("TOKEN", &t)]),
-        )
-        .await
+        review(&mut api, "tokenreview-unauthenticated.json", &t).await
     });
     let err = result.unwrap_err();
     assert_eq!(err.code(), ErrorCode::InvalidToken, "{err}");
@@ -196,13 +171,7 @@ async fn wrong_audience_is_refused_by_the_review_and_before_it() {
     // The API server says the token is not valid for palisade-ca.
     let t = ours(NOW + 600);
     let (result, _) = tokio::join!(auth.authenticate_at(&t, NOW), async {
-        api.expect(
-            Method::POST,
-            REVIEWS,
-            StatusCode::CREATED,
-            fixture_with("tokenreview-wrong-audience.json", &[("TOKEN", &t)]),
-        )
-        .await
+        review(&mut api, "tokenreview-wrong-audience.json", &t).await
     });
     assert_eq!(result.unwrap_err().code(), ErrorCode::WrongAudience);
 
