@@ -102,7 +102,61 @@ impl KeyMaterial {
     }
 }
 
-/// Loads the key material, creating what is missing (mode 0600 for keys).
+/// Where a generated root and intermediate are kept between starts: the files of the state
+/// directory, or (Kubernetes mode) a map of PEM texts that the caller stores in a Secret, so
+/// that nothing private touches the filesystem there.
+pub trait KeyStore {
+    /// What a message calls the entry `name`: its path, or `key NAME`.
+    fn label(&self, name: &str) -> PathBuf;
+    fn read(&self, name: &str, private: bool) -> Result<Option<String>, KeyError>;
+    fn write(&mut self, name: &str, text: &str, private: bool) -> Result<(), KeyError>;
+}
+
+/// The state directory: keys 0600, written atomically.
+pub struct DirStore<'a>(pub &'a Path);
+
+impl KeyStore for DirStore<'_> {
+    fn label(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn read(&self, name: &str, private: bool) -> Result<Option<String>, KeyError> {
+        let path = self.0.join(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = fs::read_to_string(&path).map_err(|e| KeyError::Read(path.clone(), e))?;
+        if private {
+            tighten_permissions(&path);
+        }
+        Ok(Some(text))
+    }
+
+    fn write(&mut self, name: &str, text: &str, private: bool) -> Result<(), KeyError> {
+        let mode = if private { 0o600 } else { 0o644 };
+        write_atomic(&self.0.join(name), text.as_bytes(), mode)
+    }
+}
+
+/// PEM texts by entry name, held in memory only (the Secret's `data`).
+pub type MemoryStore = std::collections::BTreeMap<String, String>;
+
+impl KeyStore for MemoryStore {
+    fn label(&self, name: &str) -> PathBuf {
+        PathBuf::from(format!("key {name}"))
+    }
+
+    fn read(&self, name: &str, _private: bool) -> Result<Option<String>, KeyError> {
+        Ok(self.get(name).cloned())
+    }
+
+    fn write(&mut self, name: &str, text: &str, _private: bool) -> Result<(), KeyError> {
+        self.insert(name.to_owned(), text.to_owned());
+        Ok(())
+    }
+}
+
+/// Loads the key material, creating what is missing in the state directory (mode 0600 for keys).
 pub fn load_or_create(
     state_dir: &Path,
     source: &KeySource,
@@ -110,6 +164,17 @@ pub fn load_or_create(
     now: OffsetDateTime,
 ) -> Result<KeyMaterial, KeyError> {
     fs::create_dir_all(state_dir).map_err(|e| KeyError::Write(state_dir.into(), e))?;
+    load_or_create_in(&mut DirStore(state_dir), source, trust_domain, now)
+}
+
+/// Loads the key material, keeping what the CA makes itself (a generated root, an intermediate
+/// under an operator's root) in `store`.
+pub fn load_or_create_in(
+    store: &mut impl KeyStore,
+    source: &KeySource,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<KeyMaterial, KeyError> {
     match source {
         KeySource::ExternalIntermediate { cert, key, chain } => {
             load_external_intermediate(cert, key, chain, now)
@@ -117,61 +182,74 @@ pub fn load_or_create(
         KeySource::ExternalRoot { cert, key } => {
             let root = load_ca_cert(cert, now)?;
             let root_key = load_key_for(key, cert, &root)?;
-            ensure_intermediate(state_dir, root, &root_key, trust_domain, now)
+            ensure_intermediate(store, root, &root_key, trust_domain, now)
         }
-        KeySource::Generated => {
-            let (cert, key) = (
-                state_dir.join(ROOT_CERT_FILE),
-                state_dir.join(ROOT_KEY_FILE),
-            );
-            let (root, root_key) = match (cert.exists(), key.exists()) {
-                (true, true) => {
-                    let root = load_ca_cert(&cert, now)?;
-                    let root_key = load_key_for(&key, &cert, &root)?;
-                    (root, root_key)
-                }
-                (false, false) => {
-                    let (root, root_key) = generate_root(trust_domain, now)?;
-                    write_private(&key, root_key.serialize_pem().as_bytes())?;
-                    write_public(&cert, cert_to_pem(&root).as_bytes())?;
-                    tracing::info!(path = %cert.display(), "created a new root CA");
-                    (root, root_key)
-                }
-                (true, false) => {
-                    return Err(KeyError::Incomplete {
-                        file: cert,
-                        missing: key,
-                    });
-                }
-                (false, true) => {
-                    return Err(KeyError::Incomplete {
-                        file: key,
-                        missing: cert,
-                    });
-                }
-            };
-            ensure_intermediate(state_dir, root, &root_key, trust_domain, now)
-        }
+        KeySource::Generated => load_or_create_generated(store, trust_domain, now),
     }
 }
 
+/// The generated root and intermediate from `store`, made there when absent; an intermediate
+/// near expiry (or from another root) is replaced.
+pub fn load_or_create_generated(
+    store: &mut impl KeyStore,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<KeyMaterial, KeyError> {
+    let (cert, key) = (store.label(ROOT_CERT_FILE), store.label(ROOT_KEY_FILE));
+    let stored = (
+        store.read(ROOT_CERT_FILE, false)?,
+        store.read(ROOT_KEY_FILE, true)?,
+    );
+    let (root, root_key) = match stored {
+        (Some(cert_pem), Some(key_pem)) => {
+            let root = parse_ca_cert(&cert, &cert_pem, now)?;
+            let root_key = parse_key_for(&key, &key_pem, &cert, &root)?;
+            (root, root_key)
+        }
+        (None, None) => {
+            let (root, root_key) = generate_root(trust_domain, now)?;
+            store.write(ROOT_KEY_FILE, &root_key.serialize_pem(), true)?;
+            store.write(ROOT_CERT_FILE, &cert_to_pem(&root), false)?;
+            tracing::info!(path = %cert.display(), "created a new root CA");
+            (root, root_key)
+        }
+        (Some(_), None) => {
+            return Err(KeyError::Incomplete {
+                file: cert,
+                missing: key,
+            });
+        }
+        (None, Some(_)) => {
+            return Err(KeyError::Incomplete {
+                file: key,
+                missing: cert,
+            });
+        }
+    };
+    ensure_intermediate(store, root, &root_key, trust_domain, now)
+}
+
 fn ensure_intermediate(
-    state_dir: &Path,
+    store: &mut impl KeyStore,
     root: CertificateDer<'static>,
     root_key: &KeyPair,
     trust_domain: &str,
     now: OffsetDateTime,
 ) -> Result<KeyMaterial, KeyError> {
     let (cert, key) = (
-        state_dir.join(INTERMEDIATE_CERT_FILE),
-        state_dir.join(INTERMEDIATE_KEY_FILE),
+        store.label(INTERMEDIATE_CERT_FILE),
+        store.label(INTERMEDIATE_KEY_FILE),
     );
-    if cert.exists() && key.exists() {
-        let stored = read_certs(&cert)?.remove(0);
+    let stored = (
+        store.read(INTERMEDIATE_CERT_FILE, false)?,
+        store.read(INTERMEDIATE_KEY_FILE, true)?,
+    );
+    if let (Some(cert_pem), Some(key_pem)) = stored {
+        let stored = parse_certs(&cert, &cert_pem)?.remove(0);
         let usable = issued_by(&stored, &root)
             && not_after(&stored).is_ok_and(|t| t - INTERMEDIATE_RENEW_BEFORE > now);
         if usable {
-            let ikey = load_key_for(&key, &cert, &stored)?;
+            let ikey = parse_key_for(&key, &key_pem, &cert, &stored)?;
             let intermediate_not_after =
                 not_after(&stored).map_err(|e| KeyError::Parse(cert, e))?;
             return Ok(KeyMaterial {
@@ -184,8 +262,8 @@ fn ensure_intermediate(
         tracing::info!(path = %cert.display(), "stored intermediate is near expiry or from another root; issuing a new one");
     }
     let (intermediate, ikey) = generate_intermediate(&root, root_key, trust_domain, now)?;
-    write_private(&key, ikey.serialize_pem().as_bytes())?;
-    write_public(&cert, cert_to_pem(&intermediate).as_bytes())?;
+    store.write(INTERMEDIATE_KEY_FILE, &ikey.serialize_pem(), true)?;
+    store.write(INTERMEDIATE_CERT_FILE, &cert_to_pem(&intermediate), false)?;
     Ok(KeyMaterial {
         roots: vec![root],
         intermediates: vec![intermediate],
@@ -316,12 +394,26 @@ pub fn random_serial() -> SerialNumber {
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, KeyError> {
     let text = fs::read_to_string(path).map_err(|e| KeyError::Read(path.into(), e))?;
-    parse_pem_certs(&text).map_err(|e| KeyError::Parse(path.into(), e.to_string()))
+    parse_certs(path, &text)
+}
+
+fn parse_certs(label: &Path, text: &str) -> Result<Vec<CertificateDer<'static>>, KeyError> {
+    parse_pem_certs(text).map_err(|e| KeyError::Parse(label.into(), e.to_string()))
 }
 
 fn load_ca_cert(path: &Path, now: OffsetDateTime) -> Result<CertificateDer<'static>, KeyError> {
     let cert = read_certs(path)?.remove(0);
     check_ca(path, &cert, now)?;
+    Ok(cert)
+}
+
+fn parse_ca_cert(
+    label: &Path,
+    text: &str,
+    now: OffsetDateTime,
+) -> Result<CertificateDer<'static>, KeyError> {
+    let cert = parse_certs(label, text)?.remove(0);
+    check_ca(label, &cert, now)?;
     Ok(cert)
 }
 
@@ -369,19 +461,29 @@ fn load_key_for(
     cert: &CertificateDer<'_>,
 ) -> Result<KeyPair, KeyError> {
     let text = fs::read_to_string(key_path).map_err(|e| KeyError::Read(key_path.into(), e))?;
-    let key = KeyPair::from_pem(&text).map_err(|e| {
+    tighten_permissions(key_path);
+    parse_key_for(key_path, &text, cert_path, cert)
+}
+
+/// Parses a PKCS#8 PEM key and checks that it is the key of `cert`.
+fn parse_key_for(
+    key_label: &Path,
+    text: &str,
+    cert_label: &Path,
+    cert: &CertificateDer<'_>,
+) -> Result<KeyPair, KeyError> {
+    let key = KeyPair::from_pem(text).map_err(|e| {
         KeyError::Parse(
-            key_path.into(),
+            key_label.into(),
             format!("not a PKCS#8 PEM private key of a supported type: {e}"),
         )
     })?;
-    tighten_permissions(key_path);
     let (_, parsed) = X509Certificate::from_der(cert)
-        .map_err(|e| KeyError::Parse(cert_path.into(), e.to_string()))?;
+        .map_err(|e| KeyError::Parse(cert_label.into(), e.to_string()))?;
     if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
         return Err(KeyError::Mismatch {
-            key: key_path.into(),
-            cert: cert_path.into(),
+            key: key_label.into(),
+            cert: cert_label.into(),
         });
     }
     Ok(key)
@@ -400,10 +502,6 @@ fn tighten_permissions(path: &Path) {
 /// Writes a private key: created with mode 0600, written in full, then renamed into place.
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
     write_atomic(path, contents, 0o600)
-}
-
-fn write_public(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
-    write_atomic(path, contents, 0o644)
 }
 
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyError> {

@@ -1,5 +1,5 @@
 //! A whole CA in Kubernetes mode (`--source kube --auth kube`) against the scripted API server:
-//! keys from a new Secret, readiness only after every watch has synced.
+//! keys from a new Secret (never on disk), readiness only after every watch has synced.
 
 mod kube_support;
 mod support;
@@ -10,10 +10,13 @@ use base64::Engine;
 use http::{Method, StatusCode};
 use kube_support::{GUARD, Reply, Router, fixture, mock_client};
 use palisade_ca::config::{AuthMode, MeshSource, ServeConfig};
+use palisade_ca::keys::{KeySource, ROOT_CERT_FILE, ROOT_KEY_FILE};
 use palisade_ca::server::start_with_kube_client;
 use palisade_ca_api::cert::cert_to_pem;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
+
+const SECRET: &str = "/api/v1/namespaces/palisade-system/secrets/palisade-ca-keys";
 
 async fn ready_status(admin: SocketAddr) -> u16 {
     let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
@@ -25,15 +28,16 @@ async fn ready_status(admin: SocketAddr) -> u16 {
     answer[9..12].parse().unwrap()
 }
 
-#[tokio::test]
-async fn kube_mode_starts_from_the_secret_and_is_ready_after_the_first_sync() {
-    palisade_ca_api::tls::install_default_provider();
-    let (client, handle) = mock_client("palisade-system");
+/// A cluster's API: the lists every kube-mode CA makes (MeshPolicies answered when `policies`
+/// is sent), and no Secret yet.
+fn cluster() -> (
+    Router,
+    oneshot::Sender<http::Response<kube_support::MockBody>>,
+) {
     let router = Router::default();
-    let secret = "/api/v1/namespaces/palisade-system/secrets/palisade-ca-keys";
     router.script(
         Method::GET,
-        secret,
+        SECRET,
         false,
         Reply::Json(StatusCode::NOT_FOUND, fixture("secret-notfound-404.json")),
     );
@@ -57,10 +61,31 @@ async fn kube_mode_starts_from_the_secret_and_is_ready_after_the_first_sync() {
         false,
         Reply::Deferred(policy_list),
     );
+    (router, policies_listed)
+}
+
+/// A kube-mode configuration whose --state-dir cannot even be created (it lies under a regular
+/// file): Kubernetes mode keeps keys in the Secret and in memory, never on disk.
+fn kube_config(dir: &tempfile::TempDir) -> ServeConfig {
+    std::fs::write(dir.path().join("file"), "").unwrap();
+    let state_dir = dir.path().join("file").join("state");
+    let mut config = ServeConfig::embedded(state_dir, Default::default());
+    config.source = MeshSource::Kube;
+    config.auth = AuthMode::Kube;
+    config
+}
+
+#[tokio::test]
+async fn kube_mode_starts_from_the_secret_and_is_ready_after_the_first_sync() {
+    palisade_ca_api::tls::install_default_provider();
+    let (client, handle) = mock_client("palisade-system");
+    let (router, policies_listed) = cluster();
     router.serve(handle);
 
     let dir = tempfile::tempdir().unwrap();
-    let mut config = ServeConfig::embedded(dir.path().join("state"), Default::default());
+    std::fs::write(dir.path().join("file"), "").unwrap();
+    let state_dir = dir.path().join("file").join("state");
+    let mut config = ServeConfig::embedded(state_dir, Default::default());
     config.source = MeshSource::Kube;
     config.auth = AuthMode::Kube;
     let running = tokio::time::timeout(GUARD, start_with_kube_client(config, Some(client)))
@@ -114,6 +139,44 @@ async fn kube_mode_starts_from_the_secret_and_is_ready_after_the_first_sync() {
         snap.state
             .workload_at("10.244.1.7".parse().unwrap())
             .is_some()
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_operators_root_in_kube_mode_signs_through_an_intermediate_held_in_memory() {
+    palisade_ca_api::tls::install_default_provider();
+    let (client, handle) = mock_client("palisade-system");
+    let (router, _policies) = cluster();
+    router.serve(handle);
+
+    let dir = tempfile::tempdir().unwrap();
+    let operator = dir.path().join("operator");
+    let made = palisade_ca::keys::load_or_create(
+        &operator,
+        &KeySource::Generated,
+        "cluster.local",
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let mut config = kube_config(&dir);
+    config.keys = KeySource::ExternalRoot {
+        cert: operator.join(ROOT_CERT_FILE),
+        key: operator.join(ROOT_KEY_FILE),
+    };
+    let running = tokio::time::timeout(GUARD, start_with_kube_client(config, Some(client)))
+        .await
+        .expect("start-up in time")
+        .expect("an operator's root needs no writable --state-dir in kube mode");
+    assert_eq!(running.ca.authority.roots(), made.roots);
+    assert_ne!(
+        running.ca.authority.chain_tail_der()[0],
+        made.intermediates[0],
+        "a fresh intermediate, made in memory"
+    );
+    assert!(
+        router.log().iter().all(|s| !s.path.contains("/secrets")),
+        "an operator's CA uses no Secret of the CA's"
     );
     running.shutdown().await;
 }

@@ -6,7 +6,7 @@ mod kube_support;
 use base64::Engine;
 use http::{Method, StatusCode};
 use kube_support::{Scenario, fixture, fixture_with, mock_client};
-use palisade_ca::keys::{KeySource, load_or_create};
+use palisade_ca::keys::{MemoryStore, load_or_create_generated};
 use palisade_ca::kube::secret_keys::{SECRET_KEYS, load_or_create_in_secret};
 use palisade_ca_api::cert::cert_to_pem;
 
@@ -23,13 +23,9 @@ fn existing_secret() -> (serde_json::Value, String) {
 }
 
 fn existing_secret_made_at(made: time::OffsetDateTime) -> (serde_json::Value, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let material =
-        load_or_create(dir.path(), &KeySource::Generated, "cluster.local", made).unwrap();
-    let b64 = |name: &str| {
-        base64::engine::general_purpose::STANDARD
-            .encode(std::fs::read(dir.path().join(name)).unwrap())
-    };
+    let mut store = MemoryStore::new();
+    let material = load_or_create_generated(&mut store, "cluster.local", made).unwrap();
+    let b64 = |name: &str| base64::engine::general_purpose::STANDARD.encode(&store[name]);
     let secret = fixture_with(
         "secret.json",
         &[
@@ -53,14 +49,7 @@ fn decoded(data: &serde_json::Value, key: &str) -> String {
 async fn absent_secret_is_created_with_the_new_root() {
     let (client, handle) = mock_client("palisade-system");
     let mut api = Scenario { handle };
-    let state = tempfile::tempdir().unwrap();
-    let load = load_or_create_in_secret(
-        &client,
-        "palisade-system",
-        state.path(),
-        "cluster.local",
-        now(),
-    );
+    let load = load_or_create_in_secret(&client, "palisade-system", "cluster.local", now());
     let (material, created) = tokio::join!(load, async {
         api.expect(
             Method::GET,
@@ -105,10 +94,6 @@ async fn absent_secret_is_created_with_the_new_root() {
         cert_to_pem(&material.roots[0])
     );
     assert!(decoded(&created["data"], "root-key.pem").contains("PRIVATE KEY"));
-    assert!(
-        !state.path().join("kube-secret-staging").exists(),
-        "no key is left on disk"
-    );
 }
 
 #[tokio::test]
@@ -116,14 +101,7 @@ async fn existing_secret_is_used_and_never_rewritten() {
     let (client, handle) = mock_client("palisade-system");
     let mut api = Scenario { handle };
     let (secret, root) = existing_secret();
-    let state = tempfile::tempdir().unwrap();
-    let load = load_or_create_in_secret(
-        &client,
-        "palisade-system",
-        state.path(),
-        "cluster.local",
-        now(),
-    );
+    let load = load_or_create_in_secret(&client, "palisade-system", "cluster.local", now());
     let (material, _) = tokio::join!(load, async {
         api.expect(Method::GET, SECRET, StatusCode::OK, secret)
             .await;
@@ -138,14 +116,7 @@ async fn create_conflict_re_reads_the_winner() {
     let (client, handle) = mock_client("palisade-system");
     let mut api = Scenario { handle };
     let (winner, winner_root) = existing_secret();
-    let state = tempfile::tempdir().unwrap();
-    let load = load_or_create_in_secret(
-        &client,
-        "palisade-system",
-        state.path(),
-        "cluster.local",
-        now(),
-    );
+    let load = load_or_create_in_secret(&client, "palisade-system", "cluster.local", now());
     let (material, _) = tokio::join!(load, async {
         api.expect(
             Method::GET,
@@ -195,14 +166,7 @@ async fn malformed_secret_stops_start_up_naming_the_secret_and_key() {
             }
             Some(v) => secret["data"][broken_key] = v.into(),
         }
-        let state = tempfile::tempdir().unwrap();
-        let load = load_or_create_in_secret(
-            &client,
-            "palisade-system",
-            state.path(),
-            "cluster.local",
-            now(),
-        );
+        let load = load_or_create_in_secret(&client, "palisade-system", "cluster.local", now());
         let (result, _) = tokio::join!(load, async {
             api.expect(Method::GET, SECRET, StatusCode::OK, secret)
                 .await
@@ -227,14 +191,7 @@ async fn an_intermediate_near_expiry_is_renewed_on_top_of_the_version_read() {
     // Made 340 days ago: the one-year intermediate has less than 30 days left.
     let (secret, root) = existing_secret_made_at(now() - time::Duration::days(340));
     let old_intermediate = decoded(&secret["data"], "intermediate.pem");
-    let state = tempfile::tempdir().unwrap();
-    let load = load_or_create_in_secret(
-        &client,
-        "palisade-system",
-        state.path(),
-        "cluster.local",
-        now(),
-    );
+    let load = load_or_create_in_secret(&client, "palisade-system", "cluster.local", now());
     let (material, put) = tokio::join!(load, async {
         api.expect(Method::GET, SECRET, StatusCode::OK, secret)
             .await;

@@ -5,10 +5,10 @@
 //! once one wins and the other gets 409 Conflict and re-reads the winner's Secret. An existing
 //! Secret is never replaced, except to renew its intermediate (logged, and only with its
 //! resourceVersion). The certificates are checked by the very code that checks a state
-//! directory ([`load_or_create`]), fed through a private staging directory that is removed again.
+//! directory ([`load_or_create_generated`]), over an in-memory store: in Kubernetes mode no key
+//! is ever written to the filesystem, and `--state-dir` need not be writable.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -16,8 +16,8 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use time::OffsetDateTime;
 
 use crate::keys::{
-    INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE, KeyError, KeyMaterial, KeySource,
-    ROOT_CERT_FILE, ROOT_KEY_FILE, load_or_create, write_private,
+    INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE, KeyError, KeyMaterial, MemoryStore,
+    ROOT_CERT_FILE, ROOT_KEY_FILE, load_or_create_generated,
 };
 
 pub const SECRET_NAME: &str = "palisade-ca-keys";
@@ -28,7 +28,6 @@ pub const SECRET_KEYS: [&str; 4] = [
     INTERMEDIATE_CERT_FILE,
     INTERMEDIATE_KEY_FILE,
 ];
-const STAGING_DIR: &str = "kube-secret-staging";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretKeyError {
@@ -50,8 +49,6 @@ pub enum SecretKeyError {
     },
     #[error("Secret {namespace}/{SECRET_NAME}: {message}")]
     Keys { namespace: String, message: String },
-    #[error("cannot use the staging directory {0}: {1} (is --state-dir writable?)")]
-    Staging(PathBuf, std::io::Error),
     #[error(
         "Secret {namespace}/{SECRET_NAME} changed under us {attempts} times in a row; is another CA rewriting it?"
     )]
@@ -59,12 +56,10 @@ pub enum SecretKeyError {
 }
 
 impl SecretKeyError {
-    fn keys(namespace: &str, staging: &Path, error: KeyError) -> Self {
-        let prefix = format!("{}/", staging.display());
-        let message = error.to_string().replace(&prefix, "key ");
+    fn keys(namespace: &str, error: KeyError) -> Self {
         SecretKeyError::Keys {
             namespace: namespace.into(),
-            message,
+            message: error.to_string(),
         }
     }
 }
@@ -73,20 +68,6 @@ impl SecretKeyError {
 pub async fn load_or_create_in_secret(
     client: &kube::Client,
     namespace: &str,
-    state_dir: &Path,
-    trust_domain: &str,
-    now: OffsetDateTime,
-) -> Result<KeyMaterial, SecretKeyError> {
-    let staging = state_dir.join(STAGING_DIR);
-    let result = load(client, namespace, &staging, trust_domain, now).await;
-    let _ = std::fs::remove_dir_all(&staging);
-    result
-}
-
-async fn load(
-    client: &kube::Client,
-    namespace: &str,
-    staging: &Path,
     trust_domain: &str,
     now: OffsetDateTime,
 ) -> Result<KeyMaterial, SecretKeyError> {
@@ -103,7 +84,7 @@ async fn load(
             .await
             .map_err(|e| api_err("get", e))?;
         let Some(secret) = existing else {
-            let (material, files) = generate(namespace, staging, trust_domain, now)?;
+            let (material, files) = load_files(namespace, Files::new(), trust_domain, now)?;
             match api
                 .create(&PostParams::default(), &new_secret(namespace, files))
                 .await
@@ -120,7 +101,7 @@ async fn load(
             }
         };
         let stored = stored_files(namespace, &secret)?;
-        let (material, files) = load_files(namespace, staging, &stored, trust_domain, now)?;
+        let (material, files) = load_files(namespace, stored.clone(), trust_domain, now)?;
         if files == stored {
             return Ok(material);
         }
@@ -146,7 +127,7 @@ async fn load(
     })
 }
 
-type Files = BTreeMap<String, String>;
+type Files = MemoryStore;
 
 fn stored_files(namespace: &str, secret: &Secret) -> Result<Files, SecretKeyError> {
     let data = secret.data.clone().unwrap_or_default();
@@ -173,56 +154,16 @@ fn stored_files(namespace: &str, secret: &Secret) -> Result<Files, SecretKeyErro
     Ok(files)
 }
 
-fn reset_staging(staging: &Path) -> Result<(), SecretKeyError> {
-    use std::os::unix::fs::DirBuilderExt;
-    let _ = std::fs::remove_dir_all(staging);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(staging)
-        .map_err(|e| SecretKeyError::Staging(staging.into(), e))
-}
-
-fn read_back(staging: &Path) -> Result<Files, SecretKeyError> {
-    SECRET_KEYS
-        .iter()
-        .map(|key| {
-            let path = staging.join(key);
-            std::fs::read_to_string(&path)
-                .map(|text| ((*key).to_owned(), text))
-                .map_err(|e| SecretKeyError::Staging(path, e))
-        })
-        .collect()
-}
-
-fn generate(
-    namespace: &str,
-    staging: &Path,
-    trust_domain: &str,
-    now: OffsetDateTime,
-) -> Result<(KeyMaterial, Files), SecretKeyError> {
-    reset_staging(staging)?;
-    let material = load_or_create(staging, &KeySource::Generated, trust_domain, now)
-        .map_err(|e| SecretKeyError::keys(namespace, staging, e))?;
-    Ok((material, read_back(staging)?))
-}
-
+/// Checks (or, from an empty map, makes) the root and intermediate, in memory.
 fn load_files(
     namespace: &str,
-    staging: &Path,
-    files: &Files,
+    mut files: Files,
     trust_domain: &str,
     now: OffsetDateTime,
 ) -> Result<(KeyMaterial, Files), SecretKeyError> {
-    reset_staging(staging)?;
-    for (key, text) in files {
-        let path = staging.join(key);
-        write_private(&path, text.as_bytes())
-            .map_err(|e| SecretKeyError::keys(namespace, staging, e))?;
-    }
-    let material = load_or_create(staging, &KeySource::Generated, trust_domain, now)
-        .map_err(|e| SecretKeyError::keys(namespace, staging, e))?;
-    Ok((material, read_back(staging)?))
+    let material = load_or_create_generated(&mut files, trust_domain, now)
+        .map_err(|e| SecretKeyError::keys(namespace, e))?;
+    Ok((material, files))
 }
 
 fn to_data(files: Files) -> BTreeMap<String, ByteString> {

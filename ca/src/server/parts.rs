@@ -19,7 +19,7 @@ use crate::auth::kube::KubeAuthenticator;
 use crate::auth::local::{LocalAuthenticator, LocalIssuer};
 use crate::authority::Authority;
 use crate::config::{AuthMode, MeshSource, ServeConfig};
-use crate::keys::{KeyMaterial, KeySource, load_or_create};
+use crate::keys::{KeyMaterial, KeySource, MemoryStore, load_or_create, load_or_create_in};
 use crate::kube::secret_keys::load_or_create_in_secret;
 use crate::kube::{WatchSettings, spawn_watches};
 use crate::mesh::file::{load_mesh_file_as_read, reload_loop};
@@ -57,14 +57,12 @@ pub(super) async fn key_material(
     Ok(match (kube_client, &config.source, &config.keys) {
         // In a cluster the generated root lives in a Secret, shared by replicas and restarts.
         (Some(client), MeshSource::Kube, KeySource::Generated) => {
-            load_or_create_in_secret(
-                client,
-                &config.namespace,
-                &config.state_dir,
-                &config.trust_domain,
-                now,
-            )
-            .await?
+            load_or_create_in_secret(client, &config.namespace, &config.trust_domain, now).await?
+        }
+        // An operator's CA in a cluster: the intermediate made under their root lives in
+        // memory only (a new one each start), so no private key touches the pod's disk.
+        (Some(_), MeshSource::Kube, keys) => {
+            load_or_create_in(&mut MemoryStore::new(), keys, &config.trust_domain, now)?
         }
         _ => load_or_create(&config.state_dir, &config.keys, &config.trust_domain, now)?,
     })
