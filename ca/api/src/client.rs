@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -21,10 +21,10 @@ use tokio::sync::Mutex;
 use tokio_rustls::TlsConnector;
 
 use crate::tls::crypto_provider;
+use crate::watch_lines::WatchLines;
 use crate::wire::{
-    CertificateRequest, CertificateResponse, ErrorBody, ErrorCode, MAX_WATCH_MESSAGE_BYTES,
-    PATH_CERTIFICATES, PATH_MESH_WATCH, PATH_TRUST_BUNDLE, TrustBundleResponse, WatchMessage,
-    WatchQuery,
+    CertificateRequest, CertificateResponse, ErrorBody, ErrorCode, PATH_CERTIFICATES,
+    PATH_MESH_WATCH, PATH_TRUST_BUNDLE, TrustBundleResponse, WatchMessage, WatchQuery,
 };
 
 /// Largest answer or watch line the client accepts.
@@ -197,8 +197,7 @@ impl CaClient {
         }
         Ok(WatchStream {
             body: resp.into_body(),
-            buf: BytesMut::new(),
-            scanned: 0,
+            lines: WatchLines::default(),
         })
     }
 
@@ -340,34 +339,15 @@ async fn api_error(resp: http::Response<Incoming>) -> ClientError {
 /// The messages of one mesh watch, in order.
 pub struct WatchStream {
     body: Incoming,
-    buf: BytesMut,
-    /// How much of `buf` holds no newline.
-    scanned: usize,
+    lines: WatchLines,
 }
 
 impl WatchStream {
     /// The next message; `Ok(None)` when the CA ended the stream.
     pub async fn next(&mut self) -> Result<Option<WatchMessage>, ClientError> {
         loop {
-            // Only the bytes not yet searched: a long line arrives in many frames.
-            if let Some(pos) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
-                let pos = self.scanned + pos;
-                self.scanned = 0;
-                let line = self.buf.split_to(pos + 1);
-                let line = &line[..pos];
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                return serde_json::from_slice(line)
-                    .map(Some)
-                    .map_err(|e| ClientError::Decode(format!("watch message: {e}")));
-            }
-            self.scanned = self.buf.len();
-            if self.buf.len() > MAX_WATCH_MESSAGE_BYTES {
-                return Err(ClientError::Decode(format!(
-                    "watch message longer than {} MiB",
-                    MAX_WATCH_MESSAGE_BYTES >> 20
-                )));
+            if let Some(message) = self.lines.next_message().map_err(ClientError::Decode)? {
+                return Ok(Some(message));
             }
             match self.body.frame().await {
                 None => return Ok(None),
@@ -376,7 +356,7 @@ impl WatchStream {
                     if let Ok(mut data) = frame.into_data() {
                         while data.has_remaining() {
                             let chunk = data.chunk();
-                            self.buf.extend_from_slice(chunk);
+                            self.lines.push(chunk);
                             let n = chunk.len();
                             data.advance(n);
                         }

@@ -12,5 +12,7 @@ pub mod wire;
 
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "client")]
+pub mod watch_lines;
 
 pub use spiffe::SpiffeId;
