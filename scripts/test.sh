@@ -17,3 +17,5 @@ echo "== python checks"
 if ls tests/py/test_*.py >/dev/null 2>&1; then
   PALISADE_BIN_DIR="$PWD/target/debug" "$VENV/bin/python" -m pytest -q tests/py
 fi
+echo "== fuzz (45 s per target over the corpus in fuzz/corpus; scripts/fuzz.sh)"
+bash scripts/fuzz.sh
