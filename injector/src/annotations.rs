@@ -10,7 +10,8 @@ pub use palisade_ca_api::contract::annotations::*;
 use palisade_ca_api::contract::{self, APP_PROBES_ANNOTATION, Cidr, DEFAULT_POLICY_ANNOTATION};
 
 const PORTS_FORM: &str = "comma-separated port numbers 1-65535, e.g. \"8080,9090\"";
-const CIDRS_FORM: &str = "comma-separated IPv4 CIDRs, e.g. \"10.0.0.0/8,169.254.169.254/32\"";
+const CIDRS_FORM: &str =
+    "comma-separated CIDRs of either family, e.g. \"10.0.0.0/8,169.254.169.254/32,fd00::/8\"";
 const CPU_FORM: &str = "a Kubernetes CPU quantity above zero, e.g. \"100m\" or \"0.5\"";
 const MEMORY_FORM: &str = "a Kubernetes memory quantity above zero, e.g. \"128Mi\" or \"1Gi\" (suffixes Ki Mi Gi Ti k M G T)";
 const LOG_FORM: &str = "a level (trace, debug, info, warn, error, off) or comma-separated \
@@ -30,7 +31,12 @@ pub struct ValueError {
 }
 
 impl ValueError {
-    fn new(setting: &str, value: &str, reason: impl Into<String>, accepted: &'static str) -> Self {
+    pub(crate) fn new(
+        setting: &str,
+        value: &str,
+        reason: impl Into<String>,
+        accepted: &'static str,
+    ) -> Self {
         // Long values would drown the message that the API server shows to the user.
         let mut value = value.to_owned();
         if value.len() > 80 {
@@ -278,10 +284,10 @@ mod tests {
     fn cidrs_are_the_forms_palisade_init_accepts() {
         let text = |cidrs: Vec<Cidr>| cidrs.iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(
-            text(parse_cidrs("x", "10.0.0.0/8, 169.254.169.254").unwrap()),
-            ["10.0.0.0/8", "169.254.169.254/32"]
+            text(parse_cidrs("x", "10.0.0.0/8, 169.254.169.254, fd00:ec2::254").unwrap()),
+            ["10.0.0.0/8", "169.254.169.254/32", "fd00:ec2::254/128"]
         );
-        for bad in ["10.0.0.0/33", "example.com/8", "10.0.0.0/x", "fd00::/8"] {
+        for bad in ["10.0.0.0/33", "example.com/8", "10.0.0.0/x", "fd00::/200"] {
             let err = parse_cidrs(SKIP_OUTBOUND_CIDRS, bad).unwrap_err();
             let text = err.to_string();
             assert!(
@@ -290,8 +296,6 @@ mod tests {
             );
             assert!(text.contains("10.0.0.0/8,169.254.169.254/32"), "{text}");
         }
-        let v6 = parse_cidrs(SKIP_OUTBOUND_CIDRS, "fd00::/8").unwrap_err();
-        assert!(v6.reason.contains("covers IPv4 only"), "{v6}");
     }
 
     #[test]

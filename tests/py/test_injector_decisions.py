@@ -50,8 +50,8 @@ def test_skipped_requests_are_allowed_without_a_patch(injector, case):
 DENIALS = [
     ("palisade.dev/skip-inbound-ports", "http", "comma-separated port numbers"),
     ("palisade.dev/skip-outbound-ports", "70000", "comma-separated port numbers"),
-    ("palisade.dev/skip-outbound-cidrs", "10.0.0.0/33", "comma-separated IPv4 CIDRs"),
-    ("palisade.dev/skip-outbound-cidrs", "fd00::/8", "covers IPv4 only"),
+    ("palisade.dev/skip-outbound-cidrs", "10.0.0.0/33", "comma-separated CIDRs of either family"),
+    ("palisade.dev/skip-outbound-cidrs", "fd00::/129", "prefix length outside 0-128"),
     ("palisade.dev/proxy-cpu-request", "fast", "Kubernetes CPU quantity"),
     ("palisade.dev/proxy-memory-limit", "1GB", "Kubernetes memory quantity"),
     ("palisade.dev/proxy-memory-limit", "16Mi", "no smaller than"),
@@ -143,7 +143,7 @@ def test_admin_port_reports_ready_live_and_counts(injector):
 # Values that palisade-init and the injector once disagreed about (the injector admitted IPv6
 # ranges that init refused, so the pod never started), and their neighbours.
 CIDR_VALUES = ["10.0.0.0/8", "169.254.169.254", " 10.1.0.0/16 , 192.168.0.0/16", "fd00::/8",
-               "10.0.0.0/8,fd00::/8", "::1", "10.0.0.0/33", "example.com/8"]
+               "10.0.0.0/8,fd00::/8", "::1", "fd00::/129", "fe80::1%eth0", "10.0.0.0/33", "example.com/8"]
 
 
 @pytest.mark.parametrize("value", CIDR_VALUES)

@@ -3,7 +3,7 @@
 //! flag, variable or annotation that carried it.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -80,13 +80,19 @@ pub fn parse_ports(text: &str) -> Result<Vec<u16>, String> {
     Ok(ports)
 }
 
-/// An address range whose traffic capture leaves alone. IPv4 only: capture is IPv4 only, so a
-/// range of the other family could not be honoured and is refused where it is first written
-/// (the injector's annotation, `init`'s flag) rather than accepted by one and failed by the other.
+/// An address range whose traffic capture leaves alone, of either family: `10.0.0.0/8`,
+/// `fd00::/8`; a bare address is a single host (`/32` or `/128`). The injector's annotation and
+/// `init`'s flag read it with this one parser, so a pod the injector admits never fails `init`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub prefix_len: u8,
+}
+
+impl Cidr {
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
 }
 
 impl fmt::Display for Cidr {
@@ -98,24 +104,24 @@ impl fmt::Display for Cidr {
 impl FromStr for Cidr {
     type Err = String;
 
-    /// `a.b.c.d/len`; a bare address means `/32`.
     fn from_str(item: &str) -> Result<Self, String> {
-        const FORM: &str = "write IPv4 CIDRs comma-separated, like 10.0.0.0/8,169.254.169.254/32";
-        let (addr, len) = item.split_once('/').unwrap_or((item, "32"));
-        let addr: Ipv4Addr = match addr.parse() {
-            Ok(a) => a,
-            Err(_) if addr.parse::<std::net::Ipv6Addr>().is_ok() => {
-                return Err(format!(
-                    "{item:?} is an IPv6 range, and traffic capture covers IPv4 only; {FORM}"
-                ));
-            }
-            Err(_) => return Err(format!("{item:?} is not an IPv4 address; {FORM}")),
+        const FORM: &str = "write CIDRs of either family comma-separated, like 10.0.0.0/8,169.254.169.254/32,fd00::/8";
+        let (addr, len) = match item.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (item, None),
         };
-        let prefix_len = len
-            .parse::<u8>()
-            .ok()
-            .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("{item:?} has a prefix length outside 0-32; {FORM}"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{item:?} is not an IPv4 or IPv6 address; {FORM}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match len {
+            None => max,
+            Some(len) => len
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{item:?} has a prefix length outside 0-{max}; {FORM}"))?,
+        };
         Ok(Cidr { addr, prefix_len })
     }
 }
@@ -174,14 +180,35 @@ mod tests {
     }
 
     #[test]
-    fn cidrs_are_ipv4_with_a_default_prefix() {
-        let parsed = parse_cidrs("10.0.0.0/8, 169.254.169.254").unwrap();
+    fn cidrs_of_both_families_with_a_default_prefix() {
+        let parsed = parse_cidrs("10.0.0.0/8, 169.254.169.254, fd00::/8, fd00:ec2::254").unwrap();
         let text: Vec<String> = parsed.iter().map(ToString::to_string).collect();
-        assert_eq!(text, ["10.0.0.0/8", "169.254.169.254/32"]);
-        let v6 = parse_cidrs("fd00::/8").unwrap_err();
-        assert!(v6.contains("IPv6") && v6.contains("10.0.0.0/8"), "{v6}");
-        for bad in ["10.0.0.0/33", "10.0.0/8", "x/8", "10.0.0.0/"] {
-            assert!(parse_cidrs(bad).is_err(), "{bad}");
+        assert_eq!(
+            text,
+            [
+                "10.0.0.0/8",
+                "169.254.169.254/32",
+                "fd00::/8",
+                "fd00:ec2::254/128"
+            ]
+        );
+        assert_eq!(
+            parsed.iter().map(Cidr::is_ipv4).collect::<Vec<_>>(),
+            [true, true, false, false]
+        );
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "x/8",
+            "10.0.0.0/",
+            "fd00::/129",
+            "fd00:::1/64",
+            "[fd00::1]/64",
+            "fe80::1%eth0",
+        ] {
+            let e = parse_cidrs(bad).unwrap_err();
+            assert!(e.contains("fd00::/8"), "{bad}: {e}");
         }
+        assert!(parse_cidrs("fd00::/129").unwrap_err().contains("0-128"));
     }
 }
