@@ -9,10 +9,36 @@
 //! Each run flushes and refills those chains and adds each jump only when it is missing, so
 //! running twice leaves one set of rules. The rules are built by a pure function; only
 //! `apply` runs `iptables`, with the backend (legacy or nft) the host already uses.
+//!
+//! Both families: when the pod has IPv6 the same chains are installed with `ip6tables`. When
+//! IPv6 is present but cannot be captured (no ip6tables, no IPv6 nat table), IPv6 is closed
+//! instead — never left open: see [`ipv6`].
 
 use std::process::Command;
 
 use palisade_ca_api::contract::{self, Cidr};
+
+pub mod ipv6;
+
+/// Rules as (chain, arguments after `-A <chain>`).
+pub type Rules = Vec<(&'static str, Vec<String>)>;
+
+/// An address family, with what differs between its rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The loopback range, never captured outbound.
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
+    }
+}
 
 pub const INBOUND_CHAIN: &str = "PALISADE_INBOUND";
 pub const OUTBOUND_CHAIN: &str = "PALISADE_OUTBOUND";
@@ -32,6 +58,10 @@ pub enum InitError {
     Spawn(String, std::io::Error),
     #[error("`{command}` failed: {stderr}")]
     Failed { command: String, stderr: String },
+    #[error(
+        "the pod has IPv6 and it would bypass the mesh: {0}. Give the proxy image ip6tables and the node the ip6table_nat module, or turn IPv6 off for the pod"
+    )]
+    Ipv6Open(String),
 }
 
 /// What to capture and what to leave alone.
@@ -83,12 +113,13 @@ fn invalid(flag: &'static str, value: &str, reason: String) -> InitError {
     }
 }
 
-fn args(s: &str) -> Vec<String> {
+pub(crate) fn args(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_owned).collect()
 }
 
-/// One chain's rules (arguments after `-t nat -A <chain>`). Pure.
-pub fn chain_rules(o: &InitOptions) -> Vec<(&'static str, Vec<String>)> {
+/// One chain's rules (arguments after `-t nat -A <chain>`) for `family`: the skipped CIDRs of
+/// that family only. Pure.
+pub fn chain_rules(o: &InitOptions, family: Family) -> Rules {
     let mut rules = Vec::new();
     // Inbound: the admin port (kubelet probes) and skipped ports reach the app directly.
     rules.push((
@@ -111,14 +142,18 @@ pub fn chain_rules(o: &InitOptions) -> Vec<(&'static str, Vec<String>)> {
         args(&format!("-m owner --uid-owner {} -j RETURN", o.proxy_uid)),
     ));
     rules.push((OUTBOUND_CHAIN, args("-o lo -j RETURN")));
-    rules.push((OUTBOUND_CHAIN, args("-d 127.0.0.0/8 -j RETURN")));
+    rules.push((
+        OUTBOUND_CHAIN,
+        args(&format!("-d {} -j RETURN", family.loopback())),
+    ));
     for p in &o.skip_outbound_ports {
         rules.push((
             OUTBOUND_CHAIN,
             args(&format!("-p tcp --dport {p} -j RETURN")),
         ));
     }
-    for c in &o.skip_outbound_cidrs {
+    let of_family = |c: &&Cidr| c.is_ipv4() == (family == Family::V4);
+    for c in o.skip_outbound_cidrs.iter().filter(of_family) {
         rules.push((OUTBOUND_CHAIN, args(&format!("-d {c} -j RETURN"))));
     }
     rules.push((
@@ -132,7 +167,7 @@ pub fn chain_rules(o: &InitOptions) -> Vec<(&'static str, Vec<String>)> {
 }
 
 /// The jumps into our chains: (parent chain, rule). Pure.
-pub fn jump_rules() -> Vec<(&'static str, Vec<String>)> {
+pub fn jump_rules() -> Rules {
     vec![
         ("PREROUTING", args(&format!("-p tcp -j {INBOUND_CHAIN}"))),
         ("OUTPUT", args(&format!("-p tcp -j {OUTBOUND_CHAIN}"))),
@@ -140,7 +175,7 @@ pub fn jump_rules() -> Vec<(&'static str, Vec<String>)> {
 }
 
 /// The filter table's rules for inbound UDP (arguments after `-t filter -A <chain>`). Pure.
-pub fn udp_rules(o: &InitOptions) -> Vec<(&'static str, Vec<String>)> {
+pub fn udp_rules(o: &InitOptions) -> Rules {
     let mut rules = vec![
         (INBOUND_UDP_CHAIN, args("-i lo -j RETURN")),
         // Answers to the pod's own requests: DNS, NTP, whatever the app asked.
@@ -160,18 +195,18 @@ pub fn udp_rules(o: &InitOptions) -> Vec<(&'static str, Vec<String>)> {
 }
 
 /// The filter table's jump into the UDP chain. Pure.
-pub fn udp_jump_rules() -> Vec<(&'static str, Vec<String>)> {
+pub fn udp_jump_rules() -> Rules {
     vec![("INPUT", args(&format!("-p udp -j {INBOUND_UDP_CHAIN}")))]
 }
 
 /// Every command `apply` runs on a host where our chains do not exist yet, for `--dry-run`.
-pub fn script(binary: &str, o: &InitOptions) -> Vec<String> {
+pub fn script(binary: &str, o: &InitOptions, family: Family) -> Vec<String> {
     let mut out = Vec::new();
     for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
         out.push(format!("{binary} -t nat -N {chain}"));
         out.push(format!("{binary} -t nat -F {chain}"));
     }
-    for (chain, rule) in chain_rules(o) {
+    for (chain, rule) in chain_rules(o, family) {
         out.push(format!("{binary} -t nat -A {chain} {}", rule.join(" ")));
     }
     for (parent, rule) in jump_rules() {
@@ -199,10 +234,18 @@ pub enum Backend {
 
 impl Backend {
     pub fn binary(self) -> &'static str {
-        match self {
-            Backend::Legacy => "iptables-legacy",
-            Backend::Nft => "iptables-nft",
-            Backend::Default => "iptables",
+        self.binary_for(Family::V4)
+    }
+
+    /// `iptables…` or `ip6tables…` of this backend.
+    pub fn binary_for(self, family: Family) -> &'static str {
+        match (self, family) {
+            (Backend::Legacy, Family::V4) => "iptables-legacy",
+            (Backend::Nft, Family::V4) => "iptables-nft",
+            (Backend::Default, Family::V4) => "iptables",
+            (Backend::Legacy, Family::V6) => "ip6tables-legacy",
+            (Backend::Nft, Family::V6) => "ip6tables-nft",
+            (Backend::Default, Family::V6) => "ip6tables",
         }
     }
 }
@@ -232,14 +275,16 @@ fn rule_count(save_binary: &str) -> Option<usize> {
     )
 }
 
-pub fn detect_backend() -> Backend {
+/// The backend the host uses for `family`, chosen by where its rules already are.
+pub fn detect_backend(family: Family) -> Backend {
+    let save = |b: Backend| format!("{}-save", b.binary_for(family));
     choose_backend(
-        rule_count("iptables-legacy-save"),
-        rule_count("iptables-nft-save"),
+        rule_count(&save(Backend::Legacy)),
+        rule_count(&save(Backend::Nft)),
     )
 }
 
-fn run(binary: &str, a: &[String]) -> Result<bool, InitError> {
+pub(crate) fn run(binary: &str, a: &[String]) -> Result<bool, InitError> {
     let out = Command::new(binary)
         .args(a)
         .output()
@@ -247,7 +292,7 @@ fn run(binary: &str, a: &[String]) -> Result<bool, InitError> {
     Ok(out.status.success())
 }
 
-fn must(binary: &str, a: &[String]) -> Result<(), InitError> {
+pub(crate) fn must(binary: &str, a: &[String]) -> Result<(), InitError> {
     let out = Command::new(binary)
         .args(a)
         .output()
@@ -270,16 +315,21 @@ fn in_table(table: &str, rest: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// Installs the rules with `binary`: creates our chains if missing, flushes and refills them,
-/// and adds each jump only when it is not there yet.
-pub fn apply(binary: &str, o: &InitOptions) -> Result<(), InitError> {
+/// Installs the rules of `family` with `binary`: creates our chains if missing, flushes and
+/// refills them, and adds each jump only when it is not there yet.
+pub fn apply(binary: &str, o: &InitOptions, family: Family) -> Result<(), InitError> {
     install(
         binary,
         "nat",
         &[INBOUND_CHAIN, OUTBOUND_CHAIN],
-        chain_rules(o),
+        chain_rules(o, family),
         jump_rules(),
     )?;
+    install_udp_drop(binary, o)
+}
+
+/// The filter table's inbound UDP drop, on its own (IPv6 gets it also when it is closed).
+pub(crate) fn install_udp_drop(binary: &str, o: &InitOptions) -> Result<(), InitError> {
     install(
         binary,
         "filter",
@@ -291,12 +341,12 @@ pub fn apply(binary: &str, o: &InitOptions) -> Result<(), InitError> {
 
 /// One table's chains of ours: each made if missing, flushed and refilled; each jump added
 /// only when missing, so running twice leaves one set of rules.
-fn install(
+pub(crate) fn install(
     binary: &str,
     table: &str,
     chains: &[&str],
-    rules: Vec<(&'static str, Vec<String>)>,
-    jumps: Vec<(&'static str, Vec<String>)>,
+    rules: Rules,
+    jumps: Rules,
 ) -> Result<(), InitError> {
     for chain in chains {
         if !run(binary, &in_table(table, &["-S", chain]))? {
@@ -327,7 +377,7 @@ mod tests {
 
     #[test]
     fn default_rules_capture_both_directions_and_skip_the_proxy() {
-        let s = script("iptables-nft", &InitOptions::default());
+        let s = script("iptables-nft", &InitOptions::default(), Family::V4);
         let expected = [
             "iptables-nft -t nat -N PALISADE_INBOUND",
             "iptables-nft -t nat -F PALISADE_INBOUND",
@@ -371,7 +421,7 @@ mod tests {
                 "PALISADE_INBOUND_UDP -j DROP",
             ]
         );
-        let s = script("iptables-nft", &o);
+        let s = script("iptables-nft", &o, Family::V4);
         assert!(s.contains(
             &"iptables-nft -t filter -A INPUT -p udp -j PALISADE_INBOUND_UDP".to_owned()
         ));
@@ -389,7 +439,7 @@ mod tests {
             skip_outbound_cidrs: vec!["169.254.169.254/32".parse().unwrap()],
             ..InitOptions::default()
         };
-        let rules: Vec<String> = chain_rules(&o)
+        let rules: Vec<String> = chain_rules(&o, Family::V4)
             .into_iter()
             .map(|(c, r)| format!("{c} {}", r.join(" ")))
             .collect();
@@ -413,6 +463,41 @@ mod tests {
             assert!(pos(r) < redirect, "{r}");
         }
         assert_eq!(redirect, rules.len() - 1);
+    }
+
+    #[test]
+    fn ipv6_rules_mirror_ipv4_with_the_other_loopback_and_each_family_its_own_cidrs() {
+        let o = InitOptions {
+            skip_outbound_cidrs: ["10.0.0.0/8", "fd00:ec2::254"]
+                .iter()
+                .map(|c| c.parse().unwrap())
+                .collect(),
+            ..InitOptions::default()
+        };
+        let v4 = script("iptables-nft", &o, Family::V4);
+        let v6 = script("ip6tables-nft", &o, Family::V6);
+        assert_eq!(v4.len(), v6.len());
+        let expect = |lines: &[String], has: &str, lacks: &str| {
+            assert!(lines.iter().any(|l| l.ends_with(has)), "{has} in {lines:?}");
+            assert!(
+                !lines.iter().any(|l| l.contains(lacks)),
+                "{lacks} in {lines:?}"
+            );
+        };
+        expect(&v4, "-d 127.0.0.0/8 -j RETURN", "::1");
+        expect(&v4, "-d 10.0.0.0/8 -j RETURN", "fd00:ec2::254");
+        expect(&v6, "-d ::1/128 -j RETURN", "127.0.0.0/8");
+        expect(&v6, "-d fd00:ec2::254/128 -j RETURN", "10.0.0.0/8");
+        for (a, b) in v4.iter().zip(&v6) {
+            let same = |l: &str| {
+                l.replacen("ip6tables", "iptables", 1)
+                    .replace("::1/128", "127.0.0.0/8")
+                    .replace("fd00:ec2::254/128", "10.0.0.0/8")
+            };
+            assert_eq!(same(a), same(b));
+        }
+        assert_eq!(Backend::Legacy.binary_for(Family::V6), "ip6tables-legacy");
+        assert_eq!(Backend::Default.binary_for(Family::V6), "ip6tables");
     }
 
     #[test]
@@ -448,7 +533,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec!["10.0.0.0/8", "1.2.3.4/32"]
         );
-        for bad in ["10.0.0.0/33", "10.0.0/8", "fe80::/10", "x"] {
+        for bad in ["10.0.0.0/33", "10.0.0/8", "fe80::/129", "x"] {
             let e = parse_cidrs("--skip-outbound-cidrs", bad)
                 .unwrap_err()
                 .to_string();

@@ -8,7 +8,7 @@ use palisade_ca_api::contract::{
     INBOUND_PORT, OUTBOUND_PORT, PROXY_ADMIN_PORT, PROXY_UID, parse_duration,
 };
 use palisade_proxy::config::{Config, ProcessEnv};
-use palisade_proxy::init::{self, InitOptions};
+use palisade_proxy::init::{self, Family, InitOptions};
 
 #[derive(Parser)]
 #[command(
@@ -63,7 +63,7 @@ struct InitArgs {
     /// Outbound ports left alone, comma-separated.
     #[arg(long, env = "PALISADE_SKIP_OUTBOUND_PORTS", default_value = "")]
     skip_outbound_ports: String,
-    /// Outbound IPv4 CIDRs left alone, comma-separated.
+    /// Outbound CIDRs left alone (either family), comma-separated.
     #[arg(long, env = "PALISADE_SKIP_OUTBOUND_CIDRS", default_value = "")]
     skip_outbound_cidrs: String,
     /// Inbound UDP ports the app may be reached on, comma-separated; every other inbound UDP
@@ -89,19 +89,32 @@ fn run_init(a: InitArgs) -> Result<(), init::InitError> {
             &a.allow_inbound_udp_ports,
         )?,
     };
-    let backend = init::detect_backend();
+    let backend = init::detect_backend(Family::V4);
+    let backend6 = init::detect_backend(Family::V6).binary_for(Family::V6);
     if a.dry_run {
-        println!("# backend: {}", backend.binary());
-        for line in init::script(backend.binary(), &options) {
+        println!("# IPv4, backend: {}", backend.binary());
+        for line in init::script(backend.binary(), &options, Family::V4) {
+            println!("{line}");
+        }
+        println!("# IPv6 (when the pod has an IPv6 address), backend: {backend6}");
+        for line in init::script(backend6, &options, Family::V6) {
+            println!("{line}");
+        }
+        println!(
+            "# IPv6 when it cannot be captured: closed instead (else turned off, else init fails)"
+        );
+        for line in init::ipv6::closed_script(backend6, &options) {
             println!("{line}");
         }
         return Ok(());
     }
-    init::apply(backend.binary(), &options)?;
+    init::apply(backend.binary(), &options, Family::V4)?;
     eprintln!(
-        "palisade-proxy init: capture rules installed with {}",
+        "palisade-proxy init: IPv4: captured with {}",
         backend.binary()
     );
+    let v6 = init::ipv6::secure(backend6, &options)?;
+    eprintln!("palisade-proxy init: {v6}");
     Ok(())
 }
 

@@ -70,6 +70,44 @@ fn init_dry_run_prints_the_rules_and_bad_flags_are_named() {
         "{text}"
     );
 
+    // Both families: each with its own loopback and its own skipped ranges, and IPv6's
+    // fallback when it cannot be captured.
+    let out = Command::new(BIN)
+        .args([
+            "init",
+            "--dry-run",
+            "--skip-outbound-cidrs",
+            "10.0.0.0/8,fd00:ec2::254",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (v4, rest) = text.split_once("# IPv6 (when").expect("an IPv6 section");
+    let (v6, closed) = rest
+        .split_once("# IPv6 when it cannot")
+        .expect("a fallback");
+    for (section, has, lacks) in [
+        (v4, "iptables", "ip6tables"),
+        (v4, "-d 10.0.0.0/8 -j RETURN", "fd00:ec2::254"),
+        (v4, "-d 127.0.0.0/8 -j RETURN", "::1/128"),
+        (v6, "ip6tables", "-d 10.0.0.0/8"),
+        (v6, "-d fd00:ec2::254/128 -j RETURN", "127.0.0.0/8"),
+        (
+            v6,
+            "-t nat -A PREROUTING -p tcp -j PALISADE_INBOUND",
+            "PALISADE_IPV6_CLOSED",
+        ),
+        (
+            closed,
+            "-A OUTPUT ! -o lo -p tcp -j PALISADE_IPV6_CLOSED",
+            "-t nat",
+        ),
+    ] {
+        assert!(section.contains(has), "{has} in:\n{section}");
+        assert!(!section.contains(lacks), "{lacks} in:\n{section}");
+    }
+
     let out = Command::new(BIN)
         .args(["init", "--dry-run", "--skip-outbound-cidrs", "10.0.0.0/40"])
         .output()
