@@ -1,7 +1,7 @@
 //! Wiring: bind the listeners, start the tasks, and drain on shutdown. `start` returns the
 //! real addresses so tests bind on port 0.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,11 +91,61 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, Sock
     Ok((listener, bound))
 }
 
+/// The IPv6 twin of a listener on the IPv4 wildcard or loopback (the defaults): `[::]` or
+/// `[::1]`, same port. None for any other address: an explicit one is taken as meant. Pure.
+pub fn ipv6_twin(bound: SocketAddr) -> Option<SocketAddr> {
+    match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => Some((Ipv6Addr::UNSPECIFIED, bound.port()).into()),
+        IpAddr::V4(ip) if ip.is_loopback() => Some((Ipv6Addr::LOCALHOST, bound.port()).into()),
+        _ => None,
+    }
+}
+
+/// Binds the IPv6 twin of `bound` (IPv6 only, so the IPv4 listener keeps its own traffic).
+/// In a pod without IPv6 there is nothing to bind, and nothing to serve: `None`, logged. A
+/// twin that cannot be bound otherwise is logged too; redirected IPv6 connections then find
+/// no listener and are refused, never let through.
+fn bind_twin(what: &'static str, bound: SocketAddr) -> Option<(TcpListener, SocketAddr)> {
+    let addr = ipv6_twin(bound)?;
+    let attempt = || -> std::io::Result<TcpListener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_only_v6(true)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    match attempt() {
+        Ok(listener) => Some((listener, addr)),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+            ) =>
+        {
+            tracing::info!(listener = what, %addr, "no IPv6 in this pod; listening on IPv4 only");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(listener = what, %addr, error = %e, "cannot listen on IPv6; IPv6 connections to this listener are refused");
+            None
+        }
+    }
+}
+
 /// Binds everything and starts the tasks.
 pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> {
     let (inbound_l, inbound_addr) = bind("inbound", settings.inbound_listen).await?;
     let (outbound_l, outbound_addr) = bind("outbound", settings.outbound_listen).await?;
     let (admin_l, admin_addr) = bind("admin", settings.admin_listen).await?;
+    let inbound6 = bind_twin("inbound", inbound_addr);
+    let outbound6 = bind_twin("outbound", outbound_addr);
+    let admin6 = bind_twin("admin", admin_addr);
 
     let dp = Arc::new(DataPath::new(
         parts.store.clone(),
@@ -107,25 +157,30 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
 
     let drain = Drain::default();
     let mut tasks = Vec::new();
-    let in_target = settings.inbound_target;
-    tasks.push(tokio::spawn(accept_loop(
-        inbound_l,
-        Direction::Inbound,
-        dp.clone(),
-        drain.inbound_stop(),
-        drain.abort(),
-        move |s, peer, dp| inbound::handle(s, peer, dp, in_target.clone()),
-    )));
-    let out_target = settings.outbound_target;
-    let out_listen = outbound_addr;
-    tasks.push(tokio::spawn(accept_loop(
-        outbound_l,
-        Direction::Outbound,
-        dp.clone(),
-        drain.outbound_stop(),
-        drain.abort(),
-        move |s, peer, dp| outbound::handle(s, peer, dp, out_target, out_listen),
-    )));
+    let inbound_ls = std::iter::once(inbound_l).chain(inbound6.map(|(l, _)| l));
+    for listener in inbound_ls {
+        let in_target = settings.inbound_target.clone();
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            Direction::Inbound,
+            dp.clone(),
+            drain.inbound_stop(),
+            drain.abort(),
+            move |s, peer, dp| inbound::handle(s, peer, dp, in_target.clone()),
+        )));
+    }
+    let outbound_ls = std::iter::once((outbound_l, outbound_addr)).chain(outbound6);
+    for (listener, out_listen) in outbound_ls {
+        let out_target = settings.outbound_target;
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            Direction::Outbound,
+            dp.clone(),
+            drain.outbound_stop(),
+            drain.abort(),
+            move |s, peer, dp| outbound::handle(s, peer, dp, out_target, out_listen),
+        )));
+    }
     if let Some(identity) = parts.identity.clone() {
         tasks.push(tokio::spawn(run_rotation(
             identity,
@@ -149,11 +204,13 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
         shutdown: drain.requester(),
         remote_metrics: settings.admin_remote_metrics,
     });
-    tasks.push(tokio::spawn(admin::serve(
-        admin_l,
-        admin_state,
-        drain.background_stop(),
-    )));
+    for listener in std::iter::once(admin_l).chain(admin6.map(|(l, _)| l)) {
+        tasks.push(tokio::spawn(admin::serve(
+            listener,
+            admin_state.clone(),
+            drain.background_stop(),
+        )));
+    }
 
     let shutdown_tx = drain.requester();
     let metrics = parts.metrics.clone();
