@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// PALISADE_LOG of injected proxies (annotation palisade.dev/log-level overrides it).
     #[arg(long, env = "PALISADE_PROXY_LOG_LEVEL", default_value = "info")]
     pub proxy_log_level: String,
+    /// The address families the nodes capture, IPv4 and/or IPv6 (comma-separated): a pod that
+    /// skips a range of another family is refused, since that family is closed in its pods.
+    #[arg(long, env = "PALISADE_IP_FAMILIES", default_value = "IPv4,IPv6")]
+    pub ip_families: String,
     /// Largest AdmissionReview body accepted, in bytes; larger ones get HTTP 413.
     #[arg(long, env = "PALISADE_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_bytes: usize,
@@ -123,6 +127,7 @@ impl ServeArgs {
             memory_request: self.proxy_memory_request,
             memory_limit: self.proxy_memory_limit,
             log_level: self.proxy_log_level,
+            ip_families: self.ip_families,
         }
         .validate()?;
         if self.max_request_bytes < 1024 {

@@ -5,7 +5,7 @@
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use serde_json::Value;
 
-use crate::annotations::{PodOverrides, ValueError, parse_overrides};
+use crate::annotations::{self, PodOverrides, ValueError, parse_overrides};
 use crate::json_patch::{PatchOp, PatchValue, pointer_token};
 use crate::probes::{ProbeError, rewrite_probes};
 use crate::settings::InjectorSettings;
@@ -226,6 +226,40 @@ fn add_volumes<'a>(ops: &mut Vec<PatchOp<'a>>, no_volumes: bool, added: [PatchVa
     }
 }
 
+/// A skipped range of a family the nodes do not capture cannot be honoured (`init` closes that
+/// family rather than skip part of it): refused, naming the annotation.
+fn check_families(overrides: &PodOverrides, settings: &InjectorSettings) -> Result<(), ValueError> {
+    let families = settings.ip_families;
+    match overrides
+        .skip_outbound_cidrs
+        .iter()
+        .find(|c| !families.captures(c.is_ipv4()))
+    {
+        None => Ok(()),
+        Some(cidr) => {
+            let (family, only) = if cidr.is_ipv4() {
+                ("IPv4", "IPv6")
+            } else {
+                ("IPv6", "IPv4")
+            };
+            let text = overrides
+                .skip_outbound_cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            Err(ValueError::new(
+                annotations::SKIP_OUTBOUND_CIDRS,
+                &text,
+                format!(
+                    "{cidr} is {family}, and this cluster's nodes capture {only} only (palisade-injector --ip-families, chart value ipFamilies): {family} traffic is closed in a meshed pod, so a range of it cannot be skipped"
+                ),
+                "ranges of the families the nodes capture; or capture both (--ip-families IPv4,IPv6) where the nodes have ip6tables",
+            ))
+        }
+    }
+}
+
 /// Builds the patch that injects `pod`. The caller has already decided that it should be
 /// injected (see `decision`).
 pub fn build_patch<'a>(
@@ -234,6 +268,7 @@ pub fn build_patch<'a>(
 ) -> Result<Injection<'a>, InjectError> {
     let spec = pod.spec.as_ref().ok_or(InjectError::NoSpec)?;
     let (overrides, warnings) = parse_overrides(pod.metadata.annotations.as_ref())?;
+    check_families(&overrides, settings)?;
     let resources = settings.resources(
         overrides.cpu_request.as_ref(),
         overrides.memory_limit.as_ref(),

@@ -410,3 +410,42 @@ fn an_app_probes_annotation_the_pod_brought_is_overwritten() {
         "a pod without probes to rewrite records none, whatever it brought"
     );
 }
+
+#[test]
+fn a_skipped_range_of_a_family_the_nodes_do_not_capture_is_refused_naming_the_annotation() {
+    let mut pod = minimal();
+    pod["metadata"]["annotations"] =
+        json!({"palisade.dev/skip-outbound-cidrs": "10.0.0.0/8,fd00:ec2::254"});
+    let typed: Pod = serde_json::from_value(pod.clone()).unwrap();
+    // Both families captured (the default): both ranges reach init.
+    let (patched, _) = inject_with(pod, &settings());
+    let init = &patched["spec"]["initContainers"][0]["command"];
+    assert!(
+        init.to_string().contains("10.0.0.0/8,fd00:ec2::254/128"),
+        "{init}"
+    );
+    let v4_only = RawSettings {
+        ip_families: "IPv4".into(),
+        ..RawSettings::default()
+    }
+    .validate()
+    .unwrap();
+    let err = build_patch(&typed, &v4_only).unwrap_err().to_string();
+    for part in [
+        "palisade.dev/skip-outbound-cidrs",
+        "fd00:ec2::254/128 is IPv6",
+        "--ip-families",
+    ] {
+        assert!(err.contains(part), "{part} in {err}");
+    }
+    for bad in ["", "IPv5", "ipv4"] {
+        let e = RawSettings {
+            ip_families: bad.into(),
+            ..RawSettings::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("--ip-families="), "{e}");
+    }
+}

@@ -21,6 +21,8 @@ pub struct InjectorSettings {
     pub(crate) cpu_limit: Option<Quantity>,
     pub(crate) memory_request: Quantity,
     pub(crate) memory_limit: Quantity,
+    /// The families the nodes capture: a skipped range of another family is refused.
+    pub(crate) ip_families: IpFamilies,
     /// The injected objects of a pod without overrides, serialised once: most pods have none,
     /// and rebuilding them per review was most of a review's CPU time.
     pub(crate) prebuilt: Arc<Prebuilt>,
@@ -39,6 +41,8 @@ pub struct RawSettings {
     pub memory_request: String,
     pub memory_limit: String,
     pub log_level: String,
+    /// The families the nodes capture (`IPv4`, `IPv6`, comma-separated).
+    pub ip_families: String,
 }
 
 impl Default for RawSettings {
@@ -54,7 +58,51 @@ impl Default for RawSettings {
             memory_request: "64Mi".to_owned(),
             memory_limit: "256Mi".to_owned(),
             log_level: "info".to_owned(),
+            ip_families: "IPv4,IPv6".to_owned(),
         }
+    }
+}
+
+/// Which address families the cluster's nodes can capture (`--ip-families`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpFamilies {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl IpFamilies {
+    pub fn parse(flag: &str, text: &str) -> Result<IpFamilies, ValueError> {
+        let mut families = IpFamilies {
+            ipv4: false,
+            ipv6: false,
+        };
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match item {
+                "IPv4" => families.ipv4 = true,
+                "IPv6" => families.ipv6 = true,
+                other => {
+                    return Err(ValueError::new(
+                        flag,
+                        text,
+                        format!("{other:?} is not an address family"),
+                        "IPv4, IPv6 or IPv4,IPv6 (spelled as a Service's ipFamilies)",
+                    ));
+                }
+            }
+        }
+        if !families.ipv4 && !families.ipv6 {
+            return Err(ValueError::new(
+                flag,
+                text,
+                "no family given",
+                "IPv4, IPv6 or IPv4,IPv6 (spelled as a Service's ipFamilies)",
+            ));
+        }
+        Ok(families)
+    }
+
+    pub fn captures(&self, ipv4: bool) -> bool {
+        if ipv4 { self.ipv4 } else { self.ipv6 }
     }
 }
 
@@ -123,6 +171,7 @@ impl RawSettings {
                 .transpose()?,
             memory_request: Quantity::memory("--proxy-memory-request", &self.memory_request)?,
             memory_limit: Quantity::memory("--proxy-memory-limit", &self.memory_limit)?,
+            ip_families: IpFamilies::parse("--ip-families", &self.ip_families)?,
             prebuilt: Arc::default(),
         };
         let resources = settings.resources(None, None).map_err(|e| ValueError {

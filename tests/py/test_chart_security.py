@@ -261,6 +261,7 @@ def test_injector_command_line(name):
         "--admin-listen": "0.0.0.0:15014",
         "--ca-addr": f"palisade-ca.{vs.namespace}.svc:15012",
         "--native-sidecar": "true" if native else "false",
+        "--ip-families": ",".join(vs.values.get("injector", {}).get("ipFamilies", ["IPv4", "IPv6"])),
         # The CA's trust domain: proxies ask for identities in it (both sides from trustDomain).
         "--trust-domain": vs.values.get("trustDomain", "cluster.local"),
     }

@@ -42,6 +42,8 @@ WRONG = {
     "replicas of zero": {"injector": {"replicas": 0}},
     "unknown default policy": {"defaultPolicy": "allow-all"},
     "nativeSidecar as a string": {"injector": {"nativeSidecar": "yes"}},
+    "ipFamilies with an unknown family": {"injector": {"ipFamilies": ["IPv4", "IPv5"]}},
+    "ipFamilies empty": {"injector": {"ipFamilies": []}},
     "trust domain with bad characters": {"trustDomain": "Prod_Domain!"},
     "webhook timeout above 30s": {"injector": {"webhook": {"timeoutSeconds": 60}}},
     "unknown pull policy": {"ca": {"image": {"pullPolicy": "Sometimes"}}},
