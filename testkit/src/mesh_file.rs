@@ -50,6 +50,12 @@ impl Workload {
         self
     }
 
+    /// One more address of the pod (`status.podIPs`: the other family of a dual-stack pod).
+    pub fn ip(mut self, ip: &str) -> Workload {
+        self.ips.push(ip.into());
+        self
+    }
+
     /// A named container port, what a Service's `targetPort: <name>` refers to.
     pub fn port(mut self, name: &str, number: u16) -> Workload {
         self.ports.push((name.into(), number));
@@ -62,7 +68,12 @@ impl Workload {
             self.name,
             self.namespace,
             self.service_account,
-            self.ips.join(", "),
+            // Quoted: an IPv6 address is not a plain YAML scalar everywhere.
+            self.ips
+                .iter()
+                .map(|ip| format!("{ip:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             pairs(&self.labels)
         );
         if !self.ports.is_empty() {
@@ -295,7 +306,7 @@ mod tests {
                 .workload("web", "shop", "web", "10.77.0.2")
                 .to_yaml(),
             "trustDomain: cluster.local\ndefaultPolicy: deny\nworkloads:\n  \
-             - {name: web, namespace: shop, serviceAccount: web, ips: [10.77.0.2], labels: {app: web}}\n\
+             - {name: web, namespace: shop, serviceAccount: web, ips: [\"10.77.0.2\"], labels: {app: web}}\n\
              policies: []\n"
         );
     }
@@ -322,7 +333,7 @@ mod tests {
             )
             .to_yaml();
         assert!(y.contains(
-            "  - {name: api-1, namespace: shop, serviceAccount: api, ips: [10.77.5.3], \
+            "  - {name: api-1, namespace: shop, serviceAccount: api, ips: [\"10.77.5.3\"], \
              labels: {app: api}, ports: {http: 8080}}\n"
         ));
         assert!(y.contains(

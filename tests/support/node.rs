@@ -165,6 +165,43 @@ impl Node {
         format!("10.77.{}.{host}", self.net)
     }
 
+    /// The IPv6 address a pod with host number `host` gets from [`Node::add_ipv6`].
+    pub fn pod_ip6(&self, host: u8) -> String {
+        format!("fd00:77:{}::{host}", self.net)
+    }
+
+    /// Makes `pod` dual-stack, as a dual-stack cluster does: [`Node::pod_ip6`] on its `eth0`
+    /// (and the node's `fd00:77:<net>::1/64` on the bridge, once). Bridge nodes only.
+    pub fn add_ipv6(&mut self, pod: &Pod, host: u8) -> String {
+        assert!(matches!(self.links, Links::Bridge), "bridge nodes only");
+        let node6 = format!("fd00:77:{}::1/64", self.net);
+        let bridge_has = netns::exec(&self.node_ns, &["ip", "-6", "addr", "show", "dev", "br0"]);
+        if !bridge_has.contains(&node6) {
+            netns::ip(&[
+                "-n",
+                &self.node_ns,
+                "addr",
+                "add",
+                &node6,
+                "dev",
+                "br0",
+                "nodad",
+            ]);
+        }
+        let ip6 = self.pod_ip6(host);
+        netns::ip(&[
+            "-n",
+            &pod.netns,
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ip6
+    }
+
     /// A pod named `name` at host number `host`, joined to the node by a veth pair (on the
     /// bridge, or routed).
     pub fn add_pod(&mut self, name: &str, host: u8) -> Pod {
@@ -345,18 +382,18 @@ impl Node {
     /// as uid 1337; waits until the proxy is ready. `claimed_ip` is the pod IP the proxy tells
     /// the control plane (normally the pod's own).
     pub fn mesh_pod(&mut self, pod: &Pod, sa: &str, claimed_ip: Option<&str>) {
-        self.mesh_pod_with(pod, sa, claimed_ip, &[]);
+        let _ = self.mesh_pod_with(pod, sa, claimed_ip, &[]);
     }
 
-    /// [`Node::mesh_pod`], with more `PALISADE_*` variables for the proxy (what an annotation
-    /// would give it).
+    /// [`Node::mesh_pod`], with more variables for `init` and the proxy (what an annotation
+    /// would give them); returns what `init` printed.
     pub fn mesh_pod_with(
         &mut self,
         pod: &Pod,
         sa: &str,
         claimed_ip: Option<&str>,
         extra_env: &[(&str, &str)],
-    ) {
+    ) -> String {
         let init = netns::command(&pod.netns, None, &self.bins.proxy)
             .arg("init")
             .envs(extra_env.iter().copied())
@@ -399,6 +436,7 @@ impl Node {
             String::from_utf8_lossy(&wait.stderr),
             self.log(&format!("{}-proxy", pod.name))
         );
+        String::from_utf8_lossy(&init.stderr).into_owned()
     }
 
     /// Serves `www/` over HTTP on `port` in `pod`: `python3 -m http.server`, as the app uid.
@@ -412,6 +450,13 @@ impl Node {
     pub fn serve_http_on_loopback(&mut self, pod: &Pod, port: u16) {
         let www = self.dir.path().join("www");
         self.spawn_http_bound(pod, port, &www, "127.0.0.1");
+    }
+
+    /// Serves `www/` on `port` of every address of both families (`--bind ::`, one dual-stack
+    /// socket), as most apps in a dual-stack cluster listen.
+    pub fn serve_http_dual_stack(&mut self, pod: &Pod, port: u16) {
+        let www = self.dir.path().join("www");
+        self.spawn_http_bound(pod, port, &www, "::");
     }
 
     fn spawn_http(&mut self, pod: &Pod, port: u16, www: &Path) {
