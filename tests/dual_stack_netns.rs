@@ -226,3 +226,48 @@ fn ipv6_that_cannot_be_captured_is_closed_not_open() {
     assert!(!addrs.contains(&node.pod_ip6(6)), "IPv6 left on: {addrs}");
     node.finish();
 }
+
+#[test]
+fn ipv6_only_pods_are_meshed() {
+    let Some(mut node) = node("ipv6_only_pods", 77) else {
+        return;
+    };
+    let only6 = |name: &str, sa: &str, host: u8| {
+        Workload::new(name, node::NAMESPACE, sa, &format!("fd00:77:77::{host}"))
+    };
+    node.write_mesh(
+        &MeshFile::new("all-authenticated")
+            .add_workload(only6("web", "web", 2))
+            .add_workload(only6("api", "api", 3))
+            .policies(&policy_allowing("\"shop/web\"")),
+    );
+    node.ca_on_both_families();
+    node.start_ca("1h");
+    let web = node.add_ipv6_only_pod("web", 2);
+    let api = node.add_ipv6_only_pod("api", 3);
+    let plain = node.add_ipv6_only_pod("plain", 5);
+    node.serve_http_dual_stack(&api, 8080);
+    node.mesh_pod(&web, "web", None);
+    node.mesh_pod(&api, "api", None);
+
+    let capture = node.capture(&api, 8080);
+    let body = node
+        .app_get(&web, &url(&api.ip, 8080))
+        .expect("web → api over IPv6 only");
+    assert_eq!(body.trim(), BODY);
+    let pcap = node.finish_capture(capture);
+    assert!(pcap.len() > 200, "the capture saw the call");
+    assert!(!contains(&pcap, BODY), "plaintext on the wire");
+    let refused = node.app_get(&plain, &url(&api.ip, 8080));
+    assert!(
+        refused.is_err(),
+        "a plaintext caller reached api: {refused:?}"
+    );
+    assert_eq!(deny_count(&node, &api, "plaintext_not_allowed"), 1.0);
+    let identity = node.admin(&web, "/identity");
+    assert!(
+        identity.contains("spiffe://cluster.local/ns/shop/sa/web"),
+        "{identity}"
+    );
+    node.finish();
+}

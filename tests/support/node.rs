@@ -96,6 +96,7 @@ pub struct Node {
     links: Links,
     ca: Option<ProcessId>,
     ca_stops: usize,
+    ca_dual_stack: bool,
     proxies: HashMap<String, ProcessId>,
     proxy_log: String,
     pub bins: Bins,
@@ -143,6 +144,7 @@ impl Node {
             links: Links::Bridge,
             ca: None,
             ca_stops: 0,
+            ca_dual_stack: false,
             proxies: HashMap::new(),
             proxy_log: "info".into(),
             bins: Bins::locate(),
@@ -168,6 +170,26 @@ impl Node {
     /// The IPv6 address a pod with host number `host` gets from [`Node::add_ipv6`].
     pub fn pod_ip6(&self, host: u8) -> String {
         format!("fd00:77:{}::{host}", self.net)
+    }
+
+    /// A pod with an IPv6 address only ([`Node::pod_ip6`]), as an IPv6-only cluster gives it;
+    /// its proxy reaches the CA over IPv6 (see [`Node::ca_on_both_families`]). Bridge nodes only.
+    pub fn add_ipv6_only_pod(&mut self, name: &str, host: u8) -> Pod {
+        assert!(matches!(self.links, Links::Bridge), "bridge nodes only");
+        let netns = format!("pal{}-{name}", self.tag);
+        self.namespaces.add(&netns);
+        let outer = format!("v{}h{host}b", self.tag);
+        self.namespaces
+            .veth((&netns, "eth0"), (&self.node_ns, &outer));
+        netns::ip(&["-n", &netns, "link", "set", "eth0", "up"]);
+        self.namespaces.attach(&self.node_ns, "br0", &outer);
+        let mut pod = Pod {
+            name: name.to_owned(),
+            netns,
+            ip: String::new(),
+        };
+        pod.ip = self.add_ipv6(&pod, host);
+        pod
     }
 
     /// Makes `pod` dual-stack, as a dual-stack cluster does: [`Node::pod_ip6`] on its `eth0`
@@ -271,11 +293,23 @@ impl Node {
         self.dir.path().join("state")
     }
 
+    /// The CA started from now on listens on every address of both families (for pods with
+    /// IPv6 only); proxies of such pods are given `PALISADE_CA_ADDR=[fd00:77:<net>::1]:15012`.
+    pub fn ca_on_both_families(&mut self) {
+        self.ca_dual_stack = true;
+    }
+
     /// Starts (or restarts, with the same state directory) the CA on the node, file source
     /// and local tokens, certificates of lifetime `ttl`; waits until it is ready.
     pub fn start_ca(&mut self, ttl: &str) {
         assert!(self.ca.is_none(), "the CA is already running");
         let ip = self.node_ip();
+        // `[::]` is one socket for both families: IPv6-only pods reach the CA too.
+        let listen = if self.ca_dual_stack {
+            "[::]:15012".to_owned()
+        } else {
+            format!("{ip}:15012")
+        };
         let mut cmd = netns::command(&self.node_ns, None, &self.bins.ca);
         cmd.arg("serve")
             .arg("--state-dir")
@@ -283,7 +317,7 @@ impl Node {
             .args(["--source", "file", "--mesh-file"])
             .arg(self.mesh_path())
             .args(["--auth", "local", "--cert-ttl", ttl])
-            .args(["--listen", &format!("{ip}:15012")])
+            .args(["--listen", &listen])
             .args(["--admin-listen", &format!("{ip}:15014")])
             // PALISADE_TEST_CA_LOG (e.g. `debug,h2=debug`) when a failure needs more.
             .env(
@@ -407,8 +441,13 @@ impl Node {
         );
         let token = self.token(sa);
         let mut cmd = netns::command(&pod.netns, Some(PROXY_UID), &self.bins.proxy);
+        let ca_addr = if pod.ip.contains(':') {
+            format!("[fd00:77:{}::1]:15012", self.net)
+        } else {
+            format!("{}:15012", self.node_ip())
+        };
         cmd.arg("run")
-            .env("PALISADE_CA_ADDR", format!("{}:15012", self.node_ip()))
+            .env("PALISADE_CA_ADDR", ca_addr)
             .env("PALISADE_CA_NAME", "palisade-ca.palisade-system.svc")
             .env("PALISADE_TRUST_ANCHORS", self.trust_bundle_file())
             .env("PALISADE_TOKEN_FILE", token)
