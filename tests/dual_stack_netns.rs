@@ -86,8 +86,15 @@ fn every_decision_is_the_same_over_ipv4_and_ipv6() {
     let intruder = add_dual_stack_pod(&mut node, "intruder", 4);
     let plain = add_dual_stack_pod(&mut node, "plain", 5);
     node.serve_http_dual_stack(&api, 8080);
-    let init = node.mesh_pod_with(&api, "api", None, &[]);
+    let report = node.dir.path().join("api-init-report");
+    let report = report.to_str().unwrap();
+    let init = node.mesh_pod_with(&api, "api", None, &[("PALISADE_INIT_REPORT", report)]);
     assert!(init.contains("IPv6: captured with ip6tables"), "{init}");
+    let ready = node.admin(&api, "/ready");
+    assert!(
+        ready.starts_with("ready\nIPv4: captured") && ready.contains("IPv6: captured"),
+        "{ready}"
+    );
     node.mesh_pod(&web, "web", None);
     node.mesh_pod(&intruder, "intruder", None);
     let targets = [node.pod_ip(3), node.pod_ip6(3)];
@@ -198,8 +205,18 @@ fn ipv6_that_cannot_be_captured_is_closed_not_open() {
 
     // No IPv6 nat table: IPv6 TCP is rejected, IPv4 is captured as always.
     let path = tools_without_ipv6_capture(&node.dir.path().join("no-nat6"), true);
-    let init = node.mesh_pod_with(&api, "api", None, &[("PATH", &path)]);
+    let report = node.dir.path().join("api-init-report");
+    let env = [
+        ("PATH", path.as_str()),
+        ("PALISADE_INIT_REPORT", report.to_str().unwrap()),
+    ];
+    let init = node.mesh_pod_with(&api, "api", None, &env);
     assert!(init.contains("IPv6: CLOSED"), "{init}");
+    let ready = node.admin(&api, "/ready");
+    assert!(
+        ready.contains("IPv6: CLOSED, not captured") && ready.contains("ip6table_nat"),
+        "{ready}"
+    );
     let v6 = url(&node.pod_ip6(3), 8080);
     for (who, pod) in [("a plaintext caller", &plain), ("a meshed caller", &web)] {
         let open = node.app_get(pod, &v6);

@@ -183,6 +183,7 @@ fn proxy_role(role: &str) {
                 probes: Default::default(),
                 probe_timeout: Duration::from_secs(1),
                 admin_remote_metrics: false,
+                init_report: String::new(),
             },
             Parts {
                 store,

@@ -9,7 +9,9 @@ use crate::annotations::{self, PodOverrides, ValueError, parse_overrides};
 use crate::json_patch::{PatchOp, PatchValue, pointer_token};
 use crate::probes::{ProbeError, rewrite_probes};
 use crate::settings::InjectorSettings;
-use crate::sidecar::{INIT_CONTAINER, PROXY_CONTAINER, Prebuilt, TOKEN_VOLUME, TRUST_VOLUME};
+use crate::sidecar::{
+    INIT_CONTAINER, INIT_REPORT_VOLUME, PROXY_CONTAINER, Prebuilt, TOKEN_VOLUME, TRUST_VOLUME,
+};
 use palisade_ca_api::contract::{
     APP_PROBES_ANNOTATION, AppProbes, INBOUND_PORT, INJECTED_LABEL, OUTBOUND_PORT,
     PROXY_ADMIN_PORT as ADMIN_PORT, PROXY_UID,
@@ -83,7 +85,7 @@ fn check_reserved(pod_containers: &[&Container], volumes: &[&str]) -> Result<(),
     }
     if let Some(name) = volumes
         .iter()
-        .find(|v| **v == TOKEN_VOLUME || **v == TRUST_VOLUME)
+        .find(|v| [TOKEN_VOLUME, TRUST_VOLUME, INIT_REPORT_VOLUME].contains(*v))
     {
         return Err(InjectError::ReservedName {
             kind: "volume",
@@ -170,22 +172,24 @@ fn insert_front<'a>(
 }
 
 /// The objects rendered at start-up, borrowed.
-fn shared(rendered: &Prebuilt) -> [PatchValue<'_>; 4] {
+fn shared(rendered: &Prebuilt) -> [PatchValue<'_>; 5] {
     [
         PatchValue::Shared(&rendered.init),
         PatchValue::Shared(&rendered.proxy),
         PatchValue::Shared(&rendered.token_volume),
         PatchValue::Shared(&rendered.trust_volume),
+        PatchValue::Shared(&rendered.report_volume),
     ]
 }
 
 /// Objects rendered for one pod's overrides.
-fn owned(rendered: Prebuilt) -> [PatchValue<'static>; 4] {
+fn owned(rendered: Prebuilt) -> [PatchValue<'static>; 5] {
     [
         PatchValue::Raw(rendered.init),
         PatchValue::Raw(rendered.proxy),
         PatchValue::Raw(rendered.token_volume),
         PatchValue::Raw(rendered.trust_volume),
+        PatchValue::Raw(rendered.report_volume),
     ]
 }
 
@@ -210,7 +214,7 @@ fn rewrite_all_probes<'a>(
 }
 
 /// Appends the token and trust-anchor volumes, creating the list when the pod has none.
-fn add_volumes<'a>(ops: &mut Vec<PatchOp<'a>>, no_volumes: bool, added: [PatchValue<'a>; 2]) {
+fn add_volumes<'a>(ops: &mut Vec<PatchOp<'a>>, no_volumes: bool, added: [PatchValue<'a>; 3]) {
     if no_volumes {
         ops.push(PatchOp::Add {
             path: "/spec/volumes".into(),
@@ -288,11 +292,12 @@ pub fn build_patch<'a>(
     let probes = rewrite_all_probes(&spec.containers, init_containers, &mut ops)?;
 
     // Pods without overrides (most) get the objects rendered at start-up.
-    let [init, proxy, token_volume, trust_volume] = if overrides == PodOverrides::default() {
-        shared(&settings.prebuilt)
-    } else {
-        owned(Prebuilt::new(&settings.sidecar, &overrides, resources))
-    };
+    let [init, proxy, token_volume, trust_volume, report_volume] =
+        if overrides == PodOverrides::default() {
+            shared(&settings.prebuilt)
+        } else {
+            owned(Prebuilt::new(&settings.sidecar, &overrides, resources))
+        };
     if settings.sidecar.native_sidecar {
         insert_front(
             &mut ops,
@@ -314,7 +319,11 @@ pub fn build_patch<'a>(
             vec![proxy],
         );
     }
-    add_volumes(&mut ops, volumes.is_empty(), [token_volume, trust_volume]);
+    add_volumes(
+        &mut ops,
+        volumes.is_empty(),
+        [token_volume, trust_volume, report_volume],
+    );
 
     let meta = &pod.metadata;
     add_to_map(

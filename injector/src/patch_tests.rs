@@ -78,7 +78,11 @@ fn minimal_pod_gets_everything_in_order() {
     assert_eq!(names(&pod["spec"]["containers"]), ["app"]);
     assert_eq!(
         names(&pod["spec"]["volumes"]),
-        ["palisade-token", "palisade-trust-anchors"]
+        [
+            "palisade-token",
+            "palisade-trust-anchors",
+            "palisade-init-report"
+        ]
     );
     assert_eq!(
         pod["metadata"]["labels"],
@@ -100,6 +104,27 @@ fn minimal_pod_gets_everything_in_order() {
     assert_eq!(
         paths,
         ["/spec/initContainers", "/spec/volumes", "/metadata/labels"]
+    );
+}
+
+#[test]
+fn init_reports_to_the_proxy_through_a_memory_volume_only_init_can_write() {
+    let (pod, _, _) = inject(minimal());
+    let volume = &pod["spec"]["volumes"][2];
+    assert_eq!(
+        volume,
+        &json!({"name": "palisade-init-report", "emptyDir": {"medium": "Memory", "sizeLimit": "64Ki"}})
+    );
+    let init = &pod["spec"]["initContainers"][0];
+    let proxy = &pod["spec"]["initContainers"][1];
+    assert_eq!(
+        init["volumeMounts"],
+        json!([{"name": "palisade-init-report", "mountPath": "/var/run/palisade/init"}])
+    );
+    assert!(
+        proxy["volumeMounts"].as_array().unwrap().contains(
+            &json!({"name": "palisade-init-report", "mountPath": "/var/run/palisade/init", "readOnly": true})
+        )
     );
 }
 
@@ -144,7 +169,11 @@ fn empty_lists_and_maps_are_filled_not_appended_to() {
     );
     assert_eq!(
         names(&pod["spec"]["volumes"]),
-        ["palisade-token", "palisade-trust-anchors"]
+        [
+            "palisade-token",
+            "palisade-trust-anchors",
+            "palisade-init-report"
+        ]
     );
     assert_eq!(
         pod["metadata"]["labels"],
@@ -161,10 +190,17 @@ fn existing_volumes_stay_first() {
     p["spec"]["volumes"] = Value::Array(volumes);
     let (pod, _, _) = inject(p);
     let got = names(&pod["spec"]["volumes"]);
-    assert_eq!(got.len(), 14);
+    assert_eq!(got.len(), 15);
     assert_eq!(got[0], "data-0");
     assert_eq!(got[11], "data-11");
-    assert_eq!(&got[12..], ["palisade-token", "palisade-trust-anchors"]);
+    assert_eq!(
+        &got[12..],
+        [
+            "palisade-token",
+            "palisade-trust-anchors",
+            "palisade-init-report"
+        ]
+    );
 }
 
 #[test]
@@ -326,13 +362,15 @@ fn invalid_annotation_is_refused_naming_it() {
 
 #[test]
 fn reserved_names_and_ports_are_refused() {
-    let mut p = minimal();
-    p["spec"]["volumes"] = json!([{"name": "palisade-token", "emptyDir": {}}]);
-    let typed: Pod = serde_json::from_value(p).unwrap();
-    assert!(matches!(
-        build_patch(&typed, &settings()),
-        Err(InjectError::ReservedName { kind: "volume", .. })
-    ));
+    for volume in ["palisade-token", "palisade-init-report"] {
+        let mut p = minimal();
+        p["spec"]["volumes"] = json!([{"name": volume, "emptyDir": {}}]);
+        let typed: Pod = serde_json::from_value(p).unwrap();
+        assert!(matches!(
+            build_patch(&typed, &settings()),
+            Err(InjectError::ReservedName { kind: "volume", .. })
+        ));
+    }
 
     let mut p = minimal();
     p["spec"]["initContainers"] = json!([{"name": "palisade-init", "image": "x"}]);

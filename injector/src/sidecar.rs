@@ -6,9 +6,9 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use palisade_ca_api::contract::{
-    EnvSource, INBOUND_PORT, OUTBOUND_PORT, PROXY_ADMIN_PORT as ADMIN_PORT, PROXY_UID, ProxyEnv,
-    TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_FILE_NAME, TRUST_ANCHORS_CONFIGMAP,
-    TRUST_ANCHORS_KEY, TRUST_DIR,
+    EnvSource, INBOUND_PORT, INIT_REPORT_DIR, OUTBOUND_PORT, PROXY_ADMIN_PORT as ADMIN_PORT,
+    PROXY_UID, ProxyEnv, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_FILE_NAME,
+    TRUST_ANCHORS_CONFIGMAP, TRUST_ANCHORS_KEY, TRUST_DIR,
 };
 
 use crate::annotations::{PodOverrides, Quantity};
@@ -19,6 +19,8 @@ pub use palisade_ca_api::contract::PROXY_CONTAINER;
 pub const INIT_CONTAINER: &str = "palisade-init";
 pub const TOKEN_VOLUME: &str = "palisade-token";
 pub const TRUST_VOLUME: &str = "palisade-trust-anchors";
+/// Where init reports what it captured, for the proxy's `/ready`.
+pub const INIT_REPORT_VOLUME: &str = "palisade-init-report";
 
 /// What every injected proxy gets unless a pod overrides it (validated by the settings).
 #[derive(Debug, Clone)]
@@ -74,6 +76,7 @@ pub struct Prebuilt {
     pub proxy: Box<RawValue>,
     pub token_volume: Box<RawValue>,
     pub trust_volume: Box<RawValue>,
+    pub report_volume: Box<RawValue>,
 }
 
 /// A JSON value as raw text; a `Value` always serialises.
@@ -92,6 +95,7 @@ impl Default for Prebuilt {
             proxy: empty_object(),
             token_volume: empty_object(),
             trust_volume: empty_object(),
+            report_volume: empty_object(),
         }
     }
 }
@@ -112,6 +116,7 @@ impl Prebuilt {
             proxy: raw(&proxy_container(&spec)),
             token_volume: raw(&token_volume()),
             trust_volume: raw(&trust_volume()),
+            report_volume: raw(&report_volume()),
         }
     }
 }
@@ -172,6 +177,7 @@ pub fn init_container(spec: &SidecarSpec<'_>) -> Value {
         "image": spec.settings.proxy_image,
         "command": command,
         "resources": resources_json(&spec.resources),
+        "volumeMounts": [{"name": INIT_REPORT_VOLUME, "mountPath": INIT_REPORT_DIR}],
         // iptables needs root and these two capabilities, nothing more; its lock file lives
         // under /run, so the root filesystem stays writable for this short-lived container.
         "securityContext": {
@@ -228,6 +234,7 @@ pub fn proxy_container(spec: &SidecarSpec<'_>) -> Value {
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
             {"name": TRUST_VOLUME, "mountPath": TRUST_DIR, "readOnly": true},
+            {"name": INIT_REPORT_VOLUME, "mountPath": INIT_REPORT_DIR, "readOnly": true},
         ],
         "securityContext": {
             "runAsUser": PROXY_UID,
@@ -266,6 +273,14 @@ pub fn token_volume() -> Value {
             "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
             "path": TOKEN_FILE_NAME,
         }}]},
+    })
+}
+
+/// A few lines of text in memory: nothing of it outlives the pod.
+pub fn report_volume() -> Value {
+    json!({
+        "name": INIT_REPORT_VOLUME,
+        "emptyDir": {"medium": "Memory", "sizeLimit": "64Ki"},
     })
 }
 

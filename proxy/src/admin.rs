@@ -30,6 +30,8 @@ pub struct AdminState {
     pub shutdown: watch::Sender<bool>,
     /// `/metrics` answers callers other than loopback.
     pub remote_metrics: bool,
+    /// What `init` did about capture, appended to `/ready`'s answer.
+    pub init_report: String,
 }
 
 /// Whether a caller at `peer` may use `path`. Loopback callers (the pod itself, `kubectl
@@ -101,7 +103,7 @@ pub async fn route(
                 state.draining.load(Ordering::Acquire),
             );
             match r {
-                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Ok(()) => text(StatusCode::OK, format!("ready\n{}", state.init_report)),
                 Err(why) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("not ready: {why}\n"),

@@ -43,6 +43,8 @@ pub struct Settings {
     pub probe_timeout: Duration,
     /// `/metrics` answers callers other than loopback.
     pub admin_remote_metrics: bool,
+    /// What `init` did about capture (one line per family), shown on `/ready`.
+    pub init_report: String,
 }
 
 /// The components, built by the caller (from the config in production, by hand in tests).
@@ -203,6 +205,7 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
         draining: drain.draining(),
         shutdown: drain.requester(),
         remote_metrics: settings.admin_remote_metrics,
+        init_report: settings.init_report.clone(),
     });
     for listener in std::iter::once(admin_l).chain(admin6.map(|(l, _)| l)) {
         tasks.push(tokio::spawn(admin::serve(

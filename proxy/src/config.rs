@@ -93,6 +93,8 @@ pub struct Config {
     pub inbound_loopback_ports: Vec<u16>,
     /// `/metrics` answers callers other than loopback.
     pub admin_remote_metrics: bool,
+    /// What `init` wrote about capture, shown on `/ready`.
+    pub init_report: std::path::PathBuf,
 }
 
 struct Reader<'a, E: Env> {
@@ -311,6 +313,9 @@ impl Config {
             admin_remote_metrics: r
                 .optional(env::ADMIN_REMOTE_METRICS, parse_switch)?
                 .unwrap_or(false),
+            init_report: r
+                .optional(env::INIT_REPORT, |s| Ok(std::path::PathBuf::from(s)))?
+                .unwrap_or_else(|| palisade_ca_api::contract::INIT_REPORT_FILE.into()),
         };
         config.validate()?;
         Ok(config)

@@ -70,6 +70,10 @@ struct InitArgs {
     /// (but replies to the pod's own requests) is dropped.
     #[arg(long, env = "PALISADE_ALLOW_INBOUND_UDP_PORTS", default_value = "")]
     allow_inbound_udp_ports: String,
+    /// Where to write what was done (one line per family), for the proxy's `/ready`; skipped
+    /// when its directory does not exist.
+    #[arg(long, env = "PALISADE_INIT_REPORT", default_value = palisade_ca_api::contract::INIT_REPORT_FILE)]
+    report: std::path::PathBuf,
     /// Print the commands instead of running them.
     #[arg(long, env = "PALISADE_DRY_RUN")]
     dry_run: bool,
@@ -109,12 +113,19 @@ fn run_init(a: InitArgs) -> Result<(), init::InitError> {
         return Ok(());
     }
     init::apply(backend.binary(), &options, Family::V4)?;
-    eprintln!(
-        "palisade-proxy init: IPv4: captured with {}",
-        backend.binary()
-    );
+    let v4 = format!("IPv4: captured with {}", backend.binary());
+    eprintln!("palisade-proxy init: {v4}");
     let v6 = init::ipv6::secure(backend6, &options)?;
     eprintln!("palisade-proxy init: {v6}");
+    if a.report.parent().is_some_and(std::path::Path::is_dir) {
+        // Read by the proxy (another uid): world-readable, and it holds no secret.
+        if let Err(e) = std::fs::write(&a.report, format!("{v4}\n{v6}\n")) {
+            eprintln!(
+                "palisade-proxy init: cannot write {}: {e} (the proxy's /ready will not show the capture state)",
+                a.report.display()
+            );
+        }
+    }
     Ok(())
 }
 

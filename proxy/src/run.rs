@@ -147,6 +147,25 @@ fn settings(config: &Config) -> Settings {
         probes: config.app_probes.clone(),
         probe_timeout: config.probe_timeout,
         admin_remote_metrics: config.admin_remote_metrics,
+        init_report: read_init_report(&config.init_report),
+    }
+}
+
+/// What `init` did, as it wrote it (written before the proxy starts); empty when there is no
+/// report (no report volume, or a pod injected before there was one). At most 4 KiB.
+fn read_init_report(path: &std::path::Path) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]).into_owned();
+            for line in text
+                .lines()
+                .filter(|l| l.contains("CLOSED") || l.contains("DISABLED"))
+            {
+                tracing::warn!(init = line, "traffic capture is incomplete");
+            }
+            text
+        }
+        Err(_) => String::new(),
     }
 }
 

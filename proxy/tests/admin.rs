@@ -142,6 +142,7 @@ async fn shutdown_is_for_loopback_callers_only() {
         draining: Arc::new(Default::default()),
         shutdown: tx.clone(),
         remote_metrics: false,
+        init_report: String::new(),
     };
     let outsider: SocketAddr = "10.77.0.9:5555".parse().unwrap();
     let r = palisade_proxy::admin::route(&state, outsider, &http::Method::POST, "/shutdown").await;
@@ -172,6 +173,7 @@ async fn callers_from_outside_the_pod_get_only_what_the_kubelet_needs() {
         draining: Arc::new(Default::default()),
         shutdown: tx,
         remote_metrics: false,
+        init_report: String::new(),
     };
     async fn get(state: &palisade_proxy::admin::AdminState, peer: &str, path: &str) -> u16 {
         let peer: SocketAddr = peer.parse().unwrap();

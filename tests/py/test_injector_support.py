@@ -68,6 +68,8 @@ VOLUMES = [
             "items": [{"key": "ca.pem", "path": "ca.pem"}],
         },
     },
+    # What init did about capture (one line per family), for the proxy's /ready: memory only.
+    {"name": "palisade-init-report", "emptyDir": {"medium": "Memory", "sizeLimit": "64Ki"}},
 ]
 PROBE_KINDS = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "startupz"}
 HANDLERS = ("httpGet", "tcpSocket", "grpc")
@@ -324,7 +326,9 @@ def check_injected(original: dict, mutated: dict, native: bool = True):
     assert proxy["volumeMounts"] == [
         {"name": "palisade-token", "mountPath": "/var/run/palisade/token", "readOnly": True},
         {"name": "palisade-trust-anchors", "mountPath": "/var/run/palisade/trust", "readOnly": True},
+        {"name": "palisade-init-report", "mountPath": "/var/run/palisade/init", "readOnly": True},
     ]
+    assert init["volumeMounts"] == [{"name": "palisade-init-report", "mountPath": "/var/run/palisade/init"}]
     env = env_of(proxy)
     assert env["PALISADE_CA_ADDR"] == "palisade-ca.palisade-system.svc:15012"
     assert env["PALISADE_CA_NAME"] == "palisade-ca.palisade-system.svc"
@@ -344,8 +348,8 @@ def check_injected(original: dict, mutated: dict, native: bool = True):
         assert env[name] == {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}, name
 
     assert [v["name"] for v in new["volumes"]] == [v["name"] for v in spec.get("volumes", [])] + [
-        "palisade-token", "palisade-trust-anchors"]
-    assert new["volumes"][-2:] == VOLUMES
+        "palisade-token", "palisade-trust-anchors", "palisade-init-report"]
+    assert new["volumes"][-3:] == VOLUMES
     assert mutated["metadata"]["labels"]["palisade.dev/injected"] == "true"
 
     # Probes: each rewritten exactly, and the originals recorded for the proxy.
@@ -368,7 +372,7 @@ def check_injected(original: dict, mutated: dict, native: bool = True):
     u["containers"] = [c for c in u["containers"] if c["name"] != "palisade-proxy"]
     if not u["initContainers"] and "initContainers" not in spec:
         del u["initContainers"]
-    u["volumes"] = u["volumes"][:-2]
+    u["volumes"] = u["volumes"][:-len(VOLUMES)]
     if not u["volumes"] and "volumes" not in spec:
         del u["volumes"]
     for c in u["containers"] + u.get("initContainers", []):

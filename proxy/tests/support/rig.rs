@@ -131,6 +131,7 @@ pub async fn start_proxy(spec: ProxySpec<'_>) -> Proxy {
             probes: palisade_proxy::probes::parse_probes(spec.probes).unwrap(),
             probe_timeout: Duration::from_secs(1),
             admin_remote_metrics: false,
+            init_report: String::new(),
         },
         Parts {
             store: store.clone(),

@@ -88,3 +88,7 @@ pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 pub const TOKEN_DIR: &str = "/var/run/palisade/token";
 pub const TOKEN_FILE_NAME: &str = "token";
 pub const TRUST_DIR: &str = "/var/run/palisade/trust";
+/// A memory volume the init container writes what it did to (one line per address family) and
+/// the proxy reads, to report it on `/ready`; the injector mounts it in both.
+pub const INIT_REPORT_DIR: &str = "/var/run/palisade/init";
+pub const INIT_REPORT_FILE: &str = "/var/run/palisade/init/report";

@@ -44,6 +44,9 @@ pub mod env {
     /// `true`: `/metrics` answers callers other than loopback. From the pod's
     /// `palisade.dev/admin-remote-metrics` annotation; empty means false.
     pub const ADMIN_REMOTE_METRICS: &str = "PALISADE_ADMIN_REMOTE_METRICS";
+    /// Where `init` wrote what it did and the proxy reads it (default
+    /// [`INIT_REPORT_FILE`](super::INIT_REPORT_FILE)); read by both.
+    pub const INIT_REPORT: &str = "PALISADE_INIT_REPORT";
     /// Test/demo mode without capture: every outbound connection goes here.
     pub const OUTBOUND_DESTINATION: &str = "PALISADE_OUTBOUND_DESTINATION";
     /// Test/demo mode without capture: every inbound connection is for this port.
