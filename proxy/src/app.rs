@@ -230,3 +230,17 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
         done,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_listeners_have_ipv6_twins_and_explicit_ones_do_not() {
+        let twin = |a: &str| ipv6_twin(a.parse().unwrap()).map(|t| t.to_string());
+        assert_eq!(twin("0.0.0.0:15006").as_deref(), Some("[::]:15006"));
+        assert_eq!(twin("127.0.0.1:15001").as_deref(), Some("[::1]:15001"));
+        assert_eq!(twin("10.77.0.3:15006"), None);
+        assert_eq!(twin("[::]:15006"), None);
+    }
+}

@@ -181,3 +181,19 @@ fn the_injected_environment_is_a_valid_config() {
     assert_eq!(c.inbound_loopback_ports, vec![9090]);
     assert!(!c.admin_remote_metrics, "an absent annotation is off");
 }
+
+#[test]
+fn ipv6_addresses_are_read_wherever_an_address_is() {
+    let mut env = base();
+    env.insert("PALISADE_POD_IP", "fd00:77::3");
+    env.insert("PALISADE_CA_ADDR", "[fd00:77::1]:15012");
+    env.insert("PALISADE_INBOUND_LISTEN", "[::]:15006");
+    env.insert("PALISADE_OUTBOUND_LISTEN", "[::1]:15001");
+    let c = Config::from_env(&env).unwrap();
+    assert_eq!(c.pod_ip, "fd00:77::3".parse::<IpAddr>().unwrap());
+    assert_eq!(c.inbound_listen, "[::]:15006".parse().unwrap());
+    assert_eq!(c.outbound_listen, "[::1]:15001".parse().unwrap());
+    env.insert("PALISADE_POD_IP", "[fd00:77::3]");
+    let e = Config::from_env(&env).unwrap_err().to_string();
+    assert!(e.contains("PALISADE_POD_IP"), "{e}");
+}

@@ -364,7 +364,16 @@ mod tests {
         assert_eq!(q.pod_ip, Some("10.77.0.2".parse().unwrap()));
         assert_eq!(q.destinations.len(), 2);
         assert_eq!(WatchQuery::parse(&q.to_query_string()).unwrap(), q);
+        // IPv6, as a dual-stack or IPv6-only proxy asks (colons are fine in a query string).
+        let q =
+            WatchQuery::parse("pod_ip=fd00:77::2&destination=fd00:96::10&destination=10.96.0.10")
+                .unwrap();
+        assert_eq!(q.pod_ip, Some("fd00:77::2".parse().unwrap()));
+        assert_eq!(q.destinations.len(), 2);
+        assert_eq!(WatchQuery::parse(&q.to_query_string()).unwrap(), q);
         for (bad, expect) in [
+            ("pod_ip=[fd00::2]", "not an IP address"),
+            ("destination=fe80::1%eth0", "not an IP address"),
             ("", "ask for something"),
             ("pod_ip=10.0.0.300", "not an IP address"),
             ("pod_ip=1.1.1.1&pod_ip=1.1.1.2", "twice"),
