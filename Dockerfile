@@ -38,8 +38,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # image (palisade-injector --proxy-image), so that image carries iptables. Here the files of
 # iptables and the libraries it links are copied into /rootfs, so it gets iptables without
 # Debian's shell or apt. `iptables` points at the nft backend, as on Debian and current
-# distributions; iptables-legacy* and iptables-nft* are both there for `palisade-proxy init` to
-# pick the one the node's kernel rules use.
+# distributions; iptables-legacy* and iptables-nft* (and their ip6tables twins, for dual-stack
+# pods) are all there for `palisade-proxy init` to pick the one the node's kernel rules use.
 FROM docker.io/library/debian:bookworm-slim AS iptables
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables \

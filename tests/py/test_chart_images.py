@@ -105,8 +105,10 @@ def test_proxy_image_carries_both_iptables_backends_for_palisade_init():
         assert ("COPY", "--from=iptables /rootfs/ /") not in s[t]["instructions"], t
 
 
-# The programs `palisade-proxy init` runs (proxy/src/init.rs picks a backend by rule count).
-INIT_PROGRAMS = ["iptables", "iptables-legacy", "iptables-nft", "iptables-legacy-save", "iptables-nft-save"]
+# The programs `palisade-proxy init` runs for both families (proxy/src/init.rs picks a backend
+# by rule count; without the IPv6 ones a dual-stack pod would have IPv6 closed, not meshed).
+INIT_PROGRAMS = [f"{ip}tables{variant}" for ip in ("ip", "ip6")
+                 for variant in ("", "-legacy", "-nft", "-legacy-save", "-nft-save")]
 # What distroless/cc provides of its own: glibc (libc6).
 GLIBC = {"libc.so.6", "libm.so.6", "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1", "linux-vdso.so.1"}
 
