@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod demo;
 mod inspect;
 mod policy_check;
+mod policy_explain;
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +41,10 @@ enum Command {
 enum PolicyCommand {
     /// May a caller reach a workload on a port? Exit 0 when allowed, 1 when denied.
     Check(policy_check::CheckArgs),
+    /// Why is a connection allowed or denied? The policy and rule (or the default) that decide,
+    /// the reason proxies log, and for a denial the smallest change that admits the caller.
+    /// Exit 0 when allowed, 1 when denied.
+    Explain(policy_explain::ExplainArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +54,9 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Check(args),
         } => policy_check::run(&args),
+        Command::Policy {
+            command: PolicyCommand::Explain(args),
+        } => policy_explain::run(&args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("palisade: {e:#}");

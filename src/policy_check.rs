@@ -56,7 +56,7 @@ struct Metadata {
     namespace: Option<String>,
 }
 
-fn caller_id(from: &str, td: &str) -> anyhow::Result<Option<SpiffeId>> {
+pub(crate) fn caller_id(from: &str, td: &str) -> anyhow::Result<Option<SpiffeId>> {
     if from == "plaintext" {
         return Ok(None);
     }

@@ -1,5 +1,8 @@
-//! `palisade policy check` and `palisade inspect`, as a user runs them.
+//! `palisade policy check`, `palisade policy explain` and `palisade inspect`, as a user runs
+//! them; `explain` as an operator runs it after a denial: what decided, and a fix that, applied
+//! to the mesh file, really admits the caller.
 
+use std::path::Path;
 use std::process::Command;
 
 use palisade_testkit::mesh_file::MeshFile;
@@ -7,12 +10,9 @@ use palisade_testkit::pki::self_signed_leaf;
 
 const BIN: &str = env!("CARGO_BIN_EXE_palisade");
 
-fn check(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN)
-        .args(["policy", "check"])
-        .args(args)
-        .output()
-        .unwrap();
+/// Runs `palisade args…`: the exit code, and stdout then stderr.
+fn palisade(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
     (
         out.status.code().unwrap(),
         format!(
@@ -21,6 +21,10 @@ fn check(args: &[&str]) -> (i32, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+fn check(args: &[&str]) -> (i32, String) {
+    palisade(&[&["policy", "check"], args].concat())
 }
 
 #[test]
@@ -157,4 +161,151 @@ fn inspect_explains_a_leaf_and_a_ca() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no usable certificate"));
+}
+
+const MESH: &str = r#"trustDomain: cluster.local
+defaultPolicy: all-authenticated
+workloads:
+  - {name: web, namespace: shop, serviceAccount: web, ips: ["10.77.0.2"], labels: {app: web}}
+  - {name: api, namespace: shop, serviceAccount: api, ips: ["10.77.0.3", "fd00:77::3"], labels: {app: api}}
+  - {name: intruder, namespace: shop, serviceAccount: intruder, ips: ["10.77.0.4"], labels: {app: intruder}}
+services:
+  - {name: api, namespace: shop, clusterIPs: [10.96.0.10], selector: {app: api}, ports: [{port: 80, targetPort: 8080}]}
+policies:
+  - metadata: {name: api-from-web, namespace: shop}
+    spec: {targetSelector: {matchLabels: {app: api}}, ports: [8080], allow: [{serviceAccounts: ["shop/web"]}]}
+"#;
+
+fn explain(mesh: &Path, args: &[&str]) -> (i32, String) {
+    let mesh = mesh.to_str().unwrap();
+    palisade(&[&["policy", "explain", "--mesh-file", mesh], args].concat())
+}
+
+/// The text after `marker` on the line that holds it.
+fn after<'a>(out: &'a str, marker: &str) -> &'a str {
+    let line = out
+        .lines()
+        .find(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("no {marker:?} in:\n{out}"));
+    &line[line.find(marker).unwrap() + marker.len()..]
+}
+
+#[test]
+fn a_denial_is_explained_and_the_suggested_rule_admits_the_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh, MESH).unwrap();
+
+    let (code, out) = explain(&mesh, &["--from", "shop/web", "--to", "shop/api:8080"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ALLOW"), "{out}");
+    assert!(
+        out.contains(r#"decided by shop/api-from-web (enforce), allow rule #1: {"serviceAccounts":["shop/web"]}"#),
+        "{out}"
+    );
+
+    // The caller by pod IP, the target by its IPv6 address: the same decision as by name.
+    let (code, out) = explain(&mesh, &["--from", "10.77.0.4", "--to", "[fd00:77::3]:8080"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with("DENY: spiffe://cluster.local/ns/shop/sa/intruder -> shop/api:8080"),
+        "{out}"
+    );
+    assert!(out.contains("reason: no_rule_matched"), "{out}");
+    let fix = after(&out, "to admit it, add to shop/api-from-web's allow: ").to_owned();
+    assert_eq!(fix, r#"{"serviceAccounts":["shop/intruder"]}"#);
+
+    // The same denial pasted as the proxy logged it.
+    let event = r#"{"level":"WARN","message":"connection denied","target":"palisade::policy","result":"deny","caller":"spiffe://cluster.local/ns/shop/sa/intruder","caller_address":"10.77.0.4:40000","target_workload":"shop/api","port":8080,"policy":"shop/api-from-web","reason":"no_rule_matched","suppressed_since_last":0}"#;
+    let by_name = explain(&mesh, &["--from", "shop/intruder", "--to", "shop/api:8080"]);
+    assert_eq!(explain(&mesh, &["--event", event]), by_name);
+    assert_eq!(
+        out.replace(
+            "  caller: 10.77.0.4 is shop/intruder, service account intruder\n",
+            ""
+        ),
+        by_name.1
+    );
+
+    // Applied, the suggestion admits the caller, by the rule it suggested.
+    let fixed = MESH.replace(
+        r#"allow: [{serviceAccounts: ["shop/web"]}]"#,
+        &format!(r#"allow: [{{serviceAccounts: ["shop/web"]}}, {fix}]"#),
+    );
+    std::fs::write(&mesh, &fixed).unwrap();
+    let (code, out) = explain(&mesh, &["--from", "shop/intruder", "--to", "shop/api:8080"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("allow rule #2"), "{out}");
+    // The event now disagrees with the file, and says so.
+    let (_, out) = explain(&mesh, &["--event", event]);
+    assert!(
+        out.contains(
+            "the proxy logged reason no_rule_matched; under this mesh file it is rule_matched"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_default_denial_gets_a_policy_that_admits_the_caller_and_warns_what_it_costs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh, MESH).unwrap();
+    // An unmeshed address calling a port no policy covers: the default (all-authenticated).
+    let (code, out) = explain(&mesh, &["--from", "10.77.0.9", "--to", "shop/api:9090"]);
+    assert_eq!(code, 1, "{out}");
+    for part in [
+        "10.77.0.9 is no meshed workload: its connections arrive in plaintext",
+        "reason: plaintext_not_allowed",
+        "the default decides, all-authenticated (from the mesh's defaultPolicy)",
+        "admits every caller; mesh the caller instead",
+        "every caller it does not allow",
+    ] {
+        assert!(out.contains(part), "{part} in:\n{out}");
+    }
+    let metadata = after(&out, "    metadata: ");
+    let spec = after(&out, "    spec: ");
+    let fixed = format!("{MESH}  - metadata: {metadata}\n    spec: {spec}\n");
+    std::fs::write(&mesh, fixed).unwrap();
+    let (code, out) = explain(&mesh, &["--from", "plaintext", "--to", "shop/api:9090"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("decided by shop/api-9090 (enforce), allow rule #1"),
+        "{out}"
+    );
+}
+
+#[test]
+fn what_no_rule_can_admit_and_what_is_not_a_workload_are_said_plainly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh, MESH).unwrap();
+    let (code, out) = explain(
+        &mesh,
+        &[
+            "--from",
+            "spiffe://other.org/ns/shop/sa/web",
+            "--to",
+            "shop/api:8080",
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("reason: foreign_trust_domain"), "{out}");
+    assert!(
+        out.contains("needs a certificate of cluster.local"),
+        "{out}"
+    );
+    for (to, says) in [
+        ("10.96.0.10:80", "the address of Service shop/api"),
+        ("10.77.0.99:80", "no meshed workload has 10.77.0.99"),
+        ("shop/nope:80", "no workload shop/nope"),
+        ("shop/api", "give ns/pod:PORT"),
+    ] {
+        let (code, out) = explain(&mesh, &["--from", "shop/web", "--to", to]);
+        assert_eq!(code, 2, "{to}: {out}");
+        assert!(out.contains(says), "{to}: {out}");
+    }
+    let (code, out) = explain(&mesh, &["--event", r#"{"message":"hello"}"#]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no \"caller\""), "{out}");
 }

@@ -374,7 +374,8 @@ impl Decision {
     }
 }
 
-fn rule_matches(rule: &AllowRule, caller: Caller<'_>, trust_domain: &str) -> bool {
+/// Whether `rule` admits `caller` to a workload of `trust_domain`.
+pub fn rule_matches(rule: &AllowRule, caller: Caller<'_>, trust_domain: &str) -> bool {
     let id = match caller {
         Caller::Unauthenticated => return matches!(rule, AllowRule::Unauthenticated),
         Caller::Authenticated(id) => id,
@@ -394,7 +395,8 @@ fn rule_matches(rule: &AllowRule, caller: Caller<'_>, trust_domain: &str) -> boo
     }
 }
 
-fn covers(policy: &ResolvedPolicy, port: u16) -> bool {
+/// Whether `policy` applies to `port` (no ports listed: every port).
+pub fn covers(policy: &ResolvedPolicy, port: u16) -> bool {
     policy.ports.is_empty() || policy.ports.contains(&port)
 }
 
