@@ -159,30 +159,38 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
 
     let drain = Drain::default();
     let mut tasks = Vec::new();
+    // One loop per direction over both families, so that the connection caps hold for the
+    // pod, not per family.
+    let in_target = settings.inbound_target;
     let inbound_ls = std::iter::once(inbound_l).chain(inbound6.map(|(l, _)| l));
-    for listener in inbound_ls {
-        let in_target = settings.inbound_target.clone();
-        tasks.push(tokio::spawn(accept_loop(
-            listener,
-            Direction::Inbound,
-            dp.clone(),
-            drain.inbound_stop(),
-            drain.abort(),
-            move |s, peer, dp| inbound::handle(s, peer, dp, in_target.clone()),
-        )));
-    }
-    let outbound_ls = std::iter::once((outbound_l, outbound_addr)).chain(outbound6);
-    for (listener, out_listen) in outbound_ls {
-        let out_target = settings.outbound_target;
-        tasks.push(tokio::spawn(accept_loop(
-            listener,
-            Direction::Outbound,
-            dp.clone(),
-            drain.outbound_stop(),
-            drain.abort(),
-            move |s, peer, dp| outbound::handle(s, peer, dp, out_target, out_listen),
-        )));
-    }
+    tasks.push(tokio::spawn(accept_loop(
+        inbound_ls.collect(),
+        Direction::Inbound,
+        dp.clone(),
+        drain.inbound_stop(),
+        drain.abort(),
+        move |s, peer, dp| inbound::handle(s, peer, dp, in_target.clone()),
+    )));
+    let out_target = settings.outbound_target;
+    let (outbound_ls, out_listens): (Vec<_>, Vec<_>) = std::iter::once((outbound_l, outbound_addr))
+        .chain(outbound6)
+        .unzip();
+    tasks.push(tokio::spawn(accept_loop(
+        outbound_ls,
+        Direction::Outbound,
+        dp.clone(),
+        drain.outbound_stop(),
+        drain.abort(),
+        move |s, peer, dp| {
+            // The listener it came in on is the one of the caller's family.
+            let listen = out_listens
+                .iter()
+                .copied()
+                .find(|l| l.is_ipv4() == peer.is_ipv4())
+                .unwrap_or(out_listens[0]);
+            outbound::handle(s, peer, dp, out_target, listen)
+        },
+    )));
     if let Some(identity) = parts.identity.clone() {
         tasks.push(tokio::spawn(run_rotation(
             identity,

@@ -117,11 +117,12 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<Tcp
     Ok(stream)
 }
 
-/// Accepts until `stop_accepting` turns true, each connection handled in a task this loop
-/// owns, at most `limits.max_connections` at once. Then waits for the open connections to
-/// end, or aborts them when `abort` turns true.
+/// Accepts on `listeners` (one direction: its IPv4 listener and, in a pod with IPv6, its IPv6
+/// twin) until `stop_accepting` turns true, each connection handled in a task this loop owns,
+/// at most `limits.max_connections` at once over all of them (and per source). Then waits for
+/// the open connections to end, or aborts them when `abort` turns true.
 pub async fn accept_loop<F, Fut>(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     direction: Direction,
     data_path: Arc<DataPath>,
     mut stop_accepting: watch::Receiver<bool>,
@@ -141,7 +142,7 @@ pub async fn accept_loop<F, Fut>(
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
+            accepted = accept_any(&listeners) => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -189,11 +190,24 @@ pub async fn accept_loop<F, Fut>(
             _ = until_true(&mut abort) => break,
         }
     }
-    drop(listener);
+    drop(listeners);
     tokio::select! {
         _ = until_true(&mut abort) => tasks.abort_all(),
         _ = async { while tasks.join_next().await.is_some() {} } => {}
     }
+}
+
+/// The next connection on any of `listeners`.
+async fn accept_any(listeners: &[TcpListener]) -> std::io::Result<(TcpStream, SocketAddr)> {
+    std::future::poll_fn(|cx| {
+        for listener in listeners {
+            if let std::task::Poll::Ready(accepted) = listener.poll_accept(cx) {
+                return std::task::Poll::Ready(accepted);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Open connections per source address, at most `cap` each; holds only sources with open

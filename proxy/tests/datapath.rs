@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::net::{Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use palisade_ca_api::policy::DefaultPolicy;
@@ -338,11 +339,17 @@ async fn the_connection_cap_refuses_with_a_count() {
         held.push(s);
     }
     assert!(exchange(client.bound.outbound, b"third").await.is_empty());
+    // The cap is the pod's, not each family's: the IPv6 twin of the listener refuses too.
+    let twin = SocketAddr::from((Ipv6Addr::LOCALHOST, client.bound.outbound.port()));
+    let over_ipv6 = TcpStream::connect(twin).await.is_ok();
+    if over_ipv6 {
+        assert!(exchange(twin, b"third, over IPv6").await.is_empty());
+    }
     assert_eq!(
         client
             .metrics
             .refused_count(Direction::Outbound, "connection_limit"),
-        1
+        1 + u64::from(over_ipv6) * 2
     );
     drop(held);
     assert!(eventually(|| client.metrics.active(Direction::Outbound) == 0).await);
