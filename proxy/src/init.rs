@@ -201,26 +201,45 @@ pub fn udp_jump_rules() -> Rules {
 
 /// Every command `apply` runs on a host where our chains do not exist yet, for `--dry-run`.
 pub fn script(binary: &str, o: &InitOptions, family: Family) -> Vec<String> {
+    let mut out = install_script(
+        binary,
+        "nat",
+        &[INBOUND_CHAIN, OUTBOUND_CHAIN],
+        chain_rules(o, family),
+        jump_rules(),
+    );
+    out.extend(udp_drop_script(binary, o));
+    out
+}
+
+/// The commands [`install`] runs for one table on a host without our chains. Pure.
+pub(crate) fn install_script(
+    binary: &str,
+    table: &str,
+    chains: &[&str],
+    rules: Rules,
+    jumps: Rules,
+) -> Vec<String> {
     let mut out = Vec::new();
-    for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
-        out.push(format!("{binary} -t nat -N {chain}"));
-        out.push(format!("{binary} -t nat -F {chain}"));
+    for chain in chains {
+        out.push(format!("{binary} -t {table} -N {chain}"));
+        out.push(format!("{binary} -t {table} -F {chain}"));
     }
-    for (chain, rule) in chain_rules(o, family) {
-        out.push(format!("{binary} -t nat -A {chain} {}", rule.join(" ")));
-    }
-    for (parent, rule) in jump_rules() {
-        out.push(format!("{binary} -t nat -A {parent} {}", rule.join(" ")));
-    }
-    out.push(format!("{binary} -t filter -N {INBOUND_UDP_CHAIN}"));
-    out.push(format!("{binary} -t filter -F {INBOUND_UDP_CHAIN}"));
-    for (chain, rule) in udp_rules(o) {
-        out.push(format!("{binary} -t filter -A {chain} {}", rule.join(" ")));
-    }
-    for (parent, rule) in udp_jump_rules() {
-        out.push(format!("{binary} -t filter -A {parent} {}", rule.join(" ")));
+    for (chain, rule) in rules.into_iter().chain(jumps) {
+        out.push(format!("{binary} -t {table} -A {chain} {}", rule.join(" ")));
     }
     out
+}
+
+/// The commands of [`install_udp_drop`]. Pure.
+pub(crate) fn udp_drop_script(binary: &str, o: &InitOptions) -> Vec<String> {
+    install_script(
+        binary,
+        "filter",
+        &[INBOUND_UDP_CHAIN],
+        udp_rules(o),
+        udp_jump_rules(),
+    )
 }
 
 /// Which iptables the host uses.

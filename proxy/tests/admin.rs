@@ -128,22 +128,30 @@ async fn app_health_checks_the_recorded_probes() {
     );
 }
 
-#[tokio::test]
-async fn shutdown_is_for_loopback_callers_only() {
-    let a = Authority::new("mesh");
-    let p = start_proxy(ProxySpec::new(&a, API)).await;
-    let (tx, _rx) = tokio::sync::watch::channel(false);
-    let state = palisade_proxy::admin::AdminState {
+/// The admin endpoint's state over a running proxy's parts, with `shutdown` to observe.
+fn admin_state(
+    p: &Proxy,
+    shutdown: tokio::sync::watch::Sender<bool>,
+) -> palisade_proxy::admin::AdminState {
+    palisade_proxy::admin::AdminState {
         store: p.store.clone(),
         mesh: p.mesh.clone(),
         metrics: p.metrics.clone(),
         probes: Default::default(),
         probe_timeout: Duration::from_secs(1),
         draining: Arc::new(Default::default()),
-        shutdown: tx.clone(),
+        shutdown,
         remote_metrics: false,
         init_report: String::new(),
-    };
+    }
+}
+
+#[tokio::test]
+async fn shutdown_is_for_loopback_callers_only() {
+    let a = Authority::new("mesh");
+    let p = start_proxy(ProxySpec::new(&a, API)).await;
+    let (tx, _rx) = tokio::sync::watch::channel(false);
+    let state = admin_state(&p, tx.clone());
     let outsider: SocketAddr = "10.77.0.9:5555".parse().unwrap();
     let r = palisade_proxy::admin::route(&state, outsider, &http::Method::POST, "/shutdown").await;
     assert_eq!(r.status(), 403);
@@ -164,17 +172,7 @@ async fn callers_from_outside_the_pod_get_only_what_the_kubelet_needs() {
     let a = Authority::new("mesh");
     let p = start_proxy(ProxySpec::new(&a, API)).await;
     let (tx, _rx) = tokio::sync::watch::channel(false);
-    let mut state = palisade_proxy::admin::AdminState {
-        store: p.store.clone(),
-        mesh: p.mesh.clone(),
-        metrics: p.metrics.clone(),
-        probes: Default::default(),
-        probe_timeout: Duration::from_secs(1),
-        draining: Arc::new(Default::default()),
-        shutdown: tx,
-        remote_metrics: false,
-        init_report: String::new(),
-    };
+    let mut state = admin_state(&p, tx);
     async fn get(state: &palisade_proxy::admin::AdminState, peer: &str, path: &str) -> u16 {
         let peer: SocketAddr = peer.parse().unwrap();
         palisade_proxy::admin::route(state, peer, &http::Method::GET, path)

@@ -14,8 +14,8 @@
 use std::path::Path;
 
 use super::{
-    Family, INBOUND_UDP_CHAIN, InitError, InitOptions, Rules, install, install_udp_drop,
-    udp_jump_rules, udp_rules,
+    Family, InitError, InitOptions, Rules, install, install_script, install_udp_drop,
+    udp_drop_script,
 };
 
 pub const CLOSED_CHAIN: &str = "PALISADE_IPV6_CLOSED";
@@ -80,31 +80,8 @@ pub fn closed_rules() -> (Rules, Rules) {
 /// Every command that closing IPv6 runs, for `--dry-run`.
 pub fn closed_script(binary: &str, o: &InitOptions) -> Vec<String> {
     let (rules, jumps) = closed_rules();
-    let mut out = vec![
-        format!("{binary} -t filter -N {CLOSED_CHAIN}"),
-        format!("{binary} -t filter -F {CLOSED_CHAIN}"),
-    ];
-    out.extend(
-        rules
-            .iter()
-            .map(|(c, r)| format!("{binary} -t filter -A {c} {}", r.join(" "))),
-    );
-    out.extend(
-        jumps
-            .iter()
-            .map(|(c, r)| format!("{binary} -t filter -A {c} {}", r.join(" "))),
-    );
-    out.push(format!("{binary} -t filter -N {INBOUND_UDP_CHAIN}"));
-    out.extend(
-        udp_rules(o)
-            .iter()
-            .map(|(c, r)| format!("{binary} -t filter -A {c} {}", r.join(" "))),
-    );
-    out.extend(
-        udp_jump_rules()
-            .iter()
-            .map(|(c, r)| format!("{binary} -t filter -A {c} {}", r.join(" "))),
-    );
+    let mut out = install_script(binary, "filter", &[CLOSED_CHAIN], rules, jumps);
+    out.extend(udp_drop_script(binary, o));
     out
 }
 
