@@ -84,6 +84,7 @@ fn per_watch_update(n: usize) -> f64 {
         let query = WatchQuery {
             pod_ip: Some(IpAddr::from([10, 77, (i >> 8) as u8, i as u8])),
             destinations: vec![vip],
+            ..Default::default()
         };
         std::hint::black_box(state.view(&query, WatchMessageKind::Update, 1));
     }

@@ -159,6 +159,7 @@ async fn watch_sends_a_snapshot_then_updates_when_the_mesh_file_changes() {
     let query = WatchQuery {
         pod_ip: Some("10.77.0.3".parse().unwrap()),
         destinations: vec!["10.77.0.2".parse().unwrap(), "10.77.0.9".parse().unwrap()],
+        ..Default::default()
     };
     let mut stream = client.watch(&query).await.unwrap();
     let first = stream.next().await.unwrap().unwrap();
@@ -259,6 +260,7 @@ async fn watch_answers_a_service_address_and_follows_its_endpoints() {
     let query = WatchQuery {
         pod_ip: Some("10.77.0.2".parse().unwrap()),
         destinations: vec!["10.96.0.10".parse().unwrap(), "10.96.0.11".parse().unwrap()],
+        ..Default::default()
     };
     // The CA picks the file up within its poll interval.
     let mut first = None;
@@ -352,6 +354,7 @@ async fn a_watch_is_only_for_a_pod_address_the_callers_identity_holds() {
     let nobody = WatchQuery {
         pod_ip: Some("10.77.0.99".parse().unwrap()),
         destinations: vec![],
+        ..Default::default()
     };
     match client.watch(&nobody).await {
         Err(palisade_ca_api::client::ClientError::Api {
@@ -375,6 +378,7 @@ async fn a_watch_is_only_for_a_pod_address_the_callers_identity_holds() {
     let own = WatchQuery {
         pod_ip: Some("10.77.0.3".parse().unwrap()),
         destinations: vec![],
+        ..Default::default()
     };
     let mut stream = api.watch(&own).await.unwrap();
     assert!(stream.next().await.unwrap().unwrap().inbound.is_some());
@@ -402,6 +406,7 @@ async fn a_watch_ends_when_the_certificate_that_opened_it_expires() {
     let query = WatchQuery {
         pod_ip: Some("10.77.0.3".parse().unwrap()),
         destinations: vec![],
+        ..Default::default()
     };
     let mut stream = client.watch(&query).await.unwrap();
     assert!(stream.next().await.unwrap().is_some());

@@ -274,6 +274,7 @@ async fn a_policy_added_changed_and_deleted_reaches_the_proxy_watch() {
     let query = WatchQuery {
         pod_ip: Some(API_POD_IP.parse().unwrap()),
         destinations: vec![API_POD_IP.parse().unwrap()],
+        ..Default::default()
     };
     let mut stream = Box::pin(watch_stream(
         cluster.publisher.subscribe(),
@@ -574,6 +575,7 @@ async fn a_slice_that_drops_an_endpoint_drops_it_from_the_proxy_watch() {
     let query = WatchQuery {
         pod_ip: Some(API_POD_IP.parse().unwrap()),
         destinations: vec!["10.96.0.10".parse().unwrap()],
+        ..Default::default()
     };
     let mut stream = Box::pin(watch_stream(
         cluster.publisher.subscribe(),

@@ -270,6 +270,7 @@ impl MeshView {
         WatchQuery {
             pod_ip: self.config.pod_ip,
             destinations: self.table().wanted(),
+            roots: Vec::new(),
         }
     }
 

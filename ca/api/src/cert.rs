@@ -40,6 +40,24 @@ pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertEr
 }
 
 /// PEM text of one DER certificate.
+/// A certificate's SHA-256 fingerprint, lowercase hex: how rotation names roots and
+/// intermediates (`openssl x509 -noout -fingerprint -sha256` prints the same, upper case with
+/// colons).
+pub fn sha256_fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether `s` is a fingerprint as [`sha256_fingerprint`] writes it.
+pub fn is_sha256_fingerprint(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 pub fn cert_to_pem(der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);

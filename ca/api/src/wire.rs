@@ -164,7 +164,13 @@ impl ErrorBody {
 pub struct WatchQuery {
     pub pod_ip: Option<IpAddr>,
     pub destinations: Vec<IpAddr>,
+    /// SHA-256 fingerprints of the roots the proxy trusts now (`root=`, repeatable): how a
+    /// proxy confirms that it installed a bundle during a root rotation.
+    pub roots: Vec<String>,
 }
+
+/// The most roots one watch may say it trusts.
+pub const MAX_WATCH_ROOTS: usize = 8;
 
 /// The most destinations one watch may ask about.
 pub const MAX_WATCH_DESTINATIONS: usize = 256;
@@ -180,6 +186,7 @@ impl WatchQuery {
             parts.push(format!("pod_ip={ip}"));
         }
         parts.extend(self.destinations.iter().map(|d| format!("destination={d}")));
+        parts.extend(self.roots.iter().map(|r| format!("root={r}")));
         parts.join("&")
     }
 
@@ -198,9 +205,17 @@ impl WatchQuery {
                 "pod_ip" if q.pod_ip.is_none() => q.pod_ip = Some(ip()?),
                 "pod_ip" => return Err("pod_ip given twice: a proxy watches one workload".into()),
                 "destination" => q.destinations.push(ip()?),
+                "root" if crate::cert::is_sha256_fingerprint(value) => {
+                    q.roots.push(value.to_owned())
+                }
+                "root" => {
+                    return Err(format!(
+                        "root={value:?} is not a SHA-256 fingerprint (64 lowercase hex digits)"
+                    ));
+                }
                 other => {
                     return Err(format!(
-                        "unknown parameter {other:?}: use pod_ip=<own IP> and destination=<IP> (repeatable)"
+                        "unknown parameter {other:?}: use pod_ip=<own IP>, destination=<IP> and root=<SHA-256> (repeatable)"
                     ));
                 }
             }
@@ -214,8 +229,16 @@ impl WatchQuery {
                 q.destinations.len()
             ));
         }
+        if q.roots.len() > MAX_WATCH_ROOTS {
+            return Err(format!(
+                "{} roots given; a trust bundle holds at most {MAX_WATCH_ROOTS}",
+                q.roots.len()
+            ));
+        }
         q.destinations.sort();
         q.destinations.dedup();
+        q.roots.sort();
+        q.roots.dedup();
         Ok(q)
     }
 }
@@ -235,6 +258,22 @@ pub struct WatchMessage {
     /// One entry per destination asked, in the order of their addresses.
     #[serde(default)]
     pub destinations: Vec<Destination>,
+    /// Every root the mesh trusts now (PEM): a proxy adopts it at once when it keeps a root the
+    /// proxy holds, and confirms it by reopening its watch with the new `root=` fingerprints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_bundle: Vec<String>,
+    /// Set while a rotation drains leaves of the previous intermediate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew: Option<RenewRequest>,
+}
+
+/// Renew early: a proxy whose leaf was not issued by the intermediate `unless_issued_by` (its
+/// SHA-256 fingerprint) renews at a random moment within `within_seconds`, so that a fleet
+/// spreads its requests instead of storming the CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    pub unless_issued_by: String,
+    pub within_seconds: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -371,7 +410,18 @@ mod tests {
         assert_eq!(q.pod_ip, Some("fd00:77::2".parse().unwrap()));
         assert_eq!(q.destinations.len(), 2);
         assert_eq!(WatchQuery::parse(&q.to_query_string()).unwrap(), q);
+        // The roots a proxy trusts: fingerprints, sorted and deduplicated.
+        let (a, b) = ("a".repeat(64), "0f".repeat(32));
+        let q = WatchQuery::parse(&format!("pod_ip=10.77.0.2&root={a}&root={b}&root={a}")).unwrap();
+        assert_eq!(q.roots, vec![b.clone(), a.clone()]);
+        assert_eq!(WatchQuery::parse(&q.to_query_string()).unwrap(), q);
+        let nine = (0..9).map(|i| format!("root={i:064x}")).collect::<Vec<_>>();
+        let nine = format!("pod_ip=10.77.0.2&{}", nine.join("&"));
+        let upper = format!("pod_ip=10.77.0.2&root={}", "A".repeat(64));
         for (bad, expect) in [
+            (nine.as_str(), "at most 8"),
+            (upper.as_str(), "not a SHA-256 fingerprint"),
+            ("pod_ip=10.77.0.2&root=abc", "not a SHA-256 fingerprint"),
             ("pod_ip=[fd00::2]", "not an IP address"),
             ("destination=fe80::1%eth0", "not an IP address"),
             ("", "ask for something"),

@@ -104,6 +104,7 @@ fn views_hold_only_what_was_asked() {
     let q = WatchQuery {
         pod_ip: Some("10.77.0.2".parse().unwrap()),
         destinations: vec!["10.77.0.3".parse().unwrap(), "192.0.2.1".parse().unwrap()],
+        ..Default::default()
     };
     let view = state.view(&q, WatchMessageKind::Snapshot, 7);
     assert_eq!(view.version, 7);
@@ -119,6 +120,7 @@ fn views_hold_only_what_was_asked() {
     let q = WatchQuery {
         pod_ip: Some("10.77.0.99".parse().unwrap()),
         destinations: vec![],
+        ..Default::default()
     };
     assert!(
         state

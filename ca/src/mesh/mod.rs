@@ -192,6 +192,8 @@ impl MeshState {
                 .iter()
                 .map(|d| self.destination(*d, query.pod_ip))
                 .collect(),
+            trust_bundle: Vec::new(),
+            renew: None,
         }
     }
 }

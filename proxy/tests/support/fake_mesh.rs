@@ -70,6 +70,8 @@ impl FakeMesh {
                 .iter()
                 .map(|ip| dests.get(ip).cloned().unwrap_or(Destination::unmeshed(*ip)))
                 .collect(),
+            trust_bundle: Vec::new(),
+            renew: None,
         }
     }
 }
