@@ -91,9 +91,11 @@ fn main() {
             })
             .collect(),
     );
-    let floor = crypto_floor(&issuer, &running.ca.authority, &requests);
+    let floor = crypto_floor(&issuer, &running.ca.rotation.authority(), &requests);
 
-    let roots = Arc::new(palisade_ca_api::tls::root_store(running.ca.authority.roots()).unwrap());
+    let roots = Arc::new(
+        palisade_ca_api::tls::root_store(running.ca.rotation.authority().roots()).unwrap(),
+    );
     let clients: Vec<CaClient> = (0..CONNECTIONS)
         .map(|_| {
             CaClient::new(CaClientConfig {

@@ -44,9 +44,7 @@ impl Issuance<'_> {
     fn line(&self) -> Vec<u8> {
         let line = CertificateIssued {
             audit: "certificate_issued",
-            time: time::OffsetDateTime::now_utc()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
+            time: now_rfc3339(),
             serial: self.serial,
             spiffe_id: self.id.to_string(),
             pod: self.pod.map(|p| format!("{}/{p}", self.namespace)),
@@ -60,12 +58,19 @@ impl Issuance<'_> {
     }
 }
 
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 struct Pending {
     line: Vec<u8>,
     written: oneshot::Sender<()>,
 }
 
 /// The audit trail's writer. Its thread ends when the last handle is dropped.
+#[derive(Clone)]
 pub struct AuditLog {
     queue: mpsc::Sender<Pending>,
 }
@@ -86,11 +91,31 @@ impl AuditLog {
 
     /// Returns once the line has been written.
     pub async fn certificate_issued(&self, issued: &Issuance<'_>) {
-        let (written, done) = oneshot::channel();
-        let pending = Pending {
-            line: issued.line(),
-            written,
+        self.write(issued.line()).await;
+    }
+
+    /// One move of a root or intermediate rotation between phases.
+    pub async fn rotation(&self, t: &crate::rotation::Transition) {
+        #[derive(Serialize)]
+        struct RotationPhase<'a> {
+            audit: &'static str,
+            time: String,
+            #[serde(flatten)]
+            transition: &'a crate::rotation::Transition,
+        }
+        let line = RotationPhase {
+            audit: "rotation_phase",
+            time: now_rfc3339(),
+            transition: t,
         };
+        let mut text = serde_json::to_vec(&line).expect("audit lines serialize");
+        text.push(b'\n');
+        self.write(text).await;
+    }
+
+    async fn write(&self, line: Vec<u8>) {
+        let (written, done) = oneshot::channel();
+        let pending = Pending { line, written };
         if self.queue.send(pending).await.is_ok() {
             let _ = done.await;
         }

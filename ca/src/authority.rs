@@ -40,8 +40,11 @@ pub struct Authority {
     /// The same intermediates as DER, for the CA's own serving chain.
     chain_tail_der: Vec<CertificateDer<'static>>,
     roots: Vec<CertificateDer<'static>>,
+    /// The same roots, for verifying the client chains of mesh watches.
+    root_store: std::sync::Arc<rustls::RootCertStore>,
     bundle_pem: Vec<String>,
     intermediate_not_after: OffsetDateTime,
+    root_not_after: OffsetDateTime,
 }
 
 impl std::fmt::Debug for Authority {
@@ -65,7 +68,11 @@ impl Authority {
                 roots.push(r);
             }
         }
+        let root_store = palisade_ca_api::tls::root_store(&roots)
+            .map_err(|e| KeyError::Generate(format!("trust bundle: {e}")))?;
         Ok(Authority {
+            root_store: std::sync::Arc::new(root_store),
+            root_not_after: material.root_not_after,
             issuer,
             chain_tail: material
                 .intermediates
@@ -97,6 +104,15 @@ impl Authority {
 
     pub fn intermediate_not_after(&self) -> OffsetDateTime {
         self.intermediate_not_after
+    }
+
+    /// The expiry of the root that issued the signing intermediate.
+    pub fn root_not_after(&self) -> OffsetDateTime {
+        self.root_not_after
+    }
+
+    pub fn root_store(&self) -> std::sync::Arc<rustls::RootCertStore> {
+        self.root_store.clone()
     }
 
     /// Signs a workload leaf for `id` over the public key of an accepted CSR.
@@ -160,7 +176,8 @@ impl Authority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         p.not_before = now - BACKDATE;
-        p.not_after = now + ttl;
+        // Never past the intermediate: a leaf outliving its issuer would not verify.
+        p.not_after = (now + ttl).min(self.intermediate_not_after);
         p.serial_number = Some(random_serial());
         p.use_authority_key_identifier_extension = true;
         Ok(p)

@@ -58,6 +58,8 @@ pub struct ServeConfig {
     pub connections: ConnectionLimits,
     /// The bounds of the admin port's connections.
     pub admin_limits: palisade_plumbing::admin_http::Limits,
+    /// Rotation of the generated root and intermediate: schedule, lifetimes, pacing.
+    pub rotation: crate::rotation::Settings,
 }
 
 /// The bounds of every connection to the API port: how many, how long each may take to say
@@ -138,6 +140,7 @@ impl ServeConfig {
             source_rate_limit_burst: 20,
             connections: ConnectionLimits::default(),
             admin_limits: palisade_plumbing::admin_http::Limits::default(),
+            rotation: crate::rotation::Settings::default(),
         }
     }
 
@@ -192,6 +195,31 @@ impl ServeConfig {
             if d.is_zero() {
                 return Err(invalid(flag, "must be more than 0 (use e.g. 10s)"));
             }
+        }
+        let r = &self.rotation;
+        if !(50..=95).contains(&r.root_rotate_at_percent) {
+            return Err(invalid(
+                "--rotate-root-at",
+                "must be a percentage of the root's life in 50..95 (the default is 80)",
+            ));
+        }
+        if r.lifetimes.intermediate < time::Duration::minutes(10) {
+            return Err(invalid(
+                "--intermediate-lifetime",
+                "must be at least 10m (the default is 365d)",
+            ));
+        }
+        if r.lifetimes.root <= r.lifetimes.intermediate {
+            return Err(invalid(
+                "--root-lifetime",
+                "must be longer than --intermediate-lifetime (the defaults are 3650d and 365d)",
+            ));
+        }
+        if r.renew_window.is_zero() || r.trust_deadline.is_zero() {
+            return Err(invalid(
+                "--rotation-renew-window",
+                "it and --rotation-trust-deadline must be more than 0 (e.g. 5m and 1h)",
+            ));
         }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(invalid("--admin-listen", "must differ from --listen"));

@@ -23,6 +23,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::audit::Issuance;
 use crate::auth::{AuthError, TokenIdentity};
 use crate::csr::{CsrError, check_csr, csr_der_from_pem};
+use crate::rotation::WatchReport;
 use crate::state::Ca;
 
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -90,7 +91,7 @@ pub async fn route(
         (&Method::GET | &Method::HEAD, PATH_TRUST_BUNDLE) => Ok(json_response(
             StatusCode::OK,
             &TrustBundleResponse {
-                trust_bundle: ca.authority.trust_bundle_pem().to_vec(),
+                trust_bundle: ca.rotation.authority().trust_bundle_pem().to_vec(),
             },
         )),
         (&Method::GET, PATH_MESH_WATCH) => {
@@ -318,8 +319,9 @@ async fn issue(ca: &Ca, peer: IpAddr, req: Request<Incoming>) -> Result<Response
     let accepted = check_csr(&der, &id).map_err(csr_error)?;
     let now = time::OffsetDateTime::now_utc();
     let ttl = time::Duration::try_from(ttl).expect("ttl fits");
-    let issued = ca
-        .authority
+    // One authority for the whole answer, whatever a rotation swaps in meanwhile.
+    let authority = ca.rotation.authority();
+    let issued = authority
         .issue_leaf(&accepted.spki_der, &id, ttl, now)
         .map_err(|e| ApiError::new(ErrorCode::Internal, format!("signing failed: {e}")))?;
     let expires_at = issued.not_after.format(&Rfc3339).expect("RFC 3339 formats");
@@ -334,13 +336,13 @@ async fn issue(ca: &Ca, peer: IpAddr, req: Request<Incoming>) -> Result<Response
             key_type: accepted.key_type,
         })
         .await;
-    let mut chain = Vec::with_capacity(1 + ca.authority.chain_tail().len());
+    let mut chain = Vec::with_capacity(1 + authority.chain_tail().len());
     chain.push(issued.pem);
-    chain.extend(ca.authority.chain_tail().iter().cloned());
+    chain.extend(authority.chain_tail().iter().cloned());
     let body = CertificateResponse {
         spiffe_id: id.to_string(),
         certificate_chain: chain,
-        trust_bundle: ca.authority.trust_bundle_pem().to_vec(),
+        trust_bundle: authority.trust_bundle_pem().to_vec(),
         expires_at,
     };
     ca.metrics
@@ -378,7 +380,8 @@ fn watch(
             ),
         )
     };
-    let id = palisade_ca_api::tls::verify_workload_chain(ca.roots.clone(), chain, UnixTime::now())
+    let roots = ca.rotation.authority().root_store();
+    let id = palisade_ca_api::tls::verify_workload_chain(roots, chain, UnixTime::now())
         .map_err(|e| untrusted(e.to_string()))?;
     if id.trust_domain() != td {
         return Err(untrusted(format!(
@@ -424,12 +427,26 @@ fn watch(
         .try_into()
         .unwrap_or(std::time::Duration::ZERO);
     let until = tokio::time::Instant::now() + lives_for;
+    ca.rotation.registry.report(WatchReport {
+        pod_ip: query.pod_ip,
+        pod: query.pod_ip.and_then(|ip| {
+            let snapshot = ca.publisher.current();
+            let w = snapshot.state.workload_at(ip)?;
+            Some(format!("{}/{}", w.namespace, w.name))
+        }),
+        spiffe_id: id.to_string(),
+        owner: owner.clone(),
+        roots: query.roots.clone(),
+        leaf_issuer: ca.rotation.issuer_of(&chain[0]),
+        leaf_not_after: not_after.unix_timestamp(),
+    });
     tracing::debug!(peer.id = %id, destinations = query.destinations.len(), "mesh watch opened");
     let metrics = ca.metrics.clone();
     metrics.watch_opened();
     let guard = WatchGuard(metrics);
     let stream = crate::mesh::watch::watch_stream(
         ca.publisher.subscribe(),
+        ca.rotation.subscribe(),
         query,
         owner,
         until,

@@ -2,6 +2,7 @@
 //! root or intermediate brought by the operator. Everything is validated at start-up, and every
 //! refusal names the file at fault.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -21,10 +22,29 @@ pub const ROOT_KEY_FILE: &str = "root-key.pem";
 pub const INTERMEDIATE_CERT_FILE: &str = "intermediate.pem";
 pub const INTERMEDIATE_KEY_FILE: &str = "intermediate-key.pem";
 
-const ROOT_LIFETIME: Duration = Duration::days(3650);
-const INTERMEDIATE_LIFETIME: Duration = Duration::days(365);
-/// A stored intermediate closer than this to expiry is replaced at start-up.
-const INTERMEDIATE_RENEW_BEFORE: Duration = Duration::days(30);
+/// How long the CA's own certificates live. An intermediate is capped at its root's expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    pub root: Duration,
+    pub intermediate: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Lifetimes {
+            root: Duration::days(3650),
+            intermediate: Duration::days(365),
+        }
+    }
+}
+
+impl Lifetimes {
+    /// A stored intermediate closer than this to expiry is replaced at start-up (a fallback:
+    /// with automatic rotation it is replaced at half its life).
+    fn intermediate_renew_before(&self) -> Duration {
+        std::cmp::min(self.intermediate / 4, Duration::days(30))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -44,6 +64,10 @@ pub enum KeyError {
     NotCa(PathBuf),
     #[error("{0} expired at {1}: renew it, or let the CA generate its own by removing the flag")]
     Expired(PathBuf, OffsetDateTime),
+    #[error(
+        "the mesh's root {0} expired at {1}, so every certificate under it is refused: recover with `palisade-ca rotate root --emergency --state-dir <dir>` and publish the new bundle (docs/rotation.md, \"Emergency\")"
+    )]
+    RootExpired(PathBuf, OffsetDateTime),
     #[error("{0} is not valid yet (notBefore {1}): check the clock")]
     NotYetValid(PathBuf, OffsetDateTime),
     #[error("the chain in {0} does not link: {1}")]
@@ -80,6 +104,7 @@ pub struct KeyMaterial {
     pub intermediates: Vec<CertificateDer<'static>>,
     pub intermediate_key: KeyPair,
     pub intermediate_not_after: OffsetDateTime,
+    pub root_not_after: OffsetDateTime,
 }
 
 impl std::fmt::Debug for KeyMaterial {
@@ -110,12 +135,14 @@ pub trait KeyStore {
     fn label(&self, name: &str) -> PathBuf;
     fn read(&self, name: &str, private: bool) -> Result<Option<String>, KeyError>;
     fn write(&mut self, name: &str, text: &str, private: bool) -> Result<(), KeyError>;
+    /// Removes the entry; absent is fine.
+    fn remove(&mut self, name: &str) -> Result<(), KeyError>;
 }
 
 /// The state directory: keys 0600, written atomically.
-pub struct DirStore<'a>(pub &'a Path);
+pub struct DirStore(pub PathBuf);
 
-impl KeyStore for DirStore<'_> {
+impl KeyStore for DirStore {
     fn label(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
@@ -136,10 +163,18 @@ impl KeyStore for DirStore<'_> {
         let mode = if private { 0o600 } else { 0o644 };
         write_atomic(&self.0.join(name), text.as_bytes(), mode)
     }
+
+    fn remove(&mut self, name: &str) -> Result<(), KeyError> {
+        let path = self.0.join(name);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(KeyError::Write(path, e)),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// PEM texts by entry name, held in memory only (the Secret's `data`).
-pub type MemoryStore = std::collections::BTreeMap<String, String>;
+pub type MemoryStore = BTreeMap<String, String>;
 
 impl KeyStore for MemoryStore {
     fn label(&self, name: &str) -> PathBuf {
@@ -154,6 +189,11 @@ impl KeyStore for MemoryStore {
         self.insert(name.to_owned(), text.to_owned());
         Ok(())
     }
+
+    fn remove(&mut self, name: &str) -> Result<(), KeyError> {
+        BTreeMap::remove(self, name);
+        Ok(())
+    }
 }
 
 /// Loads the key material, creating what is missing in the state directory (mode 0600 for keys).
@@ -164,15 +204,22 @@ pub fn load_or_create(
     now: OffsetDateTime,
 ) -> Result<KeyMaterial, KeyError> {
     fs::create_dir_all(state_dir).map_err(|e| KeyError::Write(state_dir.into(), e))?;
-    load_or_create_in(&mut DirStore(state_dir), source, trust_domain, now)
+    load_or_create_in(
+        &mut DirStore(state_dir.into()),
+        source,
+        trust_domain,
+        &Lifetimes::default(),
+        now,
+    )
 }
 
 /// Loads the key material, keeping what the CA makes itself (a generated root, an intermediate
 /// under an operator's root) in `store`.
 pub fn load_or_create_in(
-    store: &mut impl KeyStore,
+    store: &mut (impl KeyStore + ?Sized),
     source: &KeySource,
     trust_domain: &str,
+    lifetimes: &Lifetimes,
     now: OffsetDateTime,
 ) -> Result<KeyMaterial, KeyError> {
     match source {
@@ -182,17 +229,18 @@ pub fn load_or_create_in(
         KeySource::ExternalRoot { cert, key } => {
             let root = load_ca_cert(cert, now)?;
             let root_key = load_key_for(key, cert, &root)?;
-            ensure_intermediate(store, root, &root_key, trust_domain, now)
+            ensure_intermediate(store, root, &root_key, trust_domain, lifetimes, now)
         }
-        KeySource::Generated => load_or_create_generated(store, trust_domain, now),
+        KeySource::Generated => load_or_create_generated(store, trust_domain, lifetimes, now),
     }
 }
 
 /// The generated root and intermediate from `store`, made there when absent; an intermediate
 /// near expiry (or from another root) is replaced.
 pub fn load_or_create_generated(
-    store: &mut impl KeyStore,
+    store: &mut (impl KeyStore + ?Sized),
     trust_domain: &str,
+    lifetimes: &Lifetimes,
     now: OffsetDateTime,
 ) -> Result<KeyMaterial, KeyError> {
     let (cert, key) = (store.label(ROOT_CERT_FILE), store.label(ROOT_KEY_FILE));
@@ -202,12 +250,15 @@ pub fn load_or_create_generated(
     );
     let (root, root_key) = match stored {
         (Some(cert_pem), Some(key_pem)) => {
-            let root = parse_ca_cert(&cert, &cert_pem, now)?;
+            let root = parse_ca_cert(&cert, &cert_pem, now).map_err(|e| match e {
+                KeyError::Expired(path, at) => KeyError::RootExpired(path, at),
+                e => e,
+            })?;
             let root_key = parse_key_for(&key, &key_pem, &cert, &root)?;
             (root, root_key)
         }
         (None, None) => {
-            let (root, root_key) = generate_root(trust_domain, now)?;
+            let (root, root_key) = generate_root(trust_domain, lifetimes.root, now)?;
             store.write(ROOT_KEY_FILE, &root_key.serialize_pem(), true)?;
             store.write(ROOT_CERT_FILE, &cert_to_pem(&root), false)?;
             tracing::info!(path = %cert.display(), "created a new root CA");
@@ -226,14 +277,15 @@ pub fn load_or_create_generated(
             });
         }
     };
-    ensure_intermediate(store, root, &root_key, trust_domain, now)
+    ensure_intermediate(store, root, &root_key, trust_domain, lifetimes, now)
 }
 
 fn ensure_intermediate(
-    store: &mut impl KeyStore,
+    store: &mut (impl KeyStore + ?Sized),
     root: CertificateDer<'static>,
     root_key: &KeyPair,
     trust_domain: &str,
+    lifetimes: &Lifetimes,
     now: OffsetDateTime,
 ) -> Result<KeyMaterial, KeyError> {
     let (cert, key) = (
@@ -247,28 +299,36 @@ fn ensure_intermediate(
     if let (Some(cert_pem), Some(key_pem)) = stored {
         let stored = parse_certs(&cert, &cert_pem)?.remove(0);
         let usable = issued_by(&stored, &root)
-            && not_after(&stored).is_ok_and(|t| t - INTERMEDIATE_RENEW_BEFORE > now);
+            && not_after(&stored).is_ok_and(|t| t - lifetimes.intermediate_renew_before() > now);
         if usable {
             let ikey = parse_key_for(&key, &key_pem, &cert, &stored)?;
-            let intermediate_not_after =
-                not_after(&stored).map_err(|e| KeyError::Parse(cert, e))?;
-            return Ok(KeyMaterial {
-                roots: vec![root],
-                intermediates: vec![stored],
-                intermediate_key: ikey,
-                intermediate_not_after,
-            });
+            return material(root, stored, ikey, &cert);
         }
         tracing::info!(path = %cert.display(), "stored intermediate is near expiry or from another root; issuing a new one");
     }
-    let (intermediate, ikey) = generate_intermediate(&root, root_key, trust_domain, now)?;
+    let (intermediate, ikey) =
+        generate_intermediate(&root, root_key, trust_domain, lifetimes.intermediate, now)?;
     store.write(INTERMEDIATE_KEY_FILE, &ikey.serialize_pem(), true)?;
     store.write(INTERMEDIATE_CERT_FILE, &cert_to_pem(&intermediate), false)?;
+    material(root, intermediate, ikey, &cert)
+}
+
+/// What a root and the intermediate it issued sign with; `label` names the intermediate.
+pub(crate) fn material(
+    root: CertificateDer<'static>,
+    intermediate: CertificateDer<'static>,
+    intermediate_key: KeyPair,
+    label: &Path,
+) -> Result<KeyMaterial, KeyError> {
+    let intermediate_not_after =
+        not_after(&intermediate).map_err(|e| KeyError::Parse(label.into(), e))?;
+    let root_not_after = not_after(&root).map_err(|e| KeyError::Parse(label.into(), e))?;
     Ok(KeyMaterial {
         roots: vec![root],
         intermediates: vec![intermediate],
-        intermediate_key: ikey,
-        intermediate_not_after: now + INTERMEDIATE_LIFETIME,
+        intermediate_key,
+        intermediate_not_after,
+        root_not_after,
     })
 }
 
@@ -305,11 +365,13 @@ fn load_external_intermediate(
     let intermediate_not_after =
         not_after(&intermediate).map_err(|e| KeyError::Parse(cert.into(), e))?;
     let intermediates = path[..path.len() - 1].to_vec();
+    let root_not_after = not_after(&root).map_err(|e| KeyError::Parse(chain.into(), e))?;
     Ok(KeyMaterial {
         roots: vec![root],
         intermediates,
         intermediate_key: ikey,
         intermediate_not_after,
+        root_not_after,
     })
 }
 
@@ -341,17 +403,13 @@ fn ca_params(
     p
 }
 
-fn generate_root(
+pub(crate) fn generate_root(
     trust_domain: &str,
+    lifetime: Duration,
     now: OffsetDateTime,
 ) -> Result<(CertificateDer<'static>, KeyPair), KeyError> {
     let key = KeyPair::generate().map_err(|e| KeyError::Generate(e.to_string()))?;
-    let mut params = ca_params(
-        ca_name(trust_domain, "Palisade Root CA"),
-        1,
-        now,
-        ROOT_LIFETIME,
-    );
+    let mut params = ca_params(ca_name(trust_domain, "Palisade Root CA"), 1, now, lifetime);
     params.use_authority_key_identifier_extension = false;
     let cert = params
         .self_signed(&key)
@@ -359,19 +417,24 @@ fn generate_root(
     Ok((cert.der().clone(), key))
 }
 
-fn generate_intermediate(
+/// An intermediate under `root`, living `lifetime` but never past the root.
+pub(crate) fn generate_intermediate(
     root: &CertificateDer<'static>,
     root_key: &KeyPair,
     trust_domain: &str,
+    lifetime: Duration,
     now: OffsetDateTime,
 ) -> Result<(CertificateDer<'static>, KeyPair), KeyError> {
     let key = KeyPair::generate().map_err(|e| KeyError::Generate(e.to_string()))?;
-    let params = ca_params(
+    let mut params = ca_params(
         ca_name(trust_domain, "Palisade Intermediate CA"),
         0,
         now,
-        INTERMEDIATE_LIFETIME,
+        lifetime,
     );
+    if let Ok(root_not_after) = not_after(root) {
+        params.not_after = params.not_after.min(root_not_after);
+    }
     let issuer =
         Issuer::from_ca_cert_der(root, root_key).map_err(|e| KeyError::Generate(e.to_string()))?;
     let cert = params
@@ -397,7 +460,10 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, KeyError> {
     parse_certs(path, &text)
 }
 
-fn parse_certs(label: &Path, text: &str) -> Result<Vec<CertificateDer<'static>>, KeyError> {
+pub(crate) fn parse_certs(
+    label: &Path,
+    text: &str,
+) -> Result<Vec<CertificateDer<'static>>, KeyError> {
     parse_pem_certs(text).map_err(|e| KeyError::Parse(label.into(), e.to_string()))
 }
 
@@ -407,7 +473,7 @@ fn load_ca_cert(path: &Path, now: OffsetDateTime) -> Result<CertificateDer<'stat
     Ok(cert)
 }
 
-fn parse_ca_cert(
+pub(crate) fn parse_ca_cert(
     label: &Path,
     text: &str,
     now: OffsetDateTime,
@@ -439,13 +505,13 @@ fn check_ca(path: &Path, der: &CertificateDer<'_>, now: OffsetDateTime) -> Resul
     Ok(())
 }
 
-fn not_after(der: &CertificateDer<'_>) -> Result<OffsetDateTime, String> {
+pub(crate) fn not_after(der: &CertificateDer<'_>) -> Result<OffsetDateTime, String> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
     Ok(cert.validity().not_after.to_datetime())
 }
 
 /// Whether `child`'s signature verifies with `parent`'s key and names it as issuer.
-fn issued_by(child: &CertificateDer<'_>, parent: &CertificateDer<'_>) -> bool {
+pub(crate) fn issued_by(child: &CertificateDer<'_>, parent: &CertificateDer<'_>) -> bool {
     let (Ok((_, c)), Ok((_, p))) = (
         X509Certificate::from_der(child),
         X509Certificate::from_der(parent),
@@ -466,7 +532,7 @@ fn load_key_for(
 }
 
 /// Parses a PKCS#8 PEM key and checks that it is the key of `cert`.
-fn parse_key_for(
+pub(crate) fn parse_key_for(
     key_label: &Path,
     text: &str,
     cert_label: &Path,

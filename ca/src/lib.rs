@@ -15,6 +15,7 @@ pub mod kube;
 pub mod mesh;
 pub mod metrics;
 pub mod ratelimit;
+pub mod rotation;
 pub mod server;
 pub mod state;
 pub mod tls_server;

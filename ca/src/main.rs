@@ -9,6 +9,7 @@ use palisade_ca::auth::jwks::JwksSource;
 use palisade_ca::auth::local::LocalIssuer;
 use palisade_ca::config::{AuthMode, MeshSource, ServeConfig};
 use palisade_ca::keys::KeySource;
+use palisade_ca::rotation::cli as rotation_cli;
 use palisade_ca_api::contract::{self, parse_duration};
 
 #[derive(Parser)]
@@ -36,6 +37,51 @@ enum Command {
     },
     /// Print the MeshPolicy CustomResourceDefinition (YAML), as charts/palisade/crds/ holds it.
     Crd,
+    /// Rotate the root or the intermediate of the running CA, or follow a rotation.
+    #[command(subcommand)]
+    Rotate(RotateCommand),
+}
+
+#[derive(Subcommand)]
+enum RotateCommand {
+    /// Start a root rotation (trusting → issuing → retiring → idle); prints the new root.
+    Root {
+        #[command(flatten)]
+        admin: AdminAddr,
+        /// Offline recovery from an expired or compromised root, with the CA stopped: a new root
+        /// and intermediate at once in --state-dir; proxies then need the new bundle.
+        #[arg(long, requires = "state_dir")]
+        emergency: bool,
+        /// With --emergency: the CA's state directory.
+        #[arg(long, env = "PALISADE_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// With --emergency: the trust domain of the new root.
+        #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = contract::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+    /// Start an intermediate rotation (issuing → retiring → idle).
+    Intermediate {
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Where the rotation stands. Exits 0 when idle, 1 otherwise (naming the lagging proxies).
+    Status {
+        #[command(flatten)]
+        admin: AdminAddr,
+        /// Print the admin port's JSON.
+        #[arg(long)]
+        json: bool,
+        /// Wait up to this long for the rotation to reach idle.
+        #[arg(long, value_parser = parse_duration)]
+        wait: Option<std::time::Duration>,
+    },
+}
+
+#[derive(Args)]
+struct AdminAddr {
+    /// The CA's admin port.
+    #[arg(long, env = "PALISADE_ADMIN_ADDR", default_value_t = SocketAddr::from(([127, 0, 0, 1], contract::CONTROL_PLANE_ADMIN_PORT)))]
+    admin_addr: SocketAddr,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -167,6 +213,25 @@ struct ServeArgs {
     /// Log format: json or plain.
     #[arg(long, env = "PALISADE_LOG_FORMAT", default_value = "plain", value_parser = ["json", "plain"])]
     log_format: String,
+    /// Rotate the generated root and intermediate on schedule (auto) or only by hand (manual).
+    #[arg(long, env = "PALISADE_ROTATION", default_value = "auto", value_parser = ["auto", "manual"])]
+    rotation: String,
+    /// Lifetime of a generated root.
+    #[arg(long, env = "PALISADE_ROOT_LIFETIME", default_value = "3650d", value_parser = parse_duration)]
+    root_lifetime: std::time::Duration,
+    /// Lifetime of a generated intermediate (rotated automatically at half of it).
+    #[arg(long, env = "PALISADE_INTERMEDIATE_LIFETIME", default_value = "365d", value_parser = parse_duration)]
+    intermediate_lifetime: std::time::Duration,
+    /// Rotate the root automatically at this percentage of its life.
+    #[arg(long, env = "PALISADE_ROTATE_ROOT_AT", default_value_t = 80)]
+    rotate_root_at: u8,
+    /// How long a root rotation waits for every proxy to confirm the two-root bundle before it
+    /// names the lagging ones (it keeps waiting).
+    #[arg(long, env = "PALISADE_ROTATION_TRUST_DEADLINE", default_value = "1h", value_parser = parse_duration)]
+    rotation_trust_deadline: std::time::Duration,
+    /// Proxies told to renew early spread their requests over this window.
+    #[arg(long, env = "PALISADE_ROTATION_RENEW_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    rotation_renew_window: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -259,6 +324,20 @@ fn serve_config(a: ServeArgs) -> anyhow::Result<ServeConfig> {
     config.connections.handshake_timeout = a.tls_handshake_timeout;
     config.connections.header_read_timeout = a.header_read_timeout;
     config.connections.idle_timeout = a.idle_timeout;
+    let duration = |flag: &str, d: std::time::Duration| {
+        time::Duration::try_from(d).map_err(|_| anyhow::anyhow!("{flag}: too long"))
+    };
+    config.rotation = palisade_ca::rotation::Settings {
+        automatic: a.rotation == "auto",
+        root_rotate_at_percent: a.rotate_root_at,
+        lifetimes: palisade_ca::keys::Lifetimes {
+            root: duration("--root-lifetime", a.root_lifetime)?,
+            intermediate: duration("--intermediate-lifetime", a.intermediate_lifetime)?,
+        },
+        trust_deadline: duration("--rotation-trust-deadline", a.rotation_trust_deadline)?,
+        renew_window: duration("--rotation-renew-window", a.rotation_renew_window)?,
+        ..Default::default()
+    };
     config.default_policy = a
         .default_policy
         .parse()
@@ -312,16 +391,65 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bundle { state_dir } => {
-            let path = state_dir.join(palisade_ca::keys::ROOT_CERT_FILE);
-            let pem = std::fs::read_to_string(&path).with_context(|| {
-                format!(
-                    "cannot read {}: start `palisade-ca serve --state-dir {}` once first",
-                    path.display(),
-                    state_dir.display()
-                )
-            })?;
-            print!("{pem}");
+            print!("{}", rotation_cli::bundle_pem(&state_dir)?);
+            Ok(())
+        }
+        Command::Rotate(command) => rotate(command),
+    }
+}
+
+fn rotate(command: RotateCommand) -> anyhow::Result<()> {
+    use palisade_ca::rotation::Kind;
+    match command {
+        RotateCommand::Root {
+            emergency: true,
+            state_dir,
+            trust_domain,
+            ..
+        } => {
+            let dir = state_dir.context("--emergency needs --state-dir")?;
+            let pem = rotation_cli::emergency_root(&dir, &trust_domain, &Default::default())?;
+            let root = palisade_ca_api::cert::parse_pem_certs(&pem)?;
+            println!(
+                "new root {} in {}\nnext: start the CA, publish the new bundle (`palisade-ca bundle --state-dir {}` into the palisade-trust-anchors ConfigMaps), and proxies recover as docs/rotation.md (Emergency) describes",
+                palisade_ca_api::cert::sha256_fingerprint(&root[0]),
+                dir.display(),
+                dir.display()
+            );
+            Ok(())
+        }
+        RotateCommand::Root { admin, .. } => {
+            started(rotation_cli::start(admin.admin_addr, Kind::Root)?)
+        }
+        RotateCommand::Intermediate { admin } => {
+            started(rotation_cli::start(admin.admin_addr, Kind::Intermediate)?)
+        }
+        RotateCommand::Status { admin, json, wait } => {
+            let status = match wait {
+                Some(wait) => rotation_cli::wait_idle(admin.admin_addr, wait)?,
+                None => rotation_cli::status(admin.admin_addr)?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", rotation_cli::describe(&status));
+            }
+            if status.phase != "idle" {
+                std::process::exit(1);
+            }
             Ok(())
         }
     }
+}
+
+fn started(status: palisade_ca::rotation::RotationStatus) -> anyhow::Result<()> {
+    let new_root = status
+        .trusted_roots
+        .iter()
+        .find(|r| **r != status.issuing_root)
+        .unwrap_or(&status.issuing_root);
+    println!("rotation started: phase {}", status.phase);
+    println!("new root (SHA-256): {new_root}");
+    println!("follow it with: palisade-ca rotate status --wait 1h");
+    Ok(())
 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 use palisade_plumbing::conn_gate::{ConnectionStats, LogThrottle};
 use palisade_plumbing::metrics::{CounterFamily, Exposition, Histogram, Kind};
 
+use crate::rotation::Phase;
+
 /// Upper bounds of the issuance latency histogram, in seconds.
 static LATENCY_BUCKETS: [f64; 10] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -28,6 +30,13 @@ pub struct Metrics {
     pub admin_connections: Arc<ConnectionStats>,
     source_limited: AtomicU64,
     source_limited_log: LogThrottle,
+    root_not_after: AtomicI64,
+    /// Index into `Phase::ALL`.
+    rotation_phase: AtomicU64,
+    rotation_transitions: CounterFamily,
+    proxies_lagging: AtomicI64,
+    /// Unix seconds; `i64::MIN` while no proxy has reported.
+    mesh_expiry: AtomicI64,
 }
 
 impl Metrics {
@@ -46,7 +55,35 @@ impl Metrics {
             admin_connections: Arc::new(ConnectionStats::new("admin")),
             source_limited: AtomicU64::new(0),
             source_limited_log: LogThrottle::default(),
+            root_not_after: AtomicI64::new(0),
+            rotation_phase: AtomicU64::new(0),
+            rotation_transitions: CounterFamily::default(),
+            proxies_lagging: AtomicI64::new(0),
+            mesh_expiry: AtomicI64::new(i64::MIN),
         }
+    }
+
+    /// The rotation's phase and the expiry of what signs now (Unix seconds).
+    pub fn set_keys(&self, phase: Phase, root_not_after: i64, intermediate_not_after: i64) {
+        let index = Phase::ALL.iter().position(|p| *p == phase).unwrap_or(0);
+        self.rotation_phase.store(index as u64, Ordering::Relaxed);
+        self.root_not_after.store(root_not_after, Ordering::Relaxed);
+        self.intermediate_not_after
+            .store(intermediate_not_after, Ordering::Relaxed);
+    }
+
+    /// What the proxies report: how many lag the bundle, and when the first certificate of
+    /// the fleet runs out.
+    pub fn set_fleet(&self, lagging: usize, mesh_expiry: Option<i64>) {
+        self.proxies_lagging
+            .store(lagging as i64, Ordering::Relaxed);
+        self.mesh_expiry
+            .store(mesh_expiry.unwrap_or(i64::MIN), Ordering::Relaxed);
+    }
+
+    pub fn rotation_transition(&self, kind: &'static str, to: &'static str) {
+        self.rotation_transitions
+            .add(&[("kind", kind), ("to", to)], 1);
     }
 
     pub fn issued(&self, authenticator: &'static str, took: Duration) {
@@ -121,6 +158,49 @@ impl Metrics {
             "Seconds until the issuing intermediate expires.",
             expiry,
         );
+        let intermediate = self.intermediate_not_after.load(Ordering::Relaxed);
+        out.single(
+            "palisade_ca_intermediate_expiry_timestamp_seconds",
+            Kind::Gauge,
+            "When the issuing intermediate expires (Unix seconds).",
+            intermediate,
+        );
+        out.single(
+            "palisade_ca_root_expiry_timestamp_seconds",
+            Kind::Gauge,
+            "When the root behind the issuing intermediate expires (Unix seconds).",
+            self.root_not_after.load(Ordering::Relaxed),
+        );
+        let phase = "palisade_ca_rotation_phase";
+        let current = self.rotation_phase.load(Ordering::Relaxed) as usize;
+        let family = out.family(
+            phase,
+            Kind::Gauge,
+            "1 for the phase the root and intermediate rotation is in, 0 for the others.",
+        );
+        for (i, p) in Phase::ALL.iter().enumerate() {
+            family.sample(phase, &[("phase", p.as_str())], (i == current) as u64);
+        }
+        self.rotation_transitions.encode(
+            &mut out,
+            "palisade_ca_rotation_transitions_total",
+            "Moves of a rotation into a phase, by kind (root or intermediate) and phase.",
+        );
+        out.single(
+            "palisade_ca_rotation_proxies_lagging",
+            Kind::Gauge,
+            "Proxies holding a current certificate that do not yet trust every root of the bundle.",
+            self.proxies_lagging.load(Ordering::Relaxed),
+        );
+        let mesh_expiry = self.mesh_expiry.load(Ordering::Relaxed);
+        if mesh_expiry != i64::MIN {
+            out.single(
+                "palisade_mesh_expiry_seconds",
+                Kind::Gauge,
+                "How long the mesh keeps working if the CA stays down from now: until the first proxy's current certificate expires.",
+                mesh_expiry - now_unix,
+            );
+        }
         let reloads = "palisade_ca_mesh_reloads_total";
         out.family(reloads, Kind::Counter, "Mesh source reloads, by result.")
             .sample(

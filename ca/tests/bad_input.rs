@@ -376,11 +376,20 @@ async fn a_trusted_root_of_another_trust_domain_still_gives_no_watch() {
     let roots_file = other.dir.path().join("other-roots.pem");
     std::fs::write(
         &roots_file,
-        other.running.ca.authority.trust_bundle_pem().concat(),
+        other
+            .running
+            .ca
+            .rotation
+            .authority()
+            .trust_bundle_pem()
+            .concat(),
     )
     .unwrap();
     let ca = TestCa::start_with(|c| c.extra_trust_roots = Some(roots_file.clone())).await;
-    assert_eq!(ca.running.ca.authority.trust_bundle_pem().len(), 2);
+    assert_eq!(
+        ca.running.ca.rotation.authority().trust_bundle_pem().len(),
+        2
+    );
     let (key, cert) = other.identity("shop", "web").await;
     let resp = raw(
         ca.addr(),

@@ -259,7 +259,16 @@ async fn curl_over_http2_gets_answers() {
     }
     let ca = TestCa::start().await;
     let bundle = ca.dir.path().join("bundle.pem");
-    std::fs::write(&bundle, ca.running.ca.authority.trust_bundle_pem().concat()).unwrap();
+    std::fs::write(
+        &bundle,
+        ca.running
+            .ca
+            .rotation
+            .authority()
+            .trust_bundle_pem()
+            .concat(),
+    )
+    .unwrap();
     let body_file = ca.dir.path().join("big.json");
     std::fs::write(&body_file, too_large()).unwrap();
     let token = ca.token("shop", "web");

@@ -10,7 +10,7 @@ use palisade_ca_api::cert::check_leaf_profile;
 use palisade_ca_api::wire::{WatchMessageKind, WatchQuery};
 use palisade_testkit::mesh_file::MeshFile;
 use rustls_pki_types::UnixTime;
-use support::{TestCa, chain_ders};
+use support::{TestCa, chain_ders, mesh_client};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 #[tokio::test]
@@ -114,42 +114,6 @@ async fn the_root_survives_a_restart() {
     let after = again.client(None).trust_bundle().await.unwrap();
     assert_eq!(before, after);
     again.running.shutdown().await;
-}
-
-struct CertResolver(std::sync::Arc<rustls::sign::CertifiedKey>);
-
-impl std::fmt::Debug for CertResolver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CertResolver")
-    }
-}
-
-impl rustls::client::ResolvesClientCert for CertResolver {
-    fn resolve(
-        &self,
-        _: &[&[u8]],
-        _: &[rustls::SignatureScheme],
-    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
-    }
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-/// A CA client presenting a mesh certificate of `ns/sa`, as a proxy's watch does.
-async fn mesh_client(ca: &TestCa, ns: &str, sa: &str) -> palisade_ca_api::client::CaClient {
-    let (key, resp) = ca.identity(ns, sa).await;
-    let signing = palisade_ca_api::tls::crypto_provider()
-        .key_provider
-        .load_private_key(rustls_pki_types::PrivateKeyDer::Pkcs8(
-            key.serialize_der().into(),
-        ))
-        .unwrap();
-    let ck = rustls::sign::CertifiedKey::new(chain_ders(&resp), signing);
-    ca.client(Some(std::sync::Arc::new(CertResolver(
-        std::sync::Arc::new(ck),
-    ))))
 }
 
 #[tokio::test]

@@ -109,7 +109,7 @@ async fn kube_mode_starts_from_the_secret_and_is_ready_after_the_first_sync() {
     .unwrap();
     assert_eq!(
         root,
-        cert_to_pem(&running.ca.authority.roots()[0]),
+        cert_to_pem(&running.ca.rotation.authority().roots()[0]),
         "signs under the stored root"
     );
 
@@ -168,9 +168,9 @@ async fn an_operators_root_in_kube_mode_signs_through_an_intermediate_held_in_me
         .await
         .expect("start-up in time")
         .expect("an operator's root needs no writable --state-dir in kube mode");
-    assert_eq!(running.ca.authority.roots(), made.roots);
+    assert_eq!(running.ca.rotation.authority().roots(), made.roots);
     assert_ne!(
-        running.ca.authority.chain_tail_der()[0],
+        running.ca.rotation.authority().chain_tail_der()[0],
         made.intermediates[0],
         "a fresh intermediate, made in memory"
     );

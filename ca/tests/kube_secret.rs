@@ -24,7 +24,8 @@ fn existing_secret() -> (serde_json::Value, String) {
 
 fn existing_secret_made_at(made: time::OffsetDateTime) -> (serde_json::Value, String) {
     let mut store = MemoryStore::new();
-    let material = load_or_create_generated(&mut store, "cluster.local", made).unwrap();
+    let material =
+        load_or_create_generated(&mut store, "cluster.local", &Default::default(), made).unwrap();
     let b64 = |name: &str| base64::engine::general_purpose::STANDARD.encode(&store[name]);
     let secret = fixture_with(
         "secret.json",

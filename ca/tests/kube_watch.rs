@@ -271,6 +271,7 @@ async fn a_policy_added_changed_and_deleted_reaches_the_proxy_watch() {
     let mut cluster = start_cluster();
     until_ready(&mut cluster).await;
     let (_stop, stop_rx) = watch::channel(false);
+    let (_trust, trust_rx) = watch::channel(palisade_ca::rotation::TrustView::default());
     let query = WatchQuery {
         pod_ip: Some(API_POD_IP.parse().unwrap()),
         destinations: vec![API_POD_IP.parse().unwrap()],
@@ -278,6 +279,7 @@ async fn a_policy_added_changed_and_deleted_reaches_the_proxy_watch() {
     };
     let mut stream = Box::pin(watch_stream(
         cluster.publisher.subscribe(),
+        trust_rx,
         query,
         api_owner(),
         tokio::time::Instant::now() + std::time::Duration::from_secs(3600),
@@ -572,6 +574,7 @@ async fn a_slice_that_drops_an_endpoint_drops_it_from_the_proxy_watch() {
     let mut cluster = start_cluster();
     until_ready(&mut cluster).await;
     let (_stop, stop_rx) = watch::channel(false);
+    let (_trust, trust_rx) = watch::channel(palisade_ca::rotation::TrustView::default());
     let query = WatchQuery {
         pod_ip: Some(API_POD_IP.parse().unwrap()),
         destinations: vec!["10.96.0.10".parse().unwrap()],
@@ -579,6 +582,7 @@ async fn a_slice_that_drops_an_endpoint_drops_it_from_the_proxy_watch() {
     };
     let mut stream = Box::pin(watch_stream(
         cluster.publisher.subscribe(),
+        trust_rx,
         query,
         api_owner(),
         tokio::time::Instant::now() + std::time::Duration::from_secs(3600),

@@ -218,7 +218,7 @@ impl World {
             .context("cannot start the CA")?;
         std::fs::write(
             dir.join("ca.pem"),
-            ca.ca.authority.trust_bundle_pem().concat(),
+            ca.ca.rotation.authority().trust_bundle_pem().concat(),
         )
         .context("cannot write the trust bundle")?;
 

@@ -16,7 +16,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use time::OffsetDateTime;
 
 use crate::keys::{
-    INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE, KeyError, KeyMaterial, MemoryStore,
+    INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE, KeyError, KeyMaterial, Lifetimes, MemoryStore,
     ROOT_CERT_FILE, ROOT_KEY_FILE, load_or_create_generated,
 };
 
@@ -161,7 +161,7 @@ fn load_files(
     trust_domain: &str,
     now: OffsetDateTime,
 ) -> Result<(KeyMaterial, Files), SecretKeyError> {
-    let material = load_or_create_generated(&mut files, trust_domain, now)
+    let material = load_or_create_generated(&mut files, trust_domain, &Lifetimes::default(), now)
         .map_err(|e| SecretKeyError::keys(namespace, e))?;
     Ok((material, files))
 }

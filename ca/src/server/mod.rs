@@ -13,7 +13,6 @@ use palisade_plumbing::credentials::ReloadingResolver;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::authority::Authority;
 use crate::config::ConfigError;
 use crate::config::ServeConfig;
 use crate::keys::KeyError;
@@ -46,6 +45,8 @@ pub enum StartError {
     Bind(SocketAddr, std::io::Error),
     #[error("cannot open the audit file {0}: {1}")]
     AuditFile(std::path::PathBuf, std::io::Error),
+    #[error(transparent)]
+    Rotation(#[from] crate::rotation::RotationError),
     #[error("cannot make the CA's serving certificate: {0}")]
     ServerCert(String),
 }
@@ -79,15 +80,9 @@ pub async fn start_with_kube_client(
 ) -> Result<Running, StartError> {
     config.validate()?;
     let kube_client = parts::kube_client(&config, kube_client).await?;
-    let material = parts::key_material(&config, kube_client.as_ref()).await?;
-    let authority = Authority::new(material, parts::extra_roots(&config)?)?;
-    let roots = Arc::new(
-        palisade_ca_api::tls::root_store(authority.roots())
-            .map_err(|e| StartError::ServerCert(e.to_string()))?,
-    );
-    let metrics = Arc::new(Metrics::new(
-        authority.intermediate_not_after().unix_timestamp(),
-    ));
+    let metrics = Arc::new(Metrics::new(0));
+    let rotation = Arc::new(parts::rotation(&config, kube_client.as_ref(), &metrics).await?);
+    let authority = rotation.authority();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let background = parts::Background {
@@ -116,7 +111,7 @@ pub async fn start_with_kube_client(
     let resolver = Arc::new(ReloadingResolver::new(serving_cert::server_cert(
         &authority, &serving,
     )?));
-    let acceptor = serving_cert::acceptor(&roots, resolver.clone())?;
+    let acceptor = serving_cert::acceptor(&authority.root_store(), resolver.clone())?;
     let (api, api_addr) = parts::bind(config.listen).await?;
     let (admin, admin_addr) = parts::bind(config.admin_listen).await?;
 
@@ -125,11 +120,10 @@ pub async fn start_with_kube_client(
         source_limiter: RateLimiter::new(config.source_rate_limit, config.source_rate_limit_burst),
         audit: parts::audit_log(&config)?,
         config,
-        authority,
+        rotation,
         authenticator,
         publisher,
         metrics,
-        roots,
         shutdown: shutdown_rx.clone(),
         ready,
     });
@@ -137,6 +131,12 @@ pub async fn start_with_kube_client(
         ca.clone(),
         resolver,
         serving,
+        shutdown_rx.clone(),
+    ));
+    tasks.spawn(crate::rotation::run(
+        ca.rotation.clone(),
+        ca.publisher.clone(),
+        ca.audit.clone(),
         shutdown_rx.clone(),
     ));
     tasks.spawn(accept::serve_api(

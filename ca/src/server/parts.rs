@@ -19,12 +19,13 @@ use crate::auth::kube::KubeAuthenticator;
 use crate::auth::local::{LocalAuthenticator, LocalIssuer};
 use crate::authority::Authority;
 use crate::config::{AuthMode, MeshSource, ServeConfig};
-use crate::keys::{KeyMaterial, KeySource, MemoryStore, load_or_create, load_or_create_in};
+use crate::keys::{DirStore, KeyError, KeySource, MemoryStore, load_or_create_in};
 use crate::kube::secret_keys::load_or_create_in_secret;
 use crate::kube::{WatchSettings, spawn_watches};
 use crate::mesh::file::{load_mesh_file_as_read, reload_loop};
 use crate::mesh::{MeshPublisher, MeshState};
 use crate::metrics::Metrics;
+use crate::rotation::Rotation;
 
 /// Where a step puts the tasks it starts, and what those tasks need.
 pub(super) struct Background<'a> {
@@ -49,24 +50,69 @@ pub(super) async fn kube_client(
     }
 }
 
-pub(super) async fn key_material(
+/// The key material, behind the rotation that owns it: a generated root in the state directory
+/// rotates itself; an operator's CA and the Kubernetes Secret stay as they are.
+pub(super) async fn rotation(
     config: &ServeConfig,
     kube_client: Option<&::kube::Client>,
-) -> Result<KeyMaterial, StartError> {
+    metrics: &Arc<Metrics>,
+) -> Result<Rotation, StartError> {
     let now = time::OffsetDateTime::now_utc();
+    let mut settings = config.rotation.clone();
+    settings.max_leaf_lifetime =
+        time::Duration::try_from(config.max_cert_ttl).expect("a TTL of at most 24h fits");
+    let td = &config.trust_domain;
+    let extra = extra_roots(config)?;
+    let lifetimes = settings.lifetimes;
+    let fixed = |material, why| {
+        Rotation::fixed(
+            material,
+            td,
+            settings.clone(),
+            extra.clone(),
+            metrics.clone(),
+            why,
+            now,
+        )
+    };
     Ok(match (kube_client, &config.source, &config.keys) {
         // In a cluster the generated root lives in a Secret, shared by replicas and restarts.
-        (Some(client), MeshSource::Kube, KeySource::Generated) => {
-            load_or_create_in_secret(client, &config.namespace, &config.trust_domain, now).await?
-        }
+        (Some(client), MeshSource::Kube, KeySource::Generated) => fixed(
+            load_or_create_in_secret(client, &config.namespace, td, now).await?,
+            "in Kubernetes mode its keys live in a Secret shared by every replica, and rotation there is not built yet",
+        )?,
         // An operator's CA in a cluster: the intermediate made under their root lives in
         // memory only (a new one each start), so no private key touches the pod's disk.
-        (Some(_), MeshSource::Kube, keys) => {
-            load_or_create_in(&mut MemoryStore::new(), keys, &config.trust_domain, now)?
+        (Some(_), MeshSource::Kube, keys) => fixed(
+            load_or_create_in(&mut MemoryStore::new(), keys, td, &lifetimes, now)?,
+            OPERATORS_CA,
+        )?,
+        (_, _, KeySource::Generated) => {
+            let dir = &config.state_dir;
+            std::fs::create_dir_all(dir).map_err(|e| KeyError::Write(dir.clone(), e))?;
+            Rotation::open(
+                Box::new(DirStore(dir.clone())),
+                td,
+                settings.clone(),
+                extra.clone(),
+                metrics.clone(),
+                now,
+            )?
         }
-        _ => load_or_create(&config.state_dir, &config.keys, &config.trust_domain, now)?,
+        (_, _, keys) => fixed(
+            load_or_create_in(
+                &mut DirStore(config.state_dir.clone()),
+                keys,
+                td,
+                &lifetimes,
+                now,
+            )?,
+            OPERATORS_CA,
+        )?,
     })
 }
+
+const OPERATORS_CA: &str = "its root is the operator's (--root-cert or --intermediate-*)";
 
 /// `--extra-trust-roots`: more roots in the bundle (a root rotation by hand).
 pub(super) fn extra_roots(

@@ -85,20 +85,33 @@ pub(super) fn server_cert(
     certified_key(chain, key).map_err(|e| err(e.to_string()))
 }
 
-/// Renews the serving certificate at half-life until shutdown; a failure keeps the current one
-/// and is retried at the next half-life.
+/// Renews the serving certificate at half-life, and at once when a rotation changes the
+/// intermediate that signs, until shutdown; a failure keeps the current one and is retried at
+/// the next half-life.
 pub(super) async fn renew_server_cert(
     ca: Arc<Ca>,
     resolver: Arc<ReloadingResolver>,
     serving: ServingIdentity,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut trust = ca.rotation.subscribe();
+    let mut signer = trust.borrow_and_update().issuing_intermediate.clone();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(SERVER_CERT_TTL / 2) => {}
+            changed = trust.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = trust.borrow_and_update().issuing_intermediate.clone();
+                if now == signer {
+                    continue;
+                }
+                signer = now;
+            }
             _ = shutdown.changed() => return,
         }
-        match server_cert(&ca.authority, &serving) {
+        match server_cert(&ca.rotation.authority(), &serving) {
             Ok(ck) => resolver.swap(ck),
             Err(error) => {
                 tracing::error!(%error, "could not renew the CA's serving certificate; will retry")

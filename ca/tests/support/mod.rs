@@ -67,8 +67,9 @@ impl TestCa {
         let running = start_with_kube_client(config, kube_client)
             .await
             .expect("CA starts");
-        let roots =
-            Arc::new(palisade_ca_api::tls::root_store(running.ca.authority.roots()).unwrap());
+        let roots = Arc::new(
+            palisade_ca_api::tls::root_store(running.ca.rotation.authority().roots()).unwrap(),
+        );
         let issuer = LocalIssuer::load_or_create(&dir.path().join("state")).unwrap();
         TestCa {
             dir,
@@ -346,4 +347,40 @@ async fn read_response(resp: http::Response<hyper::body::Incoming>) -> RawRespon
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     }
+}
+
+pub struct CertResolver(pub std::sync::Arc<rustls::sign::CertifiedKey>);
+
+impl std::fmt::Debug for CertResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertResolver")
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertResolver {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A CA client presenting a mesh certificate of `ns/sa`, as a proxy's watch does.
+pub async fn mesh_client(ca: &TestCa, ns: &str, sa: &str) -> palisade_ca_api::client::CaClient {
+    let (key, resp) = ca.identity(ns, sa).await;
+    let signing = palisade_ca_api::tls::crypto_provider()
+        .key_provider
+        .load_private_key(rustls_pki_types::PrivateKeyDer::Pkcs8(
+            key.serialize_der().into(),
+        ))
+        .unwrap();
+    let ck = rustls::sign::CertifiedKey::new(chain_ders(&resp), signing);
+    ca.client(Some(std::sync::Arc::new(CertResolver(
+        std::sync::Arc::new(ck),
+    ))))
 }

@@ -1,0 +1,572 @@
+//! The rotation's state and the moves between phases. [`Rotation`] owns what the CA signs with
+//! (an [`Authority`] swapped atomically, so a request in flight finishes with the one it
+//! started with) and what every watch publishes ([`TrustView`]). [`run`] steps it once a second;
+//! `POST /rotation/*` starts one.
+
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use palisade_ca_api::cert::{serial_and_validity, sha256_fingerprint};
+use palisade_ca_api::wire::RenewRequest;
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::watch;
+
+use super::keyset::{self, CURRENT, KeySet, NEXT};
+use super::registry::{self, ProxyRegistry};
+use super::status::{LaggingProxy, ProxyCounts, RotationStatus};
+use super::{Kind, Phase, Record, Settings, Trigger};
+use crate::audit::AuditLog;
+use crate::authority::{Authority, BACKDATE};
+use crate::keys::{KeyError, KeyMaterial, KeyStore, load_or_create_generated};
+use crate::mesh::MeshPublisher;
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(
+        "a {kind} rotation is already under way (phase {phase}): wait for it with `palisade-ca rotate status --wait 1h`"
+    )]
+    Running {
+        kind: &'static str,
+        phase: &'static str,
+    },
+    #[error(
+        "this CA cannot rotate its own keys: {0}. Rotate by hand as docs/rotation.md describes"
+    )]
+    Unsupported(&'static str),
+}
+
+/// What every mesh watch carries besides the mesh state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustView {
+    pub bundle_pem: Arc<Vec<String>>,
+    pub renew: Option<RenewRequest>,
+    /// Fingerprint of the intermediate that signs now.
+    pub issuing_intermediate: String,
+}
+
+/// One move between phases: an audit line and a metric.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Transition {
+    pub kind: Kind,
+    pub from: Phase,
+    pub to: Phase,
+    pub trigger: Trigger,
+    pub issuing_root: String,
+    pub issuing_intermediate: String,
+    pub trusted_roots: Vec<String>,
+}
+
+/// The keys of a CA that rotates its own: the current set, the next one during a rotation,
+/// and where they are kept.
+struct Keys {
+    store: Box<dyn KeyStore + Send>,
+    current: KeySet,
+    next: Option<KeySet>,
+    record: Option<Record>,
+    lagging_reported: bool,
+}
+
+impl Keys {
+    fn phase(&self) -> Phase {
+        self.record.as_ref().map_or(Phase::Idle, |r| r.phase)
+    }
+
+    fn next(&self) -> &KeySet {
+        self.next
+            .as_ref()
+            .expect("a rotation under way has its next set")
+    }
+
+    /// The set that signs, and the other roots the bundle holds, in this phase.
+    fn signing(&self) -> (&KeySet, Vec<&CertificateDer<'static>>) {
+        match self.phase() {
+            Phase::Idle => (&self.current, vec![]),
+            Phase::Trusting => (&self.current, vec![&self.next().root]),
+            Phase::Issuing => (self.next(), vec![&self.current.root]),
+            Phase::Retiring => (self.next(), vec![]),
+        }
+    }
+}
+
+pub struct Rotation {
+    /// `None` for an operator's CA and in Kubernetes mode: nothing to rotate here.
+    keys: Mutex<Option<Keys>>,
+    authority: ArcSwap<Authority>,
+    trust: watch::Sender<TrustView>,
+    pub registry: ProxyRegistry,
+    settings: Settings,
+    trust_domain: String,
+    extra_roots: Vec<CertificateDer<'static>>,
+    /// Unix seconds.
+    started_at: i64,
+    metrics: Arc<Metrics>,
+    /// Why this CA cannot rotate, when it cannot.
+    unsupported: Option<&'static str>,
+}
+
+impl std::fmt::Debug for Rotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rotation").finish_non_exhaustive()
+    }
+}
+
+impl Rotation {
+    /// Loads (or makes) the generated root and intermediate in `store` and resumes a rotation
+    /// found there: one left in `retiring` is finished first, and `next-*` entries without a
+    /// record (a start that did not complete) are removed.
+    pub fn open(
+        mut store: Box<dyn KeyStore + Send>,
+        trust_domain: &str,
+        settings: Settings,
+        extra_roots: Vec<CertificateDer<'static>>,
+        metrics: Arc<Metrics>,
+        now: OffsetDateTime,
+    ) -> Result<Self, RotationError> {
+        let mut record = keyset::read_record(&*store)?;
+        if record.as_ref().is_some_and(|r| r.phase == Phase::Retiring) {
+            keyset::promote(&mut *store, now)?;
+            tracing::info!("finished the rotation that was retiring when the CA stopped");
+            record = None;
+        }
+        if record.is_none() && keyset::any_present(&*store, &NEXT)? {
+            keyset::remove(&mut *store, &NEXT)?;
+            tracing::info!("removed the keys of a rotation whose start did not complete");
+        }
+        load_or_create_generated(&mut *store, trust_domain, &settings.lifetimes, now)?;
+        let current = KeySet::load(&*store, &CURRENT, now)?;
+        let next = match &record {
+            Some(_) => Some(KeySet::load(&*store, &NEXT, now)?),
+            None => None,
+        };
+        if let Some(r) = &record {
+            tracing::info!(
+                kind = r.kind.as_str(),
+                phase = r.phase.as_str(),
+                "resuming the rotation"
+            );
+        }
+        let keys = Keys {
+            store,
+            current,
+            next,
+            record,
+            lagging_reported: false,
+        };
+        let (authority, view) = build(&keys, &extra_roots, settings.renew_window)?;
+        Ok(Self::assemble(
+            Some(keys),
+            authority,
+            view,
+            trust_domain,
+            settings,
+            extra_roots,
+            metrics,
+            None,
+            now,
+        ))
+    }
+
+    /// A CA whose keys are given (an operator's root or intermediate) or kept in a Secret:
+    /// always `idle`; proxies are still heard, for the fleet's figures.
+    pub fn fixed(
+        material: KeyMaterial,
+        trust_domain: &str,
+        settings: Settings,
+        extra_roots: Vec<CertificateDer<'static>>,
+        metrics: Arc<Metrics>,
+        why: &'static str,
+        now: OffsetDateTime,
+    ) -> Result<Self, RotationError> {
+        let authority = Authority::new(material, extra_roots.clone())?;
+        let view = TrustView {
+            bundle_pem: Arc::new(authority.trust_bundle_pem().to_vec()),
+            renew: None,
+            issuing_intermediate: sha256_fingerprint(&authority.chain_tail_der()[0]),
+        };
+        Ok(Self::assemble(
+            None,
+            authority,
+            view,
+            trust_domain,
+            settings,
+            extra_roots,
+            metrics,
+            Some(why),
+            now,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        keys: Option<Keys>,
+        authority: Authority,
+        view: TrustView,
+        trust_domain: &str,
+        settings: Settings,
+        extra_roots: Vec<CertificateDer<'static>>,
+        metrics: Arc<Metrics>,
+        unsupported: Option<&'static str>,
+        now: OffsetDateTime,
+    ) -> Self {
+        let phase = keys.as_ref().map_or(Phase::Idle, Keys::phase);
+        metrics.set_keys(
+            phase,
+            authority.root_not_after().unix_timestamp(),
+            authority.intermediate_not_after().unix_timestamp(),
+        );
+        Rotation {
+            keys: Mutex::new(keys),
+            authority: ArcSwap::from_pointee(authority),
+            trust: watch::Sender::new(view),
+            registry: ProxyRegistry::default(),
+            settings,
+            trust_domain: trust_domain.to_owned(),
+            extra_roots,
+            started_at: now.unix_timestamp(),
+            metrics,
+            unsupported,
+        }
+    }
+
+    /// What signs now. Hold the `Arc` for one request: a swap never changes it mid-way.
+    pub fn authority(&self) -> Arc<Authority> {
+        self.authority.load_full()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<TrustView> {
+        self.trust.subscribe()
+    }
+
+    /// Which of our intermediates signed `leaf`: its fingerprint.
+    pub fn issuer_of(&self, leaf: &CertificateDer<'_>) -> Option<String> {
+        let keys = self.lock();
+        match keys.as_ref() {
+            Some(k) => [Some(&k.current), k.next.as_ref()]
+                .into_iter()
+                .flatten()
+                .find(|set| set.issued(leaf))
+                .map(KeySet::intermediate_fingerprint),
+            None => {
+                let authority = self.authority();
+                let intermediate = authority.chain_tail_der().first()?;
+                crate::keys::issued_by(leaf, intermediate).then(|| sha256_fingerprint(intermediate))
+            }
+        }
+    }
+
+    /// Starts a rotation of `kind`: the next set is written, then the record.
+    pub fn begin(
+        &self,
+        kind: Kind,
+        trigger: Trigger,
+        now: OffsetDateTime,
+    ) -> Result<Transition, RotationError> {
+        let mut guard = self.lock();
+        let Some(keys) = guard.as_mut() else {
+            return Err(RotationError::Unsupported(
+                self.unsupported.unwrap_or("its keys are not its own"),
+            ));
+        };
+        if let Some(r) = &keys.record {
+            return Err(RotationError::Running {
+                kind: r.kind.as_str(),
+                phase: r.phase.as_str(),
+            });
+        }
+        let lifetimes = &self.settings.lifetimes;
+        let next = match kind {
+            Kind::Root => KeySet::generate_root(&self.trust_domain, lifetimes, now)?,
+            Kind::Intermediate => {
+                keys.current
+                    .with_new_intermediate(&self.trust_domain, lifetimes, now)?
+            }
+        };
+        next.save(&mut *keys.store, &NEXT)?;
+        let phase = match kind {
+            Kind::Root => Phase::Trusting,
+            Kind::Intermediate => Phase::Issuing,
+        };
+        let record = Record {
+            kind,
+            phase,
+            trigger,
+            started_at: now.unix_timestamp(),
+            phase_started_at: now.unix_timestamp(),
+        };
+        keyset::write_record(&mut *keys.store, Some(&record))?;
+        keys.next = Some(next);
+        keys.record = Some(record);
+        keys.lagging_reported = false;
+        self.apply(keys, Phase::Idle, phase)
+    }
+
+    /// One look at the fleet and, when its condition holds, one move to the next phase.
+    pub fn step(
+        &self,
+        state: &crate::mesh::MeshState,
+        now: OffsetDateTime,
+    ) -> Result<Option<Transition>, RotationError> {
+        let unix = now.unix_timestamp();
+        self.registry.prune(state, unix);
+        let reports = self.registry.snapshot();
+        let bundle = self.bundle_fingerprints();
+        let lagging = registry::lagging(&reports, &bundle);
+        self.metrics
+            .set_fleet(lagging.len(), registry::mesh_expiry(&reports));
+        let mut guard = self.lock();
+        let Some(keys) = guard.as_mut() else {
+            return Ok(None);
+        };
+        let Some(record) = keys.record.clone() else {
+            drop(guard);
+            return match self.due(now) {
+                Some(kind) => self.begin(kind, Trigger::Automatic, now).map(Some),
+                None => Ok(None),
+            };
+        };
+        let settled = unix - record.phase_started_at.max(self.started_at)
+            >= self.settings.settle.whole_seconds();
+        let next = match record.phase {
+            Phase::Trusting if lagging.is_empty() && settled => Phase::Issuing,
+            Phase::Trusting => {
+                let deadline =
+                    record.phase_started_at + self.settings.trust_deadline.whole_seconds();
+                if unix >= deadline && !keys.lagging_reported {
+                    keys.lagging_reported = true;
+                    let names: Vec<String> = lagging.iter().take(20).map(|r| describe(r)).collect();
+                    tracing::warn!(lagging = lagging.len(), proxies = ?names,
+                        "root rotation: these proxies have not confirmed the two-root bundle; the rotation waits for them (or for their certificates to expire)");
+                }
+                return Ok(None);
+            }
+            Phase::Issuing => {
+                let old = registry::on_previous(&reports, &keys.next().intermediate_fingerprint());
+                let latest = record.phase_started_at
+                    + (self.settings.max_leaf_lifetime + BACKDATE).whole_seconds();
+                if (old.is_empty() && settled) || unix >= latest {
+                    Phase::Retiring
+                } else {
+                    return Ok(None);
+                }
+            }
+            Phase::Retiring => {
+                keys.current = keyset::promote(&mut *keys.store, now)?;
+                keys.next = None;
+                keys.record = None;
+                tracing::info!(
+                    kind = record.kind.as_str(),
+                    "rotation complete: the previous keys are destroyed"
+                );
+                let mut done = self.apply(keys, Phase::Retiring, Phase::Idle)?;
+                done.kind = record.kind;
+                done.trigger = record.trigger;
+                return Ok(Some(done));
+            }
+            Phase::Idle => return Ok(None),
+        };
+        let from = record.phase;
+        let record = Record {
+            phase: next,
+            phase_started_at: unix,
+            ..record
+        };
+        keyset::write_record(&mut *keys.store, Some(&record))?;
+        keys.record = Some(record);
+        self.apply(keys, from, next).map(Some)
+    }
+
+    /// Which rotation the schedule asks for now, if automation is on.
+    fn due(&self, now: OffsetDateTime) -> Option<Kind> {
+        if !self.settings.automatic {
+            return None;
+        }
+        let guard = self.lock();
+        let keys = guard.as_ref()?;
+        let passed = |der: &CertificateDer<'_>, percent: i64| {
+            serial_and_validity(der).is_ok_and(|(_, nb, na)| {
+                let life = (na - nb).whole_seconds();
+                (now - nb).whole_seconds() * 100 >= life * percent
+            })
+        };
+        if passed(
+            &keys.current.root,
+            self.settings.root_rotate_at_percent.into(),
+        ) {
+            Some(Kind::Root)
+        } else if passed(&keys.current.intermediate, 50) {
+            Some(Kind::Intermediate)
+        } else {
+            None
+        }
+    }
+
+    /// Swaps in the authority of `keys`' phase and tells every watch.
+    fn apply(&self, keys: &Keys, from: Phase, to: Phase) -> Result<Transition, RotationError> {
+        let (authority, view) = build(keys, &self.extra_roots, self.settings.renew_window)?;
+        self.metrics.set_keys(
+            to,
+            authority.root_not_after().unix_timestamp(),
+            authority.intermediate_not_after().unix_timestamp(),
+        );
+        let record = keys.record.as_ref();
+        let (issuing, _) = keys.signing();
+        let transition = Transition {
+            kind: record.map_or(Kind::Intermediate, |r| r.kind),
+            from,
+            to,
+            trigger: record.map_or(Trigger::Manual, |r| r.trigger),
+            issuing_root: issuing.root_fingerprint(),
+            issuing_intermediate: issuing.intermediate_fingerprint(),
+            trusted_roots: fingerprints(authority.roots()),
+        };
+        self.authority.store(Arc::new(authority));
+        self.trust.send_if_modified(|v| {
+            let changed = *v != view;
+            *v = view;
+            changed
+        });
+        self.metrics
+            .rotation_transition(transition.kind.as_str(), to.as_str());
+        tracing::info!(kind = transition.kind.as_str(), from = from.as_str(), to = to.as_str(),
+            trusted_roots = ?transition.trusted_roots, issuing_root = %transition.issuing_root, "rotation phase");
+        Ok(transition)
+    }
+
+    fn bundle_fingerprints(&self) -> Vec<String> {
+        fingerprints(self.authority().roots())
+    }
+
+    pub fn status(&self) -> RotationStatus {
+        let reports = self.registry.snapshot();
+        let authority = self.authority();
+        let bundle = fingerprints(authority.roots());
+        let lagging = registry::lagging(&reports, &bundle);
+        let guard = self.lock();
+        let keys = guard.as_ref();
+        let record = keys.and_then(|k| k.record.clone());
+        let issuing_intermediate = sha256_fingerprint(&authority.chain_tail_der()[0]);
+        let deadline = record.as_ref().and_then(|r| match r.phase {
+            Phase::Trusting => {
+                Some(r.phase_started_at + self.settings.trust_deadline.whole_seconds())
+            }
+            Phase::Issuing => Some(
+                r.phase_started_at + (self.settings.max_leaf_lifetime + BACKDATE).whole_seconds(),
+            ),
+            _ => None,
+        });
+        RotationStatus {
+            phase: record
+                .as_ref()
+                .map_or(Phase::Idle, |r| r.phase)
+                .as_str()
+                .into(),
+            kind: record.as_ref().map(|r| r.kind.as_str().into()),
+            issuing_root: authority
+                .roots()
+                .first()
+                .map(|r| sha256_fingerprint(r))
+                .unwrap_or_default(),
+            trusted_roots: bundle,
+            proxies: ProxyCounts {
+                total: reports.len(),
+                confirmed: reports.len() - lagging.len(),
+                lagging: lagging
+                    .iter()
+                    .map(|r| LaggingProxy {
+                        pod: r.pod.clone(),
+                        spiffe_id: r.spiffe_id.clone(),
+                    })
+                    .collect(),
+            },
+            leaves_on_previous_root: registry::on_previous(&reports, &issuing_intermediate).len(),
+            issuing_intermediate,
+            started_at: record.as_ref().map(|r| rfc3339(r.started_at)),
+            deadline: deadline.map(rfc3339),
+            root_expires_at: rfc3339(authority.root_not_after().unix_timestamp()),
+            intermediate_expires_at: rfc3339(authority.intermediate_not_after().unix_timestamp()),
+            mesh_expires_at: registry::mesh_expiry(&reports).map(rfc3339),
+            rotatable: keys.is_some(),
+            automatic: self.settings.automatic && keys.is_some(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Keys>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The authority and the watch's view for `keys`' phase.
+fn build(
+    keys: &Keys,
+    extra_roots: &[CertificateDer<'static>],
+    renew_window: time::Duration,
+) -> Result<(Authority, TrustView), KeyError> {
+    let (issuing, others) = keys.signing();
+    let mut extra: Vec<CertificateDer<'static>> = others.into_iter().cloned().collect();
+    extra.extend(extra_roots.iter().cloned());
+    let authority = Authority::new(issuing.material()?, extra)?;
+    let renew = (keys.phase() == Phase::Issuing).then(|| RenewRequest {
+        unless_issued_by: issuing.intermediate_fingerprint(),
+        within_seconds: renew_window.whole_seconds().max(0) as u64,
+    });
+    let view = TrustView {
+        bundle_pem: Arc::new(authority.trust_bundle_pem().to_vec()),
+        renew,
+        issuing_intermediate: issuing.intermediate_fingerprint(),
+    };
+    Ok((authority, view))
+}
+
+fn fingerprints(roots: &[CertificateDer<'static>]) -> Vec<String> {
+    roots.iter().map(|r| sha256_fingerprint(r)).collect()
+}
+
+fn rfc3339(unix: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn describe(r: &registry::WatchReport) -> String {
+    match &r.pod {
+        Some(pod) => format!("{pod} ({})", r.spiffe_id),
+        None => r.spiffe_id.clone(),
+    }
+}
+
+/// Steps `rotation` once a second until shutdown; each move is one audit line.
+pub async fn run(
+    rotation: Arc<Rotation>,
+    publisher: MeshPublisher,
+    audit: AuditLog,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last_error = String::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+        let state = publisher.current().state;
+        match rotation.step(&state, OffsetDateTime::now_utc()) {
+            Ok(Some(t)) => {
+                last_error.clear();
+                audit.rotation(&t).await;
+            }
+            Ok(None) => last_error.clear(),
+            Err(error) => {
+                let text = error.to_string();
+                if text != last_error {
+                    tracing::error!(%error, "rotation step failed; retrying every second");
+                    last_error = text;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! A root and the intermediate it issued, as entries of a [`KeyStore`]: the current set under
+//! the names the CA has always used, the next one under `next-*` names, and the rotation's
+//! phase in `rotation.json`. Every change writes the entries first and the record last; the
+//! record is what a restart believes.
+
+use palisade_ca_api::cert::{cert_to_pem, sha256_fingerprint};
+use rcgen::KeyPair;
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+use super::Record;
+use crate::keys::{
+    INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE, KeyError, KeyMaterial, KeyStore, Lifetimes,
+    ROOT_CERT_FILE, ROOT_KEY_FILE, generate_intermediate, generate_root, issued_by, material,
+    parse_ca_cert, parse_certs, parse_key_for,
+};
+
+/// The rotation's record; present only while a rotation runs.
+pub const ROTATION_FILE: &str = "rotation.json";
+
+/// The entry names of one set.
+pub struct Names {
+    pub root_cert: &'static str,
+    pub root_key: &'static str,
+    pub intermediate_cert: &'static str,
+    pub intermediate_key: &'static str,
+}
+
+pub const CURRENT: Names = Names {
+    root_cert: ROOT_CERT_FILE,
+    root_key: ROOT_KEY_FILE,
+    intermediate_cert: INTERMEDIATE_CERT_FILE,
+    intermediate_key: INTERMEDIATE_KEY_FILE,
+};
+
+pub const NEXT: Names = Names {
+    root_cert: "next-root.pem",
+    root_key: "next-root-key.pem",
+    intermediate_cert: "next-intermediate.pem",
+    intermediate_key: "next-intermediate-key.pem",
+};
+
+/// A root, its key, and the intermediate it issued with that key.
+pub struct KeySet {
+    pub root: CertificateDer<'static>,
+    root_key: KeyPair,
+    pub intermediate: CertificateDer<'static>,
+    intermediate_key: KeyPair,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("root", &self.root_fingerprint())
+            .field("intermediate", &self.intermediate_fingerprint())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeySet {
+    /// A new root and a new intermediate under it.
+    pub fn generate_root(
+        trust_domain: &str,
+        lifetimes: &Lifetimes,
+        now: OffsetDateTime,
+    ) -> Result<Self, KeyError> {
+        let (root, root_key) = generate_root(trust_domain, lifetimes.root, now)?;
+        let (intermediate, intermediate_key) =
+            generate_intermediate(&root, &root_key, trust_domain, lifetimes.intermediate, now)?;
+        Ok(KeySet {
+            root,
+            root_key,
+            intermediate,
+            intermediate_key,
+        })
+    }
+
+    /// The same root with a new intermediate.
+    pub fn with_new_intermediate(
+        &self,
+        trust_domain: &str,
+        lifetimes: &Lifetimes,
+        now: OffsetDateTime,
+    ) -> Result<Self, KeyError> {
+        let (intermediate, intermediate_key) = generate_intermediate(
+            &self.root,
+            &self.root_key,
+            trust_domain,
+            lifetimes.intermediate,
+            now,
+        )?;
+        Ok(KeySet {
+            root: self.root.clone(),
+            root_key: copy_key(&self.root_key)?,
+            intermediate,
+            intermediate_key,
+        })
+    }
+
+    /// Reads and checks a set: both pairs match, the root issued the intermediate, and the
+    /// root is valid now (the intermediate may have expired: it is then replaced).
+    pub fn load(
+        store: &(impl KeyStore + ?Sized),
+        names: &Names,
+        now: OffsetDateTime,
+    ) -> Result<Self, KeyError> {
+        let read = |name: &str, private: bool| -> Result<String, KeyError> {
+            store
+                .read(name, private)?
+                .ok_or_else(|| KeyError::Incomplete {
+                    file: store.label(ROTATION_FILE),
+                    missing: store.label(name),
+                })
+        };
+        let root_label = store.label(names.root_cert);
+        let root = parse_ca_cert(&root_label, &read(names.root_cert, false)?, now)?;
+        let root_key = parse_key_for(
+            &store.label(names.root_key),
+            &read(names.root_key, true)?,
+            &root_label,
+            &root,
+        )?;
+        let intermediate_label = store.label(names.intermediate_cert);
+        let intermediate =
+            parse_certs(&intermediate_label, &read(names.intermediate_cert, false)?)?.remove(0);
+        if !issued_by(&intermediate, &root) {
+            return Err(KeyError::Chain(
+                intermediate_label,
+                format!("it was not issued by {}", root_label.display()),
+            ));
+        }
+        let intermediate_key = parse_key_for(
+            &store.label(names.intermediate_key),
+            &read(names.intermediate_key, true)?,
+            &intermediate_label,
+            &intermediate,
+        )?;
+        Ok(KeySet {
+            root,
+            root_key,
+            intermediate,
+            intermediate_key,
+        })
+    }
+
+    /// Writes the set under `names`: keys first, then certificates.
+    pub fn save(
+        &self,
+        store: &mut (impl KeyStore + ?Sized),
+        names: &Names,
+    ) -> Result<(), KeyError> {
+        store.write(names.root_key, &self.root_key.serialize_pem(), true)?;
+        store.write(
+            names.intermediate_key,
+            &self.intermediate_key.serialize_pem(),
+            true,
+        )?;
+        store.write(names.root_cert, &cert_to_pem(&self.root), false)?;
+        store.write(
+            names.intermediate_cert,
+            &cert_to_pem(&self.intermediate),
+            false,
+        )
+    }
+
+    /// What the authority signs with, when this set issues.
+    pub fn material(&self) -> Result<KeyMaterial, KeyError> {
+        material(
+            self.root.clone(),
+            self.intermediate.clone(),
+            copy_key(&self.intermediate_key)?,
+            std::path::Path::new("intermediate"),
+        )
+    }
+
+    pub fn root_fingerprint(&self) -> String {
+        sha256_fingerprint(&self.root)
+    }
+
+    pub fn intermediate_fingerprint(&self) -> String {
+        sha256_fingerprint(&self.intermediate)
+    }
+
+    /// Whether `leaf` was signed by this set's intermediate.
+    pub fn issued(&self, leaf: &CertificateDer<'_>) -> bool {
+        issued_by(leaf, &self.intermediate)
+    }
+}
+
+fn copy_key(key: &KeyPair) -> Result<KeyPair, KeyError> {
+    KeyPair::try_from(key.serialize_der()).map_err(|e| KeyError::Generate(e.to_string()))
+}
+
+/// Removes every entry of a set; its private keys are gone with them.
+pub fn remove(store: &mut (impl KeyStore + ?Sized), names: &Names) -> Result<(), KeyError> {
+    for name in [
+        names.root_key,
+        names.intermediate_key,
+        names.root_cert,
+        names.intermediate_cert,
+    ] {
+        store.remove(name)?;
+    }
+    Ok(())
+}
+
+/// Whether any entry of a set is present.
+pub fn any_present(store: &(impl KeyStore + ?Sized), names: &Names) -> Result<bool, KeyError> {
+    for name in [
+        names.root_cert,
+        names.root_key,
+        names.intermediate_cert,
+        names.intermediate_key,
+    ] {
+        if store.read(name, false)?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+pub fn read_record(store: &(impl KeyStore + ?Sized)) -> Result<Option<Record>, KeyError> {
+    let Some(text) = store.read(ROTATION_FILE, false)? else {
+        return Ok(None);
+    };
+    serde_json::from_str(&text).map(Some).map_err(|e| {
+        KeyError::Parse(
+            store.label(ROTATION_FILE),
+            format!(
+                "{e}: restore it from a backup, or remove it and the next-* entries to abandon the rotation (the current root and intermediate stay)"
+            ),
+        )
+    })
+}
+
+pub fn write_record(
+    store: &mut (impl KeyStore + ?Sized),
+    record: Option<&Record>,
+) -> Result<(), KeyError> {
+    match record {
+        Some(r) => {
+            let text = serde_json::to_string_pretty(r).expect("records serialize");
+            store.write(ROTATION_FILE, &text, false)
+        }
+        None => store.remove(ROTATION_FILE),
+    }
+}
+
+/// The end of a rotation: the next set becomes the current one (the old keys are overwritten),
+/// then the record goes, then the `next-*` entries. Redone from the start when a restart finds
+/// the record still in `retiring`.
+pub fn promote(
+    store: &mut (impl KeyStore + ?Sized),
+    now: OffsetDateTime,
+) -> Result<KeySet, KeyError> {
+    let next = KeySet::load(store, &NEXT, now)?;
+    next.save(store, &CURRENT)?;
+    write_record(store, None)?;
+    remove(store, &NEXT)?;
+    Ok(next)
+}

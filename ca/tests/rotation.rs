@@ -1,0 +1,355 @@
+//! The rotation's state machine over a real state directory: each phase's bundle and signer,
+//! the conditions that move it (proxies' reports, deadlines, the schedule), a restart in every
+//! phase, the old keys destroyed at the end, and the emergency path.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use palisade_ca::keys::{DirStore, KeyError, Lifetimes};
+use palisade_ca::mesh::MeshState;
+use palisade_ca::mesh::watch::Owner;
+use palisade_ca::metrics::Metrics;
+use palisade_ca::rotation::{Kind, Rotation, RotationError, Settings, Trigger, WatchReport};
+use palisade_ca_api::cert::{parse_pem_certs, sha256_fingerprint};
+use time::{Duration, OffsetDateTime};
+
+fn t0() -> OffsetDateTime {
+    OffsetDateTime::now_utc().replace_nanosecond(0).unwrap()
+}
+
+fn settings() -> Settings {
+    Settings {
+        settle: Duration::ZERO,
+        max_leaf_lifetime: Duration::hours(1),
+        ..Default::default()
+    }
+}
+
+fn open_with(
+    dir: &Path,
+    settings: Settings,
+    now: OffsetDateTime,
+) -> Result<Rotation, RotationError> {
+    Rotation::open(
+        Box::new(DirStore(dir.to_path_buf())),
+        "cluster.local",
+        settings,
+        Vec::new(),
+        Arc::new(Metrics::new(0)),
+        now,
+    )
+}
+
+fn open(dir: &Path, now: OffsetDateTime) -> Rotation {
+    open_with(dir, settings(), now).unwrap()
+}
+
+/// A proxy's watch: the roots it trusts, and the intermediate its leaf came from.
+fn report(rotation: &Rotation, name: &str, roots: &[String], issuer: &str) {
+    rotation.registry.report(WatchReport {
+        pod_ip: None,
+        pod: Some(format!("shop/{name}")),
+        spiffe_id: format!("spiffe://cluster.local/ns/shop/sa/{name}"),
+        owner: Owner {
+            namespace: "shop".into(),
+            service_account: name.into(),
+        },
+        roots: roots.to_vec(),
+        leaf_issuer: Some(issuer.into()),
+        leaf_not_after: (t0() + Duration::days(1)).unix_timestamp(),
+    });
+}
+
+fn step(rotation: &Rotation, now: OffsetDateTime) -> String {
+    rotation.step(&MeshState::default(), now).unwrap();
+    rotation.status().phase
+}
+
+fn file(dir: &Path, name: &str) -> Option<String> {
+    std::fs::read_to_string(dir.join(name)).ok()
+}
+
+#[test]
+fn a_root_rotation_waits_for_every_proxy_then_drains_the_old_leaves_and_destroys_the_old_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = t0();
+    let rotation = open(dir.path(), now);
+    let before = rotation.status();
+    let (old_root, old_intermediate) = (before.issuing_root.clone(), before.issuing_intermediate);
+    let old_keys = (
+        file(dir.path(), "root-key.pem"),
+        file(dir.path(), "intermediate-key.pem"),
+    );
+    report(
+        &rotation,
+        "web",
+        std::slice::from_ref(&old_root),
+        &old_intermediate,
+    );
+    report(
+        &rotation,
+        "api",
+        std::slice::from_ref(&old_root),
+        &old_intermediate,
+    );
+
+    rotation.begin(Kind::Root, Trigger::Manual, now).unwrap();
+    let trusting = rotation.status();
+    assert_eq!(trusting.phase, "trusting");
+    assert_eq!(trusting.trusted_roots.len(), 2);
+    assert_eq!(
+        trusting.issuing_root, old_root,
+        "the old intermediate still signs"
+    );
+    let new_root = trusting.trusted_roots[1].clone();
+    assert_ne!(new_root, old_root);
+    assert_eq!(rotation.subscribe().borrow().bundle_pem.len(), 2);
+    assert!(rotation.subscribe().borrow().renew.is_none());
+    // A second start is refused while this one runs.
+    let err = rotation
+        .begin(Kind::Intermediate, Trigger::Manual, now)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("already under way (phase trusting)"),
+        "{err}"
+    );
+
+    // Nobody has confirmed: it stays, and says who lags, even past the deadline.
+    assert_eq!(step(&rotation, now), "trusting");
+    let both = vec![old_root.clone(), new_root.clone()];
+    report(&rotation, "web", &both, &old_intermediate);
+    assert_eq!(step(&rotation, now + Duration::hours(2)), "trusting");
+    let lagging = rotation.status().proxies.lagging;
+    assert_eq!(lagging.len(), 1);
+    assert_eq!(lagging[0].pod.as_deref(), Some("shop/api"));
+    report(&rotation, "api", &both, &old_intermediate);
+    assert_eq!(step(&rotation, now), "issuing");
+
+    let issuing = rotation.status();
+    assert_eq!(issuing.issuing_root, new_root);
+    let new_intermediate = issuing.issuing_intermediate.clone();
+    let renew = rotation
+        .subscribe()
+        .borrow()
+        .renew
+        .clone()
+        .expect("proxies are told to renew");
+    assert_eq!(renew.unless_issued_by, new_intermediate);
+    assert_eq!(renew.within_seconds, 300);
+    assert_eq!(issuing.leaves_on_previous_root, 2);
+    // The authority signs with the new intermediate now.
+    let leaf_chain = rotation.authority().chain_tail_der().to_vec();
+    assert_eq!(sha256_fingerprint(&leaf_chain[0]), new_intermediate);
+
+    // One proxy still holds a leaf of the old intermediate: it waits.
+    report(&rotation, "web", &both, &new_intermediate);
+    assert_eq!(step(&rotation, now), "issuing");
+    report(&rotation, "api", &both, &new_intermediate);
+    assert_eq!(step(&rotation, now), "retiring");
+    assert_eq!(rotation.status().trusted_roots, vec![new_root.clone()]);
+    assert_eq!(rotation.subscribe().borrow().bundle_pem.len(), 1);
+
+    assert_eq!(step(&rotation, now), "idle");
+    let root = parse_pem_certs(&file(dir.path(), "root.pem").unwrap()).unwrap();
+    assert_eq!(sha256_fingerprint(&root[0]), new_root);
+    assert_ne!(
+        file(dir.path(), "root-key.pem"),
+        old_keys.0,
+        "the old root key is gone"
+    );
+    assert_ne!(file(dir.path(), "intermediate-key.pem"), old_keys.1);
+    for leftover in [
+        "rotation.json",
+        "next-root.pem",
+        "next-root-key.pem",
+        "next-intermediate-key.pem",
+    ] {
+        assert!(file(dir.path(), leftover).is_none(), "{leftover} is left");
+    }
+    assert!(rotation.subscribe().borrow().renew.is_none());
+}
+
+#[test]
+fn issuing_ends_when_no_old_leaf_can_still_be_valid_even_if_a_proxy_never_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = t0();
+    let rotation = open(dir.path(), now);
+    let old = rotation.status().issuing_intermediate;
+    report(&rotation, "silent", &[rotation.status().issuing_root], &old);
+    rotation
+        .begin(Kind::Intermediate, Trigger::Manual, now)
+        .unwrap();
+    let status = rotation.status();
+    assert_eq!(
+        status.phase, "issuing",
+        "an intermediate rotation skips trusting"
+    );
+    assert_eq!(status.trusted_roots.len(), 1);
+    assert_eq!(step(&rotation, now + Duration::minutes(30)), "issuing");
+    // The longest leaf (1 h) plus the back-dating has passed.
+    assert_eq!(step(&rotation, now + Duration::minutes(62)), "retiring");
+}
+
+#[test]
+fn a_ca_restarted_in_any_phase_resumes_and_completes_the_rotation() {
+    for stop_in in ["trusting", "issuing", "retiring"] {
+        let dir = tempfile::tempdir().unwrap();
+        let now = t0();
+        let new_root = {
+            let rotation = open(dir.path(), now);
+            rotation.begin(Kind::Root, Trigger::Manual, now).unwrap();
+            let new_root = rotation.status().trusted_roots[1].clone();
+            while rotation.status().phase != stop_in {
+                step(&rotation, now);
+            }
+            new_root
+        };
+        let rotation = open(dir.path(), now);
+        let resumed = rotation.status();
+        let expect = if stop_in == "retiring" {
+            "idle"
+        } else {
+            stop_in
+        };
+        assert_eq!(resumed.phase, expect, "stopped in {stop_in}");
+        for _ in 0..4 {
+            step(&rotation, now);
+        }
+        let done = rotation.status();
+        assert_eq!(done.phase, "idle", "stopped in {stop_in}");
+        assert_eq!(
+            done.trusted_roots,
+            vec![new_root.clone()],
+            "stopped in {stop_in}"
+        );
+        assert!(file(dir.path(), "rotation.json").is_none());
+    }
+}
+
+#[test]
+fn a_start_that_did_not_complete_is_abandoned_at_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = t0();
+    let root = open(dir.path(), now).status().issuing_root;
+    // Keys of a next set were written, the record was not.
+    std::fs::copy(
+        dir.path().join("root.pem"),
+        dir.path().join("next-root.pem"),
+    )
+    .unwrap();
+    let rotation = open(dir.path(), now);
+    assert_eq!(rotation.status().phase, "idle");
+    assert_eq!(rotation.status().issuing_root, root);
+    assert!(file(dir.path(), "next-root.pem").is_none());
+}
+
+#[test]
+fn the_schedule_starts_the_intermediate_at_half_its_life_and_the_root_at_its_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = t0();
+    let lifetimes = Lifetimes {
+        root: Duration::days(100),
+        intermediate: Duration::days(10),
+    };
+    let s = Settings {
+        lifetimes,
+        ..settings()
+    };
+    let rotation = open_with(dir.path(), s.clone(), now).unwrap();
+    assert_eq!(step(&rotation, now + Duration::days(4)), "idle");
+    assert_eq!(
+        step(&rotation, now + Duration::days(5) + Duration::minutes(10)),
+        "issuing"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let rotation = open_with(dir.path(), s.clone(), now).unwrap();
+    assert_eq!(step(&rotation, now + Duration::days(81)), "trusting");
+
+    let dir = tempfile::tempdir().unwrap();
+    let manual = Settings {
+        automatic: false,
+        ..s
+    };
+    let rotation = open_with(dir.path(), manual, now).unwrap();
+    assert_eq!(step(&rotation, now + Duration::days(81)), "idle");
+}
+
+#[test]
+fn leaves_never_outlive_the_intermediate() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = t0();
+    let s = Settings {
+        lifetimes: Lifetimes {
+            root: Duration::days(1),
+            intermediate: Duration::minutes(20),
+        },
+        ..settings()
+    };
+    let rotation = open_with(dir.path(), s, now).unwrap();
+    let authority = rotation.authority();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let id = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+    let leaf = authority
+        .issue_leaf(
+            &rcgen::PublicKeyData::subject_public_key_info(&key),
+            &id,
+            Duration::hours(24),
+            now,
+        )
+        .unwrap();
+    assert_eq!(leaf.not_after, authority.intermediate_not_after());
+    assert!(authority.intermediate_not_after() <= authority.root_not_after());
+}
+
+#[test]
+fn an_expired_root_stops_the_start_with_the_emergency_path_and_that_path_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = t0();
+    open(dir.path(), now);
+    let later = now + Duration::days(3651);
+    let err = open_with(dir.path(), settings(), later).unwrap_err();
+    let RotationError::Keys(KeyError::RootExpired(..)) = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        err.to_string()
+            .contains("palisade-ca rotate root --emergency"),
+        "{err}"
+    );
+
+    let pem = palisade_ca::rotation::cli::emergency_root(
+        dir.path(),
+        "cluster.local",
+        &Lifetimes::default(),
+    )
+    .unwrap();
+    let rotation = open(dir.path(), now);
+    let new_root = sha256_fingerprint(&parse_pem_certs(&pem).unwrap()[0]);
+    assert_eq!(rotation.status().trusted_roots, vec![new_root]);
+    assert_eq!(
+        palisade_ca::rotation::cli::bundle_pem(dir.path()).unwrap(),
+        pem
+    );
+}
+
+#[test]
+fn the_bundle_command_follows_the_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = t0();
+    let rotation = open(dir.path(), now);
+    let bundle = || {
+        parse_pem_certs(&palisade_ca::rotation::cli::bundle_pem(dir.path()).unwrap())
+            .unwrap()
+            .len()
+    };
+    assert_eq!(bundle(), 1);
+    rotation.begin(Kind::Root, Trigger::Manual, now).unwrap();
+    assert_eq!(bundle(), 2);
+    step(&rotation, now);
+    assert_eq!(bundle(), 2, "issuing");
+    step(&rotation, now);
+    assert_eq!(rotation.status().phase, "retiring");
+    assert_eq!(bundle(), 1);
+}

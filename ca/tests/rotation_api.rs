@@ -1,0 +1,225 @@
+//! A root rotation on a running CA, driven the way an operator and a proxy drive it: `POST
+//! /rotation/root` on the admin port, the mesh watch carrying the two-root bundle and then the
+//! request to renew, confirmations through `root=`, a leaf renewed from the new intermediate,
+//! and at the end a leaf of the old root refused, the audit lines and the metrics.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use palisade_ca::rotation::cli as rotation_cli;
+use palisade_ca::rotation::{Kind, RotationStatus};
+use palisade_ca_api::cert::{parse_pem_certs, sha256_fingerprint};
+use palisade_ca_api::client::{CaClient, CaClientConfig, ClientError, WatchStream};
+use palisade_ca_api::wire::{CertificateRequest, ErrorCode, WatchMessage, WatchQuery};
+use palisade_testkit::pki::csr_pem;
+use rustls_pki_types::CertificateDer;
+use support::{CA_NAME, CertResolver, TestCa};
+
+/// A client of the CA trusting `bundle`, presenting `chain` (with its key) when given.
+fn client(
+    ca: &TestCa,
+    bundle: &[CertificateDer<'static>],
+    chain: Option<(Vec<CertificateDer<'static>>, &rcgen::KeyPair)>,
+) -> CaClient {
+    let client_cert = chain.map(|(chain, key)| {
+        let signing = palisade_ca_api::tls::crypto_provider()
+            .key_provider
+            .load_private_key(rustls_pki_types::PrivateKeyDer::Pkcs8(
+                key.serialize_der().into(),
+            ))
+            .unwrap();
+        Arc::new(CertResolver(Arc::new(rustls::sign::CertifiedKey::new(
+            chain, signing,
+        )))) as Arc<dyn rustls::client::ResolvesClientCert>
+    });
+    CaClient::new(CaClientConfig {
+        addr: ca.addr().to_string(),
+        server_name: CA_NAME.into(),
+        roots: Arc::new(palisade_ca_api::tls::root_store(bundle).unwrap()),
+        client_cert,
+        timeout: Duration::from_secs(10),
+    })
+    .unwrap()
+}
+
+/// A new key and a leaf for shop/api, through a client that trusts `bundle`.
+async fn leaf(
+    ca: &TestCa,
+    bundle: &[CertificateDer<'static>],
+) -> (rcgen::KeyPair, Vec<CertificateDer<'static>>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let resp = client(ca, bundle, None)
+        .request_certificate(
+            &ca.token("shop", "api"),
+            &CertificateRequest {
+                csr: csr_pem(&key, vec![]),
+                ttl_seconds: None,
+            },
+        )
+        .await
+        .unwrap();
+    let chain = resp
+        .certificate_chain
+        .iter()
+        .flat_map(|p| parse_pem_certs(p).unwrap())
+        .collect();
+    (key, chain)
+}
+
+fn query(roots: &[CertificateDer<'static>]) -> WatchQuery {
+    WatchQuery {
+        pod_ip: Some("10.77.0.3".parse().unwrap()),
+        roots: roots.iter().map(|r| sha256_fingerprint(r)).collect(),
+        ..Default::default()
+    }
+}
+
+async fn next(stream: &mut WatchStream) -> WatchMessage {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a watch message within 10 s")
+        .unwrap()
+        .expect("the stream stays open")
+}
+
+fn bundle_of(message: &WatchMessage) -> Vec<CertificateDer<'static>> {
+    message
+        .trust_bundle
+        .iter()
+        .flat_map(|p| parse_pem_certs(p).unwrap())
+        .collect()
+}
+
+async fn status(ca: &TestCa) -> RotationStatus {
+    let admin = ca.running.admin_addr;
+    tokio::task::spawn_blocking(move || rotation_cli::status(admin).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn phase_becomes(ca: &TestCa, phase: &str) -> RotationStatus {
+    for _ in 0..100 {
+        let s = status(ca).await;
+        if s.phase == phase {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never reached {phase}: {:?}", status(ca).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_through_the_admin_port_and_the_mesh_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let audit_path = audit.clone();
+    let ca = TestCa::start_in(dir, move |c| {
+        c.rotation.settle = time::Duration::ZERO;
+        c.audit_file = Some(audit_path);
+    })
+    .await;
+    let old_bundle = ca.running.ca.rotation.authority().roots().to_vec();
+    let (old_key, old_chain) = leaf(&ca, &old_bundle).await;
+    let proxy = client(&ca, &old_bundle, Some((old_chain.clone(), &old_key)));
+    let mut watch = proxy.watch(&query(&old_bundle)).await.unwrap();
+    let first = next(&mut watch).await;
+    assert_eq!(bundle_of(&first), old_bundle);
+    assert!(first.renew.is_none());
+    let idle = status(&ca).await;
+    assert_eq!(
+        (
+            idle.phase.as_str(),
+            idle.proxies.total,
+            idle.proxies.confirmed
+        ),
+        ("idle", 1, 1)
+    );
+
+    let admin = ca.running.admin_addr;
+    let started =
+        tokio::task::spawn_blocking(move || rotation_cli::start(admin, Kind::Root).unwrap())
+            .await
+            .unwrap();
+    assert_eq!(started.phase, "trusting");
+    let two = bundle_of(&next(&mut watch).await);
+    assert_eq!(two.len(), 2, "the watch carries old and new root");
+    assert_eq!(two[0], old_bundle[0]);
+    // The proxy has not confirmed: the rotation waits and names it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let waiting = status(&ca).await;
+    assert_eq!(waiting.phase, "trusting");
+    assert_eq!(waiting.proxies.lagging[0].pod.as_deref(), Some("shop/api"));
+
+    // It confirms by reopening its watch with both roots.
+    let confirming = client(&ca, &two, Some((old_chain.clone(), &old_key)));
+    let mut watch = confirming.watch(&query(&two)).await.unwrap();
+    next(&mut watch).await;
+    let issuing = phase_becomes(&ca, "issuing").await;
+    let renew = next(&mut watch).await.renew.expect("told to renew");
+    assert_eq!(renew.unless_issued_by, issuing.issuing_intermediate);
+    assert_eq!(issuing.leaves_on_previous_root, 1);
+
+    // A renewed leaf comes from the new intermediate; the watch with it drains the old one.
+    let (new_key, new_chain) = leaf(&ca, &two).await;
+    assert_eq!(
+        sha256_fingerprint(&new_chain[1]),
+        issuing.issuing_intermediate
+    );
+    let renewed = client(&ca, &two, Some((new_chain.clone(), &new_key)));
+    let mut watch = renewed.watch(&query(&two)).await.unwrap();
+    next(&mut watch).await;
+    let done = phase_becomes(&ca, "idle").await;
+    let new_root = two.iter().find(|r| **r != old_bundle[0]).unwrap();
+    assert_eq!(done.trusted_roots, vec![sha256_fingerprint(new_root)]);
+    assert_eq!(bundle_of(&next(&mut watch).await), vec![new_root.clone()]);
+
+    // A leaf of the old root is no longer a mesh identity.
+    let stale = client(
+        &ca,
+        std::slice::from_ref(new_root),
+        Some((old_chain, &old_key)),
+    );
+    match stale.watch(&query(&two)).await {
+        Err(ClientError::Api { code, .. }) => {
+            assert_eq!(code, ErrorCode::UntrustedClientCertificate)
+        }
+        Err(other) => panic!("expected untrusted_client_certificate, got {other}"),
+        Ok(_) => panic!("a leaf of the retired root was accepted"),
+    }
+
+    let lines = std::fs::read_to_string(&audit).unwrap();
+    let moves: Vec<String> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["audit"] == "rotation_phase")
+        .map(|l| {
+            format!(
+                "{}>{}",
+                l["from"].as_str().unwrap(),
+                l["to"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            "idle>trusting",
+            "trusting>issuing",
+            "issuing>retiring",
+            "retiring>idle"
+        ]
+    );
+    let metrics = ca.running.ca.metrics.render(0);
+    for expect in [
+        "palisade_ca_rotation_phase{phase=\"idle\"} 1",
+        "palisade_ca_rotation_phase{phase=\"issuing\"} 0",
+        "palisade_ca_rotation_transitions_total{kind=\"root\",to=\"retiring\"} 1",
+        "palisade_ca_rotation_proxies_lagging 0",
+        "palisade_ca_root_expiry_timestamp_seconds ",
+        "palisade_mesh_expiry_seconds ",
+    ] {
+        assert!(metrics.contains(expect), "{expect} missing:\n{metrics}");
+    }
+}
