@@ -59,6 +59,11 @@ impl Processes {
         terminate(&mut self.running[id.0].child);
     }
 
+    /// The process id of one process.
+    pub fn pid(&self, id: ProcessId) -> u32 {
+        self.running[id.0].child.id()
+    }
+
     /// Kills one process at once (SIGKILL), as a crash would, and reaps it.
     pub fn kill(&mut self, id: ProcessId) {
         let child = &mut self.running[id.0].child;

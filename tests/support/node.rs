@@ -25,6 +25,8 @@ use palisade_testkit::process::{ProcessId, Processes, wait_for};
 
 use super::routed::{self, KubeProxy};
 
+mod rotation;
+
 /// The uid the proxy runs as (its traffic is never captured).
 pub const PROXY_UID: u32 = 1337;
 /// The uid apps run as: anything but root and the proxy.
@@ -97,6 +99,8 @@ pub struct Node {
     ca: Option<ProcessId>,
     ca_stops: usize,
     ca_dual_stack: bool,
+    /// More flags for `palisade-ca serve`.
+    ca_args: Vec<String>,
     proxies: HashMap<String, ProcessId>,
     proxy_log: String,
     pub bins: Bins,
@@ -145,6 +149,7 @@ impl Node {
             ca: None,
             ca_stops: 0,
             ca_dual_stack: false,
+            ca_args: Vec::new(),
             proxies: HashMap::new(),
             proxy_log: "info".into(),
             bins: Bins::locate(),
@@ -319,6 +324,7 @@ impl Node {
             .args(["--auth", "local", "--cert-ttl", ttl])
             .args(["--listen", &listen])
             .args(["--admin-listen", &format!("{ip}:15014")])
+            .args(&self.ca_args)
             // PALISADE_TEST_CA_LOG (e.g. `debug,h2=debug`) when a failure needs more.
             .env(
                 "PALISADE_LOG",
@@ -354,6 +360,17 @@ impl Node {
     pub fn stop_ca(&mut self) {
         let ca = self.ca.take().expect("the CA is running");
         self.procs.stop(ca);
+        self.keep_ca_log();
+    }
+
+    /// Kills the CA (SIGKILL), as a crash or an evicted pod would.
+    pub fn kill_ca(&mut self) {
+        let ca = self.ca.take().expect("the CA is running");
+        self.procs.kill(ca);
+        self.keep_ca_log();
+    }
+
+    fn keep_ca_log(&mut self) {
         // Keep its log: a restart appends to a new file name.
         self.ca_stops += 1;
         let old = self.procs.log_path("ca");
