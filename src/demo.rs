@@ -24,7 +24,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use capture::{POLICY_TARGET, PolicyEvents};
 use progress::Progress;
 use report::{CallRow, Report, decisions_line, total};
-use rotation::rotation;
+use rotation::{intermediate_rotation, rotation};
 use traffic::{Outcome, admin_get, get};
 use world::{API, API_2, API_SERVICE, INTRUDER, OUTSIDER_IP, WEB, World};
 
@@ -236,6 +236,7 @@ async fn exercise(
     let (rotations, traffic) = rotation(world, progress).await?;
     report.rotations = rotations;
     report.traffic = traffic;
+    report.ca_rotation = Some(intermediate_rotation(world, progress).await?);
 
     progress.step("reading the proxies' and the CA's /metrics");
     report.totals = totals(world).await?;

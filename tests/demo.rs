@@ -139,5 +139,17 @@ fn the_demo_shows_allowed_and_denied_calls_and_a_rotation_then_exits() {
         rotation.contains(" requests, 0 failed"),
         "requests failed during the rotation:\n{out}"
     );
+    let intermediate = out
+        .split_once("Intermediate rotation")
+        .map(|(_, rest)| rest)
+        .unwrap_or_else(|| panic!("no intermediate rotation section in:\n{out}"));
+    let phases = row(intermediate, "phases:");
+    for phase in ["issuing", "retiring", "→ idle"] {
+        assert!(phases.contains(phase), "{phases:?} lacks {phase}:\n{out}");
+    }
+    assert!(
+        intermediate.contains(" requests, 0 failed"),
+        "requests failed during the intermediate rotation:\n{out}"
+    );
     assert!(out.contains("listeners closed"), "{out}");
 }

@@ -172,7 +172,11 @@ fn request_leaf(node: &Node, sa: &str, bundle: &Path, tag: &str) -> (PathBuf, Pa
     let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
     let chain = answer["certificate_chain"].as_array().unwrap();
     let leaf = write_shared(node, &format!("{tag}-leaf.pem"), chain[0].as_str().unwrap());
-    let intermediate = write_shared(node, &format!("{tag}-chain.pem"), chain[1].as_str().unwrap());
+    let intermediate = write_shared(
+        node,
+        &format!("{tag}-chain.pem"),
+        chain[1].as_str().unwrap(),
+    );
     let key_path = node.shared_path(&format!("{tag}-key.pem"));
     fs::write(&key_path, key.serialize_pem()).unwrap();
     (leaf, intermediate, key_path)
@@ -202,7 +206,11 @@ fn presents_chain_to(node: &Node, pod: &Pod, root: &Path, tag: &str) -> bool {
         return false;
     }
     let leaf = write_shared(node, &format!("{tag}-presented-leaf.pem"), certs[0]);
-    let rest = write_shared(node, &format!("{tag}-presented-chain.pem"), &certs[1..].concat());
+    let rest = write_shared(
+        node,
+        &format!("{tag}-presented-chain.pem"),
+        &certs[1..].concat(),
+    );
     let out = node.in_node(&[
         "openssl",
         "verify",
@@ -243,7 +251,11 @@ fn a_root_and_an_intermediate_rotation_under_load_lose_nothing() {
     node.serve_http(&api, 8080);
     node.serve_http(&late, 8080);
     let echo = write_shared(&node, "echo.py", ECHO_SERVER);
-    node.spawn_app_script(&api, "api-echo", &format!("exec /usr/bin/python3 {}", echo.display()));
+    node.spawn_app_script(
+        &api,
+        "api-echo",
+        &format!("exec /usr/bin/python3 {}", echo.display()),
+    );
 
     let state = node.ca_state_dir();
     let old_root_pem = fs::read_to_string(state.join("root.pem")).unwrap();
@@ -253,7 +265,10 @@ fn a_root_and_an_intermediate_rotation_under_load_lose_nothing() {
         fs::read_to_string(state.join("intermediate-key.pem")).unwrap(),
     );
     let old_leaf = request_leaf(&node, "web", &node.trust_bundle_file(), "old");
-    assert!(admitted(&node, &api, &old_leaf), "control: a current leaf is admitted");
+    assert!(
+        admitted(&node, &api, &old_leaf),
+        "control: a current leaf is admitted"
+    );
 
     // Load: a new connection per request, and one connection kept throughout.
     let stop = node.shared_path("STOP");
@@ -267,7 +282,12 @@ fn a_root_and_an_intermediate_rotation_under_load_lose_nothing() {
     node.spawn_app_script(
         &web,
         "load-long",
-        &format!("exec /usr/bin/python3 {} {} {}", client.display(), api.ip, stop.display()),
+        &format!(
+            "exec /usr/bin/python3 {} {} {}",
+            client.display(),
+            api.ip,
+            stop.display()
+        ),
     );
     wait_for("load to flow", Duration::from_secs(20), || {
         node.log("load-new").lines().filter(|l| *l == "ok").count() >= 5
@@ -287,7 +307,11 @@ fn a_root_and_an_intermediate_rotation_under_load_lose_nothing() {
     wait_phase(&node, "trusting");
     node.kill_ca();
     node.start_ca(TTL);
-    assert_eq!(rotation_status(&node)["phase"], "trusting", "resumed after the restart");
+    assert_eq!(
+        rotation_status(&node)["phase"],
+        "trusting",
+        "resumed after the restart"
+    );
     wait_idle(&node, "240s");
 
     // Intermediate rotation, the CA killed while leaves drain.
@@ -304,36 +328,79 @@ fn a_root_and_an_intermediate_rotation_under_load_lose_nothing() {
     let new_log = node.log("load-new");
     let failed: Vec<&str> = new_log.lines().filter(|l| l.starts_with("fail")).collect();
     let ok = new_log.lines().filter(|l| *l == "ok").count();
-    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), ok + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
     let long = node.log("load-long");
     assert!(long.starts_with("ok "), "the long-lived connection: {long}");
     assert!(ok > 100, "only {ok} requests made");
 
     // The bundle holds only the new root, and every proxy presents a chain to it.
     let status = rotation_status(&node);
-    assert_eq!(status["trusted_roots"], serde_json::json!([new_root.clone()]));
+    assert_eq!(
+        status["trusted_roots"],
+        serde_json::json!([new_root.clone()])
+    );
     let bundle_pem = String::from_utf8(
-        node.in_node(&[node.bins.ca.to_str().unwrap(), "bundle", "--state-dir", state.to_str().unwrap()]).stdout,
+        node.in_node(&[
+            node.bins.ca.to_str().unwrap(),
+            "bundle",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ])
+        .stdout,
     )
     .unwrap();
     assert_eq!(fingerprint_of_pem(&bundle_pem), vec![new_root.clone()]);
     let new_bundle = write_shared(&node, "new-bundle.pem", &bundle_pem);
     let old_bundle = write_shared(&node, "old-root.pem", &old_root_pem);
     for pod in [&web, &api] {
-        assert!(presents_chain_to(&node, pod, &new_bundle, &pod.name), "{} does not chain to the new root", pod.name);
-        assert!(!presents_chain_to(&node, pod, &old_bundle, &pod.name), "{} still chains to the old root", pod.name);
+        assert!(
+            presents_chain_to(&node, pod, &new_bundle, &pod.name),
+            "{} does not chain to the new root",
+            pod.name
+        );
+        assert!(
+            !presents_chain_to(&node, pod, &old_bundle, &pod.name),
+            "{} still chains to the old root",
+            pod.name
+        );
     }
 
     // A leaf of the old root is refused; one of the new root is admitted.
-    assert!(!admitted(&node, &api, &old_leaf), "a leaf of the retired root got in");
+    assert!(
+        !admitted(&node, &api, &old_leaf),
+        "a leaf of the retired root got in"
+    );
     let new_leaf = request_leaf(&node, "web", &new_bundle, "new");
-    assert!(admitted(&node, &api, &new_leaf), "control: a leaf of the new root is admitted");
+    assert!(
+        admitted(&node, &api, &new_leaf),
+        "control: a leaf of the new root is admitted"
+    );
 
     // The old keys are gone from the state directory.
-    assert_ne!(fs::read_to_string(state.join("root-key.pem")).unwrap(), old_keys.0);
-    assert_ne!(fs::read_to_string(state.join("intermediate-key.pem")).unwrap(), old_keys.1);
-    for leftover in ["rotation.json", "next-root.pem", "next-root-key.pem", "next-intermediate.pem", "next-intermediate-key.pem"] {
-        assert!(!state.join(leftover).exists(), "{leftover} is left in the state directory");
+    assert_ne!(
+        fs::read_to_string(state.join("root-key.pem")).unwrap(),
+        old_keys.0
+    );
+    assert_ne!(
+        fs::read_to_string(state.join("intermediate-key.pem")).unwrap(),
+        old_keys.1
+    );
+    for leftover in [
+        "rotation.json",
+        "next-root.pem",
+        "next-root-key.pem",
+        "next-intermediate.pem",
+        "next-intermediate-key.pem",
+    ] {
+        assert!(
+            !state.join(leftover).exists(),
+            "{leftover} is left in the state directory"
+        );
     }
 
     // The suspended proxy missed everything: the anchors file (rewritten as the kubelet
@@ -341,9 +408,11 @@ fn a_root_and_an_intermediate_rotation_under_load_lose_nothing() {
     node.publish_anchors();
     node.signal_proxy(&late, "CONT");
     let late_url = format!("http://{}:8080/hello.txt", late.ip);
-    wait_for("the suspended proxy to recover", Duration::from_secs(90), || {
-        node.app_get(&web, &late_url).is_ok_and(|b| b == BODY)
-    });
+    wait_for(
+        "the suspended proxy to recover",
+        Duration::from_secs(90),
+        || node.app_get(&web, &late_url).is_ok_and(|b| b == BODY),
+    );
     assert!(presents_chain_to(&node, &late, &new_bundle, "late"));
     node.finish();
 }

@@ -53,6 +53,15 @@ pub struct RotationRow {
     pub seen_at: f64,
 }
 
+/// The CA's own rotation of its intermediate: fingerprints, and each phase with its duration.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CaRotation {
+    pub before: String,
+    pub after: String,
+    pub phases: Vec<(String, f64)>,
+    pub traffic: Traffic,
+}
+
 /// Requests made while the certificates rotated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Traffic {
@@ -72,6 +81,7 @@ pub struct Report {
     pub cert_ttl_seconds: u64,
     pub rotations: Vec<RotationRow>,
     pub traffic: Traffic,
+    pub ca_rotation: Option<CaRotation>,
     pub totals: Vec<String>,
 }
 
@@ -138,6 +148,30 @@ impl std::fmt::Display for Report {
             "  shop/web → Service shop/api meanwhile: {} requests, {} failed",
             self.traffic.requests, self.traffic.failed
         )?;
+        if let Some(r) = &self.ca_rotation {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "Intermediate rotation (the CA replaces the intermediate that signs; proxies renew early when told)"
+            )?;
+            let phases: Vec<String> = r
+                .phases
+                .iter()
+                .map(|(p, secs)| format!("{p} {secs:.1}s"))
+                .collect();
+            writeln!(f, "  phases: {} → idle", phases.join(" → "))?;
+            writeln!(
+                f,
+                "  intermediate {} → {}",
+                short_serial(&r.before),
+                short_serial(&r.after)
+            )?;
+            writeln!(
+                f,
+                "  shop/web → Service shop/api meanwhile: {} requests, {} failed",
+                r.traffic.requests, r.traffic.failed
+            )?;
+        }
         writeln!(f)?;
         writeln!(f, "Totals (from the proxies' and the CA's /metrics)")?;
         for line in &self.totals {
@@ -379,6 +413,15 @@ palisade_certificate_rotations_total 3
                 requests: 120,
                 failed: 0,
             },
+            ca_rotation: Some(CaRotation {
+                before: "aaaaaaaaaaaaaaaa".into(),
+                after: "bbbbbbbbbbbbbbbb".into(),
+                phases: vec![("issuing".into(), 2.25), ("retiring".into(), 0.5)],
+                traffic: Traffic {
+                    requests: 40,
+                    failed: 0,
+                },
+            }),
             totals: vec!["api proxy decisions: allow 1".into()],
         }
         .to_string();
@@ -394,6 +437,9 @@ palisade_certificate_rotations_total 3
             "api proxy decisions: allow 1",
             "Service shop/api (",
             "shop/api-1: 12 of 20 calls",
+            "phases: issuing 2.2s → retiring 0.5s → idle",
+            "intermediate aaaaaaaaaaaa… → bbbbbbbbbbbb…",
+            "40 requests, 0 failed",
         ] {
             assert!(report.contains(part), "{part} missing from:\n{report}");
         }

@@ -8,7 +8,7 @@ use anyhow::{Context as _, anyhow, bail};
 
 use super::AFTER_ROTATION;
 use super::progress::Progress;
-use super::report::{RotationRow, Traffic};
+use super::report::{CaRotation, RotationRow, Traffic};
 use super::traffic::{admin_get, get};
 use super::world::{Proxy, WEB, World};
 
@@ -73,6 +73,72 @@ pub(super) async fn rotation(
         );
     }
     Ok((renewals.rows(&proxies), traffic))
+}
+
+/// The CA replaces its intermediate while shop/web keeps calling shop/api: the phases the CA
+/// goes through and how long each took, with every failed request counted.
+pub(super) async fn intermediate_rotation(
+    world: &World,
+    progress: &Progress,
+) -> anyhow::Result<CaRotation> {
+    use palisade_ca::rotation::{Kind, Trigger};
+    let rotation = world.ca.ca.rotation.clone();
+    let before = rotation.status().issuing_intermediate;
+    progress.step("intermediate rotation: the CA replaces its intermediate while shop/web keeps calling shop/api");
+    rotation
+        .begin(
+            Kind::Intermediate,
+            Trigger::Manual,
+            time::OffsetDateTime::now_utc(),
+        )
+        .context("the CA did not start the intermediate rotation")?;
+    let started = Instant::now();
+    let deadline = started + 3 * world.cert_ttl;
+    let mut traffic = Traffic::default();
+    let mut first_failure = None;
+    let mut phases: Vec<(String, Instant)> = vec![(rotation.status().phase, started)];
+    loop {
+        let outcome = get(Some(WEB.ip), world.web.bound.outbound, "/orders").await;
+        traffic.requests += 1;
+        if !outcome.is_ok() {
+            traffic.failed += 1;
+            first_failure.get_or_insert_with(|| outcome.to_string());
+        }
+        let phase = rotation.status().phase;
+        if phases.last().is_some_and(|(p, _)| *p != phase) {
+            progress.detail(&format!("intermediate rotation: {phase}"));
+            phases.push((phase.clone(), Instant::now()));
+        }
+        if phase == "idle" {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the intermediate rotation did not finish within {:?}: it is {phase}, waiting for {:?}",
+                deadline - started,
+                rotation.status().proxies.lagging
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if traffic.failed > 0 {
+        bail!(
+            "{} of {} requests from shop/web to shop/api failed during the intermediate rotation; the first: {}",
+            traffic.failed,
+            traffic.requests,
+            first_failure.unwrap_or_default()
+        );
+    }
+    let after = rotation.status().issuing_intermediate;
+    Ok(CaRotation {
+        before,
+        after,
+        phases: phases
+            .windows(2)
+            .map(|w| (w[0].0.clone(), (w[1].1 - w[0].1).as_secs_f64()))
+            .collect(),
+        traffic,
+    })
 }
 
 /// Each proxy's serial before the rotation, and the new one with when it was first seen.

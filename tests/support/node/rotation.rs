@@ -51,7 +51,11 @@ impl Node {
     /// Stops (`STOP`) or continues (`CONT`) the proxy of `pod`, as a suspended pod would be.
     pub fn signal_proxy(&self, pod: &Pod, signal: &str) {
         let pid = self.procs.pid(self.proxies[&pod.name]);
-        run_ok(Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()));
+        run_ok(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string()),
+        );
     }
 
     /// The certificate chain `pod` presents to a TLS client on `port` (captured to its
@@ -96,7 +100,6 @@ impl Node {
         cmd.args(["-c", script]);
         self.procs.spawn(what, cmd);
     }
-
 
     /// A file the apps can see and the test can write (e.g. to tell a loop to stop).
     pub fn shared_path(&self, name: &str) -> PathBuf {
