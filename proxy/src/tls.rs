@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use palisade_ca_api::SpiffeId;
-use palisade_ca_api::cert::spiffe_id_from_cert;
+use palisade_ca_api::cert::{CertError, parse_pem_certs, sha256_fingerprint, spiffe_id_from_cert};
 use palisade_ca_api::tls::{MESH_ALPN, crypto_provider, handshake_signature, root_store};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
@@ -20,6 +20,7 @@ use rustls::{
     ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::sync::watch;
 
 use crate::identity::CertStore;
 
@@ -40,6 +41,20 @@ struct BundleState {
 /// The roots the mesh trusts, swappable as a whole.
 pub struct TrustBundle {
     state: ArcSwap<BundleState>,
+    /// Counts changes, so that the mesh watch can tell the CA its new roots at once.
+    changes: watch::Sender<u64>,
+}
+
+/// What a bundle offered by the CA (in a certificate answer or on the mesh watch) does to the
+/// current one.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// Nothing offered, or the roots trusted now.
+    Keep,
+    /// It keeps a root trusted now: adopt it.
+    Adopt(Vec<CertificateDer<'static>>),
+    /// It shares no root with the current bundle: refused.
+    Refuse,
 }
 
 impl std::fmt::Debug for TrustBundle {
@@ -52,6 +67,7 @@ impl TrustBundle {
     pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<Self, TlsError> {
         Ok(TrustBundle {
             state: ArcSwap::from_pointee(Self::build(roots)?),
+            changes: watch::Sender::new(0),
         })
     }
 
@@ -74,7 +90,13 @@ impl TrustBundle {
             return Ok(());
         }
         self.state.store(Arc::new(Self::build(roots)?));
+        self.changes.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Changes with every replacement that changed the roots.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn ders(&self) -> Arc<Vec<CertificateDer<'static>>> {
@@ -90,6 +112,48 @@ impl TrustBundle {
         let current = self.ders();
         offered.iter().any(|r| current.contains(r))
     }
+
+    /// The one rule for a bundle the CA offers: it is adopted when it keeps at least one root
+    /// trusted now, so that a root rotation goes through but an unrelated root never gets in.
+    /// (The anchors file is another matter: it is a trusted channel, adopted as it is.)
+    pub fn judge_offer(&self, offered: Vec<CertificateDer<'static>>) -> Offer {
+        if offered.is_empty() || same_roots(&self.ders(), &offered) {
+            Offer::Keep
+        } else if self.continues_with(&offered) {
+            Offer::Adopt(offered)
+        } else {
+            Offer::Refuse
+        }
+    }
+
+    /// The SHA-256 fingerprints of the roots, sorted and without duplicates: what the mesh
+    /// watch says the proxy trusts (`root=`).
+    pub fn fingerprints(&self) -> Vec<String> {
+        let mut fps: Vec<String> = self.ders().iter().map(|d| sha256_fingerprint(d)).collect();
+        fps.sort();
+        fps.dedup();
+        fps
+    }
+}
+
+/// Whether two bundles hold the same roots, in whatever order.
+fn same_roots(a: &[CertificateDer<'static>], b: &[CertificateDer<'static>]) -> bool {
+    fn sorted<'a>(roots: &'a [CertificateDer<'static>]) -> Vec<&'a [u8]> {
+        let mut v: Vec<&[u8]> = roots.iter().map(|r| r.as_ref()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+    sorted(a) == sorted(b)
+}
+
+/// Every certificate of a list of PEM texts (a trust bundle as the CA sends it).
+pub fn parse_pem_list(pems: &[String]) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let mut certs = Vec::new();
+    for pem in pems {
+        certs.extend(parse_pem_certs(pem)?);
+    }
+    Ok(certs)
 }
 
 /// Server side: a client certificate is required, must chain to the bundle and carry a
@@ -303,5 +367,60 @@ pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
         Error::PeerIncompatible(_) => "incompatible",
         Error::InvalidMessage(_) | Error::InappropriateHandshakeMessage { .. } => "bad_message",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use palisade_testkit::pki::Authority;
+
+    use super::*;
+
+    #[test]
+    fn an_offer_is_adopted_only_when_it_keeps_a_current_root() {
+        let (old, new, other) = (
+            Authority::new("old"),
+            Authority::new("new"),
+            Authority::new("other"),
+        );
+        let bundle = TrustBundle::new(vec![old.root_der()]).unwrap();
+        assert_eq!(bundle.judge_offer(vec![]), Offer::Keep);
+        assert_eq!(bundle.judge_offer(vec![old.root_der()]), Offer::Keep);
+        let bundle = TrustBundle::new(vec![old.root_der(), new.root_der()]).unwrap();
+        assert_eq!(
+            bundle.judge_offer(vec![new.root_der(), old.root_der()]),
+            Offer::Keep,
+            "the same roots in another order change nothing"
+        );
+        let bundle = TrustBundle::new(vec![old.root_der()]).unwrap();
+        let both = vec![old.root_der(), new.root_der()];
+        assert_eq!(bundle.judge_offer(both.clone()), Offer::Adopt(both));
+        assert_eq!(bundle.judge_offer(vec![new.root_der()]), Offer::Refuse);
+        assert_eq!(
+            bundle.judge_offer(vec![other.root_der(), new.root_der()]),
+            Offer::Refuse
+        );
+    }
+
+    #[test]
+    fn fingerprints_are_sorted_and_a_replacement_is_signalled_once() {
+        let (a, b) = (Authority::new("a"), Authority::new("b"));
+        let bundle = TrustBundle::new(vec![a.root_der()]).unwrap();
+        let changes = bundle.changes();
+        bundle.replace(vec![a.root_der()]).unwrap();
+        assert!(
+            !changes.has_changed().unwrap(),
+            "the same roots are no change"
+        );
+        bundle
+            .replace(vec![b.root_der(), a.root_der(), b.root_der()])
+            .unwrap();
+        assert!(changes.has_changed().unwrap());
+        let mut want = vec![
+            sha256_fingerprint(&a.root_der()),
+            sha256_fingerprint(&b.root_der()),
+        ];
+        want.sort();
+        assert_eq!(bundle.fingerprints(), want);
     }
 }

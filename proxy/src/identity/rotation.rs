@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_ca_api::SpiffeId;
-use palisade_ca_api::cert::{check_leaf_profile, parse_pem_certs};
+use palisade_ca_api::cert::check_leaf_profile;
 use palisade_ca_api::tls::verify_workload_chain;
 use palisade_ca_api::wire::CertificateRequest;
 use palisade_plumbing::credentials::certified_key;
@@ -20,7 +20,7 @@ use super::store::{CertStore, Installed};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::source::{CertificateSource, SourceError};
-use crate::tls::TrustBundle;
+use crate::tls::{Offer, TrustBundle, parse_pem_list};
 
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
@@ -96,8 +96,11 @@ impl Identity {
             .await?;
 
         let bad = |m: String| IdentityError::BadAnswer(m);
-        let chain = pem_list("certificate_chain", &answer.certificate_chain)?;
-        let bundle = self.bundle_to_adopt(pem_list("trust_bundle", &answer.trust_bundle)?);
+        let chain = parse_pem_list(&answer.certificate_chain)
+            .map_err(|e| bad(format!("certificate_chain: {e}")))?;
+        let offered =
+            parse_pem_list(&answer.trust_bundle).map_err(|e| bad(format!("trust_bundle: {e}")))?;
+        let bundle = self.bundle_to_adopt(offered);
         let roots = palisade_ca_api::tls::root_store(&bundle)
             .map_err(|e| bad(format!("trust bundle: {e}")))?;
         let now = UnixTime::since_unix_epoch(
@@ -136,21 +139,22 @@ impl Identity {
         Ok(current)
     }
 
-    /// The CA's bundle is adopted only when it keeps at least one root we already trust, so
-    /// that a root rotation goes through but an unrelated root never gets in.
+    /// The bundle to verify the answer with and then trust: the CA's when
+    /// [`TrustBundle::judge_offer`] adopts it, else the current one.
     fn bundle_to_adopt(
         &self,
         offered: Vec<CertificateDer<'static>>,
     ) -> Vec<CertificateDer<'static>> {
-        if self.bundle.continues_with(&offered) {
-            return offered;
+        match self.bundle.judge_offer(offered) {
+            Offer::Adopt(roots) => roots,
+            Offer::Keep => self.bundle.ders().as_ref().clone(),
+            Offer::Refuse => {
+                tracing::warn!(
+                    "the CA's trust bundle shares no root with the current one; keeping the current bundle"
+                );
+                self.bundle.ders().as_ref().clone()
+            }
         }
-        if !offered.is_empty() {
-            tracing::warn!(
-                "the CA's trust bundle shares no root with the current one; keeping the current bundle"
-            );
-        }
-        self.bundle.ders().as_ref().clone()
     }
 }
 
@@ -260,15 +264,4 @@ pub async fn run_rotation(identity: Arc<Identity>, mut shutdown: watch::Receiver
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
-}
-
-/// Every certificate in a list of PEM texts from the CA's answer; `field` names the list.
-fn pem_list(field: &str, pems: &[String]) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
-    let mut certs = Vec::new();
-    for pem in pems {
-        certs.extend(
-            parse_pem_certs(pem).map_err(|e| IdentityError::BadAnswer(format!("{field}: {e}")))?,
-        );
-    }
-    Ok(certs)
 }
