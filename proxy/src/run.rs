@@ -13,7 +13,7 @@ use crate::ca_client::{CaEndpoint, CaSource};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::datapath::Limits;
-use crate::identity::{CertStore, Identity, IdentityConfig};
+use crate::identity::{CertStore, EarlyRenewal, Identity, IdentityConfig};
 use crate::inbound::InboundTarget;
 use crate::mesh::{MeshConfig, MeshView};
 use crate::metrics::Metrics;
@@ -50,6 +50,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Bound> {
     let bundle = Arc::new(trust_bundle(config)?);
     let clock = Clock::system();
     let store = Arc::new(CertStore::new(clock.clone()));
+    let early = Arc::new(EarlyRenewal::new(store.clone()));
     let metrics = Arc::new(Metrics::new());
     let source = Arc::new(
         CaSource::new(
@@ -76,6 +77,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Bound> {
         source: source.clone(),
         metrics: metrics.clone(),
         clock,
+        early,
     });
     let mesh = Arc::new(MeshView::new(MeshConfig {
         pod_ip: Some(config.pod_ip),

@@ -4,56 +4,15 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use palisade_ca_api::SpiffeId;
-use palisade_proxy::clock::Clock;
-use palisade_proxy::identity::{CertStore, Identity, IdentityConfig, IdentityError, run_rotation};
-use palisade_proxy::metrics::Metrics;
-use palisade_proxy::tls::TrustBundle;
+use palisade_proxy::identity::{IdentityError, run_rotation};
 use palisade_testkit::pki::Authority;
 use rustls::client::ResolvesClientCert;
-use support::fake_ca::{Answer, FakeCa, unreachable};
+use support::fake_ca::{Answer, unreachable};
+use support::identity_rig::{ME, rig};
 use tokio::sync::watch;
-
-const ME: &str = "spiffe://cluster.local/ns/shop/sa/web";
-
-struct Rig {
-    ca: Arc<FakeCa>,
-    identity: Arc<Identity>,
-    _dir: tempfile::TempDir,
-    token: std::path::PathBuf,
-}
-
-fn rig() -> Rig {
-    let clock = Clock::anchored(SystemTime::now());
-    let ca = FakeCa::new(clock.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("token");
-    std::fs::write(&token, "token-1\n").unwrap();
-    let store = Arc::new(CertStore::new(clock.clone()));
-    let bundle = Arc::new(TrustBundle::new(vec![ca.authority.root_der()]).unwrap());
-    let identity = Arc::new(Identity {
-        config: IdentityConfig {
-            spiffe_id: ME.parse().unwrap(),
-            token_file: token.clone(),
-            ttl_seconds: None,
-            backoff_base: Duration::from_secs(1),
-            backoff_cap: Duration::from_secs(30),
-        },
-        store,
-        bundle,
-        source: ca.clone(),
-        metrics: Arc::new(Metrics::new()),
-        clock,
-    });
-    Rig {
-        ca,
-        identity,
-        _dir: dir,
-        token,
-    }
-}
 
 fn csr_public_key(csr: &str) -> Vec<u8> {
     use rcgen::PublicKeyData;

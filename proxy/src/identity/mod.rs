@@ -1,10 +1,13 @@
 //! The proxy's own identity: the certificate store the TLS configs read from, the pure
-//! renewal schedule, and the rotation task that keeps the store filled.
+//! renewal schedule, the rotation task that keeps the store filled, and early renewal when the
+//! CA or a new trust bundle asks for it.
 
+mod early;
 mod rotation;
 mod schedule;
 mod store;
 
+pub use early::{Ask, EarlyRenewal, directive_delay};
 pub use rotation::{Identity, IdentityConfig, IdentityError, run_rotation};
 pub use schedule::{backoff, renew_at};
-pub use store::{CertStore, Installed};
+pub use store::{CertStore, Installed, issuer_fingerprint};

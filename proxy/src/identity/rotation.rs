@@ -15,8 +15,9 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA25
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use tokio::sync::watch;
 
+use super::early::EarlyRenewal;
 use super::schedule::{backoff, renew_at};
-use super::store::{CertStore, Installed};
+use super::store::{CertStore, Installed, issuer_fingerprint};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::source::{CertificateSource, SourceError};
@@ -74,6 +75,8 @@ pub struct Identity {
     pub source: Arc<dyn CertificateSource>,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
+    /// Asks for a renewal before the schedule's moment.
+    pub early: Arc<EarlyRenewal>,
 }
 
 impl Identity {
@@ -118,6 +121,7 @@ impl Identity {
             });
         }
         let info = check_leaf_profile(&chain[0]).map_err(|e| bad(e.to_string()))?;
+        let issuer = issuer_fingerprint(&chain);
 
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let certified = certified_key(chain, key)
@@ -132,6 +136,7 @@ impl Identity {
             serial: info.serial,
             not_before: info.not_before.unix_timestamp(),
             not_after: info.not_after.unix_timestamp(),
+            issuer,
         };
         self.store.install(installed);
         let current = self.store.current().expect("just installed");
@@ -187,22 +192,32 @@ fn make_csr(id: &SpiffeId, key: &KeyPair) -> Result<String, IdentityError> {
         .map_err(|e| IdentityError::Csr(e.to_string()))
 }
 
-/// A number in `-1.0..=1.0` from the system's random source.
-fn random_jitter() -> f64 {
+/// A number in `0.0..=1.0` from the system's random source.
+pub(super) fn random_unit() -> f64 {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 4];
     if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
-        return 0.0;
+        return 0.5;
     }
-    (u32::from_le_bytes(b) as f64 / u32::MAX as f64) * 2.0 - 1.0
+    u32::from_le_bytes(b) as f64 / u32::MAX as f64
 }
 
-/// Keeps the store filled until `shutdown` turns true.
+/// A number in `-1.0..=1.0` from the system's random source.
+fn random_jitter() -> f64 {
+    random_unit() * 2.0 - 1.0
+}
+
+/// Keeps the store filled until `shutdown` turns true: renews on the schedule, or earlier when
+/// [`EarlyRenewal`] is asked.
 pub async fn run_rotation(identity: Arc<Identity>, mut shutdown: watch::Receiver<bool>) {
     let mut attempt: u32 = 0;
     let mut expiry_reported = false;
+    let mut asks = identity.early.subscribe();
     loop {
-        let wait = match identity.renew_once().await {
+        let seen = *asks.borrow_and_update();
+        let outcome = identity.renew_once().await;
+        identity.early.answered(&seen);
+        let wait = match outcome {
             Ok(installed) => {
                 attempt = 0;
                 expiry_reported = false;
@@ -259,9 +274,19 @@ pub async fn run_rotation(identity: Arc<Identity>, mut shutdown: watch::Receiver
                 wait
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
+        let scheduled = tokio::time::Instant::now() + wait;
+        // The identity holds the sender, so the channel stays open; if not, the schedule holds.
+        let mut asks_open = true;
+        loop {
+            let at = asks
+                .borrow_and_update()
+                .by
+                .map_or(scheduled, |by| by.min(scheduled));
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => break,
+                changed = asks.changed(), if asks_open => asks_open = changed.is_ok(),
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
         }
     }
 }

@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use palisade_ca_api::SpiffeId;
-use palisade_ca_api::cert::check_leaf_profile;
+use palisade_ca_api::cert::{check_leaf_profile, sha256_fingerprint};
+use palisade_ca_api::tls::{root_store, verify_workload_chain};
 use palisade_plumbing::credentials::certified_key;
 use rustls::SignatureScheme;
 use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::sync::watch;
 
 use crate::clock::Clock;
@@ -25,6 +26,15 @@ pub struct Installed {
     pub not_before: i64,
     /// Unix seconds.
     pub not_after: i64,
+    /// SHA-256 fingerprint of the intermediate that issued the leaf (the chain's second
+    /// certificate), when the chain carries one: a root rotation asks proxies whose leaf is
+    /// not from the new intermediate to renew early.
+    pub issuer: Option<String>,
+}
+
+/// The fingerprint of the certificate after the leaf, if any.
+pub fn issuer_fingerprint(chain: &[CertificateDer<'_>]) -> Option<String> {
+    chain.get(1).map(|c| sha256_fingerprint(c))
 }
 
 impl Installed {
@@ -35,6 +45,7 @@ impl Installed {
     ) -> Result<Self, String> {
         let leaf = chain.first().ok_or("the chain is empty")?;
         let info = check_leaf_profile(leaf).map_err(|e| e.to_string())?;
+        let issuer = issuer_fingerprint(&chain);
         let key = certified_key(chain, key).map_err(|e| e.to_string())?;
         Ok(Installed {
             key: Arc::new(key),
@@ -42,6 +53,7 @@ impl Installed {
             serial: info.serial,
             not_before: info.not_before.unix_timestamp(),
             not_after: info.not_after.unix_timestamp(),
+            issuer,
         })
     }
 }
@@ -54,6 +66,7 @@ impl std::fmt::Debug for Installed {
             .field("serial", &self.serial)
             .field("not_before", &self.not_before)
             .field("not_after", &self.not_after)
+            .field("issuer", &self.issuer)
             .finish_non_exhaustive()
     }
 }
@@ -107,6 +120,23 @@ impl CertStore {
             .filter(|c| c.not_before <= now && now < c.not_after)
     }
 
+    /// Whether there is a valid leaf and it chains to `roots` (a bundle just adopted).
+    pub fn leaf_chains_to(&self, roots: &[CertificateDer<'static>]) -> bool {
+        let Some(current) = self.valid() else {
+            return false;
+        };
+        let Ok(store) = root_store(roots) else {
+            return false;
+        };
+        let now = UnixTime::since_unix_epoch(
+            self.clock
+                .now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        verify_workload_chain(Arc::new(store), &current.key.cert, now).is_ok()
+    }
+
     fn valid_key(&self) -> Option<Arc<CertifiedKey>> {
         self.valid().map(|c| c.key.clone())
     }
@@ -149,6 +179,7 @@ mod tests {
             serial: "01".into(),
             not_before: 0,
             not_after,
+            issuer: None,
         }
     }
 
@@ -168,5 +199,25 @@ mod tests {
             .expect("woken by the install")
             .unwrap();
         assert!(store.valid().is_some());
+    }
+
+    #[test]
+    fn a_leaf_chains_only_to_the_roots_of_its_authority() {
+        let (old, new) = (
+            palisade_testkit::pki::Authority::new("old"),
+            palisade_testkit::pki::Authority::new("new"),
+        );
+        let store = CertStore::new(Clock::system());
+        assert!(!store.leaf_chains_to(&[old.root_der()]), "no leaf at all");
+        let leaf = old.leaf("spiffe://cluster.local/ns/shop/sa/web");
+        let installed = Installed::from_chain(leaf.chain.clone(), leaf.key()).unwrap();
+        assert_eq!(
+            installed.issuer.as_deref(),
+            Some(sha256_fingerprint(old.intermediate.der()).as_str())
+        );
+        store.install(installed);
+        assert!(store.leaf_chains_to(&[old.root_der()]));
+        assert!(store.leaf_chains_to(&[new.root_der(), old.root_der()]));
+        assert!(!store.leaf_chains_to(&[new.root_der()]));
     }
 }

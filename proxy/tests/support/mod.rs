@@ -4,4 +4,5 @@
 
 pub mod fake_ca;
 pub mod fake_mesh;
+pub mod identity_rig;
 pub mod rig;
