@@ -7,6 +7,10 @@
 //! `max_destinations` the least recently used one is dropped, so memory does not grow with
 //! the size of the cluster. Answers survive a control-plane outage: the last state keeps
 //! serving; only destinations never answered fail closed.
+//!
+//! The watch also carries the proxy's side of a root rotation: its connection presents the
+//! current leaf and its query names the roots trusted now (`root=`), so it is reopened when
+//! either changes; its messages may bring a new trust bundle or ask for an early renewal.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -16,14 +20,16 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use palisade_ca_api::SpiffeId;
+use palisade_ca_api::cert::sha256_fingerprint;
 use palisade_ca_api::policy::InboundPolicy;
 use palisade_ca_api::wire::{
-    Destination, MAX_WATCH_DESTINATIONS, ServiceAnswer, WatchMessage, WatchQuery,
+    Destination, MAX_WATCH_DESTINATIONS, MAX_WATCH_ROOTS, ServiceAnswer, WatchMessage, WatchQuery,
 };
 use tokio::sync::{Notify, watch};
 
-use crate::identity::backoff;
+use crate::identity::{CertStore, EarlyRenewal, backoff};
 use crate::source::MeshWatcher;
+use crate::tls::{Offer, TrustBundle, parse_pem_list};
 
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
@@ -197,6 +203,15 @@ impl DestinationTable {
     }
 }
 
+/// The proxy's own credentials as the watch concerns them: the leaf is the watch
+/// connection's client certificate, the roots are its `root=` fingerprints, and a message may
+/// bring a new trust bundle or ask for an early renewal.
+pub struct Credentials {
+    pub store: Arc<CertStore>,
+    pub bundle: Arc<TrustBundle>,
+    pub early: Arc<EarlyRenewal>,
+}
+
 /// The proxy's view of the control plane.
 pub struct MeshView {
     config: MeshConfig,
@@ -205,6 +220,11 @@ pub struct MeshView {
     table: Mutex<DestinationTable>,
     changed: watch::Sender<u64>,
     interest: Notify,
+    /// Absent for a proxy without a control plane for its identity (static certificates).
+    credentials: Option<Credentials>,
+    /// Digest of the trust bundle last refused, so that the refusal is logged once, not with
+    /// every message.
+    refused_bundle: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for MeshView {
@@ -224,7 +244,15 @@ impl MeshView {
             first_message: AtomicBool::new(false),
             changed: watch::channel(0).0,
             interest: Notify::new(),
+            credentials: None,
+            refused_bundle: Mutex::new(None),
         }
+    }
+
+    /// The view of a proxy whose identity the control plane manages.
+    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = Some(credentials);
+        self
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, DestinationTable> {
@@ -249,6 +277,62 @@ impl MeshView {
         self.table().apply(&message.destinations);
         self.first_message.store(true, Ordering::Release);
         self.changed.send_modify(|v| *v = message.version);
+        if let Some(credentials) = &self.credentials {
+            self.offer_trust_bundle(credentials, &message.trust_bundle);
+            if let Some(renew) = &message.renew {
+                credentials.early.directive(renew);
+            }
+        }
+    }
+
+    /// A trust bundle on the watch: adopted at once under the rule of the certificate answers
+    /// ([`TrustBundle::judge_offer`]); refused or unreadable, it is logged once and the current
+    /// bundle stays. An adoption changes the roots of the query, so the watch is reopened.
+    fn offer_trust_bundle(&self, credentials: &Credentials, pems: &[String]) {
+        if pems.is_empty() {
+            return;
+        }
+        let mut refused = self
+            .refused_bundle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let digest = sha256_fingerprint(pems.concat().as_bytes());
+        let first_refusal = refused.as_deref() != Some(digest.as_str());
+        let offered = match parse_pem_list(pems) {
+            Ok(offered) => offered,
+            Err(e) => {
+                if first_refusal {
+                    tracing::warn!(error = %e,
+                        "the mesh watch sent a trust bundle that is not valid PEM; keeping the current bundle");
+                    *refused = Some(digest);
+                }
+                return;
+            }
+        };
+        match credentials.bundle.judge_offer(offered) {
+            Offer::Keep => *refused = None,
+            Offer::Adopt(roots) => {
+                *refused = None;
+                if let Err(e) = credentials.bundle.replace(roots.clone()) {
+                    tracing::warn!(error = %e,
+                        "the mesh watch sent an unusable trust bundle; keeping the current bundle");
+                    return;
+                }
+                tracing::info!(
+                    roots = roots.len(),
+                    "trust bundle from the mesh watch adopted"
+                );
+                credentials.early.unless_leaf_chains_to(&roots);
+            }
+            Offer::Refuse => {
+                if first_refusal {
+                    tracing::warn!(
+                        "the mesh watch sent a trust bundle that shares no root with the current one; keeping the current bundle"
+                    );
+                    *refused = Some(digest);
+                }
+            }
+        }
     }
 
     /// Installs an inbound policy directly (tests and the demo without a control plane).
@@ -270,8 +354,19 @@ impl MeshView {
         WatchQuery {
             pod_ip: self.config.pod_ip,
             destinations: self.table().wanted(),
-            roots: Vec::new(),
+            roots: self.roots(),
         }
+    }
+
+    /// The fingerprints of the roots trusted now, as the query says them. A bundle never holds
+    /// more than the watch accepts; if one did, the watch would still open.
+    fn roots(&self) -> Vec<String> {
+        let Some(credentials) = &self.credentials else {
+            return Vec::new();
+        };
+        let mut roots = credentials.bundle.fingerprints();
+        roots.truncate(MAX_WATCH_ROOTS);
+        roots
     }
 
     /// What the control plane says about `ip`, waiting at most `wait` for a first answer.
@@ -299,15 +394,66 @@ impl MeshView {
     }
 }
 
-/// Keeps one watch open with what `state` needs, reopening it when that grows and retrying
-/// with capped backoff when the control plane is away. Returns when `shutdown` turns true.
+/// What, besides new destinations, makes the watch reopen: a new leaf (the CA reads it from
+/// the connection) and new roots (the query names them).
+struct Reopen {
+    store: Option<Arc<CertStore>>,
+    installs: Option<watch::Receiver<u64>>,
+    roots: Option<watch::Receiver<u64>>,
+}
+
+impl Reopen {
+    fn new(credentials: Option<&Credentials>) -> Self {
+        Reopen {
+            store: credentials.map(|c| c.store.clone()),
+            installs: credentials.map(|c| c.store.installs()),
+            roots: credentials.map(|c| c.bundle.changes()),
+        }
+    }
+
+    /// Before a watch is opened: what happened so far is what it will carry.
+    fn opening(&mut self) {
+        for rx in [&mut self.installs, &mut self.roots].into_iter().flatten() {
+            rx.borrow_and_update();
+        }
+    }
+
+    fn has_valid_leaf(&self) -> bool {
+        self.store.as_ref().is_some_and(|s| s.valid().is_some())
+    }
+
+    /// A watch opened while the proxy had no valid leaf could only be opened (it needs mTLS)
+    /// once one arrived: it carries that one, so its install is no reason to reopen. Without
+    /// this, every start-up would open its watch twice.
+    fn opened(&mut self, had_valid_leaf: bool) {
+        if !had_valid_leaf && let Some(rx) = &mut self.installs {
+            rx.borrow_and_update();
+        }
+    }
+}
+
+/// The next change on `rx`; never, without one.
+async fn next_change(rx: &mut Option<watch::Receiver<u64>>) {
+    if let Some(rx) = rx
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
+/// Keeps one watch open with what `state` needs, reopening it when that grows (or the
+/// proxy's leaf or roots change) and retrying with capped backoff when the control plane is
+/// away. Returns when `shutdown` turns true.
 pub async fn run_watch(
     state: Arc<MeshView>,
     source: Arc<dyn MeshWatcher>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut attempt: u32 = 0;
+    let mut reopen = Reopen::new(state.credentials.as_ref());
     loop {
+        reopen.opening();
         let query = state.query();
         if query.pod_ip.is_none() && query.destinations.is_empty() {
             tokio::select! {
@@ -316,29 +462,38 @@ pub async fn run_watch(
             }
         }
         let failed = tokio::select! {
-            failed = follow(&state, source.as_ref(), &query, &mut attempt) => failed,
+            failed = follow(&state, source.as_ref(), &query, &mut attempt, &mut reopen) => failed,
             _ = shutdown.wait_for(|s| *s) => return,
         };
         if failed {
             let wait = backoff(attempt, state.config.backoff_base, state.config.backoff_cap);
             attempt = attempt.saturating_add(1);
+            // A new leaf or new roots may be what the CA was refusing: try them at once.
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = next_change(&mut reopen.installs) => {}
+                _ = next_change(&mut reopen.roots) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
         }
     }
 }
 
-/// Follows one watch until it fails (true) or must be reopened with a new query (false).
+/// Follows one watch until it fails (true) or must be reopened (false): with a new query, or
+/// with the same one over a connection that presents a new certificate.
 async fn follow(
     state: &MeshView,
     source: &dyn MeshWatcher,
     query: &WatchQuery,
     attempt: &mut u32,
+    reopen: &mut Reopen,
 ) -> bool {
+    let had_valid_leaf = reopen.has_valid_leaf();
     let mut stream = match source.watch(query).await {
-        Ok(s) => s,
+        Ok(s) => {
+            reopen.opened(had_valid_leaf);
+            s
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot open the mesh watch; keeping the last known state");
             return true;
@@ -363,6 +518,16 @@ async fn follow(
             _ = state.interest.notified() => {
                 tokio::time::sleep(state.config.debounce).await;
                 if state.query() != *query {
+                    return false;
+                }
+            }
+            _ = next_change(&mut reopen.installs) => {
+                tracing::debug!("a new certificate is installed: reopening the mesh watch so that the CA sees it");
+                return false;
+            }
+            _ = next_change(&mut reopen.roots) => {
+                if state.query() != *query {
+                    tracing::debug!("the trust bundle changed: reopening the mesh watch to confirm it");
                     return false;
                 }
             }

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::datapath::Limits;
 use crate::identity::{CertStore, EarlyRenewal, Identity, IdentityConfig};
 use crate::inbound::InboundTarget;
-use crate::mesh::{MeshConfig, MeshView};
+use crate::mesh::{Credentials, MeshConfig, MeshView};
 use crate::metrics::Metrics;
 use crate::outbound::OutboundTarget;
 use crate::tls::TrustBundle;
@@ -77,15 +77,22 @@ pub async fn start(config: &Config) -> anyhow::Result<Bound> {
         source: source.clone(),
         metrics: metrics.clone(),
         clock,
-        early,
+        early: early.clone(),
     });
-    let mesh = Arc::new(MeshView::new(MeshConfig {
-        pod_ip: Some(config.pod_ip),
-        max_destinations: config.max_destinations,
-        backoff_base: Duration::from_millis(200),
-        backoff_cap: Duration::from_secs(5),
-        ..MeshConfig::default()
-    }));
+    let mesh = Arc::new(
+        MeshView::new(MeshConfig {
+            pod_ip: Some(config.pod_ip),
+            max_destinations: config.max_destinations,
+            backoff_base: Duration::from_millis(200),
+            backoff_cap: Duration::from_secs(5),
+            ..MeshConfig::default()
+        })
+        .with_credentials(Credentials {
+            store: store.clone(),
+            bundle: bundle.clone(),
+            early,
+        }),
+    );
     let bound = crate::app::start(
         settings(config),
         Parts {

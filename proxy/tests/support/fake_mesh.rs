@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use palisade_ca_api::policy::InboundPolicy;
-use palisade_ca_api::wire::{Destination, WatchMessage, WatchMessageKind, WatchQuery};
+use palisade_ca_api::wire::{
+    Destination, RenewRequest, WatchMessage, WatchMessageKind, WatchQuery,
+};
 use palisade_proxy::source::{BoxFuture, MeshWatcher, SourceError, WatchEvents};
 use tokio::sync::watch;
 
@@ -16,6 +18,8 @@ pub struct FakeMesh {
     pub queries: Mutex<Vec<WatchQuery>>,
     inbound: Mutex<Option<InboundPolicy>>,
     destinations: Mutex<HashMap<IpAddr, Destination>>,
+    trust_bundle: Mutex<Vec<String>>,
+    renew: Mutex<Option<RenewRequest>>,
     version: watch::Sender<u64>,
     /// Bumped to break every open stream.
     generation: watch::Sender<u64>,
@@ -28,6 +32,8 @@ impl FakeMesh {
             queries: Mutex::new(Vec::new()),
             inbound: Mutex::new(None),
             destinations: Mutex::new(HashMap::new()),
+            trust_bundle: Mutex::new(Vec::new()),
+            renew: Mutex::new(None),
             version: watch::channel(1).0,
             generation: watch::channel(0).0,
         })
@@ -40,6 +46,23 @@ impl FakeMesh {
 
     pub fn set_destination(&self, d: Destination) {
         self.destinations.lock().unwrap().insert(d.address, d);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// The trust bundle every message carries from now on (PEM texts; empty: none).
+    pub fn set_trust_bundle(&self, pems: Vec<String>) {
+        *self.trust_bundle.lock().unwrap() = pems;
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// The early-renewal request every message carries from now on.
+    pub fn set_renew(&self, renew: Option<RenewRequest>) {
+        *self.renew.lock().unwrap() = renew;
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Sends every open watch an update with nothing new in it.
+    pub fn touch(&self) {
         self.version.send_modify(|v| *v += 1);
     }
 
@@ -70,8 +93,8 @@ impl FakeMesh {
                 .iter()
                 .map(|ip| dests.get(ip).cloned().unwrap_or(Destination::unmeshed(*ip)))
                 .collect(),
-            trust_bundle: Vec::new(),
-            renew: None,
+            trust_bundle: self.trust_bundle.lock().unwrap().clone(),
+            renew: self.renew.lock().unwrap().clone(),
         }
     }
 }
