@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminState};
 use crate::datapath::{DataPath, Limits, accept_loop};
 use crate::drain::Drain;
-use crate::identity::{CertStore, Identity, run_rotation};
+use crate::identity::{CertStore, Identity, run_rotation, watch_anchors};
 use crate::inbound::{self, InboundTarget};
 use crate::mesh::{MeshView, run_watch};
 use crate::metrics::{Direction, Metrics};
@@ -192,6 +192,13 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
         },
     )));
     if let Some(identity) = parts.identity.clone() {
+        if let Some(anchors) = identity.config.trust_anchors.clone() {
+            tasks.push(tokio::spawn(watch_anchors(
+                anchors,
+                identity.clone(),
+                drain.background_stop(),
+            )));
+        }
         tasks.push(tokio::spawn(run_rotation(
             identity,
             drain.background_stop(),

@@ -13,7 +13,9 @@ use crate::ca_client::{CaEndpoint, CaSource};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::datapath::Limits;
-use crate::identity::{CertStore, EarlyRenewal, Identity, IdentityConfig};
+use crate::identity::{
+    ANCHORS_POLL_INTERVAL, AnchorsFile, CertStore, EarlyRenewal, Identity, IdentityConfig,
+};
 use crate::inbound::InboundTarget;
 use crate::mesh::{Credentials, MeshConfig, MeshView};
 use crate::metrics::Metrics;
@@ -47,7 +49,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// until [`Bound::shutdown`] (or `POST /shutdown`), and [`Bound::wait`] waits for its drain.
 /// Several proxies can run in one process this way (the `palisade demo`).
 pub async fn start(config: &Config) -> anyhow::Result<Bound> {
-    let bundle = Arc::new(trust_bundle(config)?);
+    let (bundle, anchors_loaded) = trust_bundle(config)?;
+    let bundle = Arc::new(bundle);
     let clock = Clock::system();
     let store = Arc::new(CertStore::new(clock.clone()));
     let early = Arc::new(EarlyRenewal::new(store.clone()));
@@ -71,6 +74,11 @@ pub async fn start(config: &Config) -> anyhow::Result<Bound> {
             ttl_seconds: config.cert_ttl.map(|d| d.as_secs()),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(60),
+            trust_anchors: Some(AnchorsFile {
+                path: config.trust_anchors.clone(),
+                poll: ANCHORS_POLL_INTERVAL,
+                loaded: anchors_loaded,
+            }),
         },
         store: store.clone(),
         bundle: bundle.clone(),
@@ -117,15 +125,17 @@ pub async fn start(config: &Config) -> anyhow::Result<Bound> {
     Ok(bound)
 }
 
-/// The mesh's roots from `PALISADE_TRUST_ANCHORS` (the palisade-trust-anchors ConfigMap).
-fn trust_bundle(config: &Config) -> anyhow::Result<TrustBundle> {
+/// The mesh's roots from `PALISADE_TRUST_ANCHORS` (the palisade-trust-anchors ConfigMap), and
+/// the file's content, from which the anchors poller looks for changes.
+fn trust_bundle(config: &Config) -> anyhow::Result<(TrustBundle, Vec<u8>)> {
     let path = config.trust_anchors.display();
     let anchors_pem = std::fs::read_to_string(&config.trust_anchors)
         .with_context(|| format!("cannot read PALISADE_TRUST_ANCHORS={path}"))?;
     let anchors = parse_pem_certs(&anchors_pem)
         .with_context(|| format!("PALISADE_TRUST_ANCHORS={path} holds no usable certificate"))?;
-    TrustBundle::new(anchors)
-        .with_context(|| format!("PALISADE_TRUST_ANCHORS={path} is not a usable trust bundle"))
+    let bundle = TrustBundle::new(anchors)
+        .with_context(|| format!("PALISADE_TRUST_ANCHORS={path} is not a usable trust bundle"))?;
+    Ok((bundle, anchors_pem.into_bytes()))
 }
 
 /// Listeners, targets, limits and timeouts, as the configuration gives them.

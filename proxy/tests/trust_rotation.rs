@@ -1,22 +1,25 @@
 //! The proxy's side of a root or intermediate rotation: a bundle on the mesh watch adopted
 //! under the continuity rule and confirmed by reopening the watch with its roots, the watch
-//! reopened when a new certificate is installed, and early renewal when the CA asks for it.
+//! reopened when a new certificate is installed, early renewal when the CA asks for it, and
+//! recovery from a rewritten anchors file.
 
 mod support;
 
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_ca_api::cert::sha256_fingerprint;
-use palisade_ca_api::wire::RenewRequest;
 use palisade_ca_api::wire::WatchQuery;
-use palisade_proxy::identity::{CertStore, run_rotation};
+use palisade_ca_api::wire::{CertificateResponse, RenewRequest};
+use palisade_proxy::identity::{CertStore, run_rotation, watch_anchors};
 use palisade_proxy::mesh::{Credentials, MeshConfig, MeshView, run_watch};
 use palisade_proxy::source::{BoxFuture, MeshWatcher, SourceError, WatchEvents};
 use palisade_testkit::pki::Authority;
+use support::fake_ca::Answer;
 use support::fake_mesh::FakeMesh;
-use support::identity_rig::{Rig, rig};
+use support::identity_rig::{ME, Rig, rig, rig_with_anchors};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -240,4 +243,76 @@ async fn a_renew_request_naming_the_own_issuer_changes_nothing() {
     tokio::time::sleep(Duration::from_secs(100)).await;
     assert_eq!(r.ca.requests(), 1);
     stop_all(stop, tasks).await;
+}
+
+/// Replaces `path` as the kubelet does: a new file, then a symlink swapped over the old one.
+fn kubelet_write(dir: &Path, path: &Path, content: &str) {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let data = dir.join(format!("data-{n}.pem"));
+    std::fs::write(&data, content).unwrap();
+    let link = dir.join(format!("link-{n}"));
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    std::fs::rename(&link, path).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rewritten_anchors_file_replaces_the_bundle_and_renews_when_the_leaf_is_left_out() {
+    let poll = Duration::from_secs(5);
+    let r = rig_with_anchors(Some(poll));
+    let anchors = r.identity.config.trust_anchors.clone().unwrap();
+    let old = &r.ca.authority;
+    let next = Arc::new(Authority::new("next"));
+    let (stop, stopped) = watch::channel(false);
+    let rotation = tokio::spawn(run_rotation(r.identity.clone(), stopped.clone()));
+    let poller = tokio::spawn(watch_anchors(anchors.clone(), r.identity.clone(), stopped));
+    tokio::time::sleep(ms(10)).await;
+    assert_eq!(r.ca.requests(), 1);
+
+    // The CA has moved to the next root, missed by this proxy: it signs from there.
+    let clock = r.identity.clock.clone();
+    let ca_next = next.clone();
+    r.ca.set_default(Answer::Custom(Box::new(move |csr| CertificateResponse {
+        spiffe_id: ME.into(),
+        certificate_chain: vec![
+            ca_next.sign_csr(csr, clock.now(), Duration::from_secs(3600), None),
+            ca_next.intermediate.pem(),
+        ],
+        trust_bundle: vec![ca_next.root_pem()],
+        expires_at: String::new(),
+    })));
+
+    // Unusable content is ignored.
+    kubelet_write(r.dir.path(), &anchors.path, "not a certificate");
+    tokio::time::sleep(poll + ms(500)).await;
+    assert_eq!(*r.identity.bundle.ders(), vec![old.root_der()]);
+
+    // Both roots: adopted; the leaf still chains, so no renewal.
+    kubelet_write(
+        r.dir.path(),
+        &anchors.path,
+        &format!("{}{}", old.root_pem(), next.root_pem()),
+    );
+    tokio::time::sleep(poll).await;
+    assert_eq!(
+        *r.identity.bundle.ders(),
+        vec![old.root_der(), next.root_der()]
+    );
+    assert_eq!(r.ca.requests(), 1);
+
+    // The next root alone: adopted as it is, and the leaf of the old root is renewed at once.
+    kubelet_write(r.dir.path(), &anchors.path, &next.root_pem());
+    tokio::time::sleep(poll).await;
+    assert_eq!(r.ca.requests(), 2);
+    assert_eq!(*r.identity.bundle.ders(), vec![next.root_der()]);
+    let leaf = r.identity.store.valid().unwrap();
+    assert_eq!(
+        leaf.issuer.as_deref(),
+        Some(sha256_fingerprint(next.intermediate.der()).as_str())
+    );
+    assert!(r.identity.store.leaf_chains_to(&[next.root_der()]));
+
+    stop.send(true).unwrap();
+    rotation.await.unwrap();
+    poller.await.unwrap();
 }

@@ -15,6 +15,7 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA25
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use tokio::sync::watch;
 
+use super::anchors::AnchorsFile;
 use super::early::EarlyRenewal;
 use super::schedule::{backoff, renew_at};
 use super::store::{CertStore, Installed, issuer_fingerprint};
@@ -31,6 +32,8 @@ pub struct IdentityConfig {
     pub ttl_seconds: Option<u64>,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// Polled for new roots when present (`PALISADE_TRUST_ANCHORS`).
+    pub trust_anchors: Option<AnchorsFile>,
 }
 
 #[derive(Debug, thiserror::Error)]
