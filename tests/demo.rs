@@ -144,7 +144,8 @@ fn the_demo_shows_allowed_and_denied_calls_and_a_rotation_then_exits() {
         .map(|(_, rest)| rest)
         .unwrap_or_else(|| panic!("no intermediate rotation section in:\n{out}"));
     let phases = row(intermediate, "phases:");
-    for phase in ["issuing", "retiring", "→ idle"] {
+    // `retiring` lasts one step of the CA (a second) and may fall between two samples.
+    for phase in ["issuing", "→ idle"] {
         assert!(phases.contains(phase), "{phases:?} lacks {phase}:\n{out}");
     }
     assert!(

@@ -29,7 +29,7 @@ const TTL: &str = "60s";
 
 /// Lines every load script prints: `ok`, or `fail <curl exit code>`, then `done`.
 const NEW_CONNECTIONS: &str = r#"i=0
-while [ $i -lt 5000 ] && [ ! -e "$STOP" ]; do
+while [ $i -lt 20000 ] && [ ! -e "$STOP" ]; do
   i=$((i+1))
   if curl -s -f --max-time 5 -o /dev/null "$URL"; then echo ok; else echo "fail $?"; fi
   sleep 0.05
@@ -132,7 +132,12 @@ fn rotate(node: &Node, kind: &str) -> String {
 /// of the leaf, the intermediate and the key.
 fn request_leaf(node: &Node, sa: &str, bundle: &Path, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
     let key = rcgen::KeyPair::generate().unwrap();
-    let request = serde_json::json!({"csr": palisade_testkit::pki::csr_pem(&key, vec![])});
+    // An hour: the leaf kept from before the rotation must still be valid after it, so that
+    // only its retired root can make the proxy refuse it.
+    let request = serde_json::json!({
+        "csr": palisade_testkit::pki::csr_pem(&key, vec![]),
+        "ttl_seconds": 3600,
+    });
     let body = write_shared(node, &format!("{tag}-request.json"), &request.to_string());
     let token = node
         .in_node(&[
@@ -320,6 +325,13 @@ fn a_root_and_an_intermediate_rotation_under_load_lose_nothing() {
     node.kill_ca();
     node.start_ca(TTL);
     wait_idle(&node, "120s");
+    // Requests still flow after both rotations.
+    let before_stop = node.log("load-new").lines().filter(|l| *l == "ok").count();
+    wait_for(
+        "requests after the rotations",
+        Duration::from_secs(20),
+        || node.log("load-new").lines().filter(|l| *l == "ok").count() >= before_stop + 20,
+    );
 
     fs::write(&stop, "").unwrap();
     wait_for("the load to stop", Duration::from_secs(30), || {

@@ -58,32 +58,39 @@ fn rotation_status(ca: &Ca, status: StatusCode) -> AdminResponse {
 /// refused with why.
 async fn start_rotation(ca: &Ca, path: &str, peer: std::net::SocketAddr) -> AdminResponse {
     let kind = match path {
-        "/rotation/root" => Kind::Root,
-        "/rotation/intermediate" => Kind::Intermediate,
+        "/rotation/root" => Some(Kind::Root),
+        "/rotation/intermediate" => Some(Kind::Intermediate),
+        "/rotation/abort" => None,
         _ => {
             return admin_http::text(
                 StatusCode::NOT_FOUND,
-                "POST /rotation/root or /rotation/intermediate\n",
+                "POST /rotation/root, /rotation/intermediate or /rotation/abort\n",
             );
         }
     };
-    if !peer.ip().is_loopback() {
+    // An IPv4 caller of a `[::]` listener arrives as ::ffff:127.0.0.1.
+    if !peer.ip().to_canonical().is_loopback() {
         return admin_http::text(
             StatusCode::FORBIDDEN,
             "rotations start from inside the CA's pod only: kubectl exec into it and run `palisade-ca rotate root|intermediate`\n",
         );
     }
-    match ca
-        .rotation
-        .begin(kind, Trigger::Manual, time::OffsetDateTime::now_utc())
-    {
+    let started = match kind {
+        Some(kind) => ca
+            .rotation
+            .begin(kind, Trigger::Manual, time::OffsetDateTime::now_utc()),
+        None => ca.rotation.abort(),
+    };
+    match started {
         Ok(transition) => {
             ca.audit.rotation(&transition).await;
             rotation_status(ca, StatusCode::ACCEPTED)
         }
-        Err(e @ RotationError::Running { .. }) => {
-            admin_http::text(StatusCode::CONFLICT, format!("{e}\n"))
-        }
+        Err(
+            e @ (RotationError::Running { .. }
+            | RotationError::TooLateToAbort(_)
+            | RotationError::NothingToAbort),
+        ) => admin_http::text(StatusCode::CONFLICT, format!("{e}\n")),
         Err(e @ RotationError::Unsupported(_)) => {
             admin_http::text(StatusCode::NOT_IMPLEMENTED, format!("{e}\n"))
         }

@@ -420,8 +420,7 @@ fn watch(
     }
     // The stream lives no longer than the certificate that opened it: the proxy reopens it
     // with its renewed one.
-    let not_after = palisade_ca_api::cert::serial_and_validity(&chain[0])
-        .map(|(_, _, not_after)| not_after)
+    let (_, not_before, not_after) = palisade_ca_api::cert::serial_and_validity(&chain[0])
         .map_err(|e| untrusted(e.to_string()))?;
     let lives_for = (not_after - time::OffsetDateTime::now_utc())
         .try_into()
@@ -438,6 +437,7 @@ fn watch(
         owner: owner.clone(),
         roots: query.roots.clone(),
         leaf_issuer: ca.rotation.issuer_of(&chain[0]),
+        leaf_not_before: not_before.unix_timestamp(),
         leaf_not_after: not_after.unix_timestamp(),
     });
     tracing::debug!(peer.id = %id, destinations = query.destinations.len(), "mesh watch opened");

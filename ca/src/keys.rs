@@ -78,6 +78,10 @@ pub enum KeyError {
     Incomplete { file: PathBuf, missing: PathBuf },
     #[error("cannot create keys: {0}")]
     Generate(String),
+    #[error(
+        "{missing} is missing while {record} records a rotation under way: restore it, or remove {record} and the next-* files to abandon the rotation (the current root and intermediate stay in use)"
+    )]
+    RotationIncomplete { record: PathBuf, missing: PathBuf },
 }
 
 /// Where the signing keys come from.
@@ -168,7 +172,8 @@ impl KeyStore for DirStore {
         let path = self.0.join(name);
         match fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(KeyError::Write(path, e)),
-            _ => Ok(()),
+            Err(_) => Ok(()),
+            Ok(()) => sync_parent(&path).map_err(|e| KeyError::Write(path, e)),
         }
     }
 }
@@ -582,7 +587,17 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyError>
         .map_err(err)?;
     f.write_all(contents).map_err(err)?;
     f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    fs::rename(&tmp, path).map_err(err)?;
+    sync_parent(path).map_err(err)
+}
+
+/// Makes a rename or removal in `path`'s directory durable, so that what is written after it
+/// (a rotation's record after its keys) never lands first.
+pub(crate) fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -64,6 +64,11 @@ enum RotateCommand {
         #[command(flatten)]
         admin: AdminAddr,
     },
+    /// Abandon a root rotation that is still trusting (the bundle goes back to the old root).
+    Abort {
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
     /// Where the rotation stands. Exits 0 when idle, 1 otherwise (naming the lagging proxies).
     Status {
         #[command(flatten)]
@@ -419,10 +424,20 @@ fn rotate(command: RotateCommand) -> anyhow::Result<()> {
             Ok(())
         }
         RotateCommand::Root { admin, .. } => {
-            started(rotation_cli::start(admin.admin_addr, Kind::Root)?)
+            started(Kind::Root, rotation_cli::post(admin.admin_addr, "root")?)
         }
-        RotateCommand::Intermediate { admin } => {
-            started(rotation_cli::start(admin.admin_addr, Kind::Intermediate)?)
+        RotateCommand::Intermediate { admin } => started(
+            Kind::Intermediate,
+            rotation_cli::post(admin.admin_addr, "intermediate")?,
+        ),
+        RotateCommand::Abort { admin } => {
+            let status = rotation_cli::post(admin.admin_addr, "abort")?;
+            println!(
+                "root rotation abandoned: phase {}, trusted roots {}",
+                status.phase,
+                status.trusted_roots.join(", ")
+            );
+            Ok(())
         }
         RotateCommand::Status { admin, json, wait } => {
             let status = match wait {
@@ -442,14 +457,27 @@ fn rotate(command: RotateCommand) -> anyhow::Result<()> {
     }
 }
 
-fn started(status: palisade_ca::rotation::RotationStatus) -> anyhow::Result<()> {
-    let new_root = status
-        .trusted_roots
-        .iter()
-        .find(|r| **r != status.issuing_root)
-        .unwrap_or(&status.issuing_root);
+fn started(
+    kind: palisade_ca::rotation::Kind,
+    status: palisade_ca::rotation::RotationStatus,
+) -> anyhow::Result<()> {
     println!("rotation started: phase {}", status.phase);
-    println!("new root (SHA-256): {new_root}");
+    match kind {
+        palisade_ca::rotation::Kind::Root => {
+            let new_root = status
+                .trusted_roots
+                .iter()
+                .find(|r| **r != status.issuing_root)
+                .unwrap_or(&status.issuing_root);
+            println!("new root (SHA-256): {new_root}");
+        }
+        palisade_ca::rotation::Kind::Intermediate => {
+            println!(
+                "new intermediate (SHA-256): {}",
+                status.issuing_intermediate
+            );
+        }
+    }
     println!("follow it with: palisade-ca rotate status --wait 1h");
     Ok(())
 }

@@ -20,6 +20,7 @@ fn t0() -> OffsetDateTime {
 fn settings() -> Settings {
     Settings {
         settle: Duration::ZERO,
+        reconnect_grace: Duration::ZERO,
         max_leaf_lifetime: Duration::hours(1),
         ..Default::default()
     }
@@ -56,6 +57,7 @@ fn report(rotation: &Rotation, name: &str, roots: &[String], issuer: &str) {
         },
         roots: roots.to_vec(),
         leaf_issuer: Some(issuer.into()),
+        leaf_not_before: t0().unix_timestamp(),
         leaf_not_after: (t0() + Duration::days(1)).unix_timestamp(),
     });
 }
@@ -352,4 +354,111 @@ fn the_bundle_command_follows_the_phase() {
     step(&rotation, now);
     assert_eq!(rotation.status().phase, "retiring");
     assert_eq!(bundle(), 1);
+}
+
+#[test]
+fn a_restarted_ca_still_waits_for_the_proxies_it_heard_and_for_the_others_to_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = t0();
+    {
+        let rotation = open(dir.path(), now);
+        let before = rotation.status();
+        report(
+            &rotation,
+            "web",
+            std::slice::from_ref(&before.issuing_root),
+            &before.issuing_intermediate,
+        );
+        rotation.begin(Kind::Root, Trigger::Manual, now).unwrap();
+        assert_eq!(step(&rotation, now), "trusting");
+    }
+    // Nobody has reconnected yet, but web was heard before the restart: still lagging.
+    let rotation = open(dir.path(), now);
+    assert_eq!(step(&rotation, now), "trusting");
+    assert_eq!(rotation.status().proxies.lagging.len(), 1);
+    // With the reconnect grace, an empty hearing decides nothing either.
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path(), now)
+        .begin(Kind::Intermediate, Trigger::Manual, now)
+        .unwrap();
+    let graceful = Settings {
+        reconnect_grace: Duration::seconds(30),
+        ..settings()
+    };
+    let rotation = open_with(dir.path(), graceful, now).unwrap();
+    assert_eq!(step(&rotation, now + Duration::seconds(29)), "issuing");
+    assert_eq!(step(&rotation, now + Duration::seconds(30)), "retiring");
+}
+
+#[test]
+fn a_root_rotation_can_be_abandoned_while_trusting_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = t0();
+    let rotation = open(dir.path(), now);
+    let root = rotation.status().issuing_root;
+    assert!(
+        rotation
+            .abort()
+            .unwrap_err()
+            .to_string()
+            .contains("no rotation")
+    );
+    rotation.begin(Kind::Root, Trigger::Manual, now).unwrap();
+    rotation.abort().unwrap();
+    let status = rotation.status();
+    assert_eq!(
+        (status.phase.as_str(), status.trusted_roots.clone()),
+        ("idle", vec![root])
+    );
+    assert!(
+        file(dir.path(), "next-root.pem").is_none() && file(dir.path(), "rotation.json").is_none()
+    );
+    rotation.begin(Kind::Root, Trigger::Manual, now).unwrap();
+    step(&rotation, now);
+    let err = rotation.abort().unwrap_err().to_string();
+    assert!(
+        err.contains("issuing") && err.contains("only go forward"),
+        "{err}"
+    );
+}
+
+#[test]
+fn next_keys_are_private_and_a_missing_one_says_how_to_abandon_the_rotation() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let now = t0();
+    open(dir.path(), now)
+        .begin(Kind::Root, Trigger::Manual, now)
+        .unwrap();
+    for key in ["next-root-key.pem", "next-intermediate-key.pem"] {
+        let mode = std::fs::metadata(dir.path().join(key))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    std::fs::remove_file(dir.path().join("next-intermediate.pem")).unwrap();
+    let err = open_with(dir.path(), settings(), now)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("next-intermediate.pem is missing") && err.contains("remove"),
+        "{err}"
+    );
+    assert!(err.contains("abandon the rotation"), "{err}");
+}
+
+#[test]
+fn the_emergency_path_refuses_while_a_ca_holds_the_state_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = palisade_ca::rotation::keyset::lock_state_dir(dir.path()).unwrap();
+    let err = palisade_ca::rotation::cli::emergency_root(
+        dir.path(),
+        "cluster.local",
+        &Lifetimes::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("stop it first"), "{err}");
 }

@@ -214,6 +214,7 @@ impl World {
         config.allow_short_ttl_for_testing = true;
         // The demo's intermediate rotation: decided within a second, renewals spread over two.
         config.rotation.settle = time::Duration::seconds(1);
+        config.rotation.reconnect_grace = time::Duration::seconds(1);
         config.rotation.renew_window = time::Duration::seconds(2);
         config.audit_file = Some(dir.join("audit.log"));
         let ca = palisade_ca::server::start(config)

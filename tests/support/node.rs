@@ -323,7 +323,8 @@ impl Node {
             .arg(self.mesh_path())
             .args(["--auth", "local", "--cert-ttl", ttl])
             .args(["--listen", &listen])
-            .args(["--admin-listen", &format!("{ip}:15014")])
+            // All addresses, as in a pod: `palisade-ca rotate` talks to it over loopback.
+            .args(["--admin-listen", "0.0.0.0:15014"])
             .args(&self.ca_args)
             // PALISADE_TEST_CA_LOG (e.g. `debug,h2=debug`) when a failure needs more.
             .env(

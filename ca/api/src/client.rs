@@ -103,7 +103,13 @@ fn tls_config(
         .map_err(|e| ClientError::Http(e.to_string()))?
         .with_root_certificates(roots);
     let mut config = match client_cert {
-        Some(resolver) => builder.with_client_cert_resolver(resolver),
+        Some(resolver) => {
+            let mut config = builder.with_client_cert_resolver(resolver);
+            // A resumed TLS 1.3 session keeps the client certificate of the session it resumes:
+            // after a renewal the CA would go on seeing the old leaf, until it expires.
+            config.resumption = rustls::client::Resumption::disabled();
+            config
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];

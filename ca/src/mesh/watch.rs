@@ -10,7 +10,7 @@ use super::{Snapshot, Workload};
 use crate::rotation::TrustView;
 
 /// The identity a watch was opened with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Owner {
     pub namespace: String,
     pub service_account: String,

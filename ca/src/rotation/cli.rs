@@ -56,9 +56,9 @@ fn parse_status(body: &str) -> anyhow::Result<RotationStatus> {
         .map_err(|e| anyhow::anyhow!("the CA's /rotation answer is not understood ({e}): is the CA the same version as this command?"))
 }
 
-/// `palisade-ca rotate root|intermediate`: starts it; prints what the bundle holds now.
-pub fn start(addr: SocketAddr, kind: Kind) -> anyhow::Result<RotationStatus> {
-    let (status, body) = admin_request(addr, "POST", &format!("/rotation/{}", kind.as_str()))?;
+/// `palisade-ca rotate root|intermediate|abort`: `POST /rotation/<what>`; the status after it.
+pub fn post(addr: SocketAddr, what: &str) -> anyhow::Result<RotationStatus> {
+    let (status, body) = admin_request(addr, "POST", &format!("/rotation/{what}"))?;
     if status != 202 {
         anyhow::bail!("the CA refused ({status}): {}", body.trim());
     }
@@ -157,18 +157,31 @@ pub fn bundle_pem(state_dir: &Path) -> anyhow::Result<String> {
 }
 
 /// `rotate root --emergency`: with the CA stopped, replaces the root and intermediate at once
-/// (an expired or compromised root), abandoning any rotation under way. Returns the new root.
+/// (an expired or compromised root), abandoning any rotation under way. Written the way a
+/// rotation ends (the new set as `next-*`, a record in `retiring`, then promoted), so that an
+/// interrupted run is finished by the next start. Returns the new root.
 pub fn emergency_root(
     state_dir: &Path,
     trust_domain: &str,
     lifetimes: &Lifetimes,
 ) -> anyhow::Result<String> {
     std::fs::create_dir_all(state_dir)?;
+    let _lock = keyset::lock_state_dir(state_dir).map_err(anyhow::Error::msg)?;
     let mut store = DirStore(state_dir.to_path_buf());
     let now = OffsetDateTime::now_utc();
     let set = KeySet::generate_root(trust_domain, lifetimes, now)?;
     keyset::write_record(&mut store, None)?;
-    keyset::remove(&mut store, &NEXT)?;
-    set.save(&mut store, &CURRENT)?;
+    set.save(&mut store, &NEXT)?;
+    keyset::write_record(
+        &mut store,
+        Some(&super::Record {
+            kind: Kind::Root,
+            phase: Phase::Retiring,
+            trigger: super::Trigger::Manual,
+            started_at: now.unix_timestamp(),
+            phase_started_at: now.unix_timestamp(),
+        }),
+    )?;
+    keyset::promote(&mut store, now)?;
     Ok(cert_to_pem(&set.root))
 }

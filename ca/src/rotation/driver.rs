@@ -38,6 +38,12 @@ pub enum RotationError {
         "this CA cannot rotate its own keys: {0}. Rotate by hand as docs/rotation.md describes"
     )]
     Unsupported(&'static str),
+    #[error(
+        "the rotation is {0}: leaves of the new root are out, so it can only go forward (`palisade-ca rotate status`)"
+    )]
+    TooLateToAbort(&'static str),
+    #[error("no rotation is under way")]
+    NothingToAbort,
 }
 
 /// What every mesh watch carries besides the mesh state.
@@ -107,6 +113,12 @@ pub struct Rotation {
     metrics: Arc<Metrics>,
     /// Why this CA cannot rotate, when it cannot.
     unsupported: Option<&'static str>,
+    /// A rotation completed while the CA started, to be audited by [`run`].
+    finished_at_start: Mutex<Option<Transition>>,
+    /// The registry's change count when it was last saved.
+    saved_reports: std::sync::atomic::AtomicU64,
+    /// The state directory's lock, held while this CA runs.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 impl std::fmt::Debug for Rotation {
@@ -128,9 +140,19 @@ impl Rotation {
         now: OffsetDateTime,
     ) -> Result<Self, RotationError> {
         let mut record = keyset::read_record(&*store)?;
-        if record.as_ref().is_some_and(|r| r.phase == Phase::Retiring) {
-            keyset::promote(&mut *store, now)?;
+        let mut finished = None;
+        if let Some(r) = record.clone().filter(|r| r.phase == Phase::Retiring) {
+            let set = keyset::promote(&mut *store, now)?;
             tracing::info!("finished the rotation that was retiring when the CA stopped");
+            finished = Some(Transition {
+                kind: r.kind,
+                from: Phase::Retiring,
+                to: Phase::Idle,
+                trigger: r.trigger,
+                issuing_root: set.root_fingerprint(),
+                issuing_intermediate: set.intermediate_fingerprint(),
+                trusted_roots: vec![set.root_fingerprint()],
+            });
             record = None;
         }
         if record.is_none() && keyset::any_present(&*store, &NEXT)? {
@@ -157,8 +179,12 @@ impl Rotation {
             record,
             lagging_reported: false,
         };
+        let saved = match &keys.record {
+            Some(_) => keys.store.read(keyset::PROXIES_FILE, false)?,
+            None => None,
+        };
         let (authority, view) = build(&keys, &extra_roots, settings.renew_window)?;
-        Ok(Self::assemble(
+        let rotation = Self::assemble(
             Some(keys),
             authority,
             view,
@@ -168,7 +194,15 @@ impl Rotation {
             metrics,
             None,
             now,
-        ))
+        );
+        if let Some(text) = saved {
+            rotation.registry.restore(&text);
+        }
+        *rotation
+            .finished_at_start
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = finished;
+        Ok(rotation)
     }
 
     /// A CA whose keys are given (an operator's root or intermediate) or kept in a Secret:
@@ -230,7 +264,16 @@ impl Rotation {
             started_at: now.unix_timestamp(),
             metrics,
             unsupported,
+            finished_at_start: Mutex::new(None),
+            saved_reports: std::sync::atomic::AtomicU64::new(u64::MAX),
+            lock: Mutex::new(None),
         }
+    }
+
+    /// Keeps the state directory's lock for as long as this rotation lives.
+    pub fn hold(self, lock: std::fs::File) -> Self {
+        *self.lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(lock);
+        self
     }
 
     /// What signs now. Hold the `Arc` for one request: a swap never changes it mid-way.
@@ -302,7 +345,43 @@ impl Rotation {
         keys.next = Some(next);
         keys.record = Some(record);
         keys.lagging_reported = false;
-        self.apply(keys, Phase::Idle, phase)
+        self.apply(keys, Phase::Idle, phase, (kind, trigger))
+    }
+
+    /// Abandons a root rotation that is still `trusting` (nothing signed by the new root yet):
+    /// the new keys go, and the bundle is the old root alone again.
+    pub fn abort(&self) -> Result<Transition, RotationError> {
+        let mut guard = self.lock();
+        let Some(keys) = guard.as_mut() else {
+            return Err(RotationError::Unsupported(
+                self.unsupported.unwrap_or("its keys are not its own"),
+            ));
+        };
+        let record = match keys.record.clone() {
+            Some(r) if r.phase == Phase::Trusting => r,
+            Some(r) => return Err(RotationError::TooLateToAbort(r.phase.as_str())),
+            None => return Err(RotationError::NothingToAbort),
+        };
+        keyset::write_record(&mut *keys.store, None)?;
+        keyset::remove(&mut *keys.store, &NEXT)?;
+        keys.store.remove(keyset::PROXIES_FILE)?;
+        keys.next = None;
+        keys.record = None;
+        tracing::warn!("root rotation abandoned: the new root is removed from the bundle");
+        self.apply(
+            keys,
+            Phase::Trusting,
+            Phase::Idle,
+            (record.kind, Trigger::Manual),
+        )
+    }
+
+    /// The rotation finished while the CA started, once.
+    pub fn take_finished_at_start(&self) -> Option<Transition> {
+        self.finished_at_start
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// One look at the fleet and, when its condition holds, one move to the next phase.
@@ -329,8 +408,11 @@ impl Rotation {
                 None => Ok(None),
             };
         };
-        let settled = unix - record.phase_started_at.max(self.started_at)
-            >= self.settings.settle.whole_seconds();
+        self.save_reports(keys)?;
+        // Proxies reconnect within their backoff after a restart: nothing is decided on an
+        // empty hearing.
+        let settled = unix - record.phase_started_at >= self.settings.settle.whole_seconds()
+            && unix - self.started_at >= self.settings.reconnect_grace.whole_seconds();
         let next = match record.phase {
             Phase::Trusting if lagging.is_empty() && settled => Phase::Issuing,
             Phase::Trusting => {
@@ -362,14 +444,15 @@ impl Rotation {
                     kind = record.kind.as_str(),
                     "rotation complete: the previous keys are destroyed"
                 );
-                let mut done = self.apply(keys, Phase::Retiring, Phase::Idle)?;
-                done.kind = record.kind;
-                done.trigger = record.trigger;
-                return Ok(Some(done));
+                let why = (record.kind, record.trigger);
+                return self
+                    .apply(keys, Phase::Retiring, Phase::Idle, why)
+                    .map(Some);
             }
             Phase::Idle => return Ok(None),
         };
         let from = record.phase;
+        let why = (record.kind, record.trigger);
         let record = Record {
             phase: next,
             phase_started_at: unix,
@@ -377,7 +460,18 @@ impl Rotation {
         };
         keyset::write_record(&mut *keys.store, Some(&record))?;
         keys.record = Some(record);
-        self.apply(keys, from, next).map(Some)
+        self.apply(keys, from, next, why).map(Some)
+    }
+
+    /// Keeps what proxies reported with the keys while a rotation runs (when it changed).
+    fn save_reports(&self, keys: &mut Keys) -> Result<(), KeyError> {
+        use std::sync::atomic::Ordering;
+        let changes = self.registry.changes();
+        if self.saved_reports.swap(changes, Ordering::Relaxed) != changes {
+            keys.store
+                .write(keyset::PROXIES_FILE, &self.registry.save(), false)?;
+        }
+        Ok(())
     }
 
     /// Which rotation the schedule asks for now, if automation is on.
@@ -406,20 +500,25 @@ impl Rotation {
     }
 
     /// Swaps in the authority of `keys`' phase and tells every watch.
-    fn apply(&self, keys: &Keys, from: Phase, to: Phase) -> Result<Transition, RotationError> {
+    fn apply(
+        &self,
+        keys: &Keys,
+        from: Phase,
+        to: Phase,
+        (kind, trigger): (Kind, Trigger),
+    ) -> Result<Transition, RotationError> {
         let (authority, view) = build(keys, &self.extra_roots, self.settings.renew_window)?;
         self.metrics.set_keys(
             to,
             authority.root_not_after().unix_timestamp(),
             authority.intermediate_not_after().unix_timestamp(),
         );
-        let record = keys.record.as_ref();
         let (issuing, _) = keys.signing();
         let transition = Transition {
-            kind: record.map_or(Kind::Intermediate, |r| r.kind),
+            kind,
             from,
             to,
-            trigger: record.map_or(Trigger::Manual, |r| r.trigger),
+            trigger,
             issuing_root: issuing.root_fingerprint(),
             issuing_intermediate: issuing.intermediate_fingerprint(),
             trusted_roots: fingerprints(authority.roots()),
@@ -548,6 +647,9 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last_error = String::new();
+    if let Some(t) = rotation.take_finished_at_start() {
+        audit.rotation(&t).await;
+    }
     loop {
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}

@@ -17,6 +17,31 @@ use crate::keys::{
 
 /// The rotation's record; present only while a rotation runs.
 pub const ROTATION_FILE: &str = "rotation.json";
+/// What proxies reported, kept while a rotation runs so that a restart still waits for them.
+pub const PROXIES_FILE: &str = "rotation-proxies.json";
+/// Locked by the CA that serves from a state directory, so that an offline command (the
+/// emergency path) never rewrites keys under a running CA.
+pub const LOCK_FILE: &str = "ca.lock";
+
+/// Takes the state directory's lock, or says who holds it.
+pub fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "another palisade-ca is using {} (it holds {}): stop it first",
+            dir.display(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
 
 /// The entry names of one set.
 pub struct Names {
@@ -107,8 +132,8 @@ impl KeySet {
         let read = |name: &str, private: bool| -> Result<String, KeyError> {
             store
                 .read(name, private)?
-                .ok_or_else(|| KeyError::Incomplete {
-                    file: store.label(ROTATION_FILE),
+                .ok_or_else(|| KeyError::RotationIncomplete {
+                    record: store.label(ROTATION_FILE),
                     missing: store.label(name),
                 })
         };
@@ -257,5 +282,6 @@ pub fn promote(
     next.save(store, &CURRENT)?;
     write_record(store, None)?;
     remove(store, &NEXT)?;
+    store.remove(PROXIES_FILE)?;
     Ok(next)
 }

@@ -102,9 +102,11 @@ pub struct Settings {
     /// The longest leaf the CA issues: `issuing` ends at the latest this long (plus the
     /// back-dating) after it began, when no leaf of the previous intermediate can be valid.
     pub max_leaf_lifetime: Duration,
-    /// A phase waits at least this long after it began and after the CA started, so that
-    /// proxies reconnecting after a restart are heard before anything is decided.
+    /// A phase waits at least this long after it began before it moves on.
     pub settle: Duration,
+    /// Nothing moves until the CA has been up this long, so that proxies reconnecting after a
+    /// restart (their watch backoff is at most 10 s) are heard before anything is decided.
+    pub reconnect_grace: Duration,
 }
 
 impl Default for Settings {
@@ -117,6 +119,7 @@ impl Default for Settings {
             renew_window: Duration::minutes(5),
             max_leaf_lifetime: Duration::hours(24),
             settle: Duration::seconds(10),
+            reconnect_grace: Duration::seconds(30),
         }
     }
 }

@@ -4,6 +4,8 @@
 //! identity for a watch without one), replaced by the latest watch it opens; entries go when
 //! their leaf expires or their pod is no longer a workload of that identity. The size is
 //! bounded by the mesh: a watch with `pod_ip` is accepted only for that pod's own identity.
+//! During a rotation the entries are saved with the keys, so that a restarted CA still waits
+//! for the proxies it heard before.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -13,7 +15,7 @@ use crate::mesh::MeshState;
 use crate::mesh::watch::Owner;
 
 /// What one watch said when it opened.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WatchReport {
     pub pod_ip: Option<IpAddr>,
     /// `namespace/name` of the workload at `pod_ip`, when known.
@@ -25,21 +27,56 @@ pub struct WatchReport {
     /// Fingerprint of the intermediate that issued its leaf, when it is one of ours.
     pub leaf_issuer: Option<String>,
     /// Unix seconds.
+    pub leaf_not_before: i64,
+    /// Unix seconds.
     pub leaf_not_after: i64,
 }
 
 #[derive(Debug, Default)]
 pub struct ProxyRegistry {
     entries: Mutex<HashMap<String, WatchReport>>,
+    /// Grows with every change, so a saver knows when there is something new.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 impl ProxyRegistry {
+    /// Records a watch. A report never replaces one made with a newer leaf: a watch still
+    /// open with the leaf the proxy held before cannot undo what its renewed leaf said.
     pub fn report(&self, report: WatchReport) {
         let key = match report.pod_ip {
             Some(ip) => ip.to_string(),
             None => report.spiffe_id.clone(),
         };
-        self.lock().insert(key, report);
+        let mut entries = self.lock();
+        if entries
+            .get(&key)
+            .is_some_and(|e| e.leaf_not_before > report.leaf_not_before)
+        {
+            return;
+        }
+        entries.insert(key, report);
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The entries as JSON, to keep with the keys.
+    pub fn save(&self) -> String {
+        serde_json::to_string(&self.snapshot()).expect("reports serialize")
+    }
+
+    /// Entries saved by [`ProxyRegistry::save`]; unreadable text is ignored with a warning
+    /// (the proxies report again when they reconnect).
+    pub fn restore(&self, text: &str) {
+        match serde_json::from_str::<Vec<WatchReport>>(text) {
+            Ok(reports) => reports.into_iter().for_each(|r| self.report(r)),
+            Err(error) => {
+                tracing::warn!(%error, "the saved proxy reports are unreadable; waiting for proxies to report again")
+            }
+        }
     }
 
     /// Drops entries whose leaf has expired or whose pod is gone (or now another identity's).
@@ -99,6 +136,7 @@ mod tests {
             },
             roots: roots.iter().map(|r| r.to_string()).collect(),
             leaf_issuer: Some(issuer.into()),
+            leaf_not_before: 0,
             leaf_not_after: not_after,
         }
     }
@@ -120,6 +158,23 @@ mod tests {
         assert_eq!(mesh_expiry(&all), Some(50));
         assert_eq!(on_previous(&all, "i2").len(), 2);
         assert_eq!(on_previous(&all, "i1").len(), 0);
+    }
+
+    #[test]
+    fn an_older_leaf_never_replaces_a_newer_one_and_reports_survive_a_save() {
+        let registry = ProxyRegistry::default();
+        let newer = WatchReport {
+            leaf_not_before: 20,
+            ..report("10.77.0.2", &["old", "new"], "i2", 100)
+        };
+        registry.report(newer.clone());
+        registry.report(report("10.77.0.2", &["old"], "i1", 90));
+        assert_eq!(registry.snapshot(), vec![newer.clone()]);
+        let restored = ProxyRegistry::default();
+        restored.restore(&registry.save());
+        assert_eq!(restored.snapshot(), vec![newer]);
+        restored.restore("not json");
+        assert_eq!(restored.snapshot().len(), 1);
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub enum StartError {
     AuditFile(std::path::PathBuf, std::io::Error),
     #[error(transparent)]
     Rotation(#[from] crate::rotation::RotationError),
+    #[error("--state-dir: {0}")]
+    StateDir(String),
     #[error("cannot make the CA's serving certificate: {0}")]
     ServerCert(String),
 }

@@ -90,6 +90,8 @@ pub(super) async fn rotation(
         (_, _, KeySource::Generated) => {
             let dir = &config.state_dir;
             std::fs::create_dir_all(dir).map_err(|e| KeyError::Write(dir.clone(), e))?;
+            let lock =
+                crate::rotation::keyset::lock_state_dir(dir).map_err(StartError::StateDir)?;
             Rotation::open(
                 Box::new(DirStore(dir.clone())),
                 td,
@@ -98,6 +100,7 @@ pub(super) async fn rotation(
                 metrics.clone(),
                 now,
             )?
+            .hold(lock)
         }
         (_, _, keys) => fixed(
             load_or_create_in(

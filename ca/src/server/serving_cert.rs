@@ -59,6 +59,10 @@ pub(super) fn acceptor(
         .with_client_cert_verifier(Arc::new(OptionalClientAuth::new(roots)))
         .with_cert_resolver(resolver);
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // No resumption: a resumed session would carry the client certificate of the session it
+    // resumes, and the watch must see the leaf a proxy holds now (renewals, rotations).
+    server_config.send_tls13_tickets = 0;
+    server_config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(TlsAcceptor::from(Arc::new(server_config)))
 }
 

@@ -18,11 +18,12 @@ impl Node {
         self.ca_args = args.iter().map(|a| a.to_string()).collect();
     }
 
-    /// `palisade-ca <args> --admin-addr <node>:15014`, run in the node's namespace.
+    /// `palisade-ca <args> --admin-addr 127.0.0.1:15014`, run in the node's namespace (as
+    /// `kubectl exec` into the CA's pod would).
     pub fn ca_cli(&self, args: &[&str]) -> Output {
         netns::command(&self.node_ns, None, &self.bins.ca)
             .args(args)
-            .args(["--admin-addr", &format!("{}:15014", self.node_ip())])
+            .args(["--admin-addr", "127.0.0.1:15014"])
             .output()
             .unwrap()
     }
@@ -62,7 +63,8 @@ impl Node {
     /// proxy), as PEM, from `openssl s_client` in the node's namespace.
     pub fn presented_chain(&self, pod: &Pod, port: u16) -> String {
         let out = netns::command(&self.node_ns, None, "openssl")
-            .args(["s_client", "-showcerts", "-connect"])
+            // The mesh's ALPN: anything else is a plaintext caller to the proxy.
+            .args(["s_client", "-showcerts", "-alpn", "palisade/1", "-connect"])
             .arg(format!("{}:{port}", pod.ip))
             .stdin(std::process::Stdio::null())
             .output()
