@@ -26,24 +26,18 @@ pub(super) async fn rotation(
     let started = Instant::now();
     // The renewal comes at 60% of the lifetime at the latest; the certificate expires at 100%.
     let deadline = started + world.cert_ttl;
-    let mut traffic = Traffic::default();
-    let mut first_failure = None;
+    let mut calls = Calls::default();
     let mut polled = started;
     let mut all_renewed_at = None;
     loop {
-        let outcome = get(Some(WEB.ip), world.web.bound.outbound, "/orders").await;
-        traffic.requests += 1;
-        if !outcome.is_ok() {
-            traffic.failed += 1;
-            first_failure.get_or_insert_with(|| outcome.to_string());
-        }
+        calls.make(world).await;
         if polled.elapsed() >= Duration::from_millis(250) {
             polled = Instant::now();
             let renewed = renewals.poll(&proxies, progress).await?;
             progress.detail(&format!(
                 "rotation: {} requests, {} failed; {renewed} of {} proxies renewed ({:.0}s of at most {}s)",
-                traffic.requests,
-                traffic.failed,
+                calls.traffic.requests,
+                calls.traffic.failed,
                 proxies.len(),
                 started.elapsed().as_secs_f64(),
                 world.cert_ttl.as_secs()
@@ -64,14 +58,7 @@ pub(super) async fn rotation(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if traffic.failed > 0 {
-        bail!(
-            "{} of {} requests from shop/web to shop/api failed during the rotation; the first: {}",
-            traffic.failed,
-            traffic.requests,
-            first_failure.unwrap_or_default()
-        );
-    }
+    let traffic = calls.none_failed("the rotation")?;
     Ok((renewals.rows(&proxies), traffic))
 }
 
@@ -94,16 +81,10 @@ pub(super) async fn intermediate_rotation(
         .context("the CA did not start the intermediate rotation")?;
     let started = Instant::now();
     let deadline = started + 3 * world.cert_ttl;
-    let mut traffic = Traffic::default();
-    let mut first_failure = None;
+    let mut calls = Calls::default();
     let mut phases: Vec<(String, Instant)> = vec![(rotation.status().phase, started)];
     loop {
-        let outcome = get(Some(WEB.ip), world.web.bound.outbound, "/orders").await;
-        traffic.requests += 1;
-        if !outcome.is_ok() {
-            traffic.failed += 1;
-            first_failure.get_or_insert_with(|| outcome.to_string());
-        }
+        calls.make(world).await;
         let phase = rotation.status().phase;
         if phases.last().is_some_and(|(p, _)| *p != phase) {
             progress.detail(&format!("intermediate rotation: {phase}"));
@@ -121,14 +102,7 @@ pub(super) async fn intermediate_rotation(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if traffic.failed > 0 {
-        bail!(
-            "{} of {} requests from shop/web to shop/api failed during the intermediate rotation; the first: {}",
-            traffic.failed,
-            traffic.requests,
-            first_failure.unwrap_or_default()
-        );
-    }
+    let traffic = calls.none_failed("the intermediate rotation")?;
     let after = rotation.status().issuing_intermediate;
     Ok(CaRotation {
         before,
@@ -139,6 +113,38 @@ pub(super) async fn intermediate_rotation(
             .collect(),
         traffic,
     })
+}
+
+/// shop/web's calls to shop/api while something rotates, and the first failure.
+#[derive(Default)]
+struct Calls {
+    traffic: Traffic,
+    first_failure: Option<String>,
+}
+
+impl Calls {
+    async fn make(&mut self, world: &World) {
+        let outcome = get(Some(WEB.ip), world.web.bound.outbound, "/orders").await;
+        self.traffic.requests += 1;
+        if !outcome.is_ok() {
+            self.traffic.failed += 1;
+            self.first_failure
+                .get_or_insert_with(|| outcome.to_string());
+        }
+    }
+
+    /// The traffic, or an error naming the first failure.
+    fn none_failed(self, during: &str) -> anyhow::Result<Traffic> {
+        if self.traffic.failed > 0 {
+            bail!(
+                "{} of {} requests from shop/web to shop/api failed during {during}; the first: {}",
+                self.traffic.failed,
+                self.traffic.requests,
+                self.first_failure.unwrap_or_default()
+            );
+        }
+        Ok(self.traffic)
+    }
 }
 
 /// Each proxy's serial before the rotation, and the new one with when it was first seen.
