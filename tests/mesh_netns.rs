@@ -118,6 +118,18 @@ fn a_service_account_the_policy_does_not_list_is_refused_and_counted() {
         1.0,
         "api's proxy did not count the denial with its reason"
     );
+    // Who called which port, and what was decided: what `palisade policy suggest` reads.
+    for (sa, decision) in [("web", "allow"), ("intruder", "deny")] {
+        let series = format!(
+            "palisade_inbound_connections_total{{client_id=\"{}\",port=\"8080\",decision=\"{decision}\"}}",
+            spiffe(sa)
+        );
+        let count = node.metric(&api, &series);
+        assert!(
+            count >= 1.0 && (decision == "allow" || count == 1.0),
+            "{series}: {count}"
+        );
+    }
     let log = node.log("api-proxy");
     let event = log
         .lines()

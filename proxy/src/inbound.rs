@@ -174,6 +174,8 @@ fn admit(dp: &DataPath, peer: SocketAddr, port: u16, caller: Caller<'_>) -> bool
     let decision = decide(policy.as_deref(), port, caller);
     dp.metrics
         .decision(decision.result(), decision.reason.as_str());
+    dp.metrics
+        .inbound_connection(&CallerName(caller).to_string(), port, decision.result());
     if decision.allowed && !decision.audit_would_deny {
         // Debug level: silent by default, and the fields are only formatted when enabled.
         tracing::debug!(

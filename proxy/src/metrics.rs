@@ -5,6 +5,13 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use palisade_plumbing::metrics::{CounterFamily, Exposition, Kind};
 
+/// Distinct caller identities named per port in `palisade_inbound_connections_total`; later
+/// ones are counted as `other`.
+pub const MAX_CLIENT_LABELS_PER_PORT: usize = 32;
+/// Distinct ports named in `palisade_inbound_connections_total` (a caller can reach any port
+/// the capture redirects); later ones are counted as `other`.
+pub const MAX_PORT_LABELS: usize = 64;
+
 /// Distinct Services named in metric labels; later ones are counted as `other`.
 pub const MAX_SERVICE_LABELS: usize = palisade_ca_api::wire::MAX_WATCH_DESTINATIONS;
 
@@ -41,6 +48,10 @@ pub struct Metrics {
     balancer_picks: CounterFamily,
     /// The Service names used as label values so far: at most [`MAX_SERVICE_LABELS`].
     service_labels: std::sync::Mutex<std::collections::HashSet<String>>,
+    inbound_by_client: CounterFamily,
+    /// The ports, and per port the callers, used as label values so far.
+    client_labels:
+        std::sync::Mutex<std::collections::HashMap<u16, std::collections::HashSet<String>>>,
     cert_not_after: AtomicI64,
     rotations: AtomicU64,
     rotation_failures: AtomicU64,
@@ -81,6 +92,36 @@ impl Metrics {
     pub fn decision(&self, result: &str, reason: &str) {
         self.decisions
             .add(&[("result", result), ("reason", reason)], 1);
+    }
+
+    /// One inbound connection from `client` (a SPIFFE ID or `unauthenticated`) to `port`, and
+    /// the decision (`allow`, `deny`, `audit_deny`): what `palisade policy suggest` reads. The
+    /// first [`MAX_CLIENT_LABELS_PER_PORT`] callers of each of the first [`MAX_PORT_LABELS`]
+    /// ports are named; the rest are `other`, so a scan of every port by every identity stays
+    /// bounded.
+    pub fn inbound_connection(&self, client: &str, port: u16, decision: &str) {
+        let (client, port) = {
+            let mut labels = self.client_labels.lock().unwrap_or_else(|e| e.into_inner());
+            if !labels.contains_key(&port) && labels.len() >= MAX_PORT_LABELS {
+                ("other".to_owned(), "other".to_owned())
+            } else {
+                let callers = labels.entry(port).or_default();
+                let named = callers.contains(client) || callers.len() < MAX_CLIENT_LABELS_PER_PORT;
+                if named {
+                    callers.insert(client.to_owned());
+                }
+                let client = if named { client } else { "other" };
+                (client.to_owned(), port.to_string())
+            }
+        };
+        self.inbound_by_client.add(
+            &[
+                ("client_id", &client),
+                ("port", &port),
+                ("decision", decision),
+            ],
+            1,
+        );
     }
 
     /// An inbound caller treated as plaintext; `detection` says why.
@@ -210,6 +251,11 @@ impl Metrics {
             "palisade_policy_decisions_total",
             "Inbound policy decisions, by result (allow, deny, audit_deny) and reason.",
         );
+        self.inbound_by_client.encode(
+            &mut out,
+            "palisade_inbound_connections_total",
+            "Inbound connections by caller identity (or unauthenticated), port and decision; callers past the first 32 of a port, and ports past the first 64, are counted as other.",
+        );
         self.plaintext_inbound.encode(
             &mut out,
             "palisade_inbound_plaintext_total",
@@ -261,6 +307,40 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inbound_connections_name_callers_and_ports_up_to_their_bounds() {
+        let m = Metrics::new();
+        let web = "spiffe://cluster.local/ns/shop/sa/web";
+        m.inbound_connection(web, 8080, "allow");
+        m.inbound_connection(web, 8080, "allow");
+        m.inbound_connection("unauthenticated", 8080, "deny");
+        for i in 0..=MAX_CLIENT_LABELS_PER_PORT {
+            m.inbound_connection(&format!("spiffe://td/ns/scan/sa/s{i}"), 9000, "deny");
+        }
+        for port in 1..=(MAX_PORT_LABELS as u16) {
+            m.inbound_connection(web, 20000 + port, "deny");
+        }
+        let text = m.render();
+        for line in [
+            "palisade_inbound_connections_total{client_id=\"spiffe://cluster.local/ns/shop/sa/web\",port=\"8080\",decision=\"allow\"} 2",
+            "palisade_inbound_connections_total{client_id=\"unauthenticated\",port=\"8080\",decision=\"deny\"} 1",
+            // Port 9000 named 32 scanners and then had no room for the 33rd.
+            "palisade_inbound_connections_total{client_id=\"other\",port=\"9000\",decision=\"deny\"} 1",
+            // 8080 and 9000 took two of the 64 ports: the last two ports are other.
+            "palisade_inbound_connections_total{client_id=\"other\",port=\"other\",decision=\"deny\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("palisade_inbound_connections_total{"))
+            .count();
+        assert!(
+            series <= MAX_PORT_LABELS * MAX_CLIENT_LABELS_PER_PORT + 2,
+            "{series}"
+        );
+    }
 
     #[test]
     fn renders_prometheus_text_with_labels() {
