@@ -8,6 +8,7 @@ mod demo;
 mod inspect;
 mod policy_check;
 mod policy_explain;
+mod policy_suggest;
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +46,9 @@ enum PolicyCommand {
     /// the reason proxies log, and for a denial the smallest change that admits the caller.
     /// Exit 0 when allowed, 1 when denied.
     Explain(policy_explain::ExplainArgs),
+    /// MeshPolicy manifests that allow exactly the callers the proxies saw, per workload and
+    /// port, from their /metrics (palisade_inbound_connections_total).
+    Suggest(policy_suggest::SuggestArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +61,9 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Explain(args),
         } => policy_explain::run(&args),
+        Command::Policy {
+            command: PolicyCommand::Suggest(args),
+        } => policy_suggest::run(&args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("palisade: {e:#}");

@@ -309,3 +309,109 @@ fn what_no_rule_can_admit_and_what_is_not_a_workload_are_said_plainly() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("no \"caller\""), "{out}");
 }
+
+/// `palisade policy suggest` from a proxy's /metrics: the suggested manifests admit exactly the
+/// callers that were seen and allowed, under the same evaluation `policy check` (and the
+/// proxy) runs.
+#[test]
+fn suggested_policies_admit_what_was_seen_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        MeshFile::new("all-authenticated")
+            .workload("web", "shop", "web", "10.77.0.2")
+            .workload("api", "shop", "api", "10.77.0.3")
+            .workload("intruder", "shop", "intruder", "10.77.0.4")
+            .workload("monitor", "shop", "monitor", "10.77.0.5")
+            .to_yaml(),
+    )
+    .unwrap();
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/shop/sa/{sa}");
+    let series = |client: &str, port: &str, decision: &str, n: u32| {
+        format!(
+            "palisade_inbound_connections_total{{client_id=\"{client}\",port=\"{port}\",decision=\"{decision}\"}} {n}\n"
+        )
+    };
+    let metrics = dir.path().join("api.metrics");
+    std::fs::write(
+        &metrics,
+        [
+            "# TYPE palisade_inbound_connections_total counter\n".to_owned(),
+            series(&id("web"), "8080", "allow", 5),
+            series(&id("monitor"), "9090", "allow", 2),
+            series(&id("intruder"), "8080", "deny", 1),
+            series(&id("web"), "7070", "allow", 0),
+            series("other", "other", "allow", 3),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let m = mesh.to_str().unwrap();
+    let given = format!("shop/api={}", metrics.display());
+    let (code, audit) = palisade(&["policy", "suggest", "--mesh-file", m, "--metrics", &given]);
+    assert_eq!(code, 0, "{audit}");
+    assert!(audit.contains("mode: audit"), "{audit}");
+    let (code, out) = palisade(&[
+        "policy",
+        "suggest",
+        "--mesh-file",
+        m,
+        "--metrics",
+        &given,
+        "--mode",
+        "enforce",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    for part in [
+        "name: api-8080-observed",
+        "name: api-9090-observed",
+        "seen and denied, not allowed here: spiffe://cluster.local/ns/shop/sa/intruder → port 8080",
+        "past its label bounds",
+        "default policy of the namespace: all-authenticated",
+    ] {
+        assert!(out.contains(part), "{part} missing:\n{out}");
+    }
+    assert!(
+        !out.contains("7070"),
+        "a series counted 0 times became a rule:\n{out}"
+    );
+    let suggested = dir.path().join("suggested.yaml");
+    std::fs::write(&suggested, &out).unwrap();
+    let s = suggested.to_str().unwrap();
+    for (from, port, allowed) in [
+        ("shop/web", "8080", true),
+        ("shop/monitor", "9090", true),
+        ("shop/intruder", "8080", false),
+        ("shop/monitor", "8080", false),
+        ("shop/web", "9090", false),
+        ("plaintext", "8080", false),
+    ] {
+        let (code, verdict) = check(&[
+            "--policies",
+            s,
+            "--from",
+            from,
+            "--to",
+            "shop",
+            "--labels",
+            "app=api",
+            "--port",
+            port,
+        ]);
+        assert_eq!(code == 0, allowed, "{from} → {port}: {verdict}");
+    }
+    let (code, out) = palisade(&[
+        "policy",
+        "suggest",
+        "--mesh-file",
+        m,
+        "--metrics",
+        "shop/nobody=x",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        out.contains("no workload shop/nobody in the mesh file"),
+        "{out}"
+    );
+}

@@ -1,0 +1,256 @@
+//! `palisade policy suggest`: MeshPolicy manifests that allow exactly the (caller identity →
+//! workload, port) edges the proxies saw, from their `palisade_inbound_connections_total`. One
+//! policy per workload (by its labels) and port, `mode: audit` unless asked otherwise, so the
+//! way from observing to least privilege is: apply, watch the would-deny count stay at zero,
+//! switch to `enforce`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use palisade_ca::mesh::MeshState;
+use palisade_ca_api::SpiffeId;
+
+const SERIES: &str = "palisade_inbound_connections_total";
+
+#[derive(clap::Args)]
+pub struct SuggestArgs {
+    /// A mesh file (as `palisade-ca serve --mesh-file` reads): the workloads and their labels.
+    #[arg(long)]
+    mesh_file: PathBuf,
+    /// `ns/pod=FILE`: the `/metrics` text of that pod's proxy; repeatable (every replica of a
+    /// workload adds what it saw).
+    #[arg(long = "metrics", required = true)]
+    metrics: Vec<String>,
+    /// The mode of the suggested policies: `audit` (the first step) or `enforce`.
+    #[arg(long, default_value = "audit", value_parser = ["audit", "enforce"])]
+    mode: String,
+    /// Trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+}
+
+/// One series of the metric: who called which port, what was decided, how often.
+#[derive(Debug, PartialEq, Eq)]
+struct Edge {
+    client: String,
+    port: String,
+    decision: String,
+    count: u64,
+}
+
+/// The label values of `name{k="v",…} N` lines (Prometheus text: `\"`, `\\`, `\n` escaped).
+fn edges(text: &str) -> Vec<Edge> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(SERIES)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let count = value.trim().parse::<f64>().ok()? as u64;
+            let labels = parse_labels(labels)?;
+            Some(Edge {
+                client: labels.get("client_id")?.clone(),
+                port: labels.get("port")?.clone(),
+                decision: labels.get("decision")?.clone(),
+                count,
+            })
+        })
+        .collect()
+}
+
+fn parse_labels(text: &str) -> Option<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            return Some(labels);
+        }
+        if chars.next()? != '"' {
+            return None;
+        }
+        let mut value = String::new();
+        loop {
+            match chars.next()? {
+                '"' => break,
+                '\\' => match chars.next()? {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                c => value.push(c),
+            }
+        }
+        labels.insert(key.trim_start_matches(',').to_owned(), value);
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+}
+
+/// What was seen for one workload (its namespace and labels).
+#[derive(Default)]
+struct Seen {
+    /// Workload names with these labels that reported.
+    pods: BTreeSet<String>,
+    /// Per port: the callers (`ns/sa`, or None for plaintext).
+    allowed: BTreeMap<u16, BTreeSet<Option<String>>>,
+    denied: BTreeSet<String>,
+    notes: BTreeSet<String>,
+}
+
+fn caller(client: &str, td: &str) -> Result<Option<String>, String> {
+    if client == "unauthenticated" {
+        return Ok(None);
+    }
+    let id: SpiffeId = client
+        .parse()
+        .map_err(|e| format!("{client} is not a SPIFFE ID ({e})"))?;
+    if id.trust_domain() != td {
+        return Err(format!(
+            "{client} belongs to trust domain {}: no policy of {td} can name it",
+            id.trust_domain()
+        ));
+    }
+    Ok(Some(format!("{}/{}", id.namespace(), id.service_account())))
+}
+
+fn observe(
+    state: &MeshState,
+    args: &SuggestArgs,
+) -> anyhow::Result<BTreeMap<(String, String), Seen>> {
+    let mut seen: BTreeMap<(String, String), Seen> = BTreeMap::new();
+    for given in &args.metrics {
+        let (target, file) = given
+            .split_once('=')
+            .with_context(|| format!("--metrics {given:?}: give ns/pod=FILE"))?;
+        let (ns, name) = target
+            .split_once('/')
+            .with_context(|| format!("--metrics {given:?}: the target is ns/pod"))?;
+        let w = state
+            .workloads()
+            .iter()
+            .find(|w| w.namespace == ns && w.name == name)
+            .with_context(|| {
+                format!("--metrics {given:?}: no workload {ns}/{name} in the mesh file")
+            })?;
+        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?;
+        let found = edges(&text);
+        if found.is_empty() && !text.contains(SERIES) {
+            bail!("{file} has no {SERIES}: is it a Palisade proxy's /metrics (of this version)?");
+        }
+        let labels = serde_json::to_string(&w.labels).expect("labels serialize");
+        let entry = seen.entry((w.namespace.clone(), labels)).or_default();
+        entry.pods.insert(w.name.clone());
+        for e in found.into_iter().filter(|e| e.count > 0) {
+            if e.client == "other" || e.port == "other" {
+                entry.notes.insert(format!(
+                    "{target}'s proxy counted {} connections past its label bounds (client {}, port {}): collect again later, or review these by hand",
+                    e.count, e.client, e.port
+                ));
+                continue;
+            }
+            if e.decision == "deny" {
+                entry
+                    .denied
+                    .insert(format!("{} → port {}", e.client, e.port));
+                continue;
+            }
+            let Ok(port) = e.port.parse::<u16>() else {
+                continue;
+            };
+            match caller(&e.client, &args.trust_domain) {
+                Ok(c) => {
+                    entry.allowed.entry(port).or_default().insert(c);
+                }
+                Err(why) => {
+                    entry.notes.insert(why);
+                }
+            }
+        }
+    }
+    Ok(seen)
+}
+
+/// The manifests, as one YAML stream with comments.
+fn render(state: &MeshState, seen: &BTreeMap<(String, String), Seen>, mode: &str) -> String {
+    let mut out = String::from(
+        "# Suggested by `palisade policy suggest` from what the proxies saw. Apply with\n# mode: audit, watch palisade_policy_decisions_total{result=\"audit_deny\"} stay at 0, then\n# set mode: enforce. A MeshPolicy on a port refuses every caller it does not list there.\n",
+    );
+    for ((ns, labels), s) in seen {
+        let labels: BTreeMap<String, String> = serde_json::from_str(labels).expect("written above");
+        let default = state
+            .namespace_defaults
+            .get(ns)
+            .copied()
+            .unwrap_or(state.default_policy);
+        let base = labels
+            .get("app")
+            .cloned()
+            .unwrap_or_else(|| s.pods.iter().next().cloned().unwrap_or_default());
+        for (port, callers) in &s.allowed {
+            let mut rules = Vec::new();
+            let accounts: Vec<&String> = callers.iter().flatten().collect();
+            if !accounts.is_empty() {
+                rules.push(serde_json::json!({"serviceAccounts": accounts}));
+            }
+            out.push_str(&format!(
+                "---\n# {ns}: {} (default policy of the namespace: {}); port {port}\n",
+                s.pods.iter().cloned().collect::<Vec<_>>().join(", "),
+                default.as_str()
+            ));
+            if callers.contains(&None) {
+                out.push_str("# WARNING: plaintext callers were seen; `unauthenticated: true` admits anyone who can reach the port\n");
+                rules.push(serde_json::json!({"unauthenticated": true}));
+            }
+            let manifest = serde_json::json!({
+                "apiVersion": "palisade.dev/v1alpha1",
+                "kind": "MeshPolicy",
+                "metadata": {"name": format!("{base}-{port}-observed"), "namespace": ns},
+                "spec": {
+                    "targetSelector": {"matchLabels": labels},
+                    "ports": [port],
+                    "mode": mode,
+                    "allow": rules,
+                },
+            });
+            out.push_str(&serde_yaml::to_string(&manifest).expect("manifests serialize"));
+        }
+        for d in &s.denied {
+            out.push_str(&format!(
+                "# {ns}/{base}: seen and denied, not allowed here: {d}\n"
+            ));
+        }
+        for n in &s.notes {
+            out.push_str(&format!("# note: {n}\n"));
+        }
+    }
+    out
+}
+
+pub fn run(args: &SuggestArgs) -> anyhow::Result<()> {
+    let state = palisade_ca::mesh::file::load_mesh_file(&args.mesh_file, &args.trust_domain)?;
+    let seen = observe(&state, args)?;
+    print!("{}", render(&state, &seen, &args.mode));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_are_read_with_escaped_labels_and_others_ignored() {
+        let text = "# HELP x\npalisade_inbound_connections_total{client_id=\"spiffe://td/ns/a/sa/b\",port=\"8080\",decision=\"allow\"} 3\npalisade_inbound_connections_total{client_id=\"we\\\"ird\",port=\"1\",decision=\"deny\"} 1\npalisade_policy_decisions_total{result=\"allow\"} 3\n";
+        let found = edges(text);
+        assert_eq!(found.len(), 2);
+        assert_eq!(
+            found[0],
+            Edge {
+                client: "spiffe://td/ns/a/sa/b".into(),
+                port: "8080".into(),
+                decision: "allow".into(),
+                count: 3
+            }
+        );
+        assert_eq!(found[1].client, "we\"ird");
+    }
+}
