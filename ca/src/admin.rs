@@ -18,7 +18,7 @@ pub async fn serve_admin(listener: TcpListener, ca: Arc<Ca>, shutdown: watch::Re
         let ca = ca.clone();
         async move {
             if req.method() == http::Method::POST {
-                return start_rotation(&ca, req.uri().path(), peer).await;
+                return start_rotation(&ca, req, peer).await;
             }
             answer(&ca, req.uri().path())
         }
@@ -56,8 +56,25 @@ fn rotation_status(ca: &Ca, status: StatusCode) -> AdminResponse {
 
 /// `POST /rotation/root|intermediate`: starts a rotation, answered with the status (202), or
 /// refused with why.
-async fn start_rotation(ca: &Ca, path: &str, peer: std::net::SocketAddr) -> AdminResponse {
-    let kind = match path {
+/// The body `POST /rotation/root` may carry: an operator's root, as files the CA reads (the
+/// key never crosses the admin port).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RootFiles {
+    from_cert: std::path::PathBuf,
+    from_key: std::path::PathBuf,
+}
+
+/// The longest body a rotation request may have.
+const MAX_ROTATION_BODY: usize = 4096;
+
+async fn start_rotation(
+    ca: &Ca,
+    req: http::Request<hyper::body::Incoming>,
+    peer: std::net::SocketAddr,
+) -> AdminResponse {
+    let path = req.uri().path().to_owned();
+    let kind = match path.as_str() {
         "/rotation/root" => Some(Kind::Root),
         "/rotation/intermediate" => Some(Kind::Intermediate),
         "/rotation/abort" => None,
@@ -75,11 +92,44 @@ async fn start_rotation(ca: &Ca, path: &str, peer: std::net::SocketAddr) -> Admi
             "rotations start from inside the CA's pod only: kubectl exec into it and run `palisade-ca rotate root|intermediate`\n",
         );
     }
-    let started = match kind {
-        Some(kind) => ca
-            .rotation
-            .begin(kind, Trigger::Manual, time::OffsetDateTime::now_utc()),
-        None => ca.rotation.abort(),
+    let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+        req.into_body(),
+        MAX_ROTATION_BODY,
+    ))
+    .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return admin_http::text(
+                StatusCode::BAD_REQUEST,
+                format!("the body is unreadable or over {MAX_ROTATION_BODY} bytes\n"),
+            );
+        }
+    };
+    let root_files = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice::<RootFiles>(&body) {
+            Ok(files) if kind == Some(Kind::Root) => Some(files),
+            Ok(_) => {
+                return admin_http::text(
+                    StatusCode::BAD_REQUEST,
+                    "only a root rotation takes an operator's certificate and key\n",
+                );
+            }
+            Err(e) => {
+                return admin_http::text(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body must be {{\"from_cert\": PATH, \"from_key\": PATH}}: {e}\n"),
+                );
+            }
+        }
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let started = match (kind, root_files) {
+        (Some(Kind::Root), Some(f)) => ca.rotation.begin_with_root(&f.from_cert, &f.from_key, now),
+        (Some(kind), _) => ca.rotation.begin(kind, Trigger::Manual, now),
+        (None, _) => ca.rotation.abort(),
     };
     match started {
         Ok(transition) => {
@@ -91,12 +141,20 @@ async fn start_rotation(ca: &Ca, path: &str, peer: std::net::SocketAddr) -> Admi
             | RotationError::TooLateToAbort(_)
             | RotationError::NothingToAbort),
         ) => admin_http::text(StatusCode::CONFLICT, format!("{e}\n")),
-        Err(e @ RotationError::Unsupported(_)) => {
-            admin_http::text(StatusCode::NOT_IMPLEMENTED, format!("{e}\n"))
-        }
-        Err(e) => admin_http::text(
+        Err(
+            e @ RotationError::Keys(
+                crate::keys::KeyError::Write(..) | crate::keys::KeyError::Generate(_),
+            ),
+        ) => admin_http::text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot start the rotation: {e}\n"),
         ),
+        // The rest concern the operator's root files.
+        Err(e @ (RotationError::Keys(_) | RotationError::SameRoot(_))) => {
+            admin_http::text(StatusCode::BAD_REQUEST, format!("{e}\n"))
+        }
+        Err(e @ RotationError::Unsupported(_)) => {
+            admin_http::text(StatusCode::NOT_IMPLEMENTED, format!("{e}\n"))
+        }
     }
 }

@@ -472,7 +472,10 @@ pub(crate) fn parse_certs(
     parse_pem_certs(text).map_err(|e| KeyError::Parse(label.into(), e.to_string()))
 }
 
-fn load_ca_cert(path: &Path, now: OffsetDateTime) -> Result<CertificateDer<'static>, KeyError> {
+pub(crate) fn load_ca_cert(
+    path: &Path,
+    now: OffsetDateTime,
+) -> Result<CertificateDer<'static>, KeyError> {
     let cert = read_certs(path)?.remove(0);
     check_ca(path, &cert, now)?;
     Ok(cert)
@@ -526,7 +529,7 @@ pub(crate) fn issued_by(child: &CertificateDer<'_>, parent: &CertificateDer<'_>)
     c.issuer() == p.subject() && c.verify_signature(Some(p.public_key())).is_ok()
 }
 
-fn load_key_for(
+pub(crate) fn load_key_for(
     key_path: &Path,
     cert_path: &Path,
     cert: &CertificateDer<'_>,

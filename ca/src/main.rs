@@ -58,6 +58,13 @@ enum RotateCommand {
         /// With --emergency: the trust domain of the new root.
         #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = contract::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
+        /// Rotate to your own root instead of a generated one: its certificate (PEM), which the
+        /// CA reads; the CA makes the intermediate under it.
+        #[arg(long, requires = "from_key", conflicts_with = "emergency")]
+        from_cert: Option<PathBuf>,
+        /// The key of --from-cert (PKCS#8 PEM), read by the CA, never sent over the admin port.
+        #[arg(long, requires = "from_cert")]
+        from_key: Option<PathBuf>,
     },
     /// Start an intermediate rotation (issuing → retiring → idle).
     Intermediate {
@@ -423,6 +430,15 @@ fn rotate(command: RotateCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        RotateCommand::Root {
+            admin,
+            from_cert: Some(cert),
+            from_key: Some(key),
+            ..
+        } => started(
+            Kind::Root,
+            rotation_cli::post_root_files(admin.admin_addr, &cert, &key)?,
+        ),
         RotateCommand::Root { admin, .. } => {
             started(Kind::Root, rotation_cli::post(admin.admin_addr, "root")?)
         }

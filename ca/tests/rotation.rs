@@ -2,6 +2,8 @@
 //! the conditions that move it (proxies' reports, deadlines, the schedule), a restart in every
 //! phase, the old keys destroyed at the end, and the emergency path.
 
+mod support;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -11,6 +13,7 @@ use palisade_ca::mesh::watch::Owner;
 use palisade_ca::metrics::Metrics;
 use palisade_ca::rotation::{Kind, Rotation, RotationError, Settings, Trigger, WatchReport};
 use palisade_ca_api::cert::{parse_pem_certs, sha256_fingerprint};
+use support::operator_root;
 use time::{Duration, OffsetDateTime};
 
 fn t0() -> OffsetDateTime {
@@ -461,4 +464,50 @@ fn the_emergency_path_refuses_while_a_ca_holds_the_state_directory() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("stop it first"), "{err}");
+}
+
+#[test]
+fn a_root_rotation_to_an_operators_root_checks_it_and_signs_under_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let now = t0();
+    let rotation = open(dir.path(), now);
+    let (cert, key) = operator_root(files.path(), "next");
+    let (_, other_key) = operator_root(files.path(), "other");
+    let err = rotation
+        .begin_with_root(&cert, &other_key, now)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not belong to the certificate"), "{err}");
+    let current = dir.path().join("root.pem");
+    let current_key = dir.path().join("root-key.pem");
+    let err = rotation
+        .begin_with_root(&current, &current_key, now)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already uses"), "{err}");
+    let intermediate = dir.path().join("intermediate.pem");
+    let err = rotation
+        .begin_with_root(&intermediate, &dir.path().join("intermediate-key.pem"), now)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must be self-signed"), "{err}");
+    assert_eq!(
+        rotation.status().phase,
+        "idle",
+        "a refused start changes nothing"
+    );
+
+    rotation.begin_with_root(&cert, &key, now).unwrap();
+    let theirs =
+        sha256_fingerprint(&parse_pem_certs(&std::fs::read_to_string(&cert).unwrap()).unwrap()[0]);
+    let status = rotation.status();
+    assert_eq!(status.phase, "trusting");
+    assert_eq!(status.trusted_roots[1], theirs);
+    assert_eq!(step(&rotation, now), "issuing");
+    assert_eq!(
+        rotation.status().issuing_root,
+        theirs,
+        "the new intermediate is under their root"
+    );
 }

@@ -299,3 +299,48 @@ async fn a_new_connection_presents_the_new_leaf_never_a_resumed_sessions() {
             .unwrap()
     );
 }
+
+/// `palisade-ca rotate root --from-cert F --from-key F`: the CA reads the operator's files; a
+/// body it cannot use is refused with what to send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_to_an_operators_root_through_the_admin_port() {
+    let ca = TestCa::start().await;
+    let (cert, key) = support::operator_root(ca.dir.path(), "theirs");
+    let admin = ca.running.admin_addr;
+    let started = tokio::task::spawn_blocking(move || {
+        palisade_ca::rotation::cli::admin_request(admin, "POST", "/rotation/intermediate")
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(started.0, 202, "{}", started.1);
+    let (c, k) = (cert.clone(), key.clone());
+    let err = tokio::task::spawn_blocking(move || rotation_cli::post_root_files(admin, &c, &k))
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("409") && err.contains("already under way"),
+        "{err}"
+    );
+
+    let ca = TestCa::start().await;
+    let admin = ca.running.admin_addr;
+    let theirs =
+        sha256_fingerprint(&parse_pem_certs(&std::fs::read_to_string(&cert).unwrap()).unwrap()[0]);
+    let status =
+        tokio::task::spawn_blocking(move || rotation_cli::post_root_files(admin, &cert, &key))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(status.phase, "trusting");
+    assert_eq!(status.trusted_roots[1], theirs);
+    let bad = tokio::task::spawn_blocking(move || {
+        rotation_cli::admin_request(admin, "POST", "/rotation/abort")
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(bad.0, 202, "abandoned while trusting: {}", bad.1);
+}

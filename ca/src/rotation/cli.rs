@@ -19,6 +19,15 @@ const MAX_ANSWER: u64 = 1 << 20;
 
 /// One plain HTTP/1.1 request to the admin port: the status and the body.
 pub fn admin_request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    admin_request_with(addr, method, path, "")
+}
+
+fn admin_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
     let unreachable = |e: std::io::Error| {
         anyhow::anyhow!(
             "cannot reach the CA's admin port at {addr}: {e} (is palisade-ca running? give --admin-addr, or kubectl exec into its pod)"
@@ -31,7 +40,8 @@ pub fn admin_request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Resu
         .map_err(unreachable)?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .map_err(unreachable)?;
     let mut raw = Vec::new();
@@ -58,7 +68,24 @@ fn parse_status(body: &str) -> anyhow::Result<RotationStatus> {
 
 /// `palisade-ca rotate root|intermediate|abort`: `POST /rotation/<what>`; the status after it.
 pub fn post(addr: SocketAddr, what: &str) -> anyhow::Result<RotationStatus> {
-    let (status, body) = admin_request(addr, "POST", &format!("/rotation/{what}"))?;
+    post_with(addr, what, "")
+}
+
+/// `palisade-ca rotate root --from-cert F --from-key F`: the CA reads the files itself (it
+/// runs beside this command), so the key never crosses the admin port.
+pub fn post_root_files(
+    addr: SocketAddr,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<RotationStatus> {
+    let absolute =
+        |p: &Path| std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+    let body = serde_json::json!({"from_cert": absolute(cert)?, "from_key": absolute(key)?});
+    post_with(addr, "root", &body.to_string())
+}
+
+fn post_with(addr: SocketAddr, what: &str, body: &str) -> anyhow::Result<RotationStatus> {
+    let (status, body) = admin_request_with(addr, "POST", &format!("/rotation/{what}"), body)?;
     if status != 202 {
         anyhow::bail!("the CA refused ({status}): {}", body.trim());
     }

@@ -44,6 +44,8 @@ pub enum RotationError {
     TooLateToAbort(&'static str),
     #[error("no rotation is under way")]
     NothingToAbort,
+    #[error("{0} is the root the mesh already uses: give the new root")]
+    SameRoot(std::path::PathBuf),
 }
 
 /// What every mesh watch carries besides the mesh state.
@@ -309,6 +311,27 @@ impl Rotation {
         trigger: Trigger,
         now: OffsetDateTime,
     ) -> Result<Transition, RotationError> {
+        self.begin_with(kind, trigger, None, now)
+    }
+
+    /// Starts a root rotation to an operator's root (certificate and key files the CA can
+    /// read); the CA makes the intermediate under it.
+    pub fn begin_with_root(
+        &self,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        now: OffsetDateTime,
+    ) -> Result<Transition, RotationError> {
+        self.begin_with(Kind::Root, Trigger::Manual, Some((cert, key)), now)
+    }
+
+    fn begin_with(
+        &self,
+        kind: Kind,
+        trigger: Trigger,
+        root_files: Option<(&std::path::Path, &std::path::Path)>,
+        now: OffsetDateTime,
+    ) -> Result<Transition, RotationError> {
         let mut guard = self.lock();
         let Some(keys) = guard.as_mut() else {
             return Err(RotationError::Unsupported(
@@ -322,9 +345,16 @@ impl Rotation {
             });
         }
         let lifetimes = &self.settings.lifetimes;
-        let next = match kind {
-            Kind::Root => KeySet::generate_root(&self.trust_domain, lifetimes, now)?,
-            Kind::Intermediate => {
+        let next = match (kind, root_files) {
+            (Kind::Root, Some((cert, key))) => {
+                let set = KeySet::from_root_files(cert, key, &self.trust_domain, lifetimes, now)?;
+                if set.root == keys.current.root {
+                    return Err(RotationError::SameRoot(cert.to_path_buf()));
+                }
+                set
+            }
+            (Kind::Root, None) => KeySet::generate_root(&self.trust_domain, lifetimes, now)?,
+            (Kind::Intermediate, _) => {
                 keys.current
                     .with_new_intermediate(&self.trust_domain, lifetimes, now)?
             }

@@ -100,6 +100,33 @@ impl KeySet {
         })
     }
 
+    /// An operator's root (its certificate and key files) and a new intermediate under it.
+    /// The root must be a valid, self-signed CA certificate whose key is the one given.
+    pub fn from_root_files(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        trust_domain: &str,
+        lifetimes: &Lifetimes,
+        now: OffsetDateTime,
+    ) -> Result<Self, KeyError> {
+        let root = crate::keys::load_ca_cert(cert, now)?;
+        if !issued_by(&root, &root) {
+            return Err(KeyError::Chain(
+                cert.into(),
+                "a root must be self-signed; for an intermediate under an offline root, restart the CA with --intermediate-cert/--intermediate-key/--intermediate-chain".into(),
+            ));
+        }
+        let root_key = crate::keys::load_key_for(key, cert, &root)?;
+        let (intermediate, intermediate_key) =
+            generate_intermediate(&root, &root_key, trust_domain, lifetimes.intermediate, now)?;
+        Ok(KeySet {
+            root,
+            root_key,
+            intermediate,
+            intermediate_key,
+        })
+    }
+
     /// The same root with a new intermediate.
     pub fn with_new_intermediate(
         &self,
