@@ -20,6 +20,8 @@ use crate::probes::{AppProbes, check};
 /// What the admin endpoint reads and the one thing it can do (start the shutdown).
 pub struct AdminState {
     pub store: Arc<CertStore>,
+    /// The roots trusted now, for `/identity`.
+    pub bundle: Arc<crate::tls::TrustBundle>,
     pub mesh: Arc<MeshView>,
     pub metrics: Arc<Metrics>,
     pub probes: AppProbes,
@@ -120,6 +122,10 @@ pub async fn route(
                     "not_before": c.not_before,
                     "not_after": c.not_after,
                     "valid": state.store.valid().is_some(),
+                    // Which intermediate signed the leaf, and which roots this proxy trusts:
+                    // what an operator compares with `palisade-ca rotate status`.
+                    "issuer_sha256": c.issuer,
+                    "trusted_roots": state.bundle.fingerprints(),
                 }),
             ),
             None => json(

@@ -213,6 +213,7 @@ pub async fn start(settings: Settings, parts: Parts) -> Result<Bound, AppError> 
     }
     let admin_state = Arc::new(AdminState {
         store: parts.store.clone(),
+        bundle: parts.bundle.clone(),
         mesh: parts.mesh.clone(),
         metrics: parts.metrics.clone(),
         probes: settings.probes.clone(),

@@ -63,6 +63,10 @@ async fn ready_live_identity_and_metrics() {
     assert_eq!(v["spiffe_id"], API);
     assert!(v["serial"].as_str().unwrap().len() >= 2);
     assert!(v["not_after"].as_i64().unwrap() > 0);
+    let root = palisade_ca_api::cert::sha256_fingerprint(&a.root_der());
+    assert_eq!(v["trusted_roots"], serde_json::json!([root]));
+    let intermediate = palisade_ca_api::cert::sha256_fingerprint(&leaf.chain[1]);
+    assert_eq!(v["issuer_sha256"], intermediate.as_str());
 
     let (status, body) = admin(p.bound.admin, "GET", "/metrics").await;
     assert_eq!(status, 200);
@@ -135,6 +139,7 @@ fn admin_state(
 ) -> palisade_proxy::admin::AdminState {
     palisade_proxy::admin::AdminState {
         store: p.store.clone(),
+        bundle: p.bundle.clone(),
         mesh: p.mesh.clone(),
         metrics: p.metrics.clone(),
         probes: Default::default(),
