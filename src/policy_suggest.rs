@@ -91,9 +91,10 @@ fn parse_labels(text: &str) -> Option<BTreeMap<String, String>> {
 struct Seen {
     /// Workload names with these labels that reported.
     pods: BTreeSet<String>,
-    /// Per port: the callers (`ns/sa`, or None for plaintext).
+    /// Per port: the callers seen admitted (`ns/sa`, or None for plaintext).
     allowed: BTreeMap<u16, BTreeSet<Option<String>>>,
-    denied: BTreeSet<String>,
+    /// Per port: the callers seen denied (the metric's `client_id`).
+    denied: BTreeMap<u16, BTreeSet<String>>,
     notes: BTreeSet<String>,
 }
 
@@ -113,11 +114,10 @@ fn caller(client: &str, td: &str) -> Result<Option<String>, String> {
     Ok(Some(format!("{}/{}", id.namespace(), id.service_account())))
 }
 
-fn observe(
-    state: &MeshState,
-    args: &SuggestArgs,
-) -> anyhow::Result<BTreeMap<(String, String), Seen>> {
-    let mut seen: BTreeMap<(String, String), Seen> = BTreeMap::new();
+type Groups = BTreeMap<(String, BTreeMap<String, String>), Seen>;
+
+fn observe(state: &MeshState, args: &SuggestArgs) -> anyhow::Result<Groups> {
+    let mut seen = Groups::new();
     for given in &args.metrics {
         let (target, file) = given
             .split_once('=')
@@ -137,8 +137,9 @@ fn observe(
         if found.is_empty() && !text.contains(SERIES) {
             bail!("{file} has no {SERIES}: is it a Palisade proxy's /metrics (of this version)?");
         }
-        let labels = serde_json::to_string(&w.labels).expect("labels serialize");
-        let entry = seen.entry((w.namespace.clone(), labels)).or_default();
+        let entry = seen
+            .entry((w.namespace.clone(), w.labels.clone()))
+            .or_default();
         entry.pods.insert(w.name.clone());
         for e in found.into_iter().filter(|e| e.count > 0) {
             if e.client == "other" || e.port == "other" {
@@ -148,15 +149,13 @@ fn observe(
                 ));
                 continue;
             }
-            if e.decision == "deny" {
-                entry
-                    .denied
-                    .insert(format!("{} → port {}", e.client, e.port));
-                continue;
-            }
             let Ok(port) = e.port.parse::<u16>() else {
                 continue;
             };
+            if e.decision == "deny" {
+                entry.denied.entry(port).or_default().insert(e.client);
+                continue;
+            }
             match caller(&e.client, &args.trust_domain) {
                 Ok(c) => {
                     entry.allowed.entry(port).or_default().insert(c);
@@ -170,41 +169,124 @@ fn observe(
     Ok(seen)
 }
 
-/// The manifests, as one YAML stream with comments.
-fn render(state: &MeshState, seen: &BTreeMap<(String, String), Seen>, mode: &str) -> String {
+/// One line of a comment: whatever a label or identity holds, it cannot start a YAML line.
+fn comment(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    format!("# {clean}\n")
+}
+
+/// A DNS-1123 name from `base`: lowercase letters, digits and `-`, at most 40 characters.
+fn dns_name(base: &str) -> String {
+    let name: String = base
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(40)
+        .collect();
+    let name = name.trim_matches('-');
+    if name.is_empty() {
+        "workload".into()
+    } else {
+        name.into()
+    }
+}
+
+/// The workloads of `ns` outside the group that `labels` also selects.
+fn also_selected(
+    state: &MeshState,
+    ns: &str,
+    labels: &BTreeMap<String, String>,
+    pods: &BTreeSet<String>,
+) -> Vec<String> {
+    state
+        .workloads()
+        .iter()
+        .filter(|w| w.namespace == ns && !pods.contains(&w.name))
+        .filter(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .map(|w| format!("{}/{}", w.namespace, w.name))
+        .collect()
+}
+
+/// The manifests, as one YAML stream with comments (each manifest written as JSON, which YAML
+/// reads as it is: every value quoted, whatever the labels hold).
+fn render(state: &MeshState, seen: &Groups, mode: &str) -> String {
     let mut out = String::from(
         "# Suggested by `palisade policy suggest` from what the proxies saw. Apply with\n# mode: audit, watch palisade_policy_decisions_total{result=\"audit_deny\"} stay at 0, then\n# set mode: enforce. A MeshPolicy on a port refuses every caller it does not list there.\n",
     );
+    let mut names = BTreeSet::new();
     for ((ns, labels), s) in seen {
-        let labels: BTreeMap<String, String> = serde_json::from_str(labels).expect("written above");
+        let pods = s.pods.iter().cloned().collect::<Vec<_>>().join(", ");
+        let others = also_selected(state, ns, labels, &s.pods);
+        if labels.is_empty() || !others.is_empty() {
+            out.push_str(&comment(&format!(
+                "{ns}: {pods}: no policy suggested: its labels {labels:?} also select {}; give it a label of its own and run suggest again",
+                if others.is_empty() { "every workload of the namespace".to_owned() } else { others.join(", ") }
+            )));
+            continue;
+        }
         let default = state
             .namespace_defaults
             .get(ns)
             .copied()
             .unwrap_or(state.default_policy);
-        let base = labels
-            .get("app")
-            .cloned()
-            .unwrap_or_else(|| s.pods.iter().next().cloned().unwrap_or_default());
+        let base = dns_name(
+            labels
+                .get("app")
+                .unwrap_or(&s.pods.iter().next().cloned().unwrap_or_default()),
+        );
         for (port, callers) in &s.allowed {
+            let denied = s.denied.get(port).cloned().unwrap_or_default();
             let mut rules = Vec::new();
-            let accounts: Vec<&String> = callers.iter().flatten().collect();
+            let mut warnings = Vec::new();
+            let denied_accounts: BTreeSet<String> = denied
+                .iter()
+                .filter_map(|d| caller(d, &state.trust_domain).ok().flatten())
+                .collect();
+            let mut accounts = Vec::new();
+            for sa in callers.iter().flatten() {
+                if denied_accounts.contains(sa) {
+                    warnings.push(format!("{sa} was both admitted and denied on port {port} (did the policy change while counting?): not allowed here, review it"));
+                } else {
+                    accounts.push(sa);
+                }
+            }
             if !accounts.is_empty() {
                 rules.push(serde_json::json!({"serviceAccounts": accounts}));
             }
-            out.push_str(&format!(
-                "---\n# {ns}: {} (default policy of the namespace: {}); port {port}\n",
-                s.pods.iter().cloned().collect::<Vec<_>>().join(", "),
-                default.as_str()
-            ));
             if callers.contains(&None) {
-                out.push_str("# WARNING: plaintext callers were seen; `unauthenticated: true` admits anyone who can reach the port\n");
-                rules.push(serde_json::json!({"unauthenticated": true}));
+                if denied.is_empty() {
+                    warnings.push("plaintext callers were seen; `unauthenticated: true` admits anyone who can reach the port".into());
+                    rules.push(serde_json::json!({"unauthenticated": true}));
+                } else {
+                    warnings.push(format!("plaintext callers were seen, but `unauthenticated: true` would also admit the identities denied on port {port}: not allowed here, review it"));
+                }
+            }
+            if rules.is_empty() {
+                continue;
+            }
+            let mut name = format!("{base}-{port}-observed");
+            if !names.insert(name.clone()) {
+                let tag = &palisade_ca_api::cert::sha256_fingerprint(
+                    format!("{ns}{labels:?}").as_bytes(),
+                )[..8];
+                name = format!("{base}-{tag}-{port}-observed");
+                names.insert(name.clone());
+            }
+            out.push_str("---\n");
+            out.push_str(&comment(&format!(
+                "{ns}: {pods} (default policy of the namespace: {}); port {port}",
+                default.as_str()
+            )));
+            for w in &warnings {
+                out.push_str(&comment(&format!("WARNING: {w}")));
             }
             let manifest = serde_json::json!({
                 "apiVersion": "palisade.dev/v1alpha1",
                 "kind": "MeshPolicy",
-                "metadata": {"name": format!("{base}-{port}-observed"), "namespace": ns},
+                "metadata": {"name": name, "namespace": ns},
                 "spec": {
                     "targetSelector": {"matchLabels": labels},
                     "ports": [port],
@@ -212,15 +294,18 @@ fn render(state: &MeshState, seen: &BTreeMap<(String, String), Seen>, mode: &str
                     "allow": rules,
                 },
             });
-            out.push_str(&serde_yaml::to_string(&manifest).expect("manifests serialize"));
+            out.push_str(&serde_json::to_string_pretty(&manifest).expect("manifests serialize"));
+            out.push('\n');
         }
-        for d in &s.denied {
-            out.push_str(&format!(
-                "# {ns}/{base}: seen and denied, not allowed here: {d}\n"
-            ));
+        for (port, clients) in &s.denied {
+            for c in clients {
+                out.push_str(&comment(&format!(
+                    "{ns}/{base}: seen and denied, not allowed here: {c} → port {port}"
+                )));
+            }
         }
         for n in &s.notes {
-            out.push_str(&format!("# note: {n}\n"));
+            out.push_str(&comment(&format!("note: {n}")));
         }
     }
     out

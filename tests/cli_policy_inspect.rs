@@ -351,7 +351,7 @@ fn suggested_policies_admit_what_was_seen_and_nothing_else() {
     let given = format!("shop/api={}", metrics.display());
     let (code, audit) = palisade(&["policy", "suggest", "--mesh-file", m, "--metrics", &given]);
     assert_eq!(code, 0, "{audit}");
-    assert!(audit.contains("mode: audit"), "{audit}");
+    assert!(audit.contains("\"mode\": \"audit\""), "{audit}");
     let (code, out) = palisade(&[
         "policy",
         "suggest",
@@ -364,8 +364,8 @@ fn suggested_policies_admit_what_was_seen_and_nothing_else() {
     ]);
     assert_eq!(code, 0, "{out}");
     for part in [
-        "name: api-8080-observed",
-        "name: api-9090-observed",
+        "\"name\": \"api-8080-observed\"",
+        "\"name\": \"api-9090-observed\"",
         "seen and denied, not allowed here: spiffe://cluster.local/ns/shop/sa/intruder → port 8080",
         "past its label bounds",
         "default policy of the namespace: all-authenticated",
@@ -414,4 +414,100 @@ fn suggested_policies_admit_what_was_seen_and_nothing_else() {
         out.contains("no workload shop/nobody in the mesh file"),
         "{out}"
     );
+}
+
+/// What `suggest` must not do: allow an identity that was also denied, admit everyone through
+/// `unauthenticated: true` where identities were denied, or select workloads beyond the one
+/// that reported.
+#[test]
+fn suggest_refuses_what_would_reach_further_than_what_was_seen() {
+    use palisade_testkit::mesh_file::Workload;
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        MeshFile::new("all-authenticated")
+            .workload("api", "shop", "api", "10.77.0.3")
+            .add_workload(
+                Workload::new("api-admin", "shop", "api", "10.77.0.6")
+                    .label("app", "api")
+                    .label("role", "admin"),
+            )
+            .add_workload(Workload::new("db", "shop", "db", "10.77.0.7").label("app", "db"))
+            .to_yaml(),
+    )
+    .unwrap();
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/shop/sa/{sa}");
+    let series = |client: &str, port: &str, decision: &str| {
+        format!(
+            "palisade_inbound_connections_total{{client_id=\"{client}\",port=\"{port}\",decision=\"{decision}\"}} 1\n"
+        )
+    };
+    let api = dir.path().join("api.metrics");
+    std::fs::write(&api, series(&id("web"), "8080", "allow")).unwrap();
+    let db = dir.path().join("db.metrics");
+    std::fs::write(
+        &db,
+        [
+            series(&id("web"), "5432", "allow"),
+            series(&id("web"), "5432", "deny"),
+            series(&id("api"), "5432", "allow"),
+            series("unauthenticated", "5432", "allow"),
+            series(&id("intruder"), "5432", "deny"),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let m = mesh.to_str().unwrap();
+    let (code, out) = palisade(&[
+        "policy",
+        "suggest",
+        "--mesh-file",
+        m,
+        "--metrics",
+        &format!("shop/api={}", api.display()),
+        "--metrics",
+        &format!("shop/db={}", db.display()),
+        "--mode",
+        "enforce",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("shop: api: no policy suggested")
+            && out.contains("also select shop/api-admin"),
+        "{out}"
+    );
+    assert!(!out.contains("api-8080-observed"), "{out}");
+    assert!(
+        out.contains("shop/web was both admitted and denied on port 5432"),
+        "{out}"
+    );
+    assert!(
+        out.contains("would also admit the identities denied"),
+        "{out}"
+    );
+    assert!(!out.contains("\"unauthenticated\": true"), "{out}");
+    let suggested = dir.path().join("suggested.yaml");
+    std::fs::write(&suggested, &out).unwrap();
+    let s = suggested.to_str().unwrap();
+    for (from, allowed) in [
+        ("shop/api", true),
+        ("shop/web", false),
+        ("shop/intruder", false),
+        ("plaintext", false),
+    ] {
+        let (code, verdict) = check(&[
+            "--policies",
+            s,
+            "--from",
+            from,
+            "--to",
+            "shop",
+            "--labels",
+            "app=db",
+            "--port",
+            "5432",
+        ]);
+        assert_eq!(code == 0, allowed, "{from}: {verdict}");
+    }
 }

@@ -511,3 +511,66 @@ fn a_root_rotation_to_an_operators_root_checks_it_and_signs_under_it() {
         "the new intermediate is under their root"
     );
 }
+
+#[test]
+fn an_operators_root_near_expiry_or_not_a_file_is_refused_before_anything_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let now = t0();
+    let rotation = open(dir.path(), now);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.not_before = now - Duration::days(1);
+    params.not_after = now + Duration::days(10);
+    let cert = params.self_signed(&key).unwrap();
+    let (c, k) = (
+        files.path().join("short.pem"),
+        files.path().join("short-key.pem"),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let err = rotation
+        .begin_with_root(&c, &k, now)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("expires in 10 days") && err.contains("at least 30"),
+        "{err}"
+    );
+    let err = rotation
+        .begin_with_root(files.path(), &k, now)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a regular file"), "{err}");
+    assert_eq!(rotation.status().phase, "idle");
+}
+
+#[test]
+fn an_operators_root_whose_leaves_the_proxies_would_refuse_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let now = t0();
+    let rotation = open(dir.path(), now);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Only DNS names under example.com: no SPIFFE leaf verifies under it.
+    params.name_constraints = Some(rcgen::NameConstraints {
+        permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("example.com".into())],
+        excluded_subtrees: vec![],
+    });
+    let cert = params.self_signed(&key).unwrap();
+    let (c, k) = (files.path().join("nc.pem"), files.path().join("nc-key.pem"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let err = rotation
+        .begin_with_root(&c, &k, now)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not verify as the proxies verify it"),
+        "{err}"
+    );
+    assert_eq!(rotation.status().phase, "idle");
+}

@@ -271,6 +271,14 @@ impl MeshView {
 
     /// Replaces the state with one watch message (each is complete for what was asked).
     pub fn apply(&self, message: &WatchMessage) {
+        let generation = self.credentials.as_ref().map(|c| c.bundle.generation());
+        self.apply_from(message, generation.unwrap_or_default());
+    }
+
+    /// [`MeshView::apply`] for a message of a watch opened when the trust bundle was at
+    /// `generation`: a bundle it offers is adopted only if the roots have not changed since,
+    /// since the connection that brought it was verified against those roots.
+    pub fn apply_from(&self, message: &WatchMessage, generation: u64) {
         if self.config.pod_ip.is_some() {
             self.inbound.store(message.inbound.clone().map(Arc::new));
         }
@@ -278,7 +286,7 @@ impl MeshView {
         self.first_message.store(true, Ordering::Release);
         self.changed.send_modify(|v| *v = message.version);
         if let Some(credentials) = &self.credentials {
-            self.offer_trust_bundle(credentials, &message.trust_bundle);
+            self.offer_trust_bundle(credentials, &message.trust_bundle, generation);
             if let Some(renew) = &message.renew {
                 credentials.early.directive(renew);
             }
@@ -288,7 +296,7 @@ impl MeshView {
     /// A trust bundle on the watch: adopted at once under the rule of the certificate answers
     /// ([`TrustBundle::judge_offer`]); refused or unreadable, it is logged once and the current
     /// bundle stays. An adoption changes the roots of the query, so the watch is reopened.
-    fn offer_trust_bundle(&self, credentials: &Credentials, pems: &[String]) {
+    fn offer_trust_bundle(&self, credentials: &Credentials, pems: &[String], generation: u64) {
         if pems.is_empty() {
             return;
         }
@@ -313,10 +321,19 @@ impl MeshView {
             Offer::Keep => *refused = None,
             Offer::Adopt(roots) => {
                 *refused = None;
-                if let Err(e) = credentials.bundle.replace(roots.clone()) {
-                    tracing::warn!(error = %e,
-                        "the mesh watch sent an unusable trust bundle; keeping the current bundle");
-                    return;
+                match credentials.bundle.replace_at(generation, roots.clone()) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::debug!(
+                            "the trust bundle changed while this watch was open: its offer is ignored, and the watch reopens"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e,
+                            "the mesh watch sent an unusable trust bundle; keeping the current bundle");
+                        return;
+                    }
                 }
                 tracing::info!(
                     roots = roots.len(),
@@ -489,6 +506,11 @@ async fn follow(
     reopen: &mut Reopen,
 ) -> bool {
     let had_valid_leaf = reopen.has_valid_leaf();
+    // The roots this watch's connection is verified against (see `MeshView::apply_from`).
+    let generation = state
+        .credentials
+        .as_ref()
+        .map_or(0, |c| c.bundle.generation());
     let mut stream = match source.watch(query).await {
         Ok(s) => {
             reopen.opened(had_valid_leaf);
@@ -504,7 +526,7 @@ async fn follow(
             message = stream.next_message() => match message {
                 Ok(Some(m)) => {
                     *attempt = 0;
-                    state.apply(&m);
+                    state.apply_from(&m, generation);
                 }
                 Ok(None) => {
                     tracing::warn!("the control plane ended the mesh watch; reopening");

@@ -98,11 +98,14 @@ impl Metrics {
     /// the decision (`allow`, `deny`, `audit_deny`): what `palisade policy suggest` reads. The
     /// first [`MAX_CLIENT_LABELS_PER_PORT`] callers of each of the first [`MAX_PORT_LABELS`]
     /// ports are named; the rest are `other`, so a scan of every port by every identity stays
-    /// bounded.
+    /// bounded. Only an admitted connection claims a port: a denied scan of many ports is
+    /// counted under `other` and cannot crowd out the ports really in use (a denied caller of
+    /// a port in use is still named, while that port has room).
     pub fn inbound_connection(&self, client: &str, port: u16, decision: &str) {
+        let admitted = decision != "deny";
         let (client, port) = {
             let mut labels = self.client_labels.lock().unwrap_or_else(|e| e.into_inner());
-            if !labels.contains_key(&port) && labels.len() >= MAX_PORT_LABELS {
+            if !labels.contains_key(&port) && (!admitted || labels.len() >= MAX_PORT_LABELS) {
                 ("other".to_owned(), "other".to_owned())
             } else {
                 let callers = labels.entry(port).or_default();
@@ -315,20 +318,27 @@ mod tests {
         m.inbound_connection(web, 8080, "allow");
         m.inbound_connection(web, 8080, "allow");
         m.inbound_connection("unauthenticated", 8080, "deny");
-        for i in 0..=MAX_CLIENT_LABELS_PER_PORT {
+        // Port 9000 is in use; 32 denied callers fill its remaining 31 names.
+        m.inbound_connection(web, 9000, "allow");
+        for i in 0..MAX_CLIENT_LABELS_PER_PORT {
             m.inbound_connection(&format!("spiffe://td/ns/scan/sa/s{i}"), 9000, "deny");
         }
+        // A denied scan of many ports claims none of them.
         for port in 1..=(MAX_PORT_LABELS as u16) {
-            m.inbound_connection(web, 20000 + port, "deny");
+            m.inbound_connection(web, 30000 + port, "deny");
+        }
+        for port in 1..=(MAX_PORT_LABELS as u16) {
+            m.inbound_connection(web, 20000 + port, "allow");
         }
         let text = m.render();
         for line in [
             "palisade_inbound_connections_total{client_id=\"spiffe://cluster.local/ns/shop/sa/web\",port=\"8080\",decision=\"allow\"} 2",
             "palisade_inbound_connections_total{client_id=\"unauthenticated\",port=\"8080\",decision=\"deny\"} 1",
-            // Port 9000 named 32 scanners and then had no room for the 33rd.
+            // Port 9000 named 31 of them and then had no room.
             "palisade_inbound_connections_total{client_id=\"other\",port=\"9000\",decision=\"deny\"} 1",
-            // 8080 and 9000 took two of the 64 ports: the last two ports are other.
-            "palisade_inbound_connections_total{client_id=\"other\",port=\"other\",decision=\"deny\"} 2",
+            "palisade_inbound_connections_total{client_id=\"other\",port=\"other\",decision=\"deny\"} 64",
+            // 8080 and 9000 took two of the 64 ports: the last two admitted ones are other.
+            "palisade_inbound_connections_total{client_id=\"other\",port=\"other\",decision=\"allow\"} 2",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }

@@ -43,6 +43,8 @@ pub struct TrustBundle {
     state: ArcSwap<BundleState>,
     /// Counts changes, so that the mesh watch can tell the CA its new roots at once.
     changes: watch::Sender<u64>,
+    /// Serialises replacements, so that a check of the generation and the swap are one step.
+    writer: std::sync::Mutex<()>,
 }
 
 /// What a bundle offered by the CA (in a certificate answer or on the mesh watch) does to the
@@ -68,6 +70,7 @@ impl TrustBundle {
         Ok(TrustBundle {
             state: ArcSwap::from_pointee(Self::build(roots)?),
             changes: watch::Sender::new(0),
+            writer: std::sync::Mutex::new(()),
         })
     }
 
@@ -86,12 +89,37 @@ impl TrustBundle {
 
     /// Replaces every root at once; the next handshake uses the new set.
     pub fn replace(&self, roots: Vec<CertificateDer<'static>>) -> Result<(), TlsError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.replace_locked(roots)
+    }
+
+    /// Replaces the roots only if they are still those of `generation`: an offer that came
+    /// over a connection verified against older roots (the anchors file changed meanwhile) is
+    /// never judged against the new ones. False when the bundle had moved on.
+    pub fn replace_at(
+        &self,
+        generation: u64,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<bool, TlsError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if self.generation() != generation {
+            return Ok(false);
+        }
+        self.replace_locked(roots).map(|()| true)
+    }
+
+    fn replace_locked(&self, roots: Vec<CertificateDer<'static>>) -> Result<(), TlsError> {
         if *self.state.load().ders == roots {
             return Ok(());
         }
         self.state.store(Arc::new(Self::build(roots)?));
         self.changes.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Grows with every change of the roots.
+    pub fn generation(&self) -> u64 {
+        *self.changes.borrow()
     }
 
     /// Changes with every replacement that changed the roots.

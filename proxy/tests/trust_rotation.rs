@@ -316,3 +316,44 @@ async fn a_rewritten_anchors_file_replaces_the_bundle_and_renews_when_the_leaf_i
     rotation.await.unwrap();
     poller.await.unwrap();
 }
+
+/// A bundle offered over a watch opened before the roots changed (the anchors file replaced
+/// them: the old root may be compromised) is never judged against the new roots: it could
+/// keep the new root and smuggle in another.
+#[tokio::test(start_paused = true)]
+async fn an_offer_from_a_watch_older_than_the_roots_is_ignored() {
+    let r = rig();
+    r.identity.renew_once().await.unwrap();
+    let view = MeshView::new(MeshConfig {
+        pod_ip: Some("10.77.0.2".parse().unwrap()),
+        ..MeshConfig::default()
+    })
+    .with_credentials(Credentials {
+        store: r.identity.store.clone(),
+        bundle: r.identity.bundle.clone(),
+        early: r.identity.early.clone(),
+    });
+    let (recovered, evil) = (Authority::new("recovered"), Authority::new("evil"));
+    let opened_at = r.identity.bundle.generation();
+    // The anchors file brings the recovered root while the old watch is still open.
+    r.identity
+        .bundle
+        .replace(vec![recovered.root_der()])
+        .unwrap();
+    let message = palisade_ca_api::wire::WatchMessage {
+        kind: palisade_ca_api::wire::WatchMessageKind::Update,
+        version: 2,
+        inbound: None,
+        destinations: vec![],
+        trust_bundle: vec![recovered.root_pem(), evil.root_pem()],
+        renew: None,
+    };
+    view.apply_from(&message, opened_at);
+    assert_eq!(*r.identity.bundle.ders(), vec![recovered.root_der()]);
+    // The same offer over a watch opened after the change is judged as usual.
+    view.apply_from(&message, r.identity.bundle.generation());
+    assert_eq!(
+        *r.identity.bundle.ders(),
+        vec![recovered.root_der(), evil.root_der()]
+    );
+}

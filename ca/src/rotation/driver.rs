@@ -17,10 +17,8 @@ use super::keyset::{self, CURRENT, KeySet, NEXT};
 use super::registry::{self, ProxyRegistry};
 use super::status::{LaggingProxy, ProxyCounts, RotationStatus};
 use super::{Kind, Phase, Record, Settings, Trigger};
-use crate::audit::AuditLog;
 use crate::authority::{Authority, BACKDATE};
 use crate::keys::{KeyError, KeyMaterial, KeyStore, load_or_create_generated};
-use crate::mesh::MeshPublisher;
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -322,14 +320,23 @@ impl Rotation {
         key: &std::path::Path,
         now: OffsetDateTime,
     ) -> Result<Transition, RotationError> {
-        self.begin_with(Kind::Root, Trigger::Manual, Some((cert, key)), now)
+        // Read and checked before the lock: watches wait on it, files may be slow.
+        let set = KeySet::from_root_files(cert, key, &self.trust_domain, &self.settings, now)?;
+        let in_use = self
+            .lock()
+            .as_ref()
+            .is_some_and(|k| k.current.root == set.root);
+        if in_use {
+            return Err(RotationError::SameRoot(cert.to_path_buf()));
+        }
+        self.begin_with(Kind::Root, Trigger::Manual, Some(set), now)
     }
 
     fn begin_with(
         &self,
         kind: Kind,
         trigger: Trigger,
-        root_files: Option<(&std::path::Path, &std::path::Path)>,
+        prepared: Option<KeySet>,
         now: OffsetDateTime,
     ) -> Result<Transition, RotationError> {
         let mut guard = self.lock();
@@ -345,14 +352,8 @@ impl Rotation {
             });
         }
         let lifetimes = &self.settings.lifetimes;
-        let next = match (kind, root_files) {
-            (Kind::Root, Some((cert, key))) => {
-                let set = KeySet::from_root_files(cert, key, &self.trust_domain, lifetimes, now)?;
-                if set.root == keys.current.root {
-                    return Err(RotationError::SameRoot(cert.to_path_buf()));
-                }
-                set
-            }
+        let next = match (kind, prepared) {
+            (_, Some(set)) => set,
             (Kind::Root, None) => KeySet::generate_root(&self.trust_domain, lifetimes, now)?,
             (Kind::Intermediate, _) => {
                 keys.current
@@ -666,39 +667,5 @@ fn describe(r: &registry::WatchReport) -> String {
     match &r.pod {
         Some(pod) => format!("{pod} ({})", r.spiffe_id),
         None => r.spiffe_id.clone(),
-    }
-}
-
-/// Steps `rotation` once a second until shutdown; each move is one audit line.
-pub async fn run(
-    rotation: Arc<Rotation>,
-    publisher: MeshPublisher,
-    audit: AuditLog,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut last_error = String::new();
-    if let Some(t) = rotation.take_finished_at_start() {
-        audit.rotation(&t).await;
-    }
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-            _ = shutdown.changed() => return,
-        }
-        let state = publisher.current().state;
-        match rotation.step(&state, OffsetDateTime::now_utc()) {
-            Ok(Some(t)) => {
-                last_error.clear();
-                audit.rotation(&t).await;
-            }
-            Ok(None) => last_error.clear(),
-            Err(error) => {
-                let text = error.to_string();
-                if text != last_error {
-                    tracing::error!(%error, "rotation step failed; retrying every second");
-                    last_error = text;
-                }
-            }
-        }
     }
 }

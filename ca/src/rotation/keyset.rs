@@ -101,30 +101,117 @@ impl KeySet {
     }
 
     /// An operator's root (its certificate and key files) and a new intermediate under it.
-    /// The root must be a valid, self-signed CA certificate whose key is the one given.
+    /// The root must be a valid, self-signed CA certificate whose key is the one given, with at
+    /// least [`MIN_OPERATOR_ROOT_LIFE`] left, and a leaf signed under it must verify the way
+    /// the proxies verify one (a name constraint or an algorithm they cannot check would
+    /// otherwise surface only once it signs, when the rotation can no longer be abandoned).
+    /// The files are read as they are: bounded, and their permissions left alone.
     pub fn from_root_files(
         cert: &std::path::Path,
         key: &std::path::Path,
         trust_domain: &str,
-        lifetimes: &Lifetimes,
+        settings: &super::Settings,
         now: OffsetDateTime,
     ) -> Result<Self, KeyError> {
-        let root = crate::keys::load_ca_cert(cert, now)?;
+        let lifetimes = &settings.lifetimes;
+        let root = parse_ca_cert(cert, &read_operator_file(cert)?, now)?;
         if !issued_by(&root, &root) {
             return Err(KeyError::Chain(
                 cert.into(),
                 "a root must be self-signed; for an intermediate under an offline root, restart the CA with --intermediate-cert/--intermediate-key/--intermediate-chain".into(),
             ));
         }
-        let root_key = crate::keys::load_key_for(key, cert, &root)?;
+        let left =
+            crate::keys::not_after(&root).map_err(|e| KeyError::Parse(cert.into(), e))? - now;
+        if left < MIN_OPERATOR_ROOT_LIFE {
+            return Err(KeyError::Parse(
+                cert.into(),
+                format!(
+                    "it expires in {} days; give a root with at least {} days left",
+                    left.whole_days(),
+                    MIN_OPERATOR_ROOT_LIFE.whole_days()
+                ),
+            ));
+        }
+        let root_key = parse_key_for(key, &read_operator_file(key)?, cert, &root)?;
         let (intermediate, intermediate_key) =
             generate_intermediate(&root, &root_key, trust_domain, lifetimes.intermediate, now)?;
-        Ok(KeySet {
+        let set = KeySet {
             root,
             root_key,
             intermediate,
             intermediate_key,
-        })
+        };
+        set.check_signs_verifiable_leaves(cert, trust_domain, &settings.serving_name, now)?;
+        Ok(set)
+    }
+
+    /// Signs a throwaway workload leaf and a throwaway CA serving certificate under this set,
+    /// and verifies each as a proxy would (the serving one against `serving_name`).
+    fn check_signs_verifiable_leaves(
+        &self,
+        label: &std::path::Path,
+        trust_domain: &str,
+        serving_name: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), KeyError> {
+        let refused = |why: String| {
+            KeyError::Chain(
+                label.into(),
+                format!(
+                    "a leaf signed under this root does not verify as the proxies verify it: {why}"
+                ),
+            )
+        };
+        let authority = crate::authority::Authority::new(self.material()?, Vec::new())?;
+        let id = palisade_ca_api::SpiffeId::new(trust_domain, "palisade-system", "rotation-check")
+            .map_err(|e| refused(e.to_string()))?;
+        let key = KeyPair::generate().map_err(|e| KeyError::Generate(e.to_string()))?;
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        let leaf = authority
+            .issue_leaf(&spki, &id, time::Duration::minutes(5), now)
+            .map_err(|e| refused(e.to_string()))?;
+        let chain = vec![leaf.der, self.intermediate.clone()];
+        let verify_at = rustls_pki_types::UnixTime::since_unix_epoch(
+            std::time::Duration::from_secs(now.unix_timestamp().max(0) as u64),
+        );
+        palisade_ca_api::tls::verify_workload_chain(authority.root_store(), &chain, verify_at)
+            .map_err(|e| refused(e.to_string()))?;
+
+        let ca_id = palisade_ca_api::SpiffeId::new(
+            trust_domain,
+            "palisade-system",
+            palisade_ca_api::contract::CA_SERVICE_ACCOUNT,
+        )
+        .map_err(|e| refused(e.to_string()))?;
+        let serving = authority
+            .issue_server(
+                &ca_id,
+                &[serving_name.to_owned()],
+                &key,
+                time::Duration::minutes(5),
+                now,
+            )
+            .map_err(|e| refused(e.to_string()))?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            authority.root_store(),
+            palisade_ca_api::tls::crypto_provider(),
+        )
+        .build()
+        .map_err(|e| refused(e.to_string()))?;
+        let name = rustls_pki_types::ServerName::try_from(serving_name.to_owned())
+            .map_err(|e| refused(e.to_string()))?;
+        use rustls::client::danger::ServerCertVerifier;
+        verifier
+            .verify_server_cert(
+                &serving.der,
+                std::slice::from_ref(&self.intermediate),
+                &name,
+                &[],
+                verify_at,
+            )
+            .map(|_| ())
+            .map_err(|e| refused(format!("the CA's own certificate for {serving_name}: {e}")))
     }
 
     /// The same root with a new intermediate.
@@ -241,6 +328,30 @@ impl KeySet {
 
 fn copy_key(key: &KeyPair) -> Result<KeyPair, KeyError> {
     KeyPair::try_from(key.serialize_der()).map_err(|e| KeyError::Generate(e.to_string()))
+}
+
+/// The least life an operator's root must have left to be rotated to.
+pub const MIN_OPERATOR_ROOT_LIFE: time::Duration = time::Duration::days(30);
+
+/// The longest operator file read.
+const MAX_OPERATOR_FILE: u64 = 64 * 1024;
+
+/// An operator's PEM file: a regular file of at most [`MAX_OPERATOR_FILE`] bytes.
+fn read_operator_file(path: &std::path::Path) -> Result<String, KeyError> {
+    use std::io::Read;
+    let unusable = |why: &str| KeyError::Parse(path.into(), why.into());
+    let meta = std::fs::metadata(path).map_err(|e| KeyError::Read(path.into(), e))?;
+    if !meta.is_file() {
+        return Err(unusable("not a regular file"));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_OPERATOR_FILE + 1).read_to_string(&mut text))
+        .map_err(|e| KeyError::Read(path.into(), e))?;
+    if text.len() as u64 > MAX_OPERATOR_FILE {
+        return Err(unusable("over 64 KiB: not a PEM certificate or key"));
+    }
+    Ok(text)
 }
 
 /// Removes every entry of a set; its private keys are gone with them.

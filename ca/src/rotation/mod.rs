@@ -13,15 +13,17 @@ mod driver;
 pub mod keyset;
 mod registry;
 mod status;
+mod task;
 
 use serde::{Deserialize, Serialize};
 use time::Duration;
 
 use crate::keys::Lifetimes;
 
-pub use driver::{Rotation, RotationError, Transition, TrustView, run};
+pub use driver::{Rotation, RotationError, Transition, TrustView};
 pub use registry::{ProxyRegistry, WatchReport};
 pub use status::{LaggingProxy, ProxyCounts, RotationStatus};
+pub use task::run;
 
 /// The phases; their names are the contract (`GET /rotation`, metrics, audit lines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +109,9 @@ pub struct Settings {
     /// Nothing moves until the CA has been up this long, so that proxies reconnecting after a
     /// restart (their watch backoff is at most 10 s) are heard before anything is decided.
     pub reconnect_grace: Duration,
+    /// The CA's own DNS name, which its serving certificate under a new root must carry in a
+    /// way proxies accept (an operator's root may constrain names).
+    pub serving_name: String,
 }
 
 impl Default for Settings {
@@ -120,6 +125,9 @@ impl Default for Settings {
             max_leaf_lifetime: Duration::hours(24),
             settle: Duration::seconds(10),
             reconnect_grace: Duration::seconds(30),
+            serving_name: palisade_ca_api::contract::ca_dns_name(
+                palisade_ca_api::contract::DEFAULT_CA_NAMESPACE,
+            ),
         }
     }
 }

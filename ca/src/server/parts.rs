@@ -61,6 +61,7 @@ pub(super) async fn rotation(
     let mut settings = config.rotation.clone();
     settings.max_leaf_lifetime =
         time::Duration::try_from(config.max_cert_ttl).expect("a TTL of at most 24h fits");
+    settings.serving_name = palisade_ca_api::contract::ca_dns_name(&config.namespace);
     let td = &config.trust_domain;
     let extra = extra_roots(config)?;
     let lifetimes = settings.lifetimes;
@@ -126,7 +127,18 @@ pub(super) fn extra_roots(
     };
     let bad = |e: String| StartError::ExtraRoots(path.clone(), e);
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    parse_pem_certs(&text).map_err(|e| bad(e.to_string()))
+    let roots = parse_pem_certs(&text).map_err(|e| bad(e.to_string()))?;
+    // With the root and, during a rotation, the next one, a bundle holds at most what a
+    // proxy can confirm on its watch.
+    let most = palisade_ca_api::wire::MAX_WATCH_ROOTS - 2;
+    if roots.len() > most {
+        return Err(bad(format!(
+            "{} roots; at most {most} (a bundle holds at most {} roots with the CA's own and the next one during a rotation)",
+            roots.len(),
+            palisade_ca_api::wire::MAX_WATCH_ROOTS
+        )));
+    }
+    Ok(roots)
 }
 
 pub(super) async fn authenticator(

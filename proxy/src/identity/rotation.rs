@@ -12,7 +12,7 @@ use palisade_ca_api::tls::verify_workload_chain;
 use palisade_ca_api::wire::CertificateRequest;
 use palisade_plumbing::credentials::certified_key;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use tokio::sync::watch;
 
 use super::anchors::AnchorsFile;
@@ -90,6 +90,8 @@ impl Identity {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| IdentityError::Csr(e.to_string()))?;
         let csr = make_csr(&self.config.spiffe_id, &key)?;
+        // The roots this request's connection is verified against.
+        let generation = self.bundle.generation();
         let answer = self
             .source
             .request_certificate(
@@ -106,7 +108,17 @@ impl Identity {
             .map_err(|e| bad(format!("certificate_chain: {e}")))?;
         let offered =
             parse_pem_list(&answer.trust_bundle).map_err(|e| bad(format!("trust_bundle: {e}")))?;
-        let bundle = self.bundle_to_adopt(offered);
+        let offer = self.bundle.judge_offer(offered);
+        let bundle = match &offer {
+            Offer::Adopt(roots) => roots.clone(),
+            Offer::Keep => self.bundle.ders().as_ref().clone(),
+            Offer::Refuse => {
+                tracing::warn!(
+                    "the CA's trust bundle shares no root with the current one; keeping the current bundle"
+                );
+                self.bundle.ders().as_ref().clone()
+            }
+        };
         let roots = palisade_ca_api::tls::root_store(&bundle)
             .map_err(|e| bad(format!("trust bundle: {e}")))?;
         let now = UnixTime::since_unix_epoch(
@@ -130,9 +142,17 @@ impl Identity {
         let certified = certified_key(chain, key)
             .map_err(|e| bad(format!("the certificate is not for the key we sent: {e}")))?;
 
-        self.bundle
-            .replace(bundle)
-            .map_err(|e| bad(format!("trust bundle: {e}")))?;
+        if let Offer::Adopt(roots) = offer {
+            let adopted = self
+                .bundle
+                .replace_at(generation, roots)
+                .map_err(|e| bad(format!("trust bundle: {e}")))?;
+            if !adopted {
+                return Err(bad(
+                    "the trust bundle changed while the request was under way; asking again over a connection verified against the new roots".into(),
+                ));
+            }
+        }
         let installed = Installed {
             key: Arc::new(certified),
             spiffe_id: id,
@@ -145,24 +165,6 @@ impl Identity {
         let current = self.store.current().expect("just installed");
         self.metrics.certificate_installed(current.not_after);
         Ok(current)
-    }
-
-    /// The bundle to verify the answer with and then trust: the CA's when
-    /// [`TrustBundle::judge_offer`] adopts it, else the current one.
-    fn bundle_to_adopt(
-        &self,
-        offered: Vec<CertificateDer<'static>>,
-    ) -> Vec<CertificateDer<'static>> {
-        match self.bundle.judge_offer(offered) {
-            Offer::Adopt(roots) => roots,
-            Offer::Keep => self.bundle.ders().as_ref().clone(),
-            Offer::Refuse => {
-                tracing::warn!(
-                    "the CA's trust bundle shares no root with the current one; keeping the current bundle"
-                );
-                self.bundle.ders().as_ref().clone()
-            }
-        }
     }
 }
 
