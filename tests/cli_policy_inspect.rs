@@ -310,6 +310,18 @@ fn what_no_rule_can_admit_and_what_is_not_a_workload_are_said_plainly() {
     assert!(out.contains("no \"caller\""), "{out}");
 }
 
+/// The SPIFFE ID of service account `sa` of namespace shop.
+fn id(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/shop/sa/{sa}")
+}
+
+/// One series of a proxy's `palisade_inbound_connections_total`, as `/metrics` writes it.
+fn series(client: &str, port: &str, decision: &str, n: u32) -> String {
+    format!(
+        "palisade_inbound_connections_total{{client_id=\"{client}\",port=\"{port}\",decision=\"{decision}\"}} {n}\n"
+    )
+}
+
 /// `palisade policy suggest` from a proxy's /metrics: the suggested manifests admit exactly the
 /// callers that were seen and allowed, under the same evaluation `policy check` (and the
 /// proxy) runs.
@@ -327,12 +339,6 @@ fn suggested_policies_admit_what_was_seen_and_nothing_else() {
             .to_yaml(),
     )
     .unwrap();
-    let id = |sa: &str| format!("spiffe://cluster.local/ns/shop/sa/{sa}");
-    let series = |client: &str, port: &str, decision: &str, n: u32| {
-        format!(
-            "palisade_inbound_connections_total{{client_id=\"{client}\",port=\"{port}\",decision=\"{decision}\"}} {n}\n"
-        )
-    };
     let metrics = dir.path().join("api.metrics");
     std::fs::write(
         &metrics,
@@ -437,23 +443,17 @@ fn suggest_refuses_what_would_reach_further_than_what_was_seen() {
             .to_yaml(),
     )
     .unwrap();
-    let id = |sa: &str| format!("spiffe://cluster.local/ns/shop/sa/{sa}");
-    let series = |client: &str, port: &str, decision: &str| {
-        format!(
-            "palisade_inbound_connections_total{{client_id=\"{client}\",port=\"{port}\",decision=\"{decision}\"}} 1\n"
-        )
-    };
     let api = dir.path().join("api.metrics");
-    std::fs::write(&api, series(&id("web"), "8080", "allow")).unwrap();
+    std::fs::write(&api, series(&id("web"), "8080", "allow", 1)).unwrap();
     let db = dir.path().join("db.metrics");
     std::fs::write(
         &db,
         [
-            series(&id("web"), "5432", "allow"),
-            series(&id("web"), "5432", "deny"),
-            series(&id("api"), "5432", "allow"),
-            series("unauthenticated", "5432", "allow"),
-            series(&id("intruder"), "5432", "deny"),
+            series(&id("web"), "5432", "allow", 1),
+            series(&id("web"), "5432", "deny", 1),
+            series(&id("api"), "5432", "allow", 1),
+            series("unauthenticated", "5432", "allow", 1),
+            series(&id("intruder"), "5432", "deny", 1),
         ]
         .concat(),
     )

@@ -13,7 +13,7 @@ use palisade_ca::mesh::watch::Owner;
 use palisade_ca::metrics::Metrics;
 use palisade_ca::rotation::{Kind, Rotation, RotationError, Settings, Trigger, WatchReport};
 use palisade_ca_api::cert::{parse_pem_certs, sha256_fingerprint};
-use support::operator_root;
+use support::{operator_root, operator_root_with};
 use time::{Duration, OffsetDateTime};
 
 fn t0() -> OffsetDateTime {
@@ -518,18 +518,10 @@ fn an_operators_root_near_expiry_or_not_a_file_is_refused_before_anything_change
     let files = tempfile::tempdir().unwrap();
     let now = t0();
     let rotation = open(dir.path(), now);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.not_before = now - Duration::days(1);
-    params.not_after = now + Duration::days(10);
-    let cert = params.self_signed(&key).unwrap();
-    let (c, k) = (
-        files.path().join("short.pem"),
-        files.path().join("short-key.pem"),
-    );
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let (c, k) = operator_root_with(files.path(), "short", |p| {
+        p.not_before = now - Duration::days(1);
+        p.not_after = now + Duration::days(10);
+    });
     let err = rotation
         .begin_with_root(&c, &k, now)
         .unwrap_err()
@@ -552,18 +544,13 @@ fn an_operators_root_whose_leaves_the_proxies_would_refuse_is_refused() {
     let files = tempfile::tempdir().unwrap();
     let now = t0();
     let rotation = open(dir.path(), now);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    // Only DNS names under example.com: no SPIFFE leaf verifies under it.
-    params.name_constraints = Some(rcgen::NameConstraints {
-        permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("example.com".into())],
-        excluded_subtrees: vec![],
+    // Only DNS names under example.com: the CA's own name is outside it.
+    let (c, k) = operator_root_with(files.path(), "nc", |p| {
+        p.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("example.com".into())],
+            excluded_subtrees: vec![],
+        });
     });
-    let cert = params.self_signed(&key).unwrap();
-    let (c, k) = (files.path().join("nc.pem"), files.path().join("nc-key.pem"));
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
     let err = rotation
         .begin_with_root(&c, &k, now)
         .unwrap_err()

@@ -390,6 +390,15 @@ pub fn operator_root(
     dir: &std::path::Path,
     name: &str,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
+    operator_root_with(dir, name, |_| {})
+}
+
+/// [`operator_root`], with the certificate's parameters changed by `tweak` first.
+pub fn operator_root_with(
+    dir: &std::path::Path,
+    name: &str,
+    tweak: impl FnOnce(&mut rcgen::CertificateParams),
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -400,6 +409,7 @@ pub fn operator_root(
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, format!("Operator root {name}"));
+    tweak(&mut params);
     let cert = params.self_signed(&key).unwrap();
     let (c, k) = (
         dir.join(format!("{name}.pem")),
