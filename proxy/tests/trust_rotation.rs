@@ -357,3 +357,21 @@ async fn an_offer_from_a_watch_older_than_the_roots_is_ignored() {
         vec![recovered.root_der(), evil.root_der()]
     );
 }
+
+/// A renewal answer whose bundle holds an unusable root still installs the leaf (it chains to
+/// the root held now) and keeps the current bundle, instead of failing every retry until the
+/// leaf expires.
+#[tokio::test(start_paused = true)]
+async fn a_bundle_with_an_unusable_root_keeps_the_current_one_and_the_leaf_is_installed() {
+    let r = rig();
+    let next = Authority::new("next");
+    r.ca.extra_roots.lock().unwrap().extend([
+        next.root_pem(),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_owned(),
+    ]);
+    r.identity
+        .renew_once()
+        .await
+        .expect("the leaf chains to the root held now");
+    assert_eq!(*r.identity.bundle.ders(), vec![r.ca.authority.root_der()]);
+}

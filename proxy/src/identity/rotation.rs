@@ -108,7 +108,14 @@ impl Identity {
             .map_err(|e| bad(format!("certificate_chain: {e}")))?;
         let offered =
             parse_pem_list(&answer.trust_bundle).map_err(|e| bad(format!("trust_bundle: {e}")))?;
-        let offer = self.bundle.judge_offer(offered);
+        let mut offer = self.bundle.judge_offer(offered);
+        if let Offer::Adopt(roots) = &offer
+            && let Err(e) = palisade_ca_api::tls::root_store(roots)
+        {
+            // Not a reason to refuse the leaf: it may well chain to a root held now.
+            tracing::warn!(error = %e, "the CA's trust bundle holds an unusable root; keeping the current bundle");
+            offer = Offer::Keep;
+        }
         let bundle = match &offer {
             Offer::Adopt(roots) => roots.clone(),
             Offer::Keep => self.bundle.ders().as_ref().clone(),
