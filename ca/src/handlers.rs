@@ -395,10 +395,12 @@ fn watch(
         namespace: id.namespace().to_owned(),
         service_account: id.service_account().to_owned(),
     };
+    // The workload at `pod_ip` (`namespace/name`), once its ownership is checked.
+    let mut pod = None;
     if let Some(ip) = query.pod_ip {
         let snapshot = ca.publisher.current();
         match snapshot.state.workload_at(ip) {
-            Some(w) if owner.holds(w) => {}
+            Some(w) if owner.holds(w) => pod = Some(format!("{}/{}", w.namespace, w.name)),
             Some(w) => {
                 return Err(ApiError::new(
                     ErrorCode::IdentityMismatch,
@@ -428,11 +430,7 @@ fn watch(
     let until = tokio::time::Instant::now() + lives_for;
     ca.rotation.registry.report(WatchReport {
         pod_ip: query.pod_ip,
-        pod: query.pod_ip.and_then(|ip| {
-            let snapshot = ca.publisher.current();
-            let w = snapshot.state.workload_at(ip)?;
-            Some(format!("{}/{}", w.namespace, w.name))
-        }),
+        pod,
         spiffe_id: id.to_string(),
         owner: owner.clone(),
         roots: query.roots.clone(),

@@ -447,9 +447,8 @@ impl Rotation {
         let next = match record.phase {
             Phase::Trusting if lagging.is_empty() && settled => Phase::Issuing,
             Phase::Trusting => {
-                let deadline =
-                    record.phase_started_at + self.settings.trust_deadline.whole_seconds();
-                if unix >= deadline && !keys.lagging_reported {
+                let passed = self.deadline(&record).is_some_and(|d| unix >= d);
+                if passed && !keys.lagging_reported {
                     keys.lagging_reported = true;
                     let names: Vec<String> = lagging.iter().take(20).map(|r| describe(r)).collect();
                     tracing::warn!(lagging = lagging.len(), proxies = ?names,
@@ -459,9 +458,8 @@ impl Rotation {
             }
             Phase::Issuing => {
                 let old = registry::on_previous(&reports, &keys.next().intermediate_fingerprint());
-                let latest = record.phase_started_at
-                    + (self.settings.max_leaf_lifetime + BACKDATE).whole_seconds();
-                if (old.is_empty() && settled) || unix >= latest {
+                let passed = self.deadline(&record).is_some_and(|d| unix >= d);
+                if (old.is_empty() && settled) || passed {
                     Phase::Retiring
                 } else {
                     return Ok(None);
@@ -503,6 +501,17 @@ impl Rotation {
                 .write(keyset::PROXIES_FILE, &self.registry.save(), false)?;
         }
         Ok(())
+    }
+
+    /// The phase's deadline (Unix seconds): in `trusting`, when lagging proxies are named; in
+    /// `issuing`, when no leaf of the previous intermediate can still be valid.
+    fn deadline(&self, record: &Record) -> Option<i64> {
+        let after = match record.phase {
+            Phase::Trusting => self.settings.trust_deadline,
+            Phase::Issuing => self.settings.max_leaf_lifetime + BACKDATE,
+            Phase::Idle | Phase::Retiring => return None,
+        };
+        Some(record.phase_started_at + after.whole_seconds())
     }
 
     /// Which rotation the schedule asks for now, if automation is on.
@@ -580,15 +589,7 @@ impl Rotation {
         let keys = guard.as_ref();
         let record = keys.and_then(|k| k.record.clone());
         let issuing_intermediate = sha256_fingerprint(&authority.chain_tail_der()[0]);
-        let deadline = record.as_ref().and_then(|r| match r.phase {
-            Phase::Trusting => {
-                Some(r.phase_started_at + self.settings.trust_deadline.whole_seconds())
-            }
-            Phase::Issuing => Some(
-                r.phase_started_at + (self.settings.max_leaf_lifetime + BACKDATE).whole_seconds(),
-            ),
-            _ => None,
-        });
+        let deadline = record.as_ref().and_then(|r| self.deadline(r));
         RotationStatus {
             phase: record
                 .as_ref()
