@@ -5,6 +5,7 @@
 //! runtime, so nothing outlives the command.
 
 mod capture;
+mod least_privilege;
 mod progress;
 mod report;
 mod rotation;
@@ -168,6 +169,8 @@ struct Call {
     identity: String,
     result: &'static str,
     reason: &'static str,
+    /// The policy that must decide: `namespace/name`, or `default:<policy>`.
+    policy: String,
 }
 
 impl Call {
@@ -196,6 +199,7 @@ async fn exercise(
             identity: WEB.spiffe_id(),
             result: "allow",
             reason: "rule_matched",
+            policy: demo_policy(),
         },
         Call {
             step: "shop/intruder calls shop/api: a valid mesh identity the policy does not list",
@@ -205,6 +209,7 @@ async fn exercise(
             identity: INTRUDER.spiffe_id(),
             result: "deny",
             reason: "no_rule_matched",
+            policy: demo_policy(),
         },
         Call {
             step: "a plaintext caller with no proxy calls shop/api's proxy",
@@ -214,6 +219,7 @@ async fn exercise(
             identity: "unauthenticated".into(),
             result: "deny",
             reason: "plaintext_not_allowed",
+            policy: demo_policy(),
         },
     ];
     for call in &calls {
@@ -232,6 +238,11 @@ async fn exercise(
         "the last call came after editing the mesh file's policy to list shop/intruder: applied to the api's proxy in {:.1}s",
         took.as_secs_f64()
     ));
+
+    let (lines, rows) =
+        least_privilege::observe_suggest_enforce(world, events, progress, api_port).await?;
+    report.least_privilege = lines;
+    report.least_privilege_calls = rows;
 
     let (rotations, traffic) = rotation(world, progress).await?;
     report.rotations = rotations;
@@ -264,14 +275,16 @@ async fn check(
                 expected.identity
             )
         })?;
-    let policy = format!("{}/{}", world::NAMESPACE, world::POLICY);
-    if event.result != expected.result || event.reason != expected.reason || event.policy != policy
+    if event.result != expected.result
+        || event.reason != expected.reason
+        || event.policy != expected.policy
     {
         bail!(
-            "{} → shop/api: expected {} ({}) by {policy}, but the api's proxy decided {} ({}) by {}",
+            "{} → shop/api: expected {} ({}) by {}, but the api's proxy decided {} ({}) by {}",
             expected.caller,
             expected.result,
             expected.reason,
+            expected.policy,
             event.result,
             event.reason,
             event.policy
@@ -284,8 +297,9 @@ async fn check(
             event.port
         );
     }
+    // An audit-mode would-deny lets the connection through.
     let answered = outcome.is_ok();
-    if answered != (expected.result == "allow") {
+    if answered != (expected.result != "deny") {
         bail!(
             "{} → shop/api: the api's proxy decided {}, but the caller saw {outcome}",
             expected.caller,
@@ -379,21 +393,52 @@ async fn policy_change(
         identity: INTRUDER.spiffe_id(),
         result: "allow",
         reason: "rule_matched",
+        policy: demo_policy(),
     };
     progress.step(expected.step);
     world.allow_callers(&[&WEB.name(), &INTRUDER.name()])?;
+    until_decided(events, api_port, &expected).await
+}
+
+/// `namespace/name` of the policy the demo starts with.
+fn demo_policy() -> String {
+    format!("{}/{}", world::NAMESPACE, world::POLICY)
+}
+
+/// Calls after a change until an api replica's proxy decides as `expected` says (the change
+/// takes a moment to reach each proxy), then checks that call. Returns its row and how long
+/// the change took to apply.
+async fn until_decided(
+    events: &PolicyEvents,
+    api_port: u16,
+    expected: &Call,
+) -> anyhow::Result<(CallRow, Duration)> {
     let changed = Instant::now();
+    let replicas = [API.workload(), API_2.workload()];
     loop {
         let mark = events.mark();
         let outcome = expected.make().await;
-        if outcome.is_ok() {
-            let took = changed.elapsed();
-            let row = check(events, mark, api_port, &expected, &outcome).await?;
-            return Ok((row, took));
+        let decided = events
+            .wait_for(mark, DECISION_WAIT, |e| {
+                replicas.contains(&e.target) && e.caller == expected.identity
+            })
+            .await;
+        if let Some(e) = &decided
+            && e.result == expected.result
+            && e.policy == expected.policy
+        {
+            let row = check(events, mark, api_port, expected, &outcome).await?;
+            return Ok((row, changed.elapsed()));
         }
         if changed.elapsed() > POLICY_CHANGE_WAIT {
+            let last = decided.map_or("no decision logged".to_owned(), |e| {
+                format!("{} ({}) by {}", e.result, e.reason, e.policy)
+            });
             bail!(
-                "the policy change did not reach the api's proxy within {POLICY_CHANGE_WAIT:?}: shop/intruder still sees {outcome}"
+                "{}: the change did not reach shop/api's proxies within {POLICY_CHANGE_WAIT:?}: the last call was decided {last}, not {} by {}; the caller saw {outcome}",
+                expected.caller,
+                expected.result,
+                expected.policy
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

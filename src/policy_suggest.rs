@@ -31,7 +31,7 @@ pub struct SuggestArgs {
 }
 
 /// One series of the metric: who called which port, what was decided, how often.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Edge {
     client: String,
     port: String,
@@ -116,26 +116,67 @@ fn caller(client: &str, td: &str) -> Result<Option<String>, String> {
 
 type Groups = BTreeMap<(String, BTreeMap<String, String>), Seen>;
 
-fn observe(state: &MeshState, args: &SuggestArgs) -> anyhow::Result<Groups> {
+/// What one proxy counted: `ns/pod` of its workload and its `/metrics` text, and optionally an
+/// earlier `/metrics` text of the same proxy, so that only what happened since is suggested from.
+pub struct Observation {
+    pub target: String,
+    pub metrics: String,
+    pub baseline: Option<String>,
+}
+
+/// What `suggest` wrote: the manifests with their comments, and the manifests alone.
+pub struct Suggestion {
+    pub text: String,
+    pub manifests: Vec<serde_json::Value>,
+}
+
+/// The manifests that allow exactly what `observations` saw. Pure.
+pub fn suggest(
+    state: &MeshState,
+    observations: &[Observation],
+    mode: &str,
+) -> anyhow::Result<Suggestion> {
+    let seen = observe(state, observations)?;
+    Ok(render(state, &seen, mode))
+}
+
+/// `after`'s counts less `before`'s, series by series (a counter reset keeps `after`'s).
+fn since(after: Vec<Edge>, before: &[Edge]) -> Vec<Edge> {
+    after
+        .into_iter()
+        .map(|mut e| {
+            let earlier = before
+                .iter()
+                .find(|b| b.client == e.client && b.port == e.port && b.decision == e.decision)
+                .map_or(0, |b| b.count);
+            if earlier <= e.count {
+                e.count -= earlier;
+            }
+            e
+        })
+        .collect()
+}
+
+fn observe(state: &MeshState, observations: &[Observation]) -> anyhow::Result<Groups> {
     let mut seen = Groups::new();
-    for given in &args.metrics {
-        let (target, file) = given
-            .split_once('=')
-            .with_context(|| format!("--metrics {given:?}: give ns/pod=FILE"))?;
+    for o in observations {
+        let target = &o.target;
         let (ns, name) = target
             .split_once('/')
-            .with_context(|| format!("--metrics {given:?}: the target is ns/pod"))?;
+            .with_context(|| format!("{target:?}: the target is ns/pod"))?;
         let w = state
             .workloads()
             .iter()
             .find(|w| w.namespace == ns && w.name == name)
-            .with_context(|| {
-                format!("--metrics {given:?}: no workload {ns}/{name} in the mesh file")
-            })?;
-        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?;
-        let found = edges(&text);
-        if found.is_empty() && !text.contains(SERIES) {
-            bail!("{file} has no {SERIES}: is it a Palisade proxy's /metrics (of this version)?");
+            .with_context(|| format!("{target:?}: no workload {ns}/{name} in the mesh file"))?;
+        let mut found = edges(&o.metrics);
+        if found.is_empty() && !o.metrics.contains(SERIES) {
+            bail!(
+                "the metrics of {target} have no {SERIES}: are they a Palisade proxy's /metrics (of this version)?"
+            );
+        }
+        if let Some(baseline) = &o.baseline {
+            found = since(found, &edges(baseline));
         }
         let entry = seen
             .entry((w.namespace.clone(), w.labels.clone()))
@@ -156,7 +197,7 @@ fn observe(state: &MeshState, args: &SuggestArgs) -> anyhow::Result<Groups> {
                 entry.denied.entry(port).or_default().insert(e.client);
                 continue;
             }
-            match caller(&e.client, &args.trust_domain) {
+            match caller(&e.client, &state.trust_domain) {
                 Ok(c) => {
                     entry.allowed.entry(port).or_default().insert(c);
                 }
@@ -212,11 +253,12 @@ fn also_selected(
 
 /// The manifests, as one YAML stream with comments (each manifest written as JSON, which YAML
 /// reads as it is: every value quoted, whatever the labels hold).
-fn render(state: &MeshState, seen: &Groups, mode: &str) -> String {
+fn render(state: &MeshState, seen: &Groups, mode: &str) -> Suggestion {
     let mut out = String::from(
         "# Suggested by `palisade policy suggest` from what the proxies saw. Apply with\n# mode: audit, watch palisade_policy_decisions_total{result=\"audit_deny\"} stay at 0, then\n# set mode: enforce. A MeshPolicy on a port refuses every caller it does not list there.\n",
     );
     let mut names = BTreeSet::new();
+    let mut manifests = Vec::new();
     for ((ns, labels), s) in seen {
         let pods = s.pods.iter().cloned().collect::<Vec<_>>().join(", ");
         let others = also_selected(state, ns, labels, &s.pods);
@@ -296,6 +338,7 @@ fn render(state: &MeshState, seen: &Groups, mode: &str) -> String {
             });
             out.push_str(&serde_json::to_string_pretty(&manifest).expect("manifests serialize"));
             out.push('\n');
+            manifests.push(manifest);
         }
         for (port, clients) in &s.denied {
             for c in clients {
@@ -308,13 +351,30 @@ fn render(state: &MeshState, seen: &Groups, mode: &str) -> String {
             out.push_str(&comment(&format!("note: {n}")));
         }
     }
-    out
+    Suggestion {
+        text: out,
+        manifests,
+    }
 }
 
 pub fn run(args: &SuggestArgs) -> anyhow::Result<()> {
     let state = palisade_ca::mesh::file::load_mesh_file(&args.mesh_file, &args.trust_domain)?;
-    let seen = observe(&state, args)?;
-    print!("{}", render(&state, &seen, &args.mode));
+    let mut observations = Vec::new();
+    for given in &args.metrics {
+        let (target, file) = given
+            .split_once('=')
+            .with_context(|| format!("--metrics {given:?}: give ns/pod=FILE"))?;
+        let metrics = std::fs::read_to_string(file)
+            .with_context(|| format!("--metrics {given:?}: cannot read {file}"))?;
+        observations.push(Observation {
+            target: target.to_owned(),
+            metrics,
+            baseline: None,
+        });
+    }
+    let suggestion = suggest(&state, &observations, &args.mode)
+        .context("--metrics: cannot suggest from what was given")?;
+    print!("{}", suggestion.text);
     Ok(())
 }
 
@@ -337,5 +397,38 @@ mod tests {
             }
         );
         assert_eq!(found[1].client, "we\"ird");
+    }
+
+    #[test]
+    fn a_baseline_leaves_only_what_was_counted_since() {
+        let series = |client: &str, decision: &str, count: u64| Edge {
+            client: client.into(),
+            port: "8080".into(),
+            decision: decision.into(),
+            count,
+        };
+        let before = [series("a", "allow", 5), series("b", "deny", 2)];
+        let after = vec![
+            series("a", "allow", 8),
+            series("b", "deny", 2),
+            series("c", "allow", 1),
+            // Counted fewer than before: the proxy restarted, so all of it is new.
+            series("b", "allow", 0),
+        ];
+        let mut reset = before.to_vec();
+        reset.push(series("b", "allow", 4));
+        assert_eq!(
+            since(after, &reset),
+            vec![
+                series("a", "allow", 3),
+                series("b", "deny", 0),
+                series("c", "allow", 1),
+                series("b", "allow", 0),
+            ]
+        );
+        assert_eq!(
+            since(vec![series("a", "allow", 2)], &before),
+            vec![series("a", "allow", 2)]
+        );
     }
 }

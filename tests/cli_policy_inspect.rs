@@ -413,7 +413,7 @@ fn suggested_policies_admit_what_was_seen_and_nothing_else() {
         "--mesh-file",
         m,
         "--metrics",
-        "shop/nobody=x",
+        &format!("shop/nobody={}", metrics.display()),
     ]);
     assert_eq!(code, 2);
     assert!(

@@ -1,6 +1,6 @@
 //! `palisade demo`, as a user runs it: it must finish by itself, exit 0, and report the
-//! allowed call, both denials with their reasons, the policy change and a rotation with no
-//! failed request.
+//! allowed call, both denials with their reasons, the policy change, the way from observed
+//! traffic to an enforced least-privilege policy, and a rotation with no failed request.
 
 use std::io::Read as _;
 use std::process::{Command, Stdio};
@@ -104,6 +104,48 @@ fn the_demo_shows_allowed_and_denied_calls_and_a_rotation_then_exits() {
         &out,
     );
     assert!(out.contains("applied to the api's proxy in"), "{out}");
+
+    // Observe → suggest → audit → enforce: the suggested policy shuts the intruder out again.
+    let least = out
+        .split_once("Least privilege from observed traffic")
+        .and_then(|(_, rest)| rest.split_once("\n\n"))
+        .map(|(section, _)| section)
+        .unwrap_or_else(|| panic!("no least-privilege section in:\n{out}"));
+    assert_has(
+        row(least, "suggested: MeshPolicy shop/api-"),
+        &["-observed: allow shop/web on port", "mode audit"],
+        &out,
+    );
+    let intruder: Vec<&str> = least
+        .lines()
+        .filter(|l| l.trim_start().starts_with("shop/intruder → shop/api"))
+        .collect();
+    assert_eq!(intruder.len(), 2, "audit and enforce rows of:\n{out}");
+    assert_has(
+        intruder[0],
+        &["AUDIT_DENY (HTTP 200)", "-observed: no_rule_matched"],
+        &out,
+    );
+    assert_has(
+        intruder[1],
+        &["DENY (closed)", "-observed: no_rule_matched"],
+        &out,
+    );
+    assert_has(
+        row(least, "shop/web → shop/api"),
+        &["ALLOW (HTTP 200)", "default:all-authenticated"],
+        &out,
+    );
+    let web_enforced = least
+        .lines()
+        .filter(|l| l.trim_start().starts_with("shop/web → shop/api"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no enforced row for shop/web in:\n{out}"));
+    assert_has(
+        web_enforced,
+        &["ALLOW (HTTP 200)", "-observed: rule_matched"],
+        &out,
+    );
 
     // The Service: the callers' proxies balance over both replicas, over mTLS only.
     let service = out

@@ -39,6 +39,22 @@ impl CallRow {
     }
 }
 
+/// The calls as a table, one row each.
+fn calls_table(calls: &[CallRow]) -> String {
+    let rows: Vec<Vec<String>> = calls
+        .iter()
+        .map(|c| {
+            vec![
+                format!("{} → {}", c.caller, c.target),
+                c.identity.clone(),
+                c.decision.clone(),
+                c.why.clone(),
+            ]
+        })
+        .collect();
+    table(&["call", "identity", "decision", "why"], &rows)
+}
+
 fn host(addr: &str) -> &str {
     addr.rsplit_once(':').map_or(addr, |(h, _)| h)
 }
@@ -78,6 +94,10 @@ pub struct Report {
     pub service: Vec<String>,
     /// A line on the policy change, when one was made.
     pub policy_change: Option<String>,
+    /// Observe → suggest → audit → enforce, one line each.
+    pub least_privilege: Vec<String>,
+    /// The calls that showed each of its steps.
+    pub least_privilege_calls: Vec<CallRow>,
     pub cert_ttl_seconds: u64,
     pub rotations: Vec<RotationRow>,
     pub traffic: Traffic,
@@ -95,23 +115,22 @@ impl std::fmt::Display for Report {
             f,
             "Calls (decided and logged by the target's proxy; identity = the caller's verified certificate)"
         )?;
-        let calls: Vec<Vec<String>> = self
-            .calls
-            .iter()
-            .map(|c| {
-                vec![
-                    format!("{} → {}", c.caller, c.target),
-                    c.identity.clone(),
-                    c.decision.clone(),
-                    c.why.clone(),
-                ]
-            })
-            .collect();
-        f.write_str(&table(&["call", "identity", "decision", "why"], &calls))?;
+        f.write_str(&calls_table(&self.calls))?;
         if let Some(change) = &self.policy_change {
             writeln!(f, "  {change}")?;
         }
         writeln!(f)?;
+        if !self.least_privilege.is_empty() {
+            writeln!(
+                f,
+                "Least privilege from observed traffic (`palisade policy suggest`, docs/operations.md)"
+            )?;
+            for line in &self.least_privilege {
+                writeln!(f, "  {line}")?;
+            }
+            f.write_str(&calls_table(&self.least_privilege_calls))?;
+            writeln!(f)?;
+        }
         if !self.service.is_empty() {
             writeln!(
                 f,
@@ -402,6 +421,19 @@ palisade_certificate_rotations_total 3
             )],
             service: vec!["shop/api-1: 12 of 20 calls".into()],
             policy_change: Some("policy changed".into()),
+            least_privilege: vec!["suggested: MeshPolicy shop/api-8080-observed".into()],
+            least_privilege_calls: vec![CallRow::new(
+                "shop/intruder",
+                &event(
+                    "audit_deny",
+                    "spiffe://cluster.local/ns/shop/sa/intruder",
+                    "no_rule_matched",
+                ),
+                &Outcome::Answered {
+                    status: 200,
+                    body: String::new(),
+                },
+            )],
             cert_ttl_seconds: 20,
             rotations: vec![RotationRow {
                 workload: "shop/web".into(),
@@ -430,6 +462,9 @@ palisade_certificate_rotations_total 3
             "DENY (closed)",
             "shop/api-from-web: no_rule_matched",
             "policy changed",
+            "Least privilege from observed traffic",
+            "suggested: MeshPolicy shop/api-8080-observed",
+            "AUDIT_DENY (HTTP 200)",
             "0123456789ab…",
             "fedcba987654…",
             "9.5s",

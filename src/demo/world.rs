@@ -83,10 +83,11 @@ const MESH_PORT_NAME: &str = "mesh";
 pub const OUTSIDER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 10, 9);
 
 /// The mesh file: four meshed workloads, the Service `shop/api` over the two api replicas,
-/// and a policy that lets `allowed` reach the api's port. `replica_ports` are the ports the
-/// replicas' proxies accept on (their named port `mesh`, the Service's target port), once
-/// they are known; without them the Service has no endpoint yet. Pure.
-pub fn mesh_yaml(api_port: u16, allowed: &[&str], replica_ports: &[u16]) -> String {
+/// and `policies` (each `{metadata, spec}`, written as JSON, which YAML reads as it is).
+/// `replica_ports` are the ports the replicas' proxies accept on (their named port `mesh`, the
+/// Service's target port), once they are known; without them the Service has no endpoint yet.
+/// Pure.
+pub fn mesh_yaml(policies: &[serde_json::Value], replica_ports: &[u16]) -> String {
     let workloads: String = [WEB, API, API_2, INTRUDER]
         .iter()
         .map(|w| {
@@ -103,11 +104,13 @@ pub fn mesh_yaml(api_port: u16, allowed: &[&str], replica_ports: &[u16]) -> Stri
             )
         })
         .collect();
-    let allowed = allowed
+    let policies: String = policies
         .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+        .map(|p| {
+            let p = serde_json::json!({"metadata": p["metadata"], "spec": p["spec"]});
+            format!("  - {p}\n")
+        })
+        .collect();
     format!(
         "trustDomain: {TRUST_DOMAIN}\n\
          defaultPolicy: all-authenticated\n\
@@ -115,13 +118,23 @@ pub fn mesh_yaml(api_port: u16, allowed: &[&str], replica_ports: &[u16]) -> Stri
          services:\n\
          \x20 - {{name: api, namespace: {NAMESPACE}, clusterIPs: [{vip}], selector: {{app: api}},\n\
          \x20    ports: [{{name: http, port: {vport}, targetPort: {MESH_PORT_NAME}}}]}}\n\
-         policies:\n\
-         \x20 - metadata: {{name: {POLICY}, namespace: {NAMESPACE}}}\n\
-         \x20   spec: {{targetSelector: {{matchLabels: {{app: api}}}}, ports: [{api_port}],\n\
-         \x20          allow: [{{serviceAccounts: [{allowed}]}}]}}\n",
+         policies:{empty}\n{policies}",
         vip = API_SERVICE.ip(),
         vport = API_SERVICE.port(),
+        empty = if policies.is_empty() { " []" } else { "" },
     )
+}
+
+/// The demo's policy: `allowed` (`ns/sa`) may call the api's port.
+pub fn api_policy(api_port: u16, allowed: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": POLICY, "namespace": NAMESPACE},
+        "spec": {
+            "targetSelector": {"matchLabels": {"app": "api"}},
+            "ports": [api_port],
+            "allow": [{"serviceAccounts": allowed}],
+        },
+    })
 }
 
 /// Where a proxy sends and delivers, in place of what capture would say.
@@ -206,7 +219,8 @@ impl World {
             .await
             .context("cannot start the api app on 127.0.0.1")?;
         let mesh_file = dir.join("mesh.yaml");
-        write_atomically(&mesh_file, &mesh_yaml(app.addr.port(), &[&WEB.name()], &[]))?;
+        let policy = api_policy(app.addr.port(), &[&WEB.name()]);
+        write_atomically(&mesh_file, &mesh_yaml(std::slice::from_ref(&policy), &[]))?;
 
         let state_dir = dir.join("ca-state");
         let mut config = ServeConfig::embedded(state_dir.clone(), mesh_file.clone());
@@ -264,10 +278,7 @@ impl World {
         }
         // The replicas' ports are known now: they become the Service's endpoints.
         let replica_ports = vec![api.bound.inbound.port(), api_2.bound.inbound.port()];
-        write_atomically(
-            &mesh_file,
-            &mesh_yaml(app.addr.port(), &[&WEB.name()], &replica_ports),
-        )?;
+        write_atomically(&mesh_file, &mesh_yaml(&[policy], &replica_ports))?;
         let world = World {
             mesh_file,
             app,
@@ -314,10 +325,12 @@ impl World {
 
     /// Rewrites the mesh file so that `allowed` may call the api; the CA picks it up.
     pub fn allow_callers(&self, allowed: &[&str]) -> anyhow::Result<()> {
-        write_atomically(
-            &self.mesh_file,
-            &mesh_yaml(self.app.addr.port(), allowed, &self.replica_ports),
-        )
+        self.set_policies(&[api_policy(self.app.addr.port(), allowed)])
+    }
+
+    /// Rewrites the mesh file with `policies` in place of the current ones.
+    pub fn set_policies(&self, policies: &[serde_json::Value]) -> anyhow::Result<()> {
+        write_atomically(&self.mesh_file, &mesh_yaml(policies, &self.replica_ports))
     }
 
     /// Stops the proxies (drained), the CA and the app. Returns the addresses that were
@@ -378,7 +391,10 @@ mod tests {
 
     #[test]
     fn the_mesh_file_is_one_the_ca_accepts_with_the_policy_on_the_app_port() {
-        let text = mesh_yaml(41234, &["shop/web", "shop/intruder"], &[40001, 40002]);
+        let text = mesh_yaml(
+            &[api_policy(41234, &["shop/web", "shop/intruder"])],
+            &[40001, 40002],
+        );
         let state =
             palisade_ca::mesh::file::parse_mesh_file(Path::new("mesh.yaml"), &text, TRUST_DOMAIN)
                 .unwrap();
@@ -391,7 +407,7 @@ mod tests {
             .map(|e| format!("{}:{}", e.address, e.target_port(80).unwrap()))
             .collect();
         assert_eq!(endpoints, ["127.0.10.3:40001", "127.0.10.5:40002"]);
-        let before_start = mesh_yaml(41234, &["shop/web"], &[]);
+        let before_start = mesh_yaml(&[api_policy(41234, &["shop/web"])], &[]);
         let state = palisade_ca::mesh::file::parse_mesh_file(
             Path::new("mesh.yaml"),
             &before_start,
@@ -414,6 +430,15 @@ mod tests {
         assert_eq!(inbound.policies[0].ports, vec![41234]);
         let web = state.workload_at(IpAddr::V4(WEB.ip)).unwrap();
         assert_eq!(state.spiffe_id(web).unwrap().to_string(), WEB.spiffe_id());
+        let without = mesh_yaml(&[], &[40001, 40002]);
+        let state = palisade_ca::mesh::file::parse_mesh_file(
+            Path::new("mesh.yaml"),
+            &without,
+            TRUST_DOMAIN,
+        )
+        .unwrap();
+        let api = state.workload_at(IpAddr::V4(API.ip)).unwrap();
+        assert!(state.inbound_policy(api).policies.is_empty());
     }
 
     #[test]
