@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -17,13 +16,13 @@ use palisade_ca_api::policy::{
     evaluate_inbound, rule_matches,
 };
 
+use crate::cluster::MeshSource;
 use crate::policy_check::caller_id;
 
 #[derive(clap::Args)]
 pub struct ExplainArgs {
-    /// A mesh file (as `palisade-ca serve --mesh-file` reads).
-    #[arg(long)]
-    mesh_file: PathBuf,
+    #[command(flatten)]
+    mesh: MeshSource,
     /// The caller: `ns/sa`, a SPIFFE ID, a pod IP (its workload's identity; plaintext when no
     /// meshed workload has it), or `plaintext`.
     #[arg(long, required_unless_present = "event", conflicts_with = "event")]
@@ -34,9 +33,6 @@ pub struct ExplainArgs {
     /// A denial event as a proxy logged it (one JSON line), instead of --from and --to.
     #[arg(long)]
     event: Option<String>,
-    /// Trust domain.
-    #[arg(long, default_value = "cluster.local")]
-    trust_domain: String,
 }
 
 /// The caller as policy sees it, and how it was found.
@@ -123,7 +119,8 @@ fn default_source(state: &MeshState, w: &Workload) -> String {
             w.namespace
         )
     } else {
-        "the mesh's defaultPolicy".to_owned()
+        "the mesh-wide default: a mesh file's defaultPolicy, or the CA's --default-policy"
+            .to_owned()
     }
 }
 
@@ -277,7 +274,7 @@ fn from_event(line: &str) -> anyhow::Result<(String, String, String)> {
 }
 
 pub fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
-    let state = palisade_ca::mesh::file::load_mesh_file(&args.mesh_file, &args.trust_domain)?;
+    let state = args.mesh.load()?;
     let (from_arg, to_arg, logged) = match &args.event {
         Some(line) => {
             let (from, to, reason) = from_event(line)?;
@@ -289,7 +286,7 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
             None,
         ),
     };
-    let from = resolve_from(&state, &from_arg, &args.trust_domain)?;
+    let from = resolve_from(&state, &from_arg, &state.trust_domain)?;
     let (w, port) = resolve_to(&state, &to_arg)?;
     let inbound = state.inbound_policy(w);
     let caller = from

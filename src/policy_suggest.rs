@@ -5,19 +5,20 @@
 //! switch to `enforce`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use palisade_ca::mesh::MeshState;
 use palisade_ca_api::SpiffeId;
 
+use crate::cluster::MeshSource;
+
 const SERIES: &str = "palisade_inbound_connections_total";
 
 #[derive(clap::Args)]
 pub struct SuggestArgs {
-    /// A mesh file (as `palisade-ca serve --mesh-file` reads): the workloads and their labels.
-    #[arg(long)]
-    mesh_file: PathBuf,
+    /// The workloads and their labels.
+    #[command(flatten)]
+    mesh: MeshSource,
     /// `ns/pod=FILE`: the `/metrics` text of that pod's proxy; repeatable (every replica of a
     /// workload adds what it saw).
     #[arg(long = "metrics", required = true)]
@@ -25,9 +26,6 @@ pub struct SuggestArgs {
     /// The mode of the suggested policies: `audit` (the first step) or `enforce`.
     #[arg(long, default_value = "audit", value_parser = ["audit", "enforce"])]
     mode: String,
-    /// Trust domain.
-    #[arg(long, default_value = "cluster.local")]
-    trust_domain: String,
 }
 
 /// One series of the metric: who called which port, what was decided, how often.
@@ -358,7 +356,7 @@ fn render(state: &MeshState, seen: &Groups, mode: &str) -> Suggestion {
 }
 
 pub fn run(args: &SuggestArgs) -> anyhow::Result<()> {
-    let state = palisade_ca::mesh::file::load_mesh_file(&args.mesh_file, &args.trust_domain)?;
+    let state = args.mesh.load()?;
     let mut observations = Vec::new();
     for given in &args.metrics {
         let (target, file) = given

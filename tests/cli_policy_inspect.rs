@@ -257,7 +257,7 @@ fn a_default_denial_gets_a_policy_that_admits_the_caller_and_warns_what_it_costs
     for part in [
         "10.77.0.9 is no meshed workload: its connections arrive in plaintext",
         "reason: plaintext_not_allowed",
-        "the default decides, all-authenticated (from the mesh's defaultPolicy)",
+        "the default decides, all-authenticated (from the mesh-wide default: a mesh file's defaultPolicy, or the CA's --default-policy)",
         "admits every caller; mesh the caller instead",
         "every caller it does not allow",
     ] {
@@ -510,4 +510,50 @@ fn suggest_refuses_what_would_reach_further_than_what_was_seen() {
         ]);
         assert_eq!(code == 0, allowed, "{from}: {verdict}");
     }
+}
+
+/// `--kube` reads the live cluster; without one it says so and how to go on, and it never
+/// mixes with a mesh file.
+#[test]
+fn live_mode_without_a_cluster_says_what_to_give() {
+    for tool in [
+        &[
+            "policy",
+            "explain",
+            "--from",
+            "shop/web",
+            "--to",
+            "shop/api-1:8080",
+        ][..],
+        &["policy", "suggest", "--metrics", "shop/api-1=api.metrics"][..],
+    ] {
+        let out = Command::new(BIN)
+            .args(tool)
+            .arg("--kube")
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .env("HOME", "/nonexistent")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("cannot reach a cluster") && err.contains("or give --mesh-file"),
+            "{err}"
+        );
+    }
+    let (code, out) = palisade(&[
+        "policy",
+        "explain",
+        "--kube",
+        "--mesh-file",
+        "mesh.yaml",
+        "--from",
+        "shop/web",
+        "--to",
+        "shop/api-1:8080",
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("cannot be used with"), "{out}");
 }

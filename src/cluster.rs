@@ -1,0 +1,260 @@
+//! The mesh as the CA sees it in a running cluster, read once: the objects the CA watches
+//! (meshed Pods, Namespaces, MeshPolicies, Services, EndpointSlices), converted by the CA's own
+//! functions into the same `MeshState`, so that `policy explain --kube` and `policy suggest
+//! --kube` answer as the proxies decide. The trust domain and default policy come from the
+//! CA's Deployment, unless given.
+
+use std::fmt::Debug;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ListParams};
+use kube::runtime::watcher::Event;
+use kube::{Resource, ResourceExt};
+use palisade_ca::kube::crd::MeshPolicy;
+use palisade_ca::kube::services::{SERVICE_NAME_LABEL, service_info, slice_info};
+use palisade_ca::kube::state::{
+    ClusterObjects, INJECTED_LABEL, Tracked, namespace_info, policy_of, workload_of,
+};
+use palisade_ca::mesh::MeshState;
+use palisade_ca_api::policy::DefaultPolicy;
+use serde::de::DeserializeOwned;
+
+/// The CA's Deployment and container, as the chart names them.
+const CA_DEPLOYMENT: &str = "palisade-ca";
+const CA_CONTAINER: &str = "palisade-ca";
+/// The CA's defaults (`palisade-ca serve`), for a Deployment that does not set them.
+const CA_DEFAULT_TRUST_DOMAIN: &str = palisade_ca_api::spiffe::DEFAULT_TRUST_DOMAIN;
+const CA_DEFAULT_POLICY: DefaultPolicy = DefaultPolicy::AllAuthenticated;
+/// Objects per page of a list, and pages at most: a list never grows without bound.
+const PAGE: u32 = 500;
+const MAX_PAGES: usize = 400;
+
+/// Where a policy tool reads the mesh: a mesh file, or the live cluster.
+#[derive(clap::Args, Debug)]
+pub struct MeshSource {
+    /// A mesh file (as `palisade-ca serve --mesh-file` reads).
+    #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
+    mesh_file: Option<PathBuf>,
+    /// Read the mesh from the cluster of the current kubeconfig, as the CA builds it (meshed
+    /// Pods, Namespaces, MeshPolicies, Services, EndpointSlices; read-only access).
+    #[arg(long)]
+    kube: bool,
+    /// With --kube: the namespace of Palisade's CA, whose Deployment says the trust domain and
+    /// default policy.
+    #[arg(long, default_value = "palisade-system", requires = "kube")]
+    ca_namespace: String,
+    /// Trust domain [default: cluster.local for a mesh file; the CA's with --kube].
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// With --kube: the mesh's default policy (deny, all-authenticated, all) [default: the
+    /// CA's].
+    #[arg(long, requires = "kube", value_parser = parse_default_policy)]
+    default_policy: Option<DefaultPolicy>,
+}
+
+fn parse_default_policy(text: &str) -> Result<DefaultPolicy, String> {
+    text.parse()
+}
+
+impl MeshSource {
+    /// The mesh, from the file or the cluster.
+    pub fn load(&self) -> anyhow::Result<MeshState> {
+        if let Some(path) = &self.mesh_file {
+            let td = self
+                .trust_domain
+                .as_deref()
+                .unwrap_or(CA_DEFAULT_TRUST_DOMAIN);
+            return Ok(palisade_ca::mesh::file::load_mesh_file(path, td)?);
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        runtime.block_on(async {
+            let client = client().await?;
+            let settings = read_ca_settings(
+                &client,
+                &self.ca_namespace,
+                self.trust_domain.as_deref(),
+                self.default_policy,
+            )
+            .await?;
+            mesh_state(&client, &settings).await
+        })
+    }
+}
+
+/// How the CA in the cluster is configured, as far as policy is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaSettings {
+    pub trust_domain: String,
+    pub default_policy: DefaultPolicy,
+}
+
+/// Reads the trust domain (`--trust-domain`) and default policy (`--default-policy` or
+/// `PALISADE_DEFAULT_POLICY`) from the CA Deployment's container. Pure.
+pub fn ca_settings(deployment: &Deployment) -> anyhow::Result<CaSettings> {
+    let name = format!(
+        "Deployment {}/{}",
+        deployment.namespace().unwrap_or_default(),
+        deployment.name_any()
+    );
+    let container = deployment
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == CA_CONTAINER))
+        .with_context(|| format!("{name} has no container {CA_CONTAINER}"))?;
+    let args = container.args.clone().unwrap_or_default();
+    let flag = |flag: &str| -> Option<String> {
+        let inline = format!("{flag}=");
+        args.iter().enumerate().find_map(|(i, a)| {
+            if a == flag {
+                args.get(i + 1).cloned()
+            } else {
+                a.strip_prefix(&inline).map(str::to_owned)
+            }
+        })
+    };
+    let env = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "PALISADE_DEFAULT_POLICY")
+        .and_then(|e| e.value.clone());
+    let default_policy = match flag("--default-policy").or(env) {
+        Some(v) => v.parse().map_err(|e| {
+            anyhow::anyhow!("{name}: its default policy {v:?} is not one the CA accepts ({e})")
+        })?,
+        None => CA_DEFAULT_POLICY,
+    };
+    Ok(CaSettings {
+        trust_domain: flag("--trust-domain").unwrap_or_else(|| CA_DEFAULT_TRUST_DOMAIN.into()),
+        default_policy,
+    })
+}
+
+/// Every object of a list, page by page.
+async fn list_all<K>(api: &Api<K>, params: ListParams) -> anyhow::Result<Vec<K>>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    let plural = K::plural(&K::DynamicType::default()).into_owned();
+    let mut params = params.limit(PAGE);
+    let mut out = Vec::new();
+    for _ in 0..MAX_PAGES {
+        let page = api.list(&params).await.map_err(|e| api_error(e, &plural))?;
+        out.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(out),
+        }
+    }
+    bail!(
+        "listing {plural} took more than {MAX_PAGES} pages of {PAGE}: narrow the question, or use a mesh file"
+    )
+}
+
+/// An API error as what went wrong and what to do.
+fn api_error(error: kube::Error, plural: &str) -> anyhow::Error {
+    match &error {
+        kube::Error::Api(status) if status.code == 403 => anyhow::anyhow!(
+            "the cluster refused to list {plural} ({}): your account needs the read-only role in docs/rbac.md",
+            status.message
+        ),
+        kube::Error::Api(status) if status.code == 404 && plural == "meshpolicies" => {
+            anyhow::anyhow!(
+                "the cluster has no MeshPolicy resource: install Palisade's CRD (the chart's crds/)"
+            )
+        }
+        _ => anyhow::anyhow!(
+            "cannot list {plural} from the cluster of the current kubeconfig: {error}"
+        ),
+    }
+}
+
+/// The objects of one kind as the CA's watch holds them after a complete list.
+fn tracked<K: ResourceExt, V>(items: Vec<K>, convert: impl Fn(&K) -> Option<V>) -> Tracked<V> {
+    let mut t = Tracked::default();
+    t.apply(Event::Init, &convert);
+    for item in items {
+        t.apply(Event::InitApply(item), &convert);
+    }
+    t.apply(Event::InitDone, &convert);
+    t
+}
+
+/// The CA's settings from its Deployment in `ca_namespace`; `given` values win.
+pub async fn read_ca_settings(
+    client: &kube::Client,
+    ca_namespace: &str,
+    trust_domain: Option<&str>,
+    default_policy: Option<DefaultPolicy>,
+) -> anyhow::Result<CaSettings> {
+    if let (Some(td), Some(dp)) = (trust_domain, default_policy) {
+        return Ok(CaSettings {
+            trust_domain: td.to_owned(),
+            default_policy: dp,
+        });
+    }
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ca_namespace);
+    let deployment = api
+        .get_opt(CA_DEPLOYMENT)
+        .await
+        .map_err(|e| api_error(e, "deployments"))?
+        .with_context(|| {
+            format!(
+                "no Deployment {ca_namespace}/{CA_DEPLOYMENT}, whose flags say the trust domain and default policy: give --ca-namespace, or --trust-domain and --default-policy"
+            )
+        })?;
+    let found = ca_settings(&deployment)?;
+    Ok(CaSettings {
+        trust_domain: trust_domain.map_or(found.trust_domain, str::to_owned),
+        default_policy: default_policy.unwrap_or(found.default_policy),
+    })
+}
+
+/// The mesh as the CA builds it from the cluster's objects now.
+pub async fn mesh_state(client: &kube::Client, settings: &CaSettings) -> anyhow::Result<MeshState> {
+    let all = ListParams::default();
+    let pods = list_all(
+        &Api::<Pod>::all(client.clone()),
+        ListParams::default().labels(&format!("{INJECTED_LABEL}=true")),
+    )
+    .await?;
+    let namespaces = list_all(&Api::<Namespace>::all(client.clone()), all.clone()).await?;
+    let policies = list_all(&Api::<MeshPolicy>::all(client.clone()), all.clone()).await?;
+    let services = list_all(&Api::<Service>::all(client.clone()), all).await?;
+    let slices = list_all(
+        &Api::<EndpointSlice>::all(client.clone()),
+        ListParams::default().labels(SERVICE_NAME_LABEL),
+    )
+    .await?;
+    let objects = ClusterObjects {
+        pods: tracked(pods, workload_of),
+        namespaces: tracked(namespaces, namespace_info),
+        policies: tracked(policies, policy_of),
+        services: tracked(services, service_info),
+        endpoint_slices: tracked(slices, slice_info),
+    };
+    Ok(objects.mesh_state(&settings.trust_domain, settings.default_policy))
+}
+
+/// A client for the current kubeconfig, with the error an operator can act on.
+pub async fn client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach a cluster: no usable kubeconfig (KUBECONFIG, ~/.kube/config) or in-cluster account ({e}); or give --mesh-file"
+        )
+    })
+}
+
+#[cfg(test)]
+#[path = "cluster_tests.rs"]
+mod tests;
