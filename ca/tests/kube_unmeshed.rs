@@ -20,7 +20,8 @@ struct Running {
     router: Router,
     metrics: Arc<Metrics>,
     opted_in: watch::Sender<BTreeSet<String>>,
-    _shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// Starts the scan over `namespaces`; the CA's own namespace is never scanned.
@@ -30,7 +31,7 @@ fn start(router: Router, namespaces: &[&str]) -> Running {
     let metrics = Arc::new(Metrics::new(0));
     let (opted_in, opted_rx) = watch::channel(namespaces.iter().map(|n| n.to_string()).collect());
     let (shutdown, shutdown_rx) = watch::channel(false);
-    tokio::spawn(report_unmeshed(
+    let task = tokio::spawn(report_unmeshed(
         client,
         metrics.clone(),
         BTreeSet::from(["palisade-system".to_owned(), "kube-system".to_owned()]),
@@ -41,7 +42,8 @@ fn start(router: Router, namespaces: &[&str]) -> Running {
         router,
         metrics,
         opted_in,
-        _shutdown: shutdown,
+        shutdown,
+        task,
     }
 }
 
@@ -280,4 +282,16 @@ async fn a_refused_event_is_tried_again_at_the_next_scan() {
             &"palisade_ca_unmeshed_scan_errors_total{step=\"create_event\"} 1".to_owned()
         )
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_a_scan_waiting_on_the_api_server() {
+    // Nothing scripted: the list is held open, as by an API server that does not answer.
+    let ca = start(Router::default(), &["shop"]);
+    ca.lists_seen(PODS, 1).await;
+    ca.shutdown.send_replace(true);
+    tokio::time::timeout(kube_support::GUARD, ca.task)
+        .await
+        .expect("the scan stops at shutdown")
+        .unwrap();
 }

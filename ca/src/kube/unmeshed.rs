@@ -264,7 +264,11 @@ pub async fn report_unmeshed(
             .difference(&never_injected)
             .cloned()
             .collect();
-        scan.all(&namespaces).await;
+        // A slow API server must not hold up shutdown: a scan cut short changes nothing kept.
+        tokio::select! {
+            () = scan.all(&namespaces) => {}
+            _ = shutdown.changed() => return,
+        }
         tokio::select! {
             changed = opted_in.changed() => if changed.is_err() { return },
             _ = every.tick() => {}
