@@ -193,7 +193,10 @@ async fn kube_mode_scans_a_namespace_that_opts_in_for_unmeshed_pods() {
         Method::GET,
         "/api/v1/namespaces/shop/configmaps/palisade-trust-anchors",
         false,
-        Reply::Json(StatusCode::NOT_FOUND, fixture("configmap-notfound-404.json")),
+        Reply::Json(
+            StatusCode::NOT_FOUND,
+            fixture("configmap-notfound-404.json"),
+        ),
     );
     router.script(
         Method::POST,
