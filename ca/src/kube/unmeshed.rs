@@ -210,7 +210,7 @@ impl Scan {
                         namespace,
                         pod = pod.name_any(),
                         %error,
-                        "cannot post the Unmeshed Event; retrying at the next scan (does the CA's ClusterRole allow events.k8s.io events create?)"
+                        "cannot post the Unmeshed Event; retrying at the next scan (does the CA's ClusterRole allow events.k8s.io events create and patch?)"
                     );
                 }
             }
