@@ -1,7 +1,8 @@
 //! The CA's Prometheus metrics, rendered as text on the admin port.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use palisade_plumbing::conn_gate::{ConnectionStats, LogThrottle};
@@ -13,6 +14,17 @@ use crate::rotation::Phase;
 static LATENCY_BUCKETS: [f64; 10] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
+
+/// The pods of one opted-in namespace that run without the proxy, by why.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PodCounts {
+    /// Should have the proxy and do not.
+    pub unmeshed: u64,
+    /// Opted out with `palisade.dev/inject=disabled`.
+    pub opted_out: u64,
+    /// Share the node's network; the injector skips them by design.
+    pub host_network: u64,
+}
 
 pub struct Metrics {
     issued: CounterFamily,
@@ -37,6 +49,9 @@ pub struct Metrics {
     proxies_lagging: AtomicI64,
     /// Unix seconds; `i64::MIN` while no proxy has reported.
     mesh_expiry: AtomicI64,
+    /// By opted-in namespace; a namespace that leaves the opt-in leaves this map.
+    pod_counts: Mutex<BTreeMap<String, PodCounts>>,
+    unmeshed_scan_errors: CounterFamily,
 }
 
 impl Metrics {
@@ -60,6 +75,8 @@ impl Metrics {
             rotation_transitions: CounterFamily::default(),
             proxies_lagging: AtomicI64::new(0),
             mesh_expiry: AtomicI64::new(i64::MIN),
+            pod_counts: Mutex::default(),
+            unmeshed_scan_errors: CounterFamily::default(),
         }
     }
 
@@ -124,6 +141,25 @@ impl Metrics {
     /// A Kubernetes watch of `kind` failed (it is retried with backoff).
     pub fn kube_watch_error(&self, kind: &'static str) {
         self.kube_watch_errors.add(&[("kind", kind)], 1);
+    }
+
+    fn pod_counts(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PodCounts>> {
+        self.pod_counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the last scan of an opted-in namespace found.
+    pub fn set_pod_counts(&self, namespace: &str, counts: PodCounts) {
+        self.pod_counts().insert(namespace.to_owned(), counts);
+    }
+
+    /// Drops the series of namespaces no longer opted in.
+    pub fn keep_pod_counts_of(&self, namespaces: &BTreeSet<String>) {
+        self.pod_counts().retain(|ns, _| namespaces.contains(ns));
+    }
+
+    /// A step of the unmeshed-pod scan failed (`list_pods`, `create_event`); retried next scan.
+    pub fn unmeshed_scan_error(&self, step: &'static str) {
+        self.unmeshed_scan_errors.add(&[("step", step)], 1);
     }
 
     pub fn watch_opened(&self) {
@@ -230,6 +266,7 @@ impl Metrics {
             "palisade_ca_kube_watch_errors_total",
             "Failed Kubernetes watches (retried with backoff; the last good state is kept), by kind.",
         );
+        self.encode_pod_counts(&mut out);
         out.single(
             "palisade_ca_source_rate_limited_total",
             Kind::Counter,
@@ -239,5 +276,42 @@ impl Metrics {
         self.api_connections.encode(&mut out, "palisade_ca_api");
         self.admin_connections.encode(&mut out, "palisade_ca_admin");
         out.finish()
+    }
+
+    fn encode_pod_counts(&self, out: &mut Exposition) {
+        let counts = self.pod_counts();
+        let unmeshed = "palisade_unmeshed_pods";
+        out.family(
+            unmeshed,
+            Kind::Gauge,
+            "Pods running without the proxy in a namespace that opted in (each gets an Unmeshed Event), by namespace.",
+        );
+        for (namespace, c) in counts.iter() {
+            out.sample(unmeshed, &[("namespace", namespace)], c.unmeshed);
+        }
+        let opted_out = "palisade_opted_out_pods";
+        out.family(
+            opted_out,
+            Kind::Gauge,
+            "Pods outside the mesh on purpose in a namespace that opted in, by namespace and reason (opted_out: palisade.dev/inject=disabled; host_network).",
+        );
+        for (namespace, c) in counts.iter() {
+            out.sample(
+                opted_out,
+                &[("namespace", namespace), ("reason", "opted_out")],
+                c.opted_out,
+            );
+            out.sample(
+                opted_out,
+                &[("namespace", namespace), ("reason", "host_network")],
+                c.host_network,
+            );
+        }
+        drop(counts);
+        self.unmeshed_scan_errors.encode(
+            out,
+            "palisade_ca_unmeshed_scan_errors_total",
+            "Failed steps of the unmeshed-pod scan (kept counts, retried at the next scan), by step (list_pods, create_event).",
+        );
     }
 }

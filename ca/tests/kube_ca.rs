@@ -1,5 +1,6 @@
 //! A whole CA in Kubernetes mode (`--source kube --auth kube`) against the scripted API server:
-//! keys from a new Secret (never on disk), readiness only after every watch has synced.
+//! keys from a new Secret (never on disk), readiness only after every watch has synced, the
+//! unmeshed-pod scan of a namespace that opts in.
 
 mod kube_support;
 mod support;
@@ -179,4 +180,63 @@ async fn an_operators_root_in_kube_mode_signs_through_an_intermediate_held_in_me
         "an operator's CA uses no Secret of the CA's"
     );
     running.shutdown().await;
+}
+
+#[tokio::test]
+async fn kube_mode_scans_a_namespace_that_opts_in_for_unmeshed_pods() {
+    palisade_ca_api::tls::install_default_provider();
+    let (client, handle) = mock_client("palisade-system");
+    let (router, policies_listed) = cluster();
+    let namespaces = router.watch("/api/v1/namespaces");
+    // The trust anchors of `shop` are answered: this test is about the scan.
+    router.script(
+        Method::GET,
+        "/api/v1/namespaces/shop/configmaps/palisade-trust-anchors",
+        false,
+        Reply::Json(
+            StatusCode::NOT_FOUND,
+            fixture("configmap-notfound-404.json"),
+        ),
+    );
+    router.script(
+        Method::POST,
+        "/api/v1/namespaces/shop/configmaps",
+        false,
+        Reply::Echo(StatusCode::CREATED),
+    );
+    router.serve(handle);
+    let dir = tempfile::tempdir().unwrap();
+    let running = tokio::time::timeout(
+        GUARD,
+        start_with_kube_client(kube_config(&dir), Some(client)),
+    )
+    .await
+    .expect("start-up in time")
+    .expect("the CA starts in kube mode");
+    router
+        .wait_for("meshpolicy list", |s| s.path.ends_with("/meshpolicies"))
+        .await;
+    policies_listed
+        .send(kube_support::json_response(
+            StatusCode::OK,
+            &fixture("meshpolicy-list-empty.json"),
+        ))
+        .unwrap();
+
+    namespaces
+        .send(fixture("namespace-shop-opted-in-event.json"))
+        .unwrap();
+    let scan = router
+        .wait_for("the unmeshed-pod list of shop", |s| {
+            s.method == Method::GET && s.path == "/api/v1/namespaces/shop/pods"
+        })
+        .await;
+    assert_eq!(
+        scan.query.get("labelSelector").map(String::as_str),
+        Some("!palisade.dev/injected")
+    );
+    // Its answer is held open: shutdown does not wait for it.
+    tokio::time::timeout(GUARD, running.shutdown())
+        .await
+        .expect("shutdown in time");
 }

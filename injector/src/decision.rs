@@ -8,7 +8,7 @@ use kube_core::admission::Operation;
 
 use crate::annotations::{INJECT, ValueError, parse_inject};
 use crate::sidecar::PROXY_CONTAINER;
-use palisade_ca_api::contract::INJECTED_LABEL;
+use palisade_ca_api::contract::{INJECTED_LABEL, pod_opts_out};
 
 /// Why a request was allowed without a patch; each is counted in metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,7 +68,7 @@ pub fn skip_pod(pod: &Pod) -> Result<Option<SkipReason>, ValueError> {
     let meta = &pod.metadata;
     let label = meta.labels.as_ref().and_then(|l| l.get(INJECT));
     let annotation = meta.annotations.as_ref().and_then(|a| a.get(INJECT));
-    if label.is_some_and(|v| v == "disabled") || annotation.is_some_and(|v| v == "disabled") {
+    if pod_opts_out(label.map(String::as_str), annotation.map(String::as_str)) {
         return Ok(Some(SkipReason::OptedOut));
     }
     let labelled = meta

@@ -24,6 +24,7 @@ CA_CLUSTER_ACCESS = {
     ("", "services"): {"get", "list", "watch"},
     ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
     ("palisade.dev", "meshpolicies"): {"get", "list", "watch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
     ("", "configmaps"): {"get", "create", "update"},
 }
 CA_NAMESPACED_ACCESS = {("", "secrets"): {"get", "create", "update"}}

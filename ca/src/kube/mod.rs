@@ -24,6 +24,7 @@ pub mod crd;
 pub mod secret_keys;
 pub mod services;
 pub mod state;
+pub mod unmeshed;
 
 use crd::MeshPolicy;
 use services::{SERVICE_NAME_LABEL, service_info, slice_info};

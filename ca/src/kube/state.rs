@@ -103,12 +103,7 @@ pub fn workload_of(pod: &Pod) -> Option<Workload> {
     if spec.host_network == Some(true) {
         return None;
     }
-    let has_proxy = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten())
-        .any(|c| c.name == PROXY_CONTAINER);
-    if !has_proxy {
+    if !super::unmeshed::has_proxy_container(spec) {
         tracing::debug!(pod = %format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
             "labelled injected without the proxy container: not meshed");
         return None;

@@ -224,8 +224,17 @@ pub(super) fn mesh_source(
                 tasks,
             );
             tasks.spawn(crate::kube::anchors::distribute(
-                client,
+                client.clone(),
                 crate::kube::anchors::bundle_text(authority.trust_bundle_pem()),
+                outputs.opted_in.clone(),
+                shutdown.clone(),
+            ));
+            // The webhook never injects into these, whatever their label says.
+            let never_injected = ["kube-system".to_owned(), config.namespace.clone()].into();
+            tasks.spawn(crate::kube::unmeshed::report_unmeshed(
+                client,
+                metrics.clone(),
+                never_injected,
                 outputs.opted_in,
                 shutdown.clone(),
             ));

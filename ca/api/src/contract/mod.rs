@@ -54,6 +54,15 @@ pub const PROXY_CONTAINER: &str = "palisade-proxy";
 /// Namespace label that opts a namespace in (`enabled`); as a pod label or annotation,
 /// `disabled` opts the pod out.
 pub const INJECT: &str = "palisade.dev/inject";
+/// The [`INJECT`] value on a pod that opts it out.
+pub const INJECT_DISABLED: &str = "disabled";
+
+/// Whether a pod opted out of the mesh on purpose: its [`INJECT`] label or annotation (either
+/// one) says `disabled`. The injector leaves such a pod alone; the CA counts it apart from pods
+/// that lack the proxy by accident. One rule, so the two never disagree about a pod.
+pub fn pod_opts_out(label: Option<&str>, annotation: Option<&str>) -> bool {
+    label == Some(INJECT_DISABLED) || annotation == Some(INJECT_DISABLED)
+}
 /// Namespace annotation: the namespace's default policy.
 pub const DEFAULT_POLICY_ANNOTATION: &str = "palisade.dev/default-policy";
 /// Written by the injector: the app's original probes, for the proxy ([`AppProbes`]).
@@ -92,3 +101,19 @@ pub const TRUST_DIR: &str = "/var/run/palisade/trust";
 /// the proxy reads, to report it on `/ready`; the injector mounts it in both.
 pub const INIT_REPORT_DIR: &str = "/var/run/palisade/init";
 pub const INIT_REPORT_FILE: &str = "/var/run/palisade/init/report";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_opts_out_by_label_or_annotation_saying_disabled() {
+        assert!(pod_opts_out(Some("disabled"), None));
+        assert!(pod_opts_out(None, Some("disabled")));
+        assert!(pod_opts_out(Some("enabled"), Some("disabled")));
+        assert!(!pod_opts_out(None, None));
+        assert!(!pod_opts_out(Some("enabled"), None));
+        // Only the exact value: anything else is the injector's error to report, not an opt-out.
+        assert!(!pod_opts_out(Some("Disabled"), Some("false")));
+    }
+}
