@@ -41,6 +41,9 @@ pub struct ServeConfig {
     pub keys: KeySource,
     /// Roots added to the trust bundle (e.g. the next root during a root rotation).
     pub extra_trust_roots: Option<PathBuf>,
+    /// Kubernetes mode: issue the injector's serving certificate and keep the webhook's
+    /// `caBundle` current (`crate::kube::injector_tls`).
+    pub manage_injector_tls: bool,
     pub rate_limit_per_identity: u32,
     pub rate_limit_burst: u32,
     /// How long in-flight requests may take to finish after SIGTERM.
@@ -131,6 +134,7 @@ impl ServeConfig {
             allow_short_ttl_for_testing: false,
             keys: KeySource::Generated,
             extra_trust_roots: None,
+            manage_injector_tls: false,
             rate_limit_per_identity: 10,
             rate_limit_burst: 20,
             shutdown_grace: Duration::from_secs(10),
@@ -157,6 +161,12 @@ impl ServeConfig {
         validate_trust_domain(&self.trust_domain)
             .map_err(|e| invalid("--trust-domain", e.to_string()))?;
         validate_namespace(&self.namespace).map_err(|e| invalid("--namespace", e.to_string()))?;
+        if self.manage_injector_tls && !matches!(self.source, MeshSource::Kube) {
+            return Err(invalid(
+                "--manage-injector-tls",
+                "needs --source kube: the injector's certificate and webhook live in the cluster",
+            ));
+        }
         let max = Duration::from_secs(MAX_TTL_SECONDS);
         if self.cert_ttl < self.min_ttl() || self.cert_ttl > max {
             return Err(invalid(

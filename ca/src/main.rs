@@ -187,6 +187,10 @@ struct ServeArgs {
     /// Extra roots (PEM) to publish in the trust bundle, e.g. the next root during a rotation.
     #[arg(long, env = "PALISADE_EXTRA_TRUST_ROOTS")]
     extra_trust_roots: Option<PathBuf>,
+    /// With --source kube: issue the injector's serving certificate into Secret
+    /// palisade-injector-tls and keep the webhook palisade-injector's caBundle current.
+    #[arg(long, env = "PALISADE_MANAGE_INJECTOR_TLS")]
+    manage_injector_tls: bool,
     /// Certificate requests per second allowed per identity (0: no limit).
     #[arg(long, env = "PALISADE_RATE_LIMIT", default_value_t = 10)]
     rate_limit: u32,
@@ -327,6 +331,7 @@ fn serve_config(a: ServeArgs) -> anyhow::Result<ServeConfig> {
     config.allow_short_ttl_for_testing = a.allow_short_ttl_for_testing;
     config.keys = keys;
     config.extra_trust_roots = a.extra_trust_roots;
+    config.manage_injector_tls = a.manage_injector_tls;
     config.rate_limit_per_identity = a.rate_limit;
     config.rate_limit_burst = a.rate_limit_burst;
     config.source_rate_limit = a.source_rate_limit;

@@ -49,6 +49,8 @@ pub struct Metrics {
     proxies_lagging: AtomicI64,
     /// Unix seconds; `i64::MIN` while no proxy has reported.
     mesh_expiry: AtomicI64,
+    /// Unix seconds; 0 while the CA does not manage the injector's certificate.
+    injector_cert_not_after: AtomicI64,
     /// By opted-in namespace; a namespace that leaves the opt-in leaves this map.
     pod_counts: Mutex<BTreeMap<String, PodCounts>>,
     unmeshed_scan_errors: CounterFamily,
@@ -75,6 +77,7 @@ impl Metrics {
             rotation_transitions: CounterFamily::default(),
             proxies_lagging: AtomicI64::new(0),
             mesh_expiry: AtomicI64::new(i64::MIN),
+            injector_cert_not_after: AtomicI64::new(0),
             pod_counts: Mutex::default(),
             unmeshed_scan_errors: CounterFamily::default(),
         }
@@ -157,6 +160,12 @@ impl Metrics {
         self.pod_counts().retain(|ns, _| namespaces.contains(ns));
     }
 
+    /// The not-after of the injector's serving certificate in its Secret (Unix seconds).
+    pub fn set_injector_cert_expiry(&self, not_after: i64) {
+        self.injector_cert_not_after
+            .store(not_after, Ordering::Relaxed);
+    }
+
     /// A step of the unmeshed-pod scan failed (`list_pods`, `create_event`); retried next scan.
     pub fn unmeshed_scan_error(&self, step: &'static str) {
         self.unmeshed_scan_errors.add(&[("step", step)], 1);
@@ -235,6 +244,15 @@ impl Metrics {
                 Kind::Gauge,
                 "How long the mesh keeps working if the CA stays down from now: until the first proxy's current certificate expires.",
                 mesh_expiry - now_unix,
+            );
+        }
+        let injector = self.injector_cert_not_after.load(Ordering::Relaxed);
+        if injector != 0 {
+            out.single(
+                "palisade_ca_injector_cert_expiry_timestamp_seconds",
+                Kind::Gauge,
+                "When the injector's serving certificate, issued by this CA, expires (Unix seconds).",
+                injector,
             );
         }
         let reloads = "palisade_ca_mesh_reloads_total";

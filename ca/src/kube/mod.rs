@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 
 pub mod anchors;
 pub mod crd;
+pub mod injector_tls;
 pub mod secret_keys;
 pub mod services;
 pub mod state;

@@ -101,6 +101,22 @@ pub async fn start_with_kube_client(
         background,
     )
     .await?;
+    if config.manage_injector_tls
+        && let Some(client) = kube_client.clone()
+    {
+        tasks.spawn(crate::kube::injector_tls::maintain(
+            crate::kube::injector_tls::InjectorTls {
+                client,
+                namespace: config.namespace.clone(),
+                trust_domain: config.trust_domain.clone(),
+                rotation: rotation.clone(),
+                metrics: metrics.clone(),
+                check_every: crate::kube::injector_tls::CHECK_EVERY,
+                retired_root_grace: crate::kube::injector_tls::RETIRED_ROOT_GRACE,
+            },
+            shutdown_rx.clone(),
+        ));
+    }
     let background = parts::Background {
         metrics: &metrics,
         shutdown: &shutdown_rx,
