@@ -1,0 +1,382 @@
+//! The injector's webhook configuration as the chart installs it (present, selectors, failure
+//! scope, a caBundle that verifies the injector's serving certificate, that certificate's
+//! expiry), and the MeshPolicy CRD.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhook;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use palisade_ca_api::contract::INJECT;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::pem::Pem;
+
+use super::CheckResult;
+use super::fetch::{CRD_NAME, INJECTOR_TLS_SECRET, WEBHOOK_CONFIGURATION};
+use super::snapshot::ClusterSnapshot;
+
+/// The webhook's name inside the configuration (the chart's `injector-webhook.yaml`).
+pub const WEBHOOK_NAME: &str = "sidecar-injector.palisade.dev";
+/// Red when the injector's serving certificate expires within this: the API server then
+/// refuses every pod of the opted-in namespaces (failurePolicy Fail). A week leaves time to
+/// notice; cert-manager renews 30 days ahead, and the chart's own certificate lasts 10 years.
+pub const INJECTOR_CERT_WARNING_DAYS: i64 = 7;
+const NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+fn reinstall(ns: &str) -> String {
+    format!("helm upgrade --install palisade charts/palisade -n {ns} (the chart writes it)")
+}
+
+pub fn check(s: &ClusterSnapshot) -> Vec<CheckResult> {
+    let ns = &s.namespace;
+    let config = match &s.webhook {
+        Err(e) => {
+            return vec![CheckResult::fail(
+                "webhook",
+                e.clone(),
+                "grant the read access, then run again",
+            )];
+        }
+        Ok(None) => {
+            return vec![CheckResult::fail(
+                "webhook",
+                format!(
+                    "MutatingWebhookConfiguration {WEBHOOK_CONFIGURATION} is missing: no pod gets a proxy"
+                ),
+                reinstall(ns),
+            )];
+        }
+        Ok(Some(c)) => c,
+    };
+    let Some(hook) = config
+        .webhooks
+        .iter()
+        .flatten()
+        .find(|w| w.name == WEBHOOK_NAME)
+    else {
+        return vec![CheckResult::fail(
+            "webhook",
+            format!(
+                "MutatingWebhookConfiguration {WEBHOOK_CONFIGURATION} has no webhook {WEBHOOK_NAME}"
+            ),
+            reinstall(ns),
+        )];
+    };
+    let mut out = vec![CheckResult::pass(
+        "webhook",
+        format!("MutatingWebhookConfiguration {WEBHOOK_CONFIGURATION} is installed"),
+    )];
+    out.push(selectors(hook, ns));
+    out.push(failure_scope(hook, ns));
+    out.extend(serving_certificate(hook, s));
+    out
+}
+
+fn expression<'a>(
+    selector: Option<&'a LabelSelector>,
+    key: &str,
+    operator: &str,
+) -> Option<BTreeSet<&'a str>> {
+    selector?
+        .match_expressions
+        .iter()
+        .flatten()
+        .find(|e| e.key == key && e.operator == operator)
+        .map(|e| e.values.iter().flatten().map(String::as_str).collect())
+}
+
+/// The selectors the chart sets: namespaces labelled `palisade.dev/inject=enabled` (and not
+/// kube-system or the control plane's own); pods not labelled `palisade.dev/inject=disabled`.
+fn selectors(hook: &MutatingWebhook, ns: &str) -> CheckResult {
+    let mut wrong = Vec::new();
+    let namespaces = hook.namespace_selector.as_ref();
+    if expression(namespaces, INJECT, "In") != Some(BTreeSet::from(["enabled"])) {
+        wrong.push(format!(
+            "its namespaceSelector does not require {INJECT} In [enabled]"
+        ));
+    }
+    if namespaces.is_some_and(|s| s.match_labels.as_ref().is_some_and(|l| !l.is_empty())) {
+        wrong.push("its namespaceSelector has matchLabels the chart does not set".to_owned());
+    }
+    let objects = hook.object_selector.as_ref();
+    if expression(objects, INJECT, "NotIn") != Some(BTreeSet::from(["disabled"])) {
+        wrong.push(format!(
+            "its objectSelector does not leave out pods labelled {INJECT}=disabled"
+        ));
+    }
+    if objects.is_some_and(|s| {
+        s.match_labels.as_ref().is_some_and(|l| !l.is_empty())
+            || s.match_expressions.as_ref().is_some_and(|e| e.len() != 1)
+    }) {
+        wrong.push("its objectSelector selects more narrowly than the chart's".to_owned());
+    }
+    if wrong.is_empty() {
+        CheckResult::pass(
+            "webhook-selectors",
+            format!("namespaces labelled {INJECT}=enabled; pods not labelled {INJECT}=disabled"),
+        )
+    } else {
+        CheckResult::fail(
+            "webhook-selectors",
+            format!("webhook {WEBHOOK_NAME}: {}", wrong.join("; ")),
+            format!(
+                "{}; or restore by hand: namespaceSelector {INJECT} In [enabled] and {NAME_LABEL} NotIn [kube-system, {ns}], objectSelector {INJECT} NotIn [disabled]",
+                reinstall(ns)
+            ),
+        )
+    }
+}
+
+/// With failurePolicy Fail (the default of admissionregistration/v1), an injector outage
+/// refuses every pod the webhook selects: kube-system and the control plane's own namespace
+/// must never be among them, or the injector cannot come back.
+fn failure_scope(hook: &MutatingWebhook, ns: &str) -> CheckResult {
+    let policy = hook.failure_policy.as_deref().unwrap_or("Fail");
+    if policy != "Fail" {
+        return CheckResult::pass(
+            "webhook-failure-scope",
+            format!("failurePolicy {policy}: an injector outage lets pods start without a proxy"),
+        );
+    }
+    let selector = hook.namespace_selector.as_ref();
+    let not_in = expression(selector, NAME_LABEL, "NotIn").unwrap_or_default();
+    let only_in = expression(selector, NAME_LABEL, "In");
+    let excluded =
+        |name: &str| not_in.contains(name) || only_in.as_ref().is_some_and(|i| !i.contains(name));
+    let exposed: Vec<&str> = ["kube-system", ns]
+        .into_iter()
+        .filter(|n| !excluded(n))
+        .collect();
+    if exposed.is_empty() {
+        CheckResult::pass(
+            "webhook-failure-scope",
+            format!("failurePolicy Fail, and kube-system and {ns} are excluded by name"),
+        )
+    } else {
+        CheckResult::fail(
+            "webhook-failure-scope",
+            format!(
+                "failurePolicy Fail, and the namespaceSelector does not exclude {}: while the injector is down, their pods (the injector's own among them) could not start",
+                exposed.join(" and ")
+            ),
+            format!(
+                "add {NAME_LABEL} NotIn [kube-system, {ns}] to the namespaceSelector: {}",
+                reinstall(ns)
+            ),
+        )
+    }
+}
+
+fn certificates(pem: &[u8]) -> Result<Vec<Pem>, String> {
+    let list: Vec<Pem> = Pem::iter_from_buffer(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("not PEM: {e}"))?;
+    if list.is_empty() {
+        return Err("no certificate in it".into());
+    }
+    Ok(list)
+}
+
+fn parse(pem: &Pem) -> Result<X509Certificate<'_>, String> {
+    pem.parse_x509()
+        .map_err(|e| format!("not an X.509 certificate: {e}"))
+}
+
+/// Whether `leaf` chains to one of `roots`, through `intermediates` if needed.
+fn chains_to(
+    leaf: &X509Certificate<'_>,
+    intermediates: &[X509Certificate<'_>],
+    roots: &[X509Certificate<'_>],
+) -> bool {
+    let mut current = leaf;
+    for _ in 0..=intermediates.len() {
+        let signed_by = |issuer: &X509Certificate<'_>| {
+            issuer.subject() == current.issuer()
+                && current.verify_signature(Some(issuer.public_key())).is_ok()
+        };
+        if roots.iter().any(signed_by) {
+            return true;
+        }
+        match intermediates.iter().find(|i| signed_by(i)) {
+            Some(next) => current = next,
+            None => return false,
+        }
+    }
+    false
+}
+
+fn serving_certificate(hook: &MutatingWebhook, s: &ClusterSnapshot) -> Vec<CheckResult> {
+    let ns = &s.namespace;
+    let regenerate = format!(
+        "kubectl -n {ns} delete secret {INJECTOR_TLS_SECRET}, then {} (a new CA and certificate are generated when the Secret is absent), then kubectl -n {ns} rollout restart deployment/palisade-injector",
+        reinstall(ns)
+    );
+    let secret = match &s.injector_secret {
+        Err(e) => {
+            return vec![CheckResult::fail(
+                "webhook-ca-bundle",
+                e.clone(),
+                "grant the read access, then run again",
+            )];
+        }
+        Ok(None) => {
+            return vec![CheckResult::fail(
+                "webhook-ca-bundle",
+                format!(
+                    "Secret {ns}/{INJECTOR_TLS_SECRET} (the injector's serving certificate) is missing: the injector cannot start"
+                ),
+                reinstall(ns),
+            )];
+        }
+        Ok(Some(secret)) => secret,
+    };
+    let Some(tls) = secret.data.as_ref().and_then(|d| d.get("tls.crt")) else {
+        return vec![CheckResult::fail(
+            "webhook-ca-bundle",
+            format!("Secret {ns}/{INJECTOR_TLS_SECRET} has no tls.crt"),
+            regenerate,
+        )];
+    };
+    let Some(bundle) = hook
+        .client_config
+        .ca_bundle
+        .as_ref()
+        .filter(|b| !b.0.is_empty())
+    else {
+        return vec![CheckResult::fail(
+            "webhook-ca-bundle",
+            format!(
+                "webhook {WEBHOOK_NAME} has no caBundle: the API server cannot verify the injector"
+            ),
+            format!(
+                "{}; with cert-manager, check that its cainjector runs",
+                reinstall(ns)
+            ),
+        )];
+    };
+    let (served, trusted) = match (certificates(&tls.0), certificates(&bundle.0)) {
+        (Ok(served), Ok(trusted)) => (served, trusted),
+        (Err(e), _) => {
+            return vec![CheckResult::fail(
+                "webhook-ca-bundle",
+                format!("tls.crt of Secret {ns}/{INJECTOR_TLS_SECRET}: {e}"),
+                regenerate,
+            )];
+        }
+        (_, Err(e)) => {
+            return vec![CheckResult::fail(
+                "webhook-ca-bundle",
+                format!("the caBundle of webhook {WEBHOOK_NAME}: {e}"),
+                regenerate,
+            )];
+        }
+    };
+    let parsed = served.iter().map(parse).collect::<Result<Vec<_>, _>>();
+    let roots = trusted.iter().map(parse).collect::<Result<Vec<_>, _>>();
+    let (chain, roots) = match (parsed, roots) {
+        (Ok(c), Ok(r)) => (c, r),
+        (Err(e), _) | (_, Err(e)) => {
+            return vec![CheckResult::fail(
+                "webhook-ca-bundle",
+                format!("the injector's certificate or the caBundle: {e}"),
+                regenerate,
+            )];
+        }
+    };
+    let leaf = &chain[0];
+    let mut out = Vec::new();
+    if chains_to(leaf, &chain[1..], &roots) {
+        out.push(CheckResult::pass(
+            "webhook-ca-bundle",
+            format!(
+                "the caBundle verifies the injector's serving certificate ({})",
+                leaf.subject()
+            ),
+        ));
+    } else {
+        out.push(CheckResult::fail(
+            "webhook-ca-bundle",
+            format!(
+                "the caBundle of webhook {WEBHOOK_NAME} does not verify the injector's serving certificate (Secret {ns}/{INJECTOR_TLS_SECRET}, issuer {}): the API server refuses the webhook, so pods of opted-in namespaces cannot be created",
+                leaf.issuer()
+            ),
+            regenerate.clone(),
+        ));
+    }
+    let not_after = leaf.validity().not_after.timestamp();
+    let left = not_after - s.now;
+    let when = leaf.validity().not_after.to_string();
+    out.push(if left <= 0 {
+        CheckResult::fail("injector-cert-expiry", format!("the injector's serving certificate expired at {when}"), regenerate)
+    } else if left < INJECTOR_CERT_WARNING_DAYS * 86_400 {
+        CheckResult::fail(
+            "injector-cert-expiry",
+            format!(
+                "the injector's serving certificate expires at {when} (in {} hours, under {INJECTOR_CERT_WARNING_DAYS} days)",
+                left / 3600
+            ),
+            format!("{regenerate}; with cert-manager: kubectl -n {ns} describe certificate palisade-injector"),
+        )
+    } else {
+        CheckResult::pass(
+            "injector-cert-expiry",
+            format!("the injector's serving certificate expires at {when} (in {} days)", left / 86_400),
+        )
+    });
+    out
+}
+
+/// The MeshPolicy CRD is installed and serves every version this binary knows.
+pub fn check_crd(s: &ClusterSnapshot) -> Vec<CheckResult> {
+    let apply = "kubectl apply -f charts/palisade/crds/meshpolicies.palisade.dev.yaml (Helm installs CRDs but never upgrades them), or: palisade-ca crd | kubectl apply -f -";
+    let crd = match &s.crd {
+        Err(e) => {
+            return vec![CheckResult::fail(
+                "crd",
+                e.clone(),
+                "grant the read access, then run again",
+            )];
+        }
+        Ok(None) => {
+            return vec![CheckResult::fail(
+                "crd",
+                format!("CRD {CRD_NAME} is not installed: the CA cannot watch MeshPolicies"),
+                apply,
+            )];
+        }
+        Ok(Some(crd)) => crd,
+    };
+    let known = palisade_ca::kube::crd::crd_document();
+    let wanted: Vec<String> = known["spec"]["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["served"] == true)
+        .filter_map(|v| v["name"].as_str().map(str::to_owned))
+        .collect();
+    let served: Vec<&str> = crd
+        .spec
+        .versions
+        .iter()
+        .filter(|v| v.served)
+        .map(|v| v.name.as_str())
+        .collect();
+    let missing: Vec<&str> = wanted
+        .iter()
+        .map(String::as_str)
+        .filter(|v| !served.contains(v))
+        .collect();
+    let result = if missing.is_empty() {
+        CheckResult::pass("crd", format!("{CRD_NAME} serves {}", served.join(", ")))
+    } else {
+        CheckResult::fail(
+            "crd",
+            format!(
+                "{CRD_NAME} serves [{}], and this version of Palisade needs {}",
+                served.join(", "),
+                missing.join(", ")
+            ),
+            apply,
+        )
+    };
+    vec![result]
+}
