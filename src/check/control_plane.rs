@@ -337,3 +337,231 @@ fn lagging(view: &CaView) -> Vec<CheckResult> {
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::check::test_support::{NOW, app_pod, empty};
+
+    fn at(unix: i64) -> String {
+        date(unix)
+    }
+
+    fn ca_pod() -> k8s_openapi::api::core::v1::Pod {
+        let mut pod = app_pod("palisade-system", "palisade-ca", false);
+        pod.metadata.labels = Some([(CA_POD_LABEL.0.to_owned(), CA_POD_LABEL.1.to_owned())].into());
+        pod
+    }
+
+    fn rotation(phase: &str, root_days: i64, intermediate_days: i64) -> serde_json::Value {
+        json!({"phase": phase, "trusted_roots": ["aa"], "issuing_root": "aa", "issuing_intermediate": "bb",
+            "proxies": {"total": 2, "confirmed": 2, "lagging": []}, "leaves_on_previous_root": 0,
+            "started_at": null, "deadline": null,
+            "root_expires_at": at(NOW + root_days * DAY), "intermediate_expires_at": at(NOW + intermediate_days * DAY),
+            "mesh_expires_at": at(NOW + 1800), "rotatable": true, "automatic": true})
+    }
+
+    fn with_admin(
+        rotation: Result<serde_json::Value, String>,
+        metrics: Result<String, String>,
+    ) -> ClusterSnapshot {
+        let mut s = empty();
+        s.pods.push(ca_pod());
+        s.ca_admin = Some(CaAdmin {
+            pod: "palisade-system/palisade-ca-5c7d8f9b6-qw4rt".into(),
+            rotation: rotation.map(|v| v.to_string()),
+            metrics,
+        });
+        s
+    }
+
+    fn metrics(phase: &str, root: i64, lagging: u64) -> String {
+        let mut text = format!(
+            "# TYPE palisade_ca_root_expiry_timestamp_seconds gauge\npalisade_ca_root_expiry_timestamp_seconds {root}\npalisade_ca_intermediate_expiry_timestamp_seconds {}\npalisade_ca_rotation_proxies_lagging {lagging}\npalisade_mesh_expiry_seconds 1800\n",
+            NOW + 200 * DAY
+        );
+        for p in PHASES {
+            text.push_str(&format!(
+                "palisade_ca_rotation_phase{{phase=\"{p}\"}} {}\n",
+                (p == phase) as u8
+            ));
+        }
+        text
+    }
+
+    fn by_check<'a>(results: &'a [CheckResult], check: &str) -> &'a CheckResult {
+        results
+            .iter()
+            .find(|r| r.check == check)
+            .unwrap_or_else(|| panic!("no {check} in {results:#?}"))
+    }
+
+    #[test]
+    fn a_healthy_control_plane_is_all_green() {
+        let results = check(&with_admin(
+            Ok(rotation("idle", 3000, 300)),
+            Ok(metrics("idle", NOW + 3000 * DAY, 0)),
+        ));
+        assert!(results.iter().all(|r| r.ok), "{results:#?}");
+        let checks: Vec<&str> = results.iter().map(|r| r.check).collect();
+        assert_eq!(
+            checks,
+            [
+                "ca-pods",
+                "ca-api",
+                "ca-root-expiry",
+                "ca-intermediate-expiry",
+                "mesh-expiry",
+                "proxy-trust-bundle"
+            ]
+        );
+        assert_eq!(
+            by_check(&results, "mesh-expiry")
+                .message
+                .split(" minutes")
+                .next()
+                .unwrap(),
+            "if the CA stayed down from now, the mesh would keep working for 30"
+        );
+    }
+
+    #[test]
+    fn a_root_near_expiry_is_red_unless_a_rotation_runs() {
+        let results = check(&with_admin(
+            Ok(rotation("idle", 20, 300)),
+            Ok(metrics("idle", NOW + 20 * DAY, 0)),
+        ));
+        let root = by_check(&results, "ca-root-expiry");
+        assert!(!root.ok);
+        assert!(
+            root.message
+                .contains("(in 20 days, under 30) and no rotation is running"),
+            "{root:?}"
+        );
+        assert!(root.fix.as_deref().unwrap().starts_with(
+            "kubectl -n palisade-system exec palisade-ca-5c7d8f9b6-qw4rt -- palisade-ca rotate root"
+        ));
+        let results = check(&with_admin(
+            Ok(rotation("trusting", 20, 300)),
+            Ok(metrics("trusting", NOW + 20 * DAY, 0)),
+        ));
+        assert!(by_check(&results, "ca-root-expiry").ok);
+    }
+
+    #[test]
+    fn an_intermediate_the_ca_cannot_rotate_says_to_replace_it_by_hand() {
+        let mut status = rotation("idle", 3000, 10);
+        status["rotatable"] = json!(false);
+        let results = check(&with_admin(
+            Ok(status),
+            Ok(metrics("idle", NOW + 3000 * DAY, 0)),
+        ));
+        let found = by_check(&results, "ca-intermediate-expiry");
+        assert!(!found.ok);
+        assert!(
+            found
+                .fix
+                .as_deref()
+                .unwrap()
+                .contains("replace the intermediate by hand"),
+            "{found:?}"
+        );
+        let results = check(&with_admin(
+            Ok(rotation("idle", 3000, 10)),
+            Ok(String::new()),
+        ));
+        let found = by_check(&results, "ca-intermediate-expiry");
+        assert!(
+            found
+                .fix
+                .as_deref()
+                .unwrap()
+                .contains("rotates the intermediate itself at half its life")
+        );
+    }
+
+    #[test]
+    fn an_expired_root_points_to_the_emergency_procedure() {
+        let results = check(&with_admin(
+            Ok(rotation("idle", -1, 300)),
+            Err("down".into()),
+        ));
+        let found = by_check(&results, "ca-root-expiry");
+        assert!(found.message.starts_with("the root expired at"));
+        assert!(found.fix.as_deref().unwrap().contains("--emergency"));
+    }
+
+    #[test]
+    fn the_metrics_stand_in_when_rotation_does_not_answer() {
+        let results = check(&with_admin(
+            Err("GET /rotation failed: HTTP 503".into()),
+            Ok(metrics("idle", NOW + 10 * DAY, 3)),
+        ));
+        let api = by_check(&results, "ca-api");
+        assert!(
+            !api.ok && api.message.contains("GET /rotation failed"),
+            "{api:?}"
+        );
+        assert!(!by_check(&results, "ca-root-expiry").ok);
+        let lagging = by_check(&results, "proxy-trust-bundle");
+        assert!(
+            !lagging.ok && lagging.message.starts_with("3 proxies do not trust"),
+            "{lagging:?}"
+        );
+    }
+
+    #[test]
+    fn lagging_proxies_are_named_by_pod() {
+        let mut status = rotation("trusting", 3000, 300);
+        status["proxies"]["lagging"] = json!([{"pod": "shop/api-7d9c-x2", "spiffe_id": "spiffe://cluster.local/ns/shop/sa/api"}]);
+        let results = check(&with_admin(
+            Ok(status),
+            Ok(metrics("trusting", NOW + 3000 * DAY, 1)),
+        ));
+        let found = by_check(&results, "proxy-trust-bundle");
+        assert!(!found.ok);
+        assert_eq!(
+            found.message,
+            "proxy of shop/api-7d9c-x2 (spiffe://cluster.local/ns/shop/sa/api) does not trust every root of the CA's bundle"
+        );
+        assert!(
+            found
+                .fix
+                .as_deref()
+                .unwrap()
+                .starts_with("kubectl -n shop logs api-7d9c-x2 -c palisade-proxy")
+        );
+    }
+
+    #[test]
+    fn missing_or_unready_ca_pods_are_red() {
+        let results = check(&empty());
+        assert_eq!(results.len(), 2);
+        assert!(
+            results[0]
+                .message
+                .starts_with("no CA pod in namespace palisade-system")
+        );
+        assert_eq!(results[1].check, "ca-api");
+        let mut s = empty();
+        let mut pod = ca_pod();
+        pod.status.as_mut().unwrap().conditions = Some(Vec::new());
+        pod.status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap()[0] = serde_json::from_value(json!({
+            "name": "palisade-ca", "ready": false, "restartCount": 0, "image": "c", "imageID": "",
+            "state": {"waiting": {"reason": "ImagePullBackOff"}}}))
+        .unwrap();
+        s.pods.push(pod);
+        let results = check(&s);
+        assert_eq!(
+            results[0].message,
+            "CA pod palisade-system/palisade-ca-5c7d8f9b6-qw4rt is not ready: container palisade-ca waiting: ImagePullBackOff"
+        );
+    }
+}

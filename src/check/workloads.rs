@@ -157,3 +157,155 @@ fn proxy(pod: &Pod) -> Result<(), CheckResult> {
         ),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::check::test_support::{app_pod, empty, namespace};
+
+    fn shop(pods: Vec<Pod>) -> ClusterSnapshot {
+        let mut s = empty();
+        s.namespaces.push(namespace(
+            "shop",
+            json!({"palisade.dev/inject": "enabled"}),
+            json!({}),
+        ));
+        s.namespaces.push(namespace("plain", json!({}), json!({})));
+        s.pods = pods;
+        s
+    }
+
+    fn red(results: &[CheckResult]) -> Vec<(&'static str, String, String)> {
+        results
+            .iter()
+            .filter(|r| !r.ok)
+            .map(|r| {
+                (
+                    r.check,
+                    r.message.clone(),
+                    r.fix.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_fix_restarts_the_controller_that_makes_the_pod() {
+        let deployment = app_pod("shop", "web", false);
+        assert_eq!(
+            recreate(&deployment),
+            "kubectl -n shop rollout restart deployment/web"
+        );
+        let mut set = deployment.clone();
+        set.metadata.owner_references.as_mut().unwrap()[0].kind = "StatefulSet".into();
+        set.metadata.owner_references.as_mut().unwrap()[0].name = "db".into();
+        assert_eq!(
+            recreate(&set),
+            "kubectl -n shop rollout restart statefulset/db"
+        );
+        let mut daemon = set.clone();
+        daemon.metadata.owner_references.as_mut().unwrap()[0].kind = "DaemonSet".into();
+        assert_eq!(
+            recreate(&daemon),
+            "kubectl -n shop rollout restart daemonset/db"
+        );
+        let mut bare = deployment;
+        bare.metadata.owner_references = None;
+        assert!(
+            recreate(&bare).starts_with(
+                "kubectl -n shop delete pod web-5c7d8f9b6-qw4rt, then create it again"
+            )
+        );
+    }
+
+    #[test]
+    fn pods_without_the_proxy_in_opted_in_namespaces_are_named() {
+        let mut opted_out = app_pod("shop", "batch", false);
+        opted_out
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(INJECT.into(), "disabled".into());
+        let mut host = app_pod("shop", "agent", false);
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        let mut done = app_pod("shop", "job", false);
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        let results = check(&shop(vec![
+            app_pod("shop", "api", true),
+            app_pod("shop", "web", false),
+            app_pod("plain", "other", false),
+            opted_out,
+            host,
+            done,
+        ]));
+        assert_eq!(
+            red(&results),
+            [(
+                "unmeshed-pod",
+                "shop/web-5c7d8f9b6-qw4rt runs without the proxy (namespace shop is opted in; the pod was made before, or while the injector was not called)".to_owned(),
+                "kubectl -n shop rollout restart deployment/web".to_owned()
+            )]
+        );
+        assert!(
+            results
+                .iter()
+                .any(|r| r.ok && r.check == "proxies-ready" && r.message == "1 proxies ready")
+        );
+    }
+
+    #[test]
+    fn an_invalid_inject_value_is_the_injectors_error() {
+        let mut pod = app_pod("shop", "web", false);
+        pod.metadata.annotations = Some([(INJECT.to_owned(), "off".to_owned())].into());
+        let found = red(&check(&shop(vec![pod])));
+        assert_eq!(found.len(), 1);
+        assert!(
+            found[0].1.contains("annotation palisade.dev/inject"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_proxy_that_is_not_ready_is_named_with_its_reason() {
+        let mut pod = app_pod("shop", "api", true);
+        let status = &mut pod
+            .status
+            .as_mut()
+            .unwrap()
+            .init_container_statuses
+            .as_mut()
+            .unwrap()[0];
+        *status = serde_json::from_value(
+            json!({"name": "palisade-proxy", "ready": false, "restartCount": 4,
+            "image": "p", "imageID": "",
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"reason": "Error", "exitCode": 1}}}),
+        )
+        .unwrap();
+        let found = red(&check(&shop(vec![pod])));
+        assert_eq!(
+            found,
+            [(
+                "proxies-ready",
+                "proxy of shop/api-5c7d8f9b6-qw4rt is not ready: waiting: CrashLoopBackOff; last terminated: Error (exit code 1); 4 restarts".to_owned(),
+                "kubectl -n shop logs api-5c7d8f9b6-qw4rt -c palisade-proxy --previous; kubectl -n shop describe pod api-5c7d8f9b6-qw4rt".to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_pod_that_only_claims_to_be_injected_is_named() {
+        let mut pod = app_pod("shop", "api", true);
+        pod.spec.as_mut().unwrap().init_containers = None;
+        let found = red(&check(&shop(vec![pod])));
+        assert_eq!(found.len(), 1);
+        assert!(
+            found[0]
+                .1
+                .contains("labelled injected but has no palisade-proxy container")
+        );
+    }
+}
