@@ -380,3 +380,170 @@ pub fn check_crd(s: &ClusterSnapshot) -> Vec<CheckResult> {
     };
     vec![result]
 }
+
+#[cfg(test)]
+mod tests {
+    use palisade_testkit::pki::webhook_serving;
+    use serde_json::json;
+
+    use super::*;
+    use crate::check::test_support::{empty, injector_secret, webhook};
+
+    const NAMES: [&str; 2] = ["palisade-injector.palisade-system.svc", "palisade-injector"];
+
+    /// The chart's webhook and Secret, with a serving certificate valid for `days`.
+    fn installed(days: i64) -> (ClusterSnapshot, serde_json::Value) {
+        let pki = webhook_serving(&NAMES, days);
+        let mut s = empty();
+        s.now = time::OffsetDateTime::now_utc().unix_timestamp();
+        s.injector_secret = Ok(Some(
+            serde_json::from_value(injector_secret(&pki.cert_pem)).unwrap(),
+        ));
+        (s, webhook(&pki.ca_pem))
+    }
+
+    fn run(mut s: ClusterSnapshot, config: serde_json::Value) -> Vec<CheckResult> {
+        s.webhook = Ok(Some(serde_json::from_value(config).unwrap()));
+        check(&s)
+    }
+
+    fn red(results: &[CheckResult]) -> Vec<(&'static str, String)> {
+        results
+            .iter()
+            .filter(|r| !r.ok)
+            .map(|r| (r.check, r.message.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn the_charts_webhook_is_all_green() {
+        let (s, config) = installed(3650);
+        let results = run(s, config);
+        let checks: Vec<(&str, bool)> = results.iter().map(|r| (r.check, r.ok)).collect();
+        assert_eq!(
+            checks,
+            [
+                ("webhook", true),
+                ("webhook-selectors", true),
+                ("webhook-failure-scope", true),
+                ("webhook-ca-bundle", true),
+                ("injector-cert-expiry", true),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_webhook_is_red_with_the_install_command() {
+        let (s, _) = installed(3650);
+        let results = check(&s);
+        assert_eq!(
+            red(&results),
+            [(
+                "webhook",
+                "MutatingWebhookConfiguration palisade-injector is missing: no pod gets a proxy"
+                    .to_owned()
+            )]
+        );
+        assert!(
+            results[0]
+                .fix
+                .as_deref()
+                .unwrap()
+                .starts_with("helm upgrade --install")
+        );
+    }
+
+    #[test]
+    fn selectors_that_differ_from_the_charts_are_named() {
+        let (s, mut config) = installed(3650);
+        config["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["values"] =
+            json!(["true"]);
+        config["webhooks"][0]["objectSelector"] = json!({});
+        let found = red(&run(s, config));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, "webhook-selectors");
+        assert!(
+            found[0]
+                .1
+                .contains("does not require palisade.dev/inject In [enabled]")
+        );
+        assert!(found[0].1.contains(
+            "objectSelector does not leave out pods labelled palisade.dev/inject=disabled"
+        ));
+    }
+
+    #[test]
+    fn failing_closed_over_kube_system_is_red() {
+        let (s, mut config) = installed(3650);
+        config["webhooks"][0]["namespaceSelector"]["matchExpressions"][1]["values"] =
+            json!(["palisade-system"]);
+        let found = red(&run(s.clone(), config.clone()));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].1.starts_with(
+            "failurePolicy Fail, and the namespaceSelector does not exclude kube-system:"
+        ));
+        config["webhooks"][0]["failurePolicy"] = json!("Ignore");
+        assert!(red(&run(s, config)).is_empty());
+    }
+
+    #[test]
+    fn a_ca_bundle_of_another_ca_is_red() {
+        let (s, _) = installed(3650);
+        let other = webhook_serving(&NAMES, 3650);
+        let found = red(&run(s, webhook(&other.ca_pem)));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, "webhook-ca-bundle");
+        assert!(
+            found[0]
+                .1
+                .contains("does not verify the injector's serving certificate")
+        );
+    }
+
+    #[test]
+    fn a_serving_certificate_near_expiry_is_red() {
+        let (s, config) = installed(3);
+        let found = red(&run(s, config));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, "injector-cert-expiry");
+        assert!(found[0].1.contains("under 7 days"), "{found:?}");
+        let (s, config) = installed(-1);
+        assert!(red(&run(s, config))[0].1.contains("expired at"));
+    }
+
+    #[test]
+    fn garbage_in_the_secret_is_one_red_line() {
+        let (mut s, config) = installed(3650);
+        s.injector_secret = Ok(Some(
+            serde_json::from_value(injector_secret("not a certificate")).unwrap(),
+        ));
+        let found = red(&run(s, config));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].1.starts_with(
+                "tls.crt of Secret palisade-system/palisade-injector-tls: no certificate"
+            ),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn the_crd_must_serve_every_version_this_binary_knows() {
+        let mut s = empty();
+        let crd = |version: &str| {
+            let mut doc = palisade_ca::kube::crd::crd_document();
+            doc["spec"]["versions"][0]["name"] = json!(version);
+            Ok(Some(serde_json::from_value(doc).unwrap()))
+        };
+        s.crd = crd("v1alpha1");
+        assert!(check_crd(&s)[0].ok);
+        s.crd = crd("v1beta9");
+        let found = &check_crd(&s)[0];
+        assert_eq!(
+            found.message,
+            "meshpolicies.palisade.dev serves [v1beta9], and this version of Palisade needs v1alpha1"
+        );
+        s.crd = Ok(None);
+        assert!(check_crd(&s)[0].message.contains("is not installed"));
+    }
+}

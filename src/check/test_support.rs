@@ -53,3 +53,39 @@ pub fn app_pod(ns: &str, app: &str, proxy: bool) -> Pod {
     }))
     .unwrap()
 }
+
+/// Base64, as the API server writes `caBundle` and Secret data.
+pub fn b64(data: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// The chart's MutatingWebhookConfiguration with `ca_pem` as its caBundle.
+pub fn webhook(ca_pem: &str) -> Value {
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "palisade-injector"},
+        "webhooks": [{
+            "name": "sidecar-injector.palisade.dev",
+            "admissionReviewVersions": ["v1"],
+            "clientConfig": {"service": {"name": "palisade-injector", "namespace": "palisade-system", "path": "/mutate", "port": 443},
+                             "caBundle": b64(ca_pem)},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+            "namespaceSelector": {"matchExpressions": [
+                {"key": "palisade.dev/inject", "operator": "In", "values": ["enabled"]},
+                {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", "palisade-system"]}]},
+            "objectSelector": {"matchExpressions": [{"key": "palisade.dev/inject", "operator": "NotIn", "values": ["disabled"]}]},
+            "failurePolicy": "Fail", "matchPolicy": "Equivalent", "sideEffects": "None", "timeoutSeconds": 10,
+            "reinvocationPolicy": "IfNeeded"
+        }]
+    })
+}
+
+/// The Secret the chart mounts into the injector.
+pub fn injector_secret(cert_pem: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "palisade-injector-tls", "namespace": "palisade-system"},
+        "data": {"tls.crt": b64(cert_pem), "tls.key": b64("-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n")}
+    })
+}
