@@ -13,7 +13,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::CheckResult;
 use super::fetch::CA_POD_LABEL;
-use super::snapshot::{CaAdmin, ClusterSnapshot, pod_problem, pod_ready};
+use super::snapshot::{CaAdmin, ClusterSnapshot, date, pod_problem, pod_ready};
 
 /// Red when the root or the intermediate expires within this and no rotation runs.
 pub const CA_EXPIRY_WARNING_DAYS: i64 = 30;
@@ -217,13 +217,6 @@ fn view_of_metrics(text: &str, pod: &str, now: i64) -> Result<CaView, String> {
         automatic: None,
         ca_pod: pod.to_owned(),
     })
-}
-
-fn date(unix: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| format!("{unix} (Unix seconds)"))
 }
 
 fn expiry(

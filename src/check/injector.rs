@@ -12,7 +12,7 @@ use x509_parser::pem::Pem;
 
 use super::CheckResult;
 use super::fetch::{CRD_NAME, INJECTOR_TLS_SECRET, WEBHOOK_CONFIGURATION};
-use super::snapshot::ClusterSnapshot;
+use super::snapshot::{ClusterSnapshot, date};
 
 /// The webhook's name inside the configuration (the chart's `injector-webhook.yaml`).
 pub const WEBHOOK_NAME: &str = "sidecar-injector.palisade.dev";
@@ -304,7 +304,7 @@ fn serving_certificate(hook: &MutatingWebhook, s: &ClusterSnapshot) -> Vec<Check
     }
     let not_after = leaf.validity().not_after.timestamp();
     let left = not_after - s.now;
-    let when = leaf.validity().not_after.to_string();
+    let when = date(not_after);
     out.push(if left <= 0 {
         CheckResult::fail("injector-cert-expiry", format!("the injector's serving certificate expired at {when}"), regenerate)
     } else if left < INJECTOR_CERT_WARNING_DAYS * 86_400 {

@@ -118,14 +118,22 @@ pub fn render_json(results: &[CheckResult]) -> String {
     serde_json::to_string_pretty(results).expect("check results serialize") + "\n"
 }
 
-/// Runs the command against `client`; what it prints goes to `out`, errors to the caller.
-pub async fn run_with_client(
+/// Runs the command against `client`: the results go to `out`, a failure to check at all to
+/// `err`; returns the exit code (0 all green, 1 any red, 2 not checked).
+pub async fn check_cluster(
     client: kube::Client,
     args: &CheckArgs,
     colour: bool,
     out: &mut impl std::io::Write,
-) -> Result<ExitCode, FetchError> {
-    let snapshot = fetch(&client, &args.namespace, time::OffsetDateTime::now_utc()).await?;
+    err: &mut impl std::io::Write,
+) -> ExitCode {
+    let snapshot = match fetch(&client, &args.namespace, time::OffsetDateTime::now_utc()).await {
+        Ok(snapshot) => snapshot,
+        Err(e) => {
+            let _ = writeln!(err, "palisade check: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let results = run_checks(&snapshot);
     let text = match args.output {
         Output::Text => render_text(&results, colour),
@@ -133,7 +141,7 @@ pub async fn run_with_client(
     };
     // A closed stdout (a pipe into `head`) is not a failed check.
     let _ = out.write_all(text.as_bytes());
-    Ok(exit_code(&results))
+    exit_code(&results)
 }
 
 /// `palisade check` from `main`: the cluster of the current kubeconfig context.
@@ -159,13 +167,7 @@ pub fn run(args: &CheckArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        match run_with_client(client, args, colour, &mut std::io::stdout()).await {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("palisade check: {e}");
-                ExitCode::from(2)
-            }
-        }
+        check_cluster(client, args, colour, &mut std::io::stdout(), &mut std::io::stderr()).await
     })
 }
 

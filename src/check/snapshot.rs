@@ -130,3 +130,14 @@ pub fn pod_problem(pod: &Pod) -> String {
         status.and_then(|s| s.phase.as_deref()).unwrap_or("unknown")
     )
 }
+
+/// Unix seconds as an RFC 3339 time, as every time in the output is written.
+pub fn date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{unix} (Unix seconds)"))
+}
