@@ -10,7 +10,9 @@ use kube::{Api, ResourceExt as _};
 use palisade_ca::kube::crd::MeshPolicy;
 use palisade_ca_api::contract::CONTROL_PLANE_ADMIN_PORT;
 
-use super::snapshot::{CaAdmin, ClusterSnapshot, Fetched, ListError, pod_ready};
+use super::snapshot::{
+    CaAdmin, ClusterSnapshot, Fetched, ListError, ListedPolicy, UndecodedPolicy, pod_ready,
+};
 
 /// The MutatingWebhookConfiguration the chart installs.
 pub const WEBHOOK_CONFIGURATION: &str = "palisade-injector";
@@ -140,9 +142,7 @@ pub async fn fetch(
 
 /// MeshPolicies listed untyped, then decoded one by one: one malformed object is one red line,
 /// not a failed run.
-async fn list_policies(
-    client: &kube::Client,
-) -> Result<Vec<Result<MeshPolicy, (String, String)>>, ListError> {
+async fn list_policies(client: &kube::Client) -> Result<Vec<ListedPolicy>, ListError> {
     let resource = ApiResource::erase::<MeshPolicy>(&());
     let list = Api::<DynamicObject>::all_with(client.clone(), &resource)
         .list(&ListParams::default())
@@ -158,7 +158,10 @@ async fn list_policies(
             let name = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
             serde_json::to_value(&obj)
                 .and_then(serde_json::from_value::<MeshPolicy>)
-                .map_err(|e| (name, e.to_string()))
+                .map_err(|e| UndecodedPolicy {
+                    name,
+                    error: e.to_string(),
+                })
         })
         .collect())
 }

@@ -20,7 +20,7 @@ mod test_support;
 mod workloads;
 
 pub use fetch::{FetchError, fetch};
-pub use snapshot::{CaAdmin, ClusterSnapshot, Fetched, ListError};
+pub use snapshot::{CaAdmin, ClusterSnapshot, Fetched, ListError, ListedPolicy, UndecodedPolicy};
 
 #[derive(clap::Args)]
 pub struct CheckArgs {

@@ -41,7 +41,7 @@ pub fn check(s: &ClusterSnapshot) -> Vec<CheckResult> {
     let mut usable = Vec::new();
     for entry in listed {
         let problem = match entry {
-            Err((name, e)) => (name.clone(), e.clone()),
+            Err(undecoded) => (undecoded.name.clone(), undecoded.error.clone()),
             Ok(mp) => match usable_policy(mp) {
                 Ok(named) => {
                     usable.push(named);

@@ -1,6 +1,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::check::snapshot::UndecodedPolicy;
 use crate::check::test_support::{app_pod, empty, namespace};
 
 fn rule(v: serde_json::Value) -> AllowRule {
@@ -179,10 +180,10 @@ fn a_policy_the_ca_ignores_is_one_red_line() {
         "zero",
         json!({"ports": [0], "allow": [{"authenticated": true}]}),
     )]);
-    s.policies
-        .as_mut()
-        .unwrap()
-        .push(Err(("shop/garbled".into(), "unknown field `alow`".into())));
+    s.policies.as_mut().unwrap().push(Err(UndecodedPolicy {
+        name: "shop/garbled".into(),
+        error: "unknown field `alow`".into(),
+    }));
     let found = failing(&check(&s), "policy-malformed");
     assert_eq!(
         found,

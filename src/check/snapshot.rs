@@ -22,9 +22,9 @@ pub struct ClusterSnapshot {
     pub pods: Vec<Pod>,
     /// Every service account of the cluster, or why they could not be listed.
     pub service_accounts: Result<Vec<ServiceAccount>, String>,
-    /// Every MeshPolicy, each as it decoded: `Err((namespace/name, why))` for one that did not.
-    /// The list itself fails when the CRD is missing (404) or access is denied.
-    pub policies: Result<Vec<Result<MeshPolicy, (String, String)>>, ListError>,
+    /// Every MeshPolicy, each as it decoded. The list itself fails when the CRD is missing
+    /// (404) or access is denied.
+    pub policies: Result<Vec<ListedPolicy>, ListError>,
     /// The MutatingWebhookConfiguration the chart installs.
     pub webhook: Fetched<MutatingWebhookConfiguration>,
     /// The Secret the chart mounts into the injector (its serving certificate).
@@ -32,6 +32,17 @@ pub struct ClusterSnapshot {
     pub crd: Fetched<CustomResourceDefinition>,
     /// What a ready CA pod's admin port answered; `None` when no CA pod was ready to ask.
     pub ca_admin: Option<CaAdmin>,
+}
+
+/// A MeshPolicy as listed: decoded, or why it could not be.
+pub type ListedPolicy = Result<MeshPolicy, UndecodedPolicy>;
+
+/// A MeshPolicy object that is not a MeshPolicy this version understands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndecodedPolicy {
+    /// `namespace/name`.
+    pub name: String,
+    pub error: String,
 }
 
 /// Why a list failed.
@@ -116,12 +127,12 @@ pub fn pod_problem(pod: &Pod) -> String {
             .chain(s.container_statuses.iter().flatten())
     });
     for c in containers {
-        if !c.ready
-            && !c
-                .state
-                .as_ref()
-                .is_some_and(|s| s.terminated.as_ref().is_some_and(|t| t.exit_code == 0))
-        {
+        // An init container that ran to completion is not ready, and need not be.
+        let completed = c
+            .state
+            .as_ref()
+            .is_some_and(|s| s.terminated.as_ref().is_some_and(|t| t.exit_code == 0));
+        if !c.ready && !completed {
             return format!("container {} {}", c.name, container_problem(c));
         }
     }
