@@ -353,3 +353,35 @@ async fn a_cluster_that_cannot_be_listed_is_exit_2_with_the_cause() {
     );
     assert!(run.stderr.contains("kubectl config current-context"));
 }
+
+#[tokio::test]
+async fn a_malformed_pod_is_one_red_line_not_a_failed_run() {
+    let mut cluster = Cluster::healthy();
+    cluster.item(PODS, "web-7f6e5d4c3-b2n9v")["spec"]["containers"] = json!("web");
+    let run = broken(&cluster, &["malformed-object"]).await;
+    let (message, _) = run.red_line(
+        "malformed-object",
+        "pods shop/web-7f6e5d4c3-b2n9v could not be read",
+    );
+    assert!(
+        message.contains("invalid type: string \"web\", expected a sequence"),
+        "{message}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ca_admin_port_that_hangs_is_red_after_the_timeout() {
+    let mut cluster = Cluster::healthy();
+    cluster.answer(ROTATION, Answer::Silent);
+    let run = broken(&cluster, &["ca-api"]).await;
+    run.red_line(
+        "ca-api",
+        "GET /rotation from the CA's admin port got no answer within 10 s",
+    );
+    // The metrics still answer, and stand in for the rotation status.
+    assert!(
+        run.results()
+            .iter()
+            .any(|r| r["check"] == "ca-root-expiry" && r["ok"] == true)
+    );
+}

@@ -11,7 +11,7 @@ use palisade_ca::kube::crd::MeshPolicy;
 use palisade_ca_api::contract::CONTROL_PLANE_ADMIN_PORT;
 
 use super::snapshot::{
-    CaAdmin, ClusterSnapshot, Fetched, ListError, ListedPolicy, UndecodedPolicy, pod_ready,
+    CaAdmin, ClusterSnapshot, Fetched, ListError, ListedPolicy, Undecoded, pod_ready,
 };
 
 /// The MutatingWebhookConfiguration the chart installs.
@@ -20,6 +20,8 @@ pub const WEBHOOK_CONFIGURATION: &str = "palisade-injector";
 pub const INJECTOR_TLS_SECRET: &str = "palisade-injector-tls";
 /// The CRD of MeshPolicy.
 pub const CRD_NAME: &str = "meshpolicies.palisade.dev";
+/// How long the CA's admin port may take to answer through the pod proxy.
+pub const CA_ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The label the chart puts on CA pods (`palisade.ca.selectorLabels`).
 pub const CA_POD_LABEL: (&str, &str) = ("app.kubernetes.io/name", "palisade-ca");
 
@@ -87,21 +89,18 @@ pub async fn fetch(
     namespace: &str,
     now: time::OffsetDateTime,
 ) -> Result<ClusterSnapshot, FetchError> {
-    let lp = ListParams::default();
-    let namespaces = Api::<Namespace>::all(client.clone())
-        .list(&lp)
+    let mut undecoded = Vec::new();
+    let namespaces = list_each::<Namespace>(client, "namespaces")
         .await
-        .map_err(|e| list_failed("namespaces", e))?
-        .items;
-    let pods = Api::<Pod>::all(client.clone())
-        .list(&lp)
+        .map_err(|e| list_failed("namespaces", e))?;
+    let namespaces = split(namespaces, &mut undecoded);
+    let pods = list_each::<Pod>(client, "pods")
         .await
-        .map_err(|e| list_failed("pods", e))?
-        .items;
-    let service_accounts = Api::<ServiceAccount>::all(client.clone())
-        .list(&lp)
+        .map_err(|e| list_failed("pods", e))?;
+    let pods = split(pods, &mut undecoded);
+    let service_accounts = list_each::<ServiceAccount>(client, "serviceaccounts")
         .await
-        .map(|l| l.items)
+        .map(|list| split(list, &mut undecoded))
         .map_err(|e| describe(&e, "list serviceaccounts", "list on serviceaccounts"));
     let policies = list_policies(client).await;
     let webhook = get_opt(
@@ -137,33 +136,61 @@ pub async fn fetch(
         injector_secret,
         crd,
         ca_admin,
+        undecoded,
     })
 }
 
-/// MeshPolicies listed untyped, then decoded one by one: one malformed object is one red line,
-/// not a failed run.
+/// MeshPolicies, each as it decoded; a 404 means the CRD is not installed.
 async fn list_policies(client: &kube::Client) -> Result<Vec<ListedPolicy>, ListError> {
-    let resource = ApiResource::erase::<MeshPolicy>(&());
-    let list = Api::<DynamicObject>::all_with(client.clone(), &resource)
-        .list(&ListParams::default())
+    list_each::<MeshPolicy>(client, "meshpolicies")
         .await
         .map_err(|e| match e {
             kube::Error::Api(status) if status.code == 404 => ListError::NotServed,
             e => ListError::Other(describe(&e, "list meshpolicies", "list on meshpolicies")),
-        })?;
+        })
+}
+
+/// Every object of kind `K`, listed untyped and then decoded one by one: one malformed object
+/// is one red line, not a failed run.
+async fn list_each<K>(
+    client: &kube::Client,
+    kind: &'static str,
+) -> Result<Vec<Result<K, Undecoded>>, kube::Error>
+where
+    K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned,
+{
+    let resource = ApiResource::erase::<K>(&());
+    let list = Api::<DynamicObject>::all_with(client.clone(), &resource)
+        .list(&ListParams::default())
+        .await?;
     Ok(list
         .items
         .into_iter()
         .map(|obj| {
-            let name = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
+            let name = match obj.namespace() {
+                Some(ns) => format!("{ns}/{}", obj.name_any()),
+                None => obj.name_any(),
+            };
             serde_json::to_value(&obj)
-                .and_then(serde_json::from_value::<MeshPolicy>)
-                .map_err(|e| UndecodedPolicy {
+                .and_then(serde_json::from_value::<K>)
+                .map_err(|e| Undecoded {
+                    kind,
                     name,
                     error: e.to_string(),
                 })
         })
         .collect())
+}
+
+fn split<K>(listed: Vec<Result<K, Undecoded>>, undecoded: &mut Vec<Undecoded>) -> Vec<K> {
+    let mut objects = Vec::with_capacity(listed.len());
+    for entry in listed {
+        match entry {
+            Ok(obj) => objects.push(obj),
+            Err(e) => undecoded.push(e),
+        }
+    }
+    objects
 }
 
 fn ready_ca_pod(pods: &[Pod], namespace: &str) -> Option<String> {
@@ -186,7 +213,15 @@ async fn ca_admin(client: &kube::Client, namespace: &str, pod: &str) -> CaAdmin 
             let request = Request::get(&uri)
                 .body(Vec::new())
                 .map_err(|e| format!("GET {uri}: {e}"))?;
-            client.request_text(request).await.map_err(|e| {
+            let answer = tokio::time::timeout(CA_ADMIN_TIMEOUT, client.request_text(request))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "GET {path} from the CA's admin port got no answer within {} s",
+                        CA_ADMIN_TIMEOUT.as_secs()
+                    )
+                })?;
+            answer.map_err(|e| {
                 describe(
                     &e,
                     &format!("GET {path} from the CA's admin port"),

@@ -20,7 +20,7 @@ mod test_support;
 mod workloads;
 
 pub use fetch::{FetchError, fetch};
-pub use snapshot::{CaAdmin, ClusterSnapshot, Fetched, ListError, ListedPolicy, UndecodedPolicy};
+pub use snapshot::{CaAdmin, ClusterSnapshot, Fetched, ListError, ListedPolicy, Undecoded};
 
 #[derive(clap::Args)]
 pub struct CheckArgs {
@@ -76,6 +76,13 @@ pub fn run_checks(snapshot: &ClusterSnapshot) -> Vec<CheckResult> {
     results.extend(injector::check_crd(snapshot));
     results.extend(workloads::check(snapshot));
     results.extend(policy::check(snapshot));
+    results.extend(snapshot.undecoded.iter().map(|u| {
+        CheckResult::fail(
+            "malformed-object",
+            format!("{} {} could not be read, and was left out of every check: {}", u.kind, u.name, u.error),
+            format!("kubectl get {} {} -o yaml shows it; an object the API server serves should decode, so this palisade may be older than the cluster: use the release that matches it", u.kind, u.name),
+        )
+    }));
     results
 }
 

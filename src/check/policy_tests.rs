@@ -1,7 +1,7 @@
 use serde_json::json;
 
 use super::*;
-use crate::check::snapshot::UndecodedPolicy;
+use crate::check::snapshot::Undecoded;
 use crate::check::test_support::{app_pod, empty, namespace};
 
 fn rule(v: serde_json::Value) -> AllowRule {
@@ -180,7 +180,8 @@ fn a_policy_the_ca_ignores_is_one_red_line() {
         "zero",
         json!({"ports": [0], "allow": [{"authenticated": true}]}),
     )]);
-    s.policies.as_mut().unwrap().push(Err(UndecodedPolicy {
+    s.policies.as_mut().unwrap().push(Err(Undecoded {
+        kind: "meshpolicies",
         name: "shop/garbled".into(),
         error: "unknown field `alow`".into(),
     }));

@@ -20,6 +20,8 @@ pub struct ClusterSnapshot {
     pub namespaces: Vec<Namespace>,
     /// Every pod of the cluster.
     pub pods: Vec<Pod>,
+    /// Pods, namespaces and service accounts that did not decode (each is left out above).
+    pub undecoded: Vec<Undecoded>,
     /// Every service account of the cluster, or why they could not be listed.
     pub service_accounts: Result<Vec<ServiceAccount>, String>,
     /// Every MeshPolicy, each as it decoded. The list itself fails when the CRD is missing
@@ -35,12 +37,14 @@ pub struct ClusterSnapshot {
 }
 
 /// A MeshPolicy as listed: decoded, or why it could not be.
-pub type ListedPolicy = Result<MeshPolicy, UndecodedPolicy>;
+pub type ListedPolicy = Result<MeshPolicy, Undecoded>;
 
-/// A MeshPolicy object that is not a MeshPolicy this version understands.
+/// A listed object that does not decode as its kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UndecodedPolicy {
-    /// `namespace/name`.
+pub struct Undecoded {
+    /// The resource, as `pods`.
+    pub kind: &'static str,
+    /// `namespace/name`, or `name` for a cluster-scoped object.
     pub name: String,
     pub error: String,
 }

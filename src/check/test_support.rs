@@ -20,6 +20,7 @@ pub fn empty() -> ClusterSnapshot {
         injector_secret: Ok(None),
         crd: Ok(None),
         ca_admin: None,
+        undecoded: Vec::new(),
     }
 }
 

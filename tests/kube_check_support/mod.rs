@@ -53,6 +53,8 @@ pub enum Answer {
     Text(u16, String),
     /// The connection fails (the API server is unreachable).
     Down,
+    /// No answer ever comes (the pod proxy waits on a hung pod).
+    Silent,
 }
 
 fn text_of(name: &str) -> String {
@@ -238,6 +240,7 @@ impl Cluster {
         let log = Arc::new(Mutex::new(Vec::new()));
         let seen = log.clone();
         let server = tokio::spawn(async move {
+            let mut held = Vec::new();
             while let Some((request, send)) = handle.next_request().await {
                 let path = request.uri().path().to_owned();
                 seen.lock()
@@ -250,6 +253,10 @@ impl Cluster {
                 let (status, content_type, body) = match answer {
                     Answer::Json(status, value) => (status, "application/json", value.to_string()),
                     Answer::Text(status, text) => (status, "text/plain; version=0.0.4", text),
+                    Answer::Silent => {
+                        held.push(send);
+                        continue;
+                    }
                     Answer::Down => {
                         send.send_error(std::io::Error::new(
                             std::io::ErrorKind::ConnectionRefused,
