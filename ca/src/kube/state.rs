@@ -334,6 +334,35 @@ mod tests {
     }
 
     #[test]
+    fn rejections_say_why() {
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": "typo",
+            "annotations": {"palisade.dev/default-policy": "allow"}}}))
+        .unwrap();
+        assert_eq!(
+            default_policy_of(&ns),
+            Err("\"allow\" is not a default policy: use deny, all-authenticated or all".to_owned())
+        );
+        let policy = |spec: serde_json::Value| -> MeshPolicy {
+            serde_json::from_value(
+                serde_json::json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "MeshPolicy",
+                "metadata": {"name": "p", "namespace": "shop"}, "spec": spec}),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            usable_policy(&policy(serde_json::json!({"ports": [0]}))),
+            Err("port 0 is not a port".to_owned())
+        );
+        let bad_selector = serde_json::json!({"targetSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]}});
+        assert_eq!(
+            usable_policy(&policy(bad_selector)),
+            Err("matchExpressions[0]: operator In needs values".to_owned())
+        );
+        assert!(policy_of(&policy(serde_json::json!({"ports": [0]}))).is_none());
+        assert!(usable_policy(&policy(serde_json::json!({}))).is_ok());
+    }
+
+    #[test]
     fn relist_replaces_only_when_complete() {
         let mut t: Tracked<Workload> = Tracked::default();
         let p = pod(serde_json::json!({
