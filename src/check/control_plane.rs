@@ -147,7 +147,10 @@ fn read_admin(admin: &CaAdmin, ns: &str, now: i64) -> (Vec<CheckResult>, Option<
             out.push(CheckResult::fail(
                 "ca-api",
                 format!("CA pod {pod}: {e}"),
-                format!("{logs}; GET {what} must answer (docs/rotation.md)"),
+                format!(
+                    "{logs}; GET {what} must answer (docs/rotation.md)\na timeout or 503 through the pod proxy is often NetworkPolicy palisade-ca, which admits port {port} only from the monitoring namespace: allow the API server's address there too (docs/operations.md, `palisade check`)",
+                    port = palisade_ca_api::contract::CONTROL_PLANE_ADMIN_PORT
+                ),
             ));
         }
     }
