@@ -168,6 +168,29 @@ async fn failing_closed_over_kube_system() {
 }
 
 #[tokio::test]
+async fn a_webhook_that_fails_open() {
+    let mut cluster = Cluster::healthy();
+    cluster.json(WEBHOOK)["webhooks"][0]["failurePolicy"] = json!("Ignore");
+    let run = broken(&cluster, &["webhook-failure-scope"]).await;
+    let (_, fix) = run.red_line("webhook-failure-scope", "failurePolicy Ignore");
+    assert!(fix.starts_with("set failurePolicy: Fail, as the chart does"));
+}
+
+#[tokio::test]
+async fn a_namespace_selector_narrowed_by_hand() {
+    let mut cluster = Cluster::healthy();
+    cluster.json(WEBHOOK)["webhooks"][0]["namespaceSelector"]["matchExpressions"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"key": "team", "operator": "In", "values": ["payments"]}));
+    let run = broken(&cluster, &["webhook-selectors"]).await;
+    run.red_line(
+        "webhook-selectors",
+        "namespaceSelector selects more narrowly than the chart's",
+    );
+}
+
+#[tokio::test]
 async fn a_ca_bundle_that_does_not_verify_the_injector() {
     let mut cluster = Cluster::healthy();
     let other = palisade_testkit::pki::webhook_serving(&INJECTOR_NAMES, 3650);

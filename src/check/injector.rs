@@ -94,8 +94,16 @@ fn selectors(hook: &MutatingWebhook, ns: &str) -> CheckResult {
             "its namespaceSelector does not require {INJECT} In [enabled]"
         ));
     }
-    if namespaces.is_some_and(|s| s.match_labels.as_ref().is_some_and(|l| !l.is_empty())) {
-        wrong.push("its namespaceSelector has matchLabels the chart does not set".to_owned());
+    if namespaces.is_some_and(|s| {
+        s.match_labels.as_ref().is_some_and(|l| !l.is_empty())
+            || s.match_expressions.iter().flatten().any(|e| {
+                !matches!(
+                    (e.key.as_str(), e.operator.as_str()),
+                    (INJECT, "In") | (NAME_LABEL, "NotIn")
+                )
+            })
+    }) {
+        wrong.push("its namespaceSelector selects more narrowly than the chart's".to_owned());
     }
     let objects = hook.object_selector.as_ref();
     if expression(objects, INJECT, "NotIn") != Some(BTreeSet::from(["disabled"])) {
@@ -126,15 +134,22 @@ fn selectors(hook: &MutatingWebhook, ns: &str) -> CheckResult {
     }
 }
 
-/// With failurePolicy Fail (the default of admissionregistration/v1), an injector outage
-/// refuses every pod the webhook selects: kube-system and the control plane's own namespace
+/// The chart fails closed (failurePolicy Fail, also the default of admissionregistration/v1):
+/// a pod of an opted-in namespace never starts without its proxy. An injector outage then
+/// refuses every pod the webhook selects, so kube-system and the control plane's own namespace
 /// must never be among them, or the injector cannot come back.
 fn failure_scope(hook: &MutatingWebhook, ns: &str) -> CheckResult {
     let policy = hook.failure_policy.as_deref().unwrap_or("Fail");
     if policy != "Fail" {
-        return CheckResult::pass(
+        return CheckResult::fail(
             "webhook-failure-scope",
-            format!("failurePolicy {policy}: an injector outage lets pods start without a proxy"),
+            format!(
+                "failurePolicy {policy}: while the injector is down, pods of opted-in namespaces start without the proxy, unprotected and unnoticed"
+            ),
+            format!(
+                "set failurePolicy: Fail, as the chart does: {}",
+                reinstall(ns)
+            ),
         );
     }
     let selector = hook.namespace_selector.as_ref();
@@ -483,7 +498,9 @@ mod tests {
             "failurePolicy Fail, and the namespaceSelector does not exclude kube-system:"
         ));
         config["webhooks"][0]["failurePolicy"] = json!("Ignore");
-        assert!(red(&run(s, config)).is_empty());
+        let found = red(&run(s, config));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].1.starts_with("failurePolicy Ignore: while the injector is down, pods of opted-in namespaces start without the proxy"));
     }
 
     #[test]
