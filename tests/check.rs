@@ -93,10 +93,11 @@ async fn a_ca_whose_admin_port_does_not_answer() {
     cluster.answer(ROTATION, refused.clone());
     cluster.answer(METRICS, refused);
     let run = broken(&cluster, &["ca-api"]).await;
-    run.red_line(
+    let (_, fix) = run.red_line(
         "ca-api",
         "GET /rotation from the CA's admin port failed: HTTP 503",
     );
+    assert!(fix.contains("NetworkPolicy palisade-ca"), "{fix}");
     run.red_line(
         "ca-api",
         "GET /metrics from the CA's admin port failed: HTTP 503",

@@ -144,13 +144,17 @@ fn read_admin(admin: &CaAdmin, ns: &str, now: i64) -> (Vec<CheckResult>, Option<
         .and_then(|text| view_of_metrics(text, pod, now));
     for (what, result) in [("/rotation", &status), ("/metrics", &metrics)] {
         if let Err(e) = result {
+            let mut fix = format!("{logs}; GET {what} must answer (docs/rotation.md)");
+            if e.contains("HTTP 503") || e.contains("no answer within") {
+                fix.push_str(&format!(
+                    "\na timeout or 503 through the pod proxy is often NetworkPolicy palisade-ca, which admits port {} only from the monitoring namespace: allow the API server's address there too (docs/operations.md, `palisade check`)",
+                    palisade_ca_api::contract::CONTROL_PLANE_ADMIN_PORT
+                ));
+            }
             out.push(CheckResult::fail(
                 "ca-api",
                 format!("CA pod {pod}: {e}"),
-                format!(
-                    "{logs}; GET {what} must answer (docs/rotation.md)\na timeout or 503 through the pod proxy is often NetworkPolicy palisade-ca, which admits port {port} only from the monitoring namespace: allow the API server's address there too (docs/operations.md, `palisade check`)",
-                    port = palisade_ca_api::contract::CONTROL_PLANE_ADMIN_PORT
-                ),
+                fix,
             ));
         }
     }
