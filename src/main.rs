@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use palisade::check;
 
 mod cluster;
 mod demo;
@@ -15,7 +16,7 @@ mod policy_suggest;
 #[command(
     name = "palisade",
     version,
-    about = "Palisade: run the mesh on this machine, inspect mesh certificates, check policies"
+    about = "Palisade: run the mesh on this machine, inspect mesh certificates, check policies and the mesh in a cluster"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,6 +33,10 @@ enum Command {
         /// PEM file with one or more certificates, leaf first.
         cert: std::path::PathBuf,
     },
+    /// Check the mesh in the cluster of the current kubeconfig context: control plane, injector,
+    /// CRD, pods without their proxy, policy faults. One line per check, a fix under each red
+    /// one. Exit 0 when all pass, 1 when any fails, 2 when the cluster cannot be checked.
+    Check(check::CheckArgs),
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -55,6 +60,7 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Demo => return demo::run(),
+        Command::Check(args) => return check::run(&args),
         Command::Inspect { cert } => inspect::run(&cert).map(|()| ExitCode::SUCCESS),
         Command::Policy {
             command: PolicyCommand::Check(args),

@@ -188,3 +188,31 @@ pub fn csr_pem(key: &KeyPair, sans: Vec<SanType>) -> String {
 pub fn spiffe_san(id: &str) -> SanType {
     SanType::URI(id.try_into().unwrap())
 }
+
+/// A webhook's serving certificate as the chart makes it (`genCA`, then `genSignedCert`): a CA
+/// and a certificate for `names` under it, both PEM.
+pub struct WebhookPki {
+    pub ca_pem: String,
+    pub cert_pem: String,
+}
+
+/// [`WebhookPki`] whose serving certificate expires `valid_days` from now (negative: expired).
+pub fn webhook_serving(names: &[&str], valid_days: i64) -> WebhookPki {
+    let now = OffsetDateTime::now_utc();
+    let ca = CertifiedIssuer::self_signed(
+        ca_params("palisade-injector-ca"),
+        KeyPair::generate().unwrap(),
+    )
+    .unwrap();
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.not_before = now - time::Duration::days(valid_days.abs() + 1);
+    params.not_after = now + time::Duration::days(valid_days);
+    let cert = params
+        .signed_by(&KeyPair::generate().unwrap(), &ca)
+        .unwrap();
+    WebhookPki {
+        ca_pem: ca.pem(),
+        cert_pem: cert.pem(),
+    }
+}

@@ -148,18 +148,21 @@ pub struct NamespaceInfo {
     pub opted_in: bool,
 }
 
+/// The namespace's `palisade.dev/default-policy` annotation: `Ok(None)` without one, `Err`
+/// naming the bad value when it is not a default policy (the CA then applies the mesh default).
+pub fn default_policy_of(ns: &Namespace) -> Result<Option<DefaultPolicy>, String> {
+    ns.annotations()
+        .get(DEFAULT_POLICY_ANNOTATION)
+        .map(|text| text.parse())
+        .transpose()
+}
+
 pub fn namespace_info(ns: &Namespace) -> Option<NamespaceInfo> {
     let name = ns.name_any();
-    let default_policy = match ns.annotations().get(DEFAULT_POLICY_ANNOTATION) {
-        None => None,
-        Some(text) => match text.parse() {
-            Ok(p) => Some(p),
-            Err(error) => {
-                tracing::warn!(namespace = %name, annotation = DEFAULT_POLICY_ANNOTATION, %error, "ignoring the annotation; the mesh default applies");
-                None
-            }
-        },
-    };
+    let default_policy = default_policy_of(ns).unwrap_or_else(|error| {
+        tracing::warn!(namespace = %name, annotation = DEFAULT_POLICY_ANNOTATION, %error, "ignoring the annotation; the mesh default applies");
+        None
+    });
     Some(NamespaceInfo {
         opted_in: ns.labels().get(INJECT_LABEL).map(String::as_str) == Some("enabled"),
         name,
@@ -169,19 +172,25 @@ pub fn namespace_info(ns: &Namespace) -> Option<NamespaceInfo> {
 
 /// A MeshPolicy the control plane can use; the same checks as the file source.
 pub fn policy_of(policy: &MeshPolicy) -> Option<NamedPolicy> {
-    let named = policy.to_named()?;
-    let problem = named.spec.target_selector.validate().err().or_else(|| {
-        named
-            .spec
-            .ports
-            .contains(&0)
-            .then(|| "port 0 is not a port".to_owned())
-    });
-    if let Some(problem) = problem {
-        tracing::warn!(policy = %format!("{}/{}", named.namespace, named.name), %problem, "ignoring MeshPolicy");
-        return None;
+    match usable_policy(policy) {
+        Ok(named) => Some(named),
+        Err(problem) => {
+            tracing::warn!(policy = %format!("{}/{}", policy.namespace().unwrap_or_default(), policy.name_any()), %problem, "ignoring MeshPolicy");
+            None
+        }
     }
-    Some(named)
+}
+
+/// The MeshPolicy as the control plane uses it, or why the control plane ignores it.
+pub fn usable_policy(policy: &MeshPolicy) -> Result<NamedPolicy, String> {
+    let named = policy
+        .to_named()
+        .ok_or_else(|| "it has no name or namespace".to_owned())?;
+    named.spec.target_selector.validate()?;
+    if named.spec.ports.contains(&0) {
+        return Err("port 0 is not a port".to_owned());
+    }
+    Ok(named)
 }
 
 /// Everything the watches hold, as one state.
@@ -317,6 +326,35 @@ mod tests {
         );
         assert_eq!(state.default_policy, DefaultPolicy::Deny);
         assert_eq!(objects.opted_in(), BTreeSet::from(["shop".to_owned()]));
+    }
+
+    #[test]
+    fn rejections_say_why() {
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": "typo",
+            "annotations": {"palisade.dev/default-policy": "allow"}}}))
+        .unwrap();
+        assert_eq!(
+            default_policy_of(&ns),
+            Err("\"allow\" is not a default policy: use deny, all-authenticated or all".to_owned())
+        );
+        let policy = |spec: serde_json::Value| -> MeshPolicy {
+            serde_json::from_value(
+                serde_json::json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "MeshPolicy",
+                "metadata": {"name": "p", "namespace": "shop"}, "spec": spec}),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            usable_policy(&policy(serde_json::json!({"ports": [0]}))),
+            Err("port 0 is not a port".to_owned())
+        );
+        let bad_selector = serde_json::json!({"targetSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]}});
+        assert_eq!(
+            usable_policy(&policy(bad_selector)),
+            Err("matchExpressions[0]: operator In needs values".to_owned())
+        );
+        assert!(policy_of(&policy(serde_json::json!({"ports": [0]}))).is_none());
+        assert!(usable_policy(&policy(serde_json::json!({}))).is_ok());
     }
 
     #[test]
