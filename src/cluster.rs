@@ -4,16 +4,15 @@
 //! --kube` answer as the proxies decide. The trust domain and default policy come from the
 //! CA's Deployment, unless given.
 
-use std::fmt::Debug;
 use std::path::PathBuf;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::watcher::Event;
-use kube::{Resource, ResourceExt};
 use palisade_ca::kube::crd::MeshPolicy;
 use palisade_ca::kube::services::{SERVICE_NAME_LABEL, service_info, slice_info};
 use palisade_ca::kube::state::{
@@ -23,15 +22,14 @@ use palisade_ca::mesh::MeshState;
 use palisade_ca_api::policy::DefaultPolicy;
 use serde::de::DeserializeOwned;
 
+use crate::kube_list::{Undecoded, list_each};
+
 /// The CA's Deployment and container, as the chart names them.
 const CA_DEPLOYMENT: &str = "palisade-ca";
 const CA_CONTAINER: &str = "palisade-ca";
 /// The CA's defaults (`palisade-ca serve`), for a Deployment that does not set them.
 const CA_DEFAULT_TRUST_DOMAIN: &str = palisade_ca_api::spiffe::DEFAULT_TRUST_DOMAIN;
 const CA_DEFAULT_POLICY: DefaultPolicy = DefaultPolicy::AllAuthenticated;
-/// Objects per page of a list, and pages at most: a list never grows without bound.
-const PAGE: u32 = 500;
-const MAX_PAGES: usize = 400;
 
 /// Where a policy tool reads the mesh: a mesh file, or the live cluster.
 #[derive(clap::Args, Debug)]
@@ -83,7 +81,14 @@ impl MeshSource {
                 self.default_policy,
             )
             .await?;
-            mesh_state(&client, &settings).await
+            let (state, skipped) = mesh_state(&client, &settings).await?;
+            for u in skipped {
+                eprintln!(
+                    "palisade: skipped {} {}: it does not decode ({}); the CA ignores it too",
+                    u.kind, u.name, u.error
+                );
+            }
+            Ok(state)
         })
     }
 }
@@ -139,26 +144,27 @@ pub fn ca_settings(deployment: &Deployment) -> anyhow::Result<CaSettings> {
     })
 }
 
-/// Every object of a list, page by page.
-async fn list_all<K>(api: &Api<K>, params: ListParams) -> anyhow::Result<Vec<K>>
+/// Every object of a list, page by page; those that do not decode are set aside in `skipped`.
+async fn list_all<K>(
+    client: &kube::Client,
+    kind: &'static str,
+    params: ListParams,
+    skipped: &mut Vec<Undecoded>,
+) -> anyhow::Result<Vec<K>>
 where
-    K: Resource + Clone + DeserializeOwned + Debug,
-    K::DynamicType: Default,
+    K: kube::Resource<DynamicType = ()> + DeserializeOwned,
 {
-    let plural = K::plural(&K::DynamicType::default()).into_owned();
-    let mut params = params.limit(PAGE);
-    let mut out = Vec::new();
-    for _ in 0..MAX_PAGES {
-        let page = api.list(&params).await.map_err(|e| api_error(e, &plural))?;
-        out.extend(page.items);
-        match page.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => params = params.continue_token(&token),
-            None => return Ok(out),
+    let listed = list_each::<K>(client, kind, params)
+        .await
+        .map_err(|e| api_error(e, kind))?;
+    let mut out = Vec::with_capacity(listed.len());
+    for item in listed {
+        match item {
+            Ok(obj) => out.push(obj),
+            Err(e) => skipped.push(e),
         }
     }
-    bail!(
-        "listing {plural} took more than {MAX_PAGES} pages of {PAGE}: narrow the question, or use a mesh file"
-    )
+    Ok(out)
 }
 
 /// An API error as what went wrong and what to do.
@@ -220,20 +226,24 @@ pub async fn read_ca_settings(
     })
 }
 
-/// The mesh as the CA builds it from the cluster's objects now.
-pub async fn mesh_state(client: &kube::Client, settings: &CaSettings) -> anyhow::Result<MeshState> {
-    let all = ListParams::default();
-    let pods = list_all(
-        &Api::<Pod>::all(client.clone()),
-        ListParams::default().labels(&format!("{INJECTED_LABEL}=true")),
-    )
-    .await?;
-    let namespaces = list_all(&Api::<Namespace>::all(client.clone()), all.clone()).await?;
-    let policies = list_all(&Api::<MeshPolicy>::all(client.clone()), all.clone()).await?;
-    let services = list_all(&Api::<Service>::all(client.clone()), all).await?;
-    let slices = list_all(
-        &Api::<EndpointSlice>::all(client.clone()),
+/// The mesh as the CA builds it from the cluster's objects now, and the objects that did not
+/// decode (the CA's watch would not see them either).
+pub async fn mesh_state(
+    client: &kube::Client,
+    settings: &CaSettings,
+) -> anyhow::Result<(MeshState, Vec<Undecoded>)> {
+    let mut skipped = Vec::new();
+    let meshed = ListParams::default().labels(&format!("{INJECTED_LABEL}=true"));
+    let pods: Vec<Pod> = list_all(client, "pods", meshed, &mut skipped).await?;
+    let all = ListParams::default;
+    let namespaces: Vec<Namespace> = list_all(client, "namespaces", all(), &mut skipped).await?;
+    let policies: Vec<MeshPolicy> = list_all(client, "meshpolicies", all(), &mut skipped).await?;
+    let services: Vec<Service> = list_all(client, "services", all(), &mut skipped).await?;
+    let slices: Vec<EndpointSlice> = list_all(
+        client,
+        "endpointslices",
         ListParams::default().labels(SERVICE_NAME_LABEL),
+        &mut skipped,
     )
     .await?;
     let objects = ClusterObjects {
@@ -243,7 +253,8 @@ pub async fn mesh_state(client: &kube::Client, settings: &CaSettings) -> anyhow:
         services: tracked(services, service_info),
         endpoint_slices: tracked(slices, slice_info),
     };
-    Ok(objects.mesh_state(&settings.trust_domain, settings.default_policy))
+    let state = objects.mesh_state(&settings.trust_domain, settings.default_policy);
+    Ok((state, skipped))
 }
 
 /// A client for the current kubeconfig, with the error an operator can act on.

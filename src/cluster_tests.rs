@@ -81,7 +81,8 @@ async fn the_mesh_is_read_from_the_cluster_as_the_ca_builds_it() {
             default_policy: DefaultPolicy::Deny,
         }
     );
-    let state = mesh_state(&client, &settings).await.unwrap();
+    let (state, skipped) = mesh_state(&client, &settings).await.unwrap();
+    assert!(skipped.is_empty(), "{skipped:?}");
     // Both pages of pods: web from the first, api and intruder from the second.
     let mut names: Vec<&str> = state.workloads().iter().map(|w| w.name.as_str()).collect();
     names.sort();
@@ -230,4 +231,31 @@ fn the_ca_settings_are_its_flags_then_its_environment_then_its_defaults() {
 
 fn container_named(d: &mut Deployment, name: &str) {
     d.spec.template.spec.as_mut().unwrap().containers[0].name = name.into();
+}
+
+#[tokio::test]
+async fn an_object_that_does_not_decode_is_skipped_by_name_and_the_rest_is_read() {
+    let mut policies: serde_json::Value = serde_json::from_str(POLICIES).unwrap();
+    let mut bad = policies["items"][0].clone();
+    bad["metadata"]["name"] = "broken".into();
+    bad["spec"]["ports"] = serde_json::json!(["eighty"]);
+    policies["items"].as_array_mut().unwrap().push(bad);
+    let text: &'static str = Box::leak(policies.to_string().into_boxed_str());
+    let (client, _) = mock_api(move |path, query| match path {
+        "/apis/palisade.dev/v1alpha1/meshpolicies" => (StatusCode::OK, text),
+        _ => cluster(path, query),
+    });
+    let settings = read_ca_settings(&client, "palisade-system", None, None)
+        .await
+        .unwrap();
+    let (state, skipped) = mesh_state(&client, &settings).await.unwrap();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(
+        (skipped[0].kind, skipped[0].name.as_str()),
+        ("meshpolicies", "shop/broken")
+    );
+    let api = state
+        .workload_at("10.244.1.7".parse::<IpAddr>().unwrap())
+        .unwrap();
+    assert_eq!(state.inbound_policy(api).policies.len(), 1);
 }

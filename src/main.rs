@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use palisade::check;
 
-mod cluster;
 mod demo;
 mod inspect;
 mod policy_check;

@@ -16,8 +16,8 @@ use palisade_ca_api::policy::{
     evaluate_inbound, rule_matches,
 };
 
-use crate::cluster::MeshSource;
 use crate::policy_check::caller_id;
+use palisade::cluster::MeshSource;
 
 #[derive(clap::Args)]
 pub struct ExplainArgs {

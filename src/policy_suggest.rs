@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use palisade_ca::mesh::MeshState;
 use palisade_ca_api::SpiffeId;
 
-use crate::cluster::MeshSource;
+use palisade::cluster::MeshSource;
 
 const SERIES: &str = "palisade_inbound_connections_total";
 

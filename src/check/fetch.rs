@@ -5,10 +5,12 @@ use http::Request;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::api::ListParams;
 use kube::{Api, ResourceExt as _};
 use palisade_ca::kube::crd::MeshPolicy;
 use palisade_ca_api::contract::CONTROL_PLANE_ADMIN_PORT;
+
+use crate::kube_list::list_each;
 
 use super::snapshot::{
     CaAdmin, ClusterSnapshot, Fetched, ListError, ListedPolicy, Undecoded, pod_ready,
@@ -90,18 +92,19 @@ pub async fn fetch(
     now: time::OffsetDateTime,
 ) -> Result<ClusterSnapshot, FetchError> {
     let mut undecoded = Vec::new();
-    let namespaces = list_each::<Namespace>(client, "namespaces")
+    let namespaces = list_each::<Namespace>(client, "namespaces", ListParams::default())
         .await
         .map_err(|e| list_failed("namespaces", e))?;
     let namespaces = split(namespaces, &mut undecoded);
-    let pods = list_each::<Pod>(client, "pods")
+    let pods = list_each::<Pod>(client, "pods", ListParams::default())
         .await
         .map_err(|e| list_failed("pods", e))?;
     let pods = split(pods, &mut undecoded);
-    let service_accounts = list_each::<ServiceAccount>(client, "serviceaccounts")
-        .await
-        .map(|list| split(list, &mut undecoded))
-        .map_err(|e| describe(&e, "list serviceaccounts", "list on serviceaccounts"));
+    let service_accounts =
+        list_each::<ServiceAccount>(client, "serviceaccounts", ListParams::default())
+            .await
+            .map(|list| split(list, &mut undecoded))
+            .map_err(|e| describe(&e, "list serviceaccounts", "list on serviceaccounts"));
     let policies = list_policies(client).await;
     let webhook = get_opt(
         Api::<MutatingWebhookConfiguration>::all(client.clone()),
@@ -142,44 +145,12 @@ pub async fn fetch(
 
 /// MeshPolicies, each as it decoded; a 404 means the CRD is not installed.
 async fn list_policies(client: &kube::Client) -> Result<Vec<ListedPolicy>, ListError> {
-    list_each::<MeshPolicy>(client, "meshpolicies")
+    list_each::<MeshPolicy>(client, "meshpolicies", ListParams::default())
         .await
         .map_err(|e| match e {
             kube::Error::Api(status) if status.code == 404 => ListError::NotServed,
             e => ListError::Other(describe(&e, "list meshpolicies", "list on meshpolicies")),
         })
-}
-
-/// Every object of kind `K`, listed untyped and then decoded one by one: one malformed object
-/// is one red line, not a failed run.
-async fn list_each<K>(
-    client: &kube::Client,
-    kind: &'static str,
-) -> Result<Vec<Result<K, Undecoded>>, kube::Error>
-where
-    K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned,
-{
-    let resource = ApiResource::erase::<K>(&());
-    let list = Api::<DynamicObject>::all_with(client.clone(), &resource)
-        .list(&ListParams::default())
-        .await?;
-    Ok(list
-        .items
-        .into_iter()
-        .map(|obj| {
-            let name = match obj.namespace() {
-                Some(ns) => format!("{ns}/{}", obj.name_any()),
-                None => obj.name_any(),
-            };
-            serde_json::to_value(&obj)
-                .and_then(serde_json::from_value::<K>)
-                .map_err(|e| Undecoded {
-                    kind,
-                    name,
-                    error: e.to_string(),
-                })
-        })
-        .collect())
 }
 
 fn split<K>(listed: Vec<Result<K, Undecoded>>, undecoded: &mut Vec<Undecoded>) -> Vec<K> {

@@ -39,15 +39,7 @@ pub struct ClusterSnapshot {
 /// A MeshPolicy as listed: decoded, or why it could not be.
 pub type ListedPolicy = Result<MeshPolicy, Undecoded>;
 
-/// A listed object that does not decode as its kind.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Undecoded {
-    /// The resource, as `pods`.
-    pub kind: &'static str,
-    /// `namespace/name`, or `name` for a cluster-scoped object.
-    pub name: String,
-    pub error: String,
-}
+pub use crate::kube_list::Undecoded;
 
 /// Why a list failed.
 #[derive(Debug, Clone, PartialEq, Eq)]

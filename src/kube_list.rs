@@ -1,0 +1,59 @@
+//! Listing Kubernetes objects for the CLI: page by page, so a large cluster never arrives as one
+//! answer, and each object decoded on its own, so one malformed object is reported by name
+//! instead of failing the whole list.
+
+use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::{Api, ResourceExt as _};
+
+/// Objects per page.
+const PAGE: u32 = 500;
+/// Pages at most: a list never grows without bound.
+const MAX_PAGES: usize = 400;
+
+/// A listed object that does not decode as its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecoded {
+    /// The resource, as `pods`.
+    pub kind: &'static str,
+    /// `namespace/name`, or `name` for a cluster-scoped object.
+    pub name: String,
+    pub error: String,
+}
+
+/// Every object of kind `K` that `params` selects, cluster-wide, each as it decoded.
+pub async fn list_each<K>(
+    client: &kube::Client,
+    kind: &'static str,
+    params: ListParams,
+) -> Result<Vec<Result<K, Undecoded>>, kube::Error>
+where
+    K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned,
+{
+    let resource = ApiResource::erase::<K>(&());
+    let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+    let mut params = params.limit(PAGE);
+    let mut out = Vec::new();
+    for _ in 0..MAX_PAGES {
+        let page = api.list(&params).await?;
+        out.extend(page.items.into_iter().map(|obj| {
+            let name = match obj.namespace() {
+                Some(ns) => format!("{ns}/{}", obj.name_any()),
+                None => obj.name_any(),
+            };
+            serde_json::to_value(&obj)
+                .and_then(serde_json::from_value::<K>)
+                .map_err(|e| Undecoded {
+                    kind,
+                    name,
+                    error: e.to_string(),
+                })
+        }));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(out),
+        }
+    }
+    Err(kube::Error::Service(
+        format!("listing {kind} took more than {MAX_PAGES} pages of {PAGE}").into(),
+    ))
+}
