@@ -70,3 +70,27 @@ async fn an_up_to_date_configmap_is_left_alone() {
     });
     result.unwrap();
 }
+
+/// A slow API server does not hold up shutdown: the distributor gives up a pending request.
+#[tokio::test]
+async fn shutdown_ends_a_distribution_waiting_on_the_api_server() {
+    let (client, handle) = mock_client("palisade-system");
+    let mut api = Scenario { handle };
+    let (_opted_tx, opted_in) =
+        tokio::sync::watch::channel(std::collections::BTreeSet::from(["shop".to_owned()]));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let distributor = tokio::spawn(palisade_ca::kube::anchors::distribute(
+        client,
+        bundle(),
+        opted_in,
+        stop_rx,
+    ));
+    // The GET arrives and is never answered.
+    let (seen, _held) = kube_support::receive(&mut api.handle).await;
+    assert_eq!((seen.method, seen.path.as_str()), (Method::GET, CM));
+    stop.send_replace(true);
+    tokio::time::timeout(kube_support::GUARD, distributor)
+        .await
+        .expect("the distributor stops at shutdown")
+        .unwrap();
+}

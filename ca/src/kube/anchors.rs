@@ -132,7 +132,12 @@ pub async fn distribute(
         done.retain(|ns| wanted.contains(ns));
         let mut failed = false;
         for ns in wanted.difference(&done.clone()) {
-            match ensure(&client, ns, &bundle_pem).await {
+            // A slow API server must not hold up shutdown: a pass cut short changes nothing.
+            let ensured = tokio::select! {
+                result = ensure(&client, ns, &bundle_pem) => result,
+                _ = shutdown.changed() => return,
+            };
+            match ensured {
                 Ok(()) => {
                     done.insert(ns.clone());
                 }
