@@ -4,9 +4,10 @@
 //! --kube` answer as the proxies decide. The trust domain and default policy come from the
 //! CA's Deployment, unless given.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -18,7 +19,7 @@ use palisade_ca::kube::services::{SERVICE_NAME_LABEL, service_info, slice_info};
 use palisade_ca::kube::state::{
     ClusterObjects, INJECTED_LABEL, Tracked, namespace_info, policy_of, workload_of,
 };
-use palisade_ca::mesh::MeshState;
+use palisade_ca::mesh::{MeshState, Workload};
 use palisade_ca_api::policy::DefaultPolicy;
 use serde::de::DeserializeOwned;
 
@@ -31,26 +32,38 @@ const CA_CONTAINER: &str = "palisade-ca";
 const CA_DEFAULT_TRUST_DOMAIN: &str = palisade_ca_api::spiffe::DEFAULT_TRUST_DOMAIN;
 const CA_DEFAULT_POLICY: DefaultPolicy = DefaultPolicy::AllAuthenticated;
 
-/// Where a policy tool reads the mesh: a mesh file, or the live cluster.
+/// Where a policy tool reads the mesh: a mesh file, the live cluster, or MeshPolicy manifests.
 #[derive(clap::Args, Debug)]
 pub struct MeshSource {
     /// A mesh file (as `palisade-ca serve --mesh-file` reads).
-    #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
+    #[arg(
+        long,
+        required_unless_present_any = ["kube", "policies"],
+        conflicts_with_all = ["kube", "policies"]
+    )]
     mesh_file: Option<PathBuf>,
     /// Read the mesh from the cluster of the current kubeconfig, as the CA builds it (meshed
     /// Pods, Namespaces, MeshPolicies, Services, EndpointSlices; read-only access).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "policies")]
     kube: bool,
+    /// MeshPolicy manifests (YAML, several documents each; repeatable), before they are
+    /// applied. The target pod is then known only by its name and --labels.
+    #[arg(long)]
+    policies: Vec<PathBuf>,
+    /// With --policies: the target pod's labels, `k=v,k=v`.
+    #[arg(long, requires = "policies", default_value = "")]
+    labels: String,
     /// With --kube: the namespace of Palisade's CA, whose Deployment says the trust domain and
     /// default policy.
     #[arg(long, default_value = "palisade-system", requires = "kube")]
     ca_namespace: String,
-    /// Trust domain [default: cluster.local for a mesh file; the CA's with --kube].
+    /// Trust domain [default: cluster.local for a mesh file or manifests; the CA's with
+    /// --kube].
     #[arg(long)]
     trust_domain: Option<String>,
-    /// With --kube: the mesh's default policy (deny, all-authenticated, all) [default: the
-    /// CA's].
-    #[arg(long, requires = "kube", value_parser = parse_default_policy)]
+    /// With --kube or --policies: the mesh's default policy (deny, all-authenticated, all)
+    /// [default: the CA's with --kube; all-authenticated with --policies].
+    #[arg(long, value_parser = parse_default_policy)]
     default_policy: Option<DefaultPolicy>,
 }
 
@@ -59,9 +72,23 @@ fn parse_default_policy(text: &str) -> Result<DefaultPolicy, String> {
 }
 
 impl MeshSource {
-    /// The mesh, from the file or the cluster.
+    /// Whether the mesh is MeshPolicy manifests: no workloads, no addresses.
+    pub fn is_manifests(&self) -> bool {
+        !self.policies.is_empty()
+    }
+
+    /// The mesh, from the file or the cluster. With manifests, use
+    /// [`load_with_target`](Self::load_with_target).
     pub fn load(&self) -> anyhow::Result<MeshState> {
+        if self.is_manifests() {
+            bail!(
+                "--policies holds policies but no workloads: give --mesh-file or --kube for the workloads"
+            );
+        }
         if let Some(path) = &self.mesh_file {
+            if self.default_policy.is_some() {
+                bail!("--default-policy: a mesh file says its own defaultPolicy");
+            }
             let td = self
                 .trust_domain
                 .as_deref()
@@ -90,6 +117,40 @@ impl MeshSource {
             }
             Ok(state)
         })
+    }
+
+    /// The mesh with `namespace/name` in it: with manifests, a pod of that name with --labels
+    /// under the manifests' policies; otherwise [`load`](Self::load).
+    pub fn load_with_target(&self, namespace: &str, name: &str) -> anyhow::Result<MeshState> {
+        if !self.is_manifests() {
+            return self.load();
+        }
+        palisade_ca_api::spiffe::validate_namespace(namespace)
+            .with_context(|| format!("--to: {namespace:?} is not a namespace"))?;
+        let mut labels = BTreeMap::new();
+        for pair in self.labels.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .with_context(|| format!("--labels: {pair:?} is not k=v"))?;
+            labels.insert(k.to_owned(), v.to_owned());
+        }
+        let target = Workload {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: "default".into(),
+            ips: Vec::new(),
+            labels,
+        };
+        Ok(MeshState::new(
+            self.trust_domain
+                .clone()
+                .unwrap_or_else(|| CA_DEFAULT_TRUST_DOMAIN.into()),
+            self.default_policy.unwrap_or(CA_DEFAULT_POLICY),
+            Default::default(),
+            vec![target],
+            crate::manifests::read_policies(&self.policies)?,
+            Vec::new(),
+        ))
     }
 }
 

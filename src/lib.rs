@@ -5,3 +5,4 @@
 pub mod check;
 pub mod cluster;
 pub mod kube_list;
+pub mod manifests;

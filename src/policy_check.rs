@@ -8,8 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use palisade_ca_api::SpiffeId;
 use palisade_ca_api::policy::{
-    Caller, DefaultPolicy, InboundPolicy, MeshPolicySpec, NamedPolicy, evaluate_inbound,
-    policies_selecting,
+    Caller, DefaultPolicy, InboundPolicy, evaluate_inbound, policies_selecting,
 };
 
 #[derive(clap::Args)]
@@ -40,22 +39,6 @@ pub struct CheckArgs {
     trust_domain: String,
 }
 
-#[derive(serde::Deserialize)]
-struct Manifest {
-    #[serde(rename = "apiVersion")]
-    api_version: String,
-    kind: String,
-    metadata: Metadata,
-    spec: MeshPolicySpec,
-}
-
-#[derive(serde::Deserialize)]
-struct Metadata {
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-}
-
 pub(crate) fn caller_id(from: &str, td: &str) -> anyhow::Result<Option<SpiffeId>> {
     if from == "plaintext" {
         return Ok(None);
@@ -80,34 +63,7 @@ fn inbound_from_manifests(args: &CheckArgs) -> anyhow::Result<InboundPolicy> {
             .with_context(|| format!("--labels: {pair:?} is not k=v"))?;
         labels.insert(k.to_owned(), v.to_owned());
     }
-    let mut policies = Vec::new();
-    for path in &args.policies {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let m: Manifest = serde::Deserialize::deserialize(doc)
-                .with_context(|| format!("{} document {i}: not a MeshPolicy", path.display()))?;
-            if m.kind != "MeshPolicy" || m.api_version != "palisade.dev/v1alpha1" {
-                bail!(
-                    "{} document {i}: {} {} is not palisade.dev/v1alpha1 MeshPolicy",
-                    path.display(),
-                    m.api_version,
-                    m.kind
-                );
-            }
-            let ns = m.metadata.namespace.with_context(|| {
-                format!(
-                    "{} document {i}: metadata.namespace is required",
-                    path.display()
-                )
-            })?;
-            policies.push(NamedPolicy {
-                name: m.metadata.name,
-                namespace: ns,
-                spec: m.spec,
-            });
-        }
-    }
+    let policies = palisade::manifests::read_policies(&args.policies)?;
     let default_policy: DefaultPolicy = args
         .default_policy
         .parse()

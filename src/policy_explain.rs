@@ -274,7 +274,6 @@ fn from_event(line: &str) -> anyhow::Result<(String, String, String)> {
 }
 
 pub fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
-    let state = args.mesh.load()?;
     let (from_arg, to_arg, logged) = match &args.event {
         Some(line) => {
             let (from, to, reason) = from_event(line)?;
@@ -285,6 +284,20 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
             args.to.clone().unwrap_or_default(),
             None,
         ),
+    };
+    let state = if args.mesh.is_manifests() {
+        if from_arg.parse::<IpAddr>().is_ok() {
+            bail!(
+                "--from: with --policies give the caller as ns/sa, a SPIFFE ID or plaintext: manifests know no pod addresses"
+            );
+        }
+        let (ns, name) = to_arg
+            .rsplit_once(':')
+            .and_then(|(target, _)| target.split_once('/'))
+            .context("--to: with --policies give the target as ns/pod:PORT, with its --labels")?;
+        args.mesh.load_with_target(ns, name)?
+    } else {
+        args.mesh.load()?
     };
     let from = resolve_from(&state, &from_arg, &state.trust_domain)?;
     let (w, port) = resolve_to(&state, &to_arg)?;

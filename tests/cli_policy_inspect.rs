@@ -557,3 +557,103 @@ fn live_mode_without_a_cluster_says_what_to_give() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("cannot be used with"), "{out}");
 }
+
+/// `explain` over MeshPolicy manifests before they are applied: the target pod is its name and
+/// labels, and the answer is the one a proxy would give once they are.
+#[test]
+fn explain_reads_manifests_with_the_target_given_by_its_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("policies.yaml");
+    std::fs::write(
+        &manifests,
+        "apiVersion: palisade.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: api-from-web, namespace: shop}\nspec:\n  targetSelector: {matchLabels: {app: api}}\n  ports: [8080]\n  allow: [{serviceAccounts: [shop/web]}]\n---\napiVersion: palisade.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: batch-none, namespace: batch}\nspec:\n  targetSelector: {matchLabels: {app: api}}\n  ports: [8080]\n  allow: [{serviceAccounts: [batch/cron]}]\n",
+    )
+    .unwrap();
+    let m = manifests.to_str().unwrap();
+    let explain =
+        |extra: &[&str]| palisade(&[&["policy", "explain", "--policies", m], extra].concat());
+
+    let (code, out) = explain(&[
+        "--labels",
+        "app=api",
+        "--from",
+        "shop/web",
+        "--to",
+        "shop/api-0:8080",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("decided by shop/api-from-web (enforce), allow rule #1"),
+        "{out}"
+    );
+
+    let (code, out) = explain(&[
+        "--labels",
+        "app=api,tier=back",
+        "--from",
+        "shop/intruder",
+        "--to",
+        "shop/api-0:8080",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("reason: no_rule_matched"), "{out}");
+    assert!(
+        out.contains(r#"to admit it, add to shop/api-from-web's allow: {"serviceAccounts":["shop/intruder"]}"#),
+        "{out}"
+    );
+
+    // Labels no policy selects: the default decides, and which default it is can be given.
+    let (code, out) = explain(&[
+        "--labels",
+        "app=web",
+        "--from",
+        "shop/intruder",
+        "--to",
+        "shop/web-0:8080",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("all-authenticated"), "{out}");
+    let (code, out) = explain(&[
+        "--labels",
+        "app=web",
+        "--default-policy",
+        "deny",
+        "--from",
+        "shop/intruder",
+        "--to",
+        "shop/web-0:8080",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("reason: default_deny"), "{out}");
+
+    // What manifests cannot know is refused, with what to give instead.
+    let (code, out) = explain(&[
+        "--labels",
+        "app=api",
+        "--from",
+        "10.77.0.4",
+        "--to",
+        "shop/api-0:8080",
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("manifests know no pod addresses"), "{out}");
+    let (code, out) = explain(&["--from", "shop/web", "--to", "10.77.0.3:8080"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("with --policies give the target as ns/pod:PORT"),
+        "{out}"
+    );
+    let (code, out) = palisade(&[
+        "policy",
+        "suggest",
+        "--policies",
+        m,
+        "--metrics",
+        "shop/api-0=x",
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("give --mesh-file or --kube for the workloads"),
+        "{out}"
+    );
+}
