@@ -1,7 +1,8 @@
 """What the rendered chart promises about access, admission and isolation: the CA's RBAC exactly,
 the webhook's scope and failure policy, Pod Security "restricted" on every control-plane
-container, the webhook's serving certificate against its caBundle, the NetworkPolicies, and the
-command lines DESIGN.md fixes."""
+container, who provides the webhook's serving certificate and caBundle (and, when the chart does,
+the certificate against its caBundle), the NetworkPolicies, and the command lines DESIGN.md
+fixes."""
 
 from __future__ import annotations
 
@@ -231,9 +232,6 @@ def test_probes_are_on_the_admin_port(name):
         assert c["livenessProbe"]["httpGet"] == {"path": "/live", "port": "http-admin"}
 
 
-arg_pairs = command_line
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_ca_command_line(name):
     rendered = render(name)
@@ -242,7 +240,7 @@ def test_ca_command_line(name):
     dep = rendered.one("Deployment", "palisade-ca")
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    sub, flags = arg_pairs(c["args"])
+    sub, flags = command_line(c["args"])
     assert sub == "serve"
     external = vs.values.get("ca", {}).get("externalCA", {})
     external_flags = {}
@@ -287,7 +285,7 @@ def test_injector_command_line(name):
     rendered = render(name)
     vs = rendered.value_set
     (c,) = rendered.one("Deployment", "palisade-injector")["spec"]["template"]["spec"]["containers"]
-    sub, flags = arg_pairs(c["args"])
+    sub, flags = command_line(c["args"])
     assert sub == "serve"
     native = vs.values.get("injector", {}).get("nativeSidecar", True)
     proxy_image = flags.pop("--proxy-image")
@@ -332,7 +330,7 @@ def test_images_follow_the_values():
     assert pod["containers"][0]["imagePullPolicy"] == "Always"
     assert pod["imagePullSecrets"] == [{"name": "mirror-creds"}]
     (inj,) = pinned.one("Deployment", "palisade-injector")["spec"]["template"]["spec"]["containers"]
-    _, flags = arg_pairs(inj["args"])
+    _, flags = command_line(inj["args"])
     assert flags["--proxy-image"] == "registry.example.com:5000/mirror/palisade-proxy:0.1.1"
 
 
@@ -437,8 +435,7 @@ def test_palisade_ca_provides_the_certificate_by_default(name):
     assert ca["args"].count("--manage-injector-tls") == 1
     # The injector still mounts the Secret by that name, which the CA writes.
     volumes = rendered.one("Deployment", "palisade-injector")["spec"]["template"]["spec"]["volumes"]
-    assert {"secretName": "palisade-injector-tls"}.items() <= next(
-        v["secret"] for v in volumes if "secret" in v).items()
+    assert [v["secret"]["secretName"] for v in volumes if "secret" in v] == ["palisade-injector-tls"]
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if cert_issuer(VALUE_SETS[n]) != "palisade-ca"])
