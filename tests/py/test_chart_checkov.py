@@ -19,11 +19,11 @@ import pytest
 
 import shutil
 
-from chart_support import DOCKERFILE, VALUE_SETS, write_manifests
+from chart_support import DOCKERFILE, VALUE_SETS, cert_issuer, write_manifests
 
 CHECKOV = pathlib.Path(sys.executable).with_name("checkov")
 # Every skip the chart asks for, and why: the value set decides whether it is needed.
-EXPECTED_SKIPS = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_38"}
+EXPECTED_SKIPS = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_38", "CKV_K8S_155"}
 
 
 def run_checkov(directory: pathlib.Path, frameworks=("kubernetes",)) -> dict[str, dict]:
@@ -94,10 +94,17 @@ def test_skips_come_from_the_chart_with_a_reason(checkov_report):
     for r in skipped:
         reason = r["check_result"].get("suppress_comment") or ""
         assert len(reason) > 20, f"{r['check_id']} on {r['resource']} skipped without a reason"
-        assert r["resource"].startswith("Deployment."), r["resource"]
+        if r["check_id"] == "CKV_K8S_155":
+            assert r["resource"] == "ClusterRole.default.palisade-ca", r["resource"]
+        else:
+            assert r["resource"].startswith("Deployment."), r["resource"]
     # Pinning digests with pullPolicy Always removes the need for those two skips.
     pinned = {r["check_id"] for r in skipped if folder_of(r) == "pinned-digests"}
-    assert pinned == {"CKV_K8S_38"}
+    assert pinned == {"CKV_K8S_38", "CKV_K8S_155"}
+    # The ClusterRole's update of the webhook configuration (CKV_K8S_155) exists, and is
+    # skipped, only where the CA keeps the webhook's caBundle.
+    webhook_skips = {folder_of(r) for r in skipped if r["check_id"] == "CKV_K8S_155"}
+    assert webhook_skips == {n for n, vs in VALUE_SETS.items() if cert_issuer(vs) == "palisade-ca"}
 
 
 def test_checkov_catches_a_privileged_container(tmp_path):

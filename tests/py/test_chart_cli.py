@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chart_support import REPO, VALUE_SETS, render
+from chart_support import REPO, SWITCHES, VALUE_SETS, command_line, render
 
 BIN_DIR = Path(os.environ.get("PALISADE_BIN_DIR", REPO / "target" / "debug"))
 
@@ -35,10 +35,11 @@ def help_of(binary: str) -> str:
 
 
 def options(help_text: str) -> dict[str, dict]:
-    """{"--flag": {"env": "PALISADE_X", "values": [...] or None}} from clap's long help."""
+    """{"--flag": {"env": "PALISADE_X", "values": [...] or None, "takes_value": bool}} from clap's
+    long help."""
     out = {}
     for block in re.split(r"\n(?=\s+(?:-\w, )?--)", help_text):
-        m = re.match(r"\s+(?:-\w, )?(--[a-z0-9-]+)", block)
+        m = re.match(r"\s+(?:-\w, )?(--[a-z0-9-]+)( <)?", block)
         if not m:
             continue
         env = re.search(r"\[env: (PALISADE_[A-Z0-9_]+)=", block)
@@ -46,6 +47,7 @@ def options(help_text: str) -> dict[str, dict]:
         out[m[1]] = {
             "env": env[1] if env else None,
             "values": [v.strip() for v in values[1].split(",")] if values else None,
+            "takes_value": m[2] is not None,
         }
     return out
 
@@ -54,12 +56,14 @@ def test_help_parser_reads_clap_output():
     sample = (
         "Options:\n      --source <SOURCE>\n          Where [env: PALISADE_SOURCE=] [default: file]"
         " [possible values: file, kube]\n      --log <LOG>\n          Log filter [env: PALISADE_LOG=]\n"
+        "      --manage-injector-tls\n          Issue it [env: PALISADE_MANAGE_INJECTOR_TLS=]\n"
         "  -h, --help\n          Print help\n"
     )
     assert options(sample) == {
-        "--source": {"env": "PALISADE_SOURCE", "values": ["file", "kube"]},
-        "--log": {"env": "PALISADE_LOG", "values": None},
-        "--help": {"env": None, "values": None},
+        "--source": {"env": "PALISADE_SOURCE", "values": ["file", "kube"], "takes_value": True},
+        "--log": {"env": "PALISADE_LOG", "values": None, "takes_value": True},
+        "--manage-injector-tls": {"env": "PALISADE_MANAGE_INJECTOR_TLS", "values": None, "takes_value": False},
+        "--help": {"env": None, "values": None, "takes_value": False},
     }
 
 
@@ -76,11 +80,12 @@ def test_chart_settings_exist_in_the_binary(binary):
     for name in VALUE_SETS:
         c = container(render(name), binary)
         args = c["args"]
-        assert args[0] == "serve"
-        rest = args[1:]
-        assert len(rest) % 2 == 0, args
-        for flag, value in zip(rest[::2], rest[1::2], strict=True):
+        sub, flags = command_line(args)
+        assert sub == "serve"
+        for flag, value in flags.items():
             assert flag in known, f"{name}: {binary} has no {flag}"
+            # A switch the chart passes alone is one the binary takes without a value.
+            assert known[flag]["takes_value"] == (flag not in SWITCHES), f"{name}: {flag} in {args}"
             allowed = known[flag]["values"]
             assert allowed is None or value in allowed, f"{name}: {flag} {value!r} not in {allowed}"
         for env in c.get("env", []):
@@ -91,7 +96,7 @@ def test_chart_settings_exist_in_the_binary(binary):
             allowed = known[env_of[env["name"]]]["values"]
             assert allowed is None or env["value"] in allowed, f"{name}: {env['name']}={env['value']!r} not in {allowed}"
             # A variable and its flag must not both be given.
-            assert env_of[env["name"]] not in rest[::2], f"{name}: {env['name']} and {env_of[env['name']]} both set"
+            assert env_of[env["name"]] not in flags, f"{name}: {env['name']} and {env_of[env['name']]} both set"
     for pending in PENDING[binary]:
         assert pending not in env_of, f"{binary} now reads {pending}: drop it from PENDING"
     assert pending_seen == set(PENDING[binary])

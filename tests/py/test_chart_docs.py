@@ -6,7 +6,7 @@ import re
 
 from chart_support import REPO, VALUE_SETS, render
 from test_chart_images import RUNTIME_TARGETS, stages
-from test_chart_security import CA_CLUSTER_ACCESS, CA_NAMESPACED_ACCESS
+from test_chart_security import CA_CLUSTER_ACCESS, CA_NAMESPACED_ACCESS, CA_SECRETS
 
 INSTALL = (REPO / "docs" / "install.md").read_text()
 RBAC = (REPO / "docs" / "rbac.md").read_text()
@@ -49,11 +49,16 @@ def test_build_commands_name_the_dockerfile_targets():
 def test_rbac_doc_matches_the_chart():
     expected = {**CA_CLUSTER_ACCESS, **CA_NAMESPACED_ACCESS}
     resources = {resource for _, resource in expected}
-    rows = {}
+    rows, secret_names = {}, set()
     for row in RBAC.splitlines():
         cells = [c.strip().strip("`") for c in row.strip().strip("|").split("|")]
         if len(cells) >= 4 and cells[1] in resources:
             group = "" if cells[0] == "core" else cells[0]
             verbs = cells[3] if cells[1] == "secrets" else cells[2]
             rows.setdefault((group, cells[1]), set()).update(v.strip() for v in verbs.split(","))
+            if cells[1] == "secrets" and cells[2] != "—":
+                secret_names.update(n.strip().strip("`") for n in cells[2].split(","))
     assert rows == expected
+    # The Secrets the default chart lets the CA read and update by name.
+    (by_name,) = [r for r in render("default").one("Role", "palisade-ca")["rules"] if "resourceNames" in r]
+    assert secret_names == set(by_name["resourceNames"]) == set(CA_SECRETS["palisade-ca"])

@@ -104,6 +104,12 @@ def test_notes_tell_how_to_opt_in_and_verify():
     assert "kube-system, mesh-control, legacy, batch" in notes
 
 
+def test_notes_explain_the_injectors_wait_only_when_the_ca_issues_its_certificate():
+    wait = "until palisade-ca has written their serving"
+    assert wait in render("default").notes
+    assert wait not in render("chart-cert").notes and wait not in render("cert-manager").notes
+
+
 def _validate(obj, version):
     # Strict: unknown fields are errors, as `kubectl apply --validate=strict` makes them.
     return kubernetes_validate.validate(obj, version, strict=True)

@@ -1,7 +1,8 @@
 """What the rendered chart promises about access, admission and isolation: the CA's RBAC exactly,
 the webhook's scope and failure policy, Pod Security "restricted" on every control-plane
-container, the webhook's serving certificate against its caBundle, the NetworkPolicies, and the
-command lines DESIGN.md fixes."""
+container, who provides the webhook's serving certificate and caBundle (and, when the chart does,
+the certificate against its caBundle), the NetworkPolicies, and the command lines DESIGN.md
+fixes."""
 
 from __future__ import annotations
 
@@ -12,11 +13,21 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from chart_support import VALUE_SETS, containers, render
+from chart_support import (
+    VALUE_SETS,
+    cert_issuer,
+    command_line,
+    containers,
+    install_dry_run,
+    load_all,
+    render,
+    render_chart_cert,
+)
 
 ALL = list(VALUE_SETS)
 
-# Kubernetes mode of palisade-ca (issue 5, docs/rbac.md): the verbs per (apiGroup, resource).
+# Kubernetes mode of palisade-ca (issue 5, docs/rbac.md): the verbs per (apiGroup, resource), as
+# the default (injector.webhook.certIssuer palisade-ca) grants them.
 CA_CLUSTER_ACCESS = {
     ("authentication.k8s.io", "tokenreviews"): {"create"},
     ("", "pods"): {"get", "list", "watch"},
@@ -26,8 +37,20 @@ CA_CLUSTER_ACCESS = {
     ("palisade.dev", "meshpolicies"): {"get", "list", "watch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("", "configmaps"): {"get", "create", "update"},
+    # --manage-injector-tls: the webhook's caBundle.
+    ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"): {"get", "update"},
 }
 CA_NAMESPACED_ACCESS = {("", "secrets"): {"get", "create", "update"}}
+# With certIssuer chart or cert-manager the CA does not touch the webhook.
+CA_CLUSTER_ACCESS_WITHOUT_INJECTOR_TLS = {
+    k: v for k, v in CA_CLUSTER_ACCESS.items() if k[1] != "mutatingwebhookconfigurations"
+}
+# The Secrets the CA may get and update, by name, per certIssuer.
+CA_SECRETS = {
+    "palisade-ca": ["palisade-ca-keys", "palisade-injector-tls"],
+    "chart": ["palisade-ca-keys"],
+    "cert-manager": ["palisade-ca-keys"],
+}
 
 
 def access(rules):
@@ -50,15 +73,19 @@ def test_ca_rbac_is_exactly_what_kubernetes_mode_needs(name):
     ns = rendered.value_set.namespace
     assert [r["metadata"]["name"] for r in rendered.of_kind("ClusterRole")] == ["palisade-ca"]
     assert [r["metadata"]["name"] for r in rendered.of_kind("Role")] == ["palisade-ca"]
-    assert access(rendered.one("ClusterRole", "palisade-ca")["rules"]) == CA_CLUSTER_ACCESS
+    issuer = cert_issuer(rendered.value_set)
+    expected = CA_CLUSTER_ACCESS if issuer == "palisade-ca" else CA_CLUSTER_ACCESS_WITHOUT_INJECTOR_TLS
+    assert access(rendered.one("ClusterRole", "palisade-ca")["rules"]) == expected
     role = rendered.one("Role", "palisade-ca")
     assert role["metadata"]["namespace"] == ns
     assert access(role["rules"]) == CA_NAMESPACED_ACCESS
-    # Reads and updates of Secrets are limited to the CA's own keys by name; only create (which
-    # cannot be limited by name) is open, and only in the release namespace.
+    # Reads and updates of Secrets are limited by name to the CA's own keys (and, when it issues
+    # the webhook's certificate, that Secret); only create (which cannot be limited by name) is
+    # open, and only in the release namespace.
     for rule in role["rules"]:
         if set(rule["verbs"]) & {"get", "update"}:
-            assert rule["resourceNames"] == ["palisade-ca-keys"]
+            assert rule["resourceNames"] == CA_SECRETS[issuer], rule
+            assert set(rule["verbs"]) == {"get", "update"}, rule
         else:
             assert rule["verbs"] == ["create"] and "resourceNames" not in rule
     # ConfigMaps: read and updated only by the trust anchors' name; create alone is open (it
@@ -72,6 +99,18 @@ def test_ca_rbac_is_exactly_what_kubernetes_mode_needs(name):
             assert set(rule["verbs"]) == {"get", "update"}, rule
         else:
             assert rule["verbs"] == ["create"] and "resourceNames" not in rule, rule
+    # The webhook configuration: only palisade-injector, by name, and only get and update.
+    webhook_rules = [r for r in rendered.one("ClusterRole", "palisade-ca")["rules"]
+                     if "mutatingwebhookconfigurations" in r["resources"]]
+    if issuer == "palisade-ca":
+        assert webhook_rules == [{
+            "apiGroups": ["admissionregistration.k8s.io"],
+            "resources": ["mutatingwebhookconfigurations"],
+            "resourceNames": ["palisade-injector"],
+            "verbs": ["get", "update"],
+        }]
+    else:
+        assert webhook_rules == []
     # No secrets anywhere cluster-wide.
     assert not any("secrets" in r["resources"] for r in rendered.one("ClusterRole", "palisade-ca")["rules"])
 
@@ -193,13 +232,6 @@ def test_probes_are_on_the_admin_port(name):
         assert c["livenessProbe"]["httpGet"] == {"path": "/live", "port": "http-admin"}
 
 
-def arg_pairs(args):
-    """['serve', '--a', 'x', '--b', 'y'] -> ('serve', {'--a': 'x', '--b': 'y'})."""
-    sub, rest = args[0], args[1:]
-    assert len(rest) % 2 == 0 and all(k.startswith("--") for k in rest[::2]), args
-    return sub, dict(zip(rest[::2], rest[1::2], strict=True))
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_ca_command_line(name):
     rendered = render(name)
@@ -208,7 +240,7 @@ def test_ca_command_line(name):
     dep = rendered.one("Deployment", "palisade-ca")
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    sub, flags = arg_pairs(c["args"])
+    sub, flags = command_line(c["args"])
     assert sub == "serve"
     external = vs.values.get("ca", {}).get("externalCA", {})
     external_flags = {}
@@ -230,6 +262,8 @@ def test_ca_command_line(name):
         "--state-dir": "/var/lib/palisade",
         "--listen": "0.0.0.0:15012",
         "--admin-listen": "0.0.0.0:15014",
+        # certIssuer palisade-ca (the default): the CA issues the webhook's certificate.
+        **({"--manage-injector-tls": True} if cert_issuer(vs) == "palisade-ca" else {}),
     }
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -251,7 +285,7 @@ def test_injector_command_line(name):
     rendered = render(name)
     vs = rendered.value_set
     (c,) = rendered.one("Deployment", "palisade-injector")["spec"]["template"]["spec"]["containers"]
-    sub, flags = arg_pairs(c["args"])
+    sub, flags = command_line(c["args"])
     assert sub == "serve"
     native = vs.values.get("injector", {}).get("nativeSidecar", True)
     proxy_image = flags.pop("--proxy-image")
@@ -296,7 +330,7 @@ def test_images_follow_the_values():
     assert pod["containers"][0]["imagePullPolicy"] == "Always"
     assert pod["imagePullSecrets"] == [{"name": "mirror-creds"}]
     (inj,) = pinned.one("Deployment", "palisade-injector")["spec"]["template"]["spec"]["containers"]
-    _, flags = arg_pairs(inj["args"])
+    _, flags = command_line(inj["args"])
     assert flags["--proxy-image"] == "registry.example.com:5000/mirror/palisade-proxy:0.1.1"
 
 
@@ -316,7 +350,8 @@ def verify_signed_by(cert, issuer):
 
 @pytest.mark.parametrize("name", [n for n in ALL if n != "cert-manager"])
 def test_ca_bundle_verifies_the_serving_certificate(name):
-    rendered = render(name)
+    # Every value set with certIssuer chart, the one mode in which the chart makes the pair.
+    rendered = render_chart_cert(name)
     ns = rendered.value_set.namespace
     secret = rendered.one("Secret", "palisade-injector-tls")
     assert secret["type"] == "kubernetes.io/tls"
@@ -348,7 +383,7 @@ def test_ca_bundle_verifies_the_serving_certificate(name):
 
 
 def test_ca_bundle_check_catches_a_foreign_ca():
-    a, b = render("default"), render("ha-off")  # two independent generations
+    a, b = render_chart_cert("default"), render_chart_cert("ha-off")  # two independent generations
     ca_b = _cert(b.one("Secret", "palisade-injector-tls")["data"]["ca.crt"])
     serving_a = _cert(a.one("Secret", "palisade-injector-tls")["data"]["tls.crt"])
     from cryptography.exceptions import InvalidSignature
@@ -369,6 +404,44 @@ def test_cert_manager_provides_the_certificate_instead():
     assert f"palisade-injector.{ns}.svc" in cert["spec"]["dnsNames"]
     assert cert["spec"]["issuerRef"] == {"name": "palisade-injector-selfsigned", "kind": "Issuer", "group": "cert-manager.io"}
     assert rendered.one("Issuer", "palisade-injector-selfsigned")["spec"] == {"selfSigned": {}}
+
+
+@pytest.mark.parametrize("issuer", ["palisade-ca", "chart"])
+def test_cert_manager_wins_over_cert_issuer(issuer):
+    values = {"injector": {"webhook": {"certIssuer": issuer, "certManager": {"enabled": True}}}}
+    objects = load_all(install_dry_run(values, api_versions=("cert-manager.io/v1",))["manifest"])
+    kinds = [o["kind"] for o in objects]
+    assert "Secret" not in kinds and kinds.count("Certificate") == 1
+    (mwc,) = [o for o in objects if o["kind"] == "MutatingWebhookConfiguration"]
+    assert "caBundle" not in mwc["webhooks"][0]["clientConfig"]
+    (ca,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "palisade-ca"]
+    assert "--manage-injector-tls" not in ca["spec"]["template"]["spec"]["containers"][0]["args"]
+    (role,) = [o for o in objects if o["kind"] == "ClusterRole"]
+    assert access(role["rules"]) == CA_CLUSTER_ACCESS_WITHOUT_INJECTOR_TLS
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if cert_issuer(VALUE_SETS[n]) == "palisade-ca"])
+def test_palisade_ca_provides_the_certificate_by_default(name):
+    # certIssuer palisade-ca: the CA writes the Secret and sets the caBundle at run time, so
+    # the chart renders neither (a rendered caBundle would be reset at every upgrade, and a
+    # rendered Secret would be Helm's to overwrite).
+    rendered = render(name)
+    assert [s["metadata"]["name"] for s in rendered.of_kind("Secret")] == []
+    assert rendered.of_kind("Certificate") == [] and rendered.of_kind("Issuer") == []
+    mwc = rendered.one("MutatingWebhookConfiguration", "palisade-injector")
+    assert "caBundle" not in mwc["webhooks"][0]["clientConfig"]
+    assert "cert-manager.io/inject-ca-from" not in mwc["metadata"].get("annotations", {})
+    (ca,) = rendered.one("Deployment", "palisade-ca")["spec"]["template"]["spec"]["containers"]
+    assert ca["args"].count("--manage-injector-tls") == 1
+    # The injector still mounts the Secret by that name, which the CA writes.
+    volumes = rendered.one("Deployment", "palisade-injector")["spec"]["template"]["spec"]["volumes"]
+    assert [v["secret"]["secretName"] for v in volumes if "secret" in v] == ["palisade-injector-tls"]
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if cert_issuer(VALUE_SETS[n]) != "palisade-ca"])
+def test_only_palisade_ca_mode_passes_the_flag(name):
+    (ca,) = render(name).one("Deployment", "palisade-ca")["spec"]["template"]["spec"]["containers"]
+    assert "--manage-injector-tls" not in ca["args"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -410,7 +483,7 @@ def test_tls_handshake_with_the_rendered_certificate(tmp_path):
     import ssl
     import threading
 
-    rendered = render("custom-namespace-trust-domain")
+    rendered = render_chart_cert("custom-namespace-trust-domain")
     ns = rendered.value_set.namespace
     data = rendered.one("Secret", "palisade-injector-tls")["data"]
     (hook,) = rendered.one("MutatingWebhookConfiguration", "palisade-injector")["webhooks"]

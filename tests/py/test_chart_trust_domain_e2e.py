@@ -3,7 +3,8 @@ and the proxy it injects, run with exactly that container's environment, gets re
 run with the trust domain and namespace the chart gives the CA Deployment.
 
 1. Render the value set "custom-namespace-trust-domain" (trustDomain prod.example.org, namespace
-   mesh-control).
+   mesh-control); for the injector's serving certificate, with certIssuer chart (see
+   test_chart_webhook_e2e.py).
 2. Run `palisade-injector` as tests/py/test_chart_webhook_e2e.py does (RunningInjector: the
    chart's flags and environment) and apply its patch to APP_POD.
 3. Run `palisade-ca serve` in embedded mode (`--source file --auth local`; a cluster has no such
@@ -43,7 +44,7 @@ import jsonpatch
 import pytest
 import yaml
 
-from chart_support import containers, render
+from chart_support import command_line, containers, render, render_chart_cert
 from test_chart_webhook_e2e import APP_POD, BIN_DIR, RunningInjector, review_for
 
 VALUE_SET = "custom-namespace-trust-domain"
@@ -155,11 +156,11 @@ def ca_cli(*args: str) -> str:
 
 def test_proxy_is_ready_with_the_charts_trust_domain(tmp_path):
     rendered = render(VALUE_SET)
-    pod = injected_pod(rendered, tmp_path / "injector")
+    pod = injected_pod(render_chart_cert(VALUE_SET), tmp_path / "injector")
     (proxy_container,) = [c for c in containers(pod["spec"]) if c["name"] == "palisade-proxy"]
     (ca_container,) = rendered.one("Deployment", "palisade-ca")["spec"]["template"]["spec"]["containers"]
-    assert ca_container["args"][0] == "serve"
-    ca_flags = dict(zip(ca_container["args"][1::2], ca_container["args"][2::2], strict=True))
+    sub, ca_flags = command_line(ca_container["args"])
+    assert sub == "serve"
     trust_domain, ca_namespace = ca_flags["--trust-domain"], ca_flags["--namespace"]
     ns, sa = pod["metadata"]["namespace"], pod["spec"]["serviceAccountName"]
 

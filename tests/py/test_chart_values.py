@@ -46,6 +46,8 @@ WRONG = {
     "ipFamilies empty": {"injector": {"ipFamilies": []}},
     "trust domain with bad characters": {"trustDomain": "Prod_Domain!"},
     "webhook timeout above 30s": {"injector": {"webhook": {"timeoutSeconds": 60}}},
+    "unknown webhook cert issuer": {"injector": {"webhook": {"certIssuer": "cert-manager"}}},
+    "webhook cert issuer empty": {"injector": {"webhook": {"certIssuer": ""}}},
     "unknown pull policy": {"ca": {"image": {"pullPolicy": "Sometimes"}}},
     "a value the chart no longer has": {"proxy": {"initImage": {"repository": "x"}}},
     "digest that is not sha256": {"ca": {"image": {"digest": "latest"}}},

@@ -5,6 +5,10 @@ it calls https://palisade-injector.<ns>.svc/mutate trusting only the webhook's c
 a pod's AdmissionReview, and checks that the mutated pod carries what the chart's values say
 (proxy image, CA address and name, native or classic sidecar, proxy resources and log level).
 
+Each value set is rendered with injector.webhook.certIssuer chart, so that the Secret and the
+caBundle are in the manifest (with the default, palisade-ca, the CA writes them at run time);
+the injector's flags and environment do not depend on certIssuer.
+
 Only the listen addresses (to 127.0.0.1 with kernel-chosen ports), the certificate paths (to
 files holding the rendered Secret's keys) and the log format (json, to read the bound addresses)
 are changed."""
@@ -26,7 +30,7 @@ from pathlib import Path
 import jsonpatch
 import pytest
 
-from chart_support import REPO, render
+from chart_support import REPO, render_chart_cert
 
 BIN_DIR = Path(os.environ.get("PALISADE_BIN_DIR", REPO / "target" / "debug"))
 VALUE_SETS_TO_RUN = ["default", "native-sidecar-off", "custom-namespace-trust-domain", "pinned-digests"]
@@ -158,7 +162,7 @@ def review_for(pod: dict) -> dict:
 
 @pytest.mark.parametrize("name", VALUE_SETS_TO_RUN)
 def test_injector_runs_with_the_charts_settings(name, tmp_path):
-    rendered = render(name)
+    rendered = render_chart_cert(name)
     vs = rendered.value_set
     injector = RunningInjector(rendered, tmp_path)
     try:

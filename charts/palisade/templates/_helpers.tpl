@@ -90,3 +90,13 @@ topologySpreadConstraints:
 true
 {{- end -}}
 {{- end }}
+
+{{/*
+"true" when palisade-ca issues the webhook's serving certificate and keeps its caBundle
+(injector.webhook.certIssuer palisade-ca, the default); cert-manager, when enabled, wins.
+*/}}
+{{- define "palisade.injectorTLSByCA" -}}
+{{- if and (not .Values.injector.webhook.certManager.enabled) (eq .Values.injector.webhook.certIssuer "palisade-ca") -}}
+true
+{{- end -}}
+{{- end }}

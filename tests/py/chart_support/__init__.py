@@ -47,10 +47,15 @@ class ValueSet:
     custom_kinds: frozenset[str] = field(default_factory=frozenset)
 
 
+# injector.webhook.certIssuer "chart": Helm generates the webhook's serving certificate and its
+# caBundle (the default, "palisade-ca", leaves both to the CA at run time).
+CHART_CERT = {"injector": {"webhook": {"certIssuer": "chart"}}}
+
 VALUE_SETS: dict[str, ValueSet] = {
     v.name: v
     for v in [
         ValueSet("default", {}),
+        ValueSet("chart-cert", CHART_CERT),
         ValueSet("ha-off", {"ca": {"replicas": 1}, "injector": {"replicas": 1}}),
         ValueSet("native-sidecar-off", {"injector": {"nativeSidecar": False}}),
         ValueSet(
@@ -175,6 +180,56 @@ def render(name: str) -> Rendered:
     vs = VALUE_SETS[name]
     release = install_dry_run(vs.values, vs.namespace, vs.api_versions)
     return Rendered(vs, release["manifest"], release.get("notes", ""))
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """base with extra laid over it, mappings merged key by key (as Helm merges --set)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def cert_issuer(vs: ValueSet) -> str:
+    """Who issues the webhook's serving certificate in this value set: palisade-ca, chart or
+    cert-manager (which wins over certIssuer)."""
+    webhook = vs.values.get("injector", {}).get("webhook", {})
+    if webhook.get("certManager", {}).get("enabled"):
+        return "cert-manager"
+    return webhook.get("certIssuer", "palisade-ca")
+
+
+@functools.lru_cache(maxsize=None)
+def render_chart_cert(name: str) -> Rendered:
+    """The value set `name` with certIssuer "chart": the same release, with the serving
+    certificate and caBundle rendered, for the tests that need the certificate itself."""
+    base = VALUE_SETS[name]
+    vs = ValueSet(f"{name}+chart-cert", merged(base.values, CHART_CERT), base.namespace, base.api_versions,
+                  base.custom_kinds)
+    release = install_dry_run(vs.values, vs.namespace, vs.api_versions)
+    return Rendered(vs, release["manifest"], release.get("notes", ""))
+
+
+# Flags of a command line the chart renders that take no value.
+SWITCHES = frozenset({"--manage-injector-tls"})
+
+
+def command_line(args: list[str]) -> tuple[str, dict[str, Any]]:
+    """['serve', '--a', 'x', '--switch', '--b', 'y'] -> ('serve', {'--a': 'x', '--switch': True,
+    '--b': 'y'}); every other token must be a flag followed by its value, each flag once."""
+    sub, rest, flags = args[0], list(args[1:]), {}
+    while rest:
+        flag = rest.pop(0)
+        assert flag.startswith("--") and flag not in flags, args
+        if flag in SWITCHES:
+            flags[flag] = True
+        else:
+            assert rest and not rest[0].startswith("--"), f"{flag} has no value: {args}"
+            flags[flag] = rest.pop(0)
+    return sub, flags
 
 
 def validate_values(values: dict[str, Any]) -> None:
