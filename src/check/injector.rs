@@ -20,6 +20,15 @@ pub const WEBHOOK_NAME: &str = "sidecar-injector.palisade.dev";
 /// refuses every pod of the opted-in namespaces (failurePolicy Fail). A week leaves time to
 /// notice; cert-manager renews 30 days ahead, and the chart's own certificate lasts 10 years.
 pub const INJECTOR_CERT_WARNING_DAYS: i64 = 7;
+
+/// How much of its life may be left before the injector's certificate is red: a week, or, for
+/// a certificate that lives less than four weeks (the CA's own, a day long and renewed at
+/// half-life), a quarter of its life — less than that means its renewal is failing. Pure.
+pub fn injector_cert_warning_seconds(not_before: i64, not_after: i64) -> i64 {
+    let week = INJECTOR_CERT_WARNING_DAYS * 86_400;
+    let life = not_after - not_before;
+    if life >= 4 * week { week } else { life / 4 }
+}
 const NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 fn reinstall(ns: &str) -> String {
@@ -318,18 +327,20 @@ fn serving_certificate(hook: &MutatingWebhook, s: &ClusterSnapshot) -> Vec<Check
         ));
     }
     let not_after = leaf.validity().not_after.timestamp();
+    let warning = injector_cert_warning_seconds(leaf.validity().not_before.timestamp(), not_after);
     let left = not_after - s.now;
     let when = date(not_after);
     out.push(if left <= 0 {
         CheckResult::fail("injector-cert-expiry", format!("the injector's serving certificate expired at {when}"), regenerate)
-    } else if left < INJECTOR_CERT_WARNING_DAYS * 86_400 {
+    } else if left < warning {
         CheckResult::fail(
             "injector-cert-expiry",
             format!(
-                "the injector's serving certificate expires at {when} (in {} hours, under {INJECTOR_CERT_WARNING_DAYS} days)",
-                left / 3600
+                "the injector's serving certificate expires at {when} (in {} hours, under {}): it is not being renewed",
+                left / 3600,
+                if warning % 86_400 == 0 { format!("{} days", warning / 86_400) } else { format!("{} hours", warning / 3600) }
             ),
-            format!("{regenerate}; with cert-manager: kubectl -n {ns} describe certificate palisade-injector"),
+            format!("{regenerate}; with cert-manager: kubectl -n {ns} describe certificate palisade-injector; with the CA's certificate (injector.webhook.certIssuer: palisade-ca): kubectl -n {ns} logs deploy/palisade-ca | grep injector"),
         )
     } else {
         CheckResult::pass(
@@ -526,6 +537,30 @@ mod tests {
         assert!(found[0].1.contains("under 7 days"), "{found:?}");
         let (s, config) = installed(-1);
         assert!(red(&run(s, config))[0].1.contains("expired at"));
+    }
+
+    #[test]
+    fn the_cas_day_long_certificate_is_red_only_once_its_renewal_is_late() {
+        let day = 86_400;
+        assert_eq!(injector_cert_warning_seconds(0, day), day / 4);
+        assert_eq!(injector_cert_warning_seconds(0, 3650 * day), 7 * day);
+        assert_eq!(injector_cert_warning_seconds(0, 28 * day), 7 * day);
+        let pki = |from_hours: i64, to_hours: i64| {
+            palisade_testkit::pki::webhook_serving_between(&NAMES, from_hours, to_hours)
+        };
+        for (from, to, red_expected) in [(-4, 20, false), (-19, 5, true)] {
+            let p = pki(from, to);
+            let mut s = empty();
+            s.now = time::OffsetDateTime::now_utc().unix_timestamp();
+            s.injector_secret = Ok(Some(
+                serde_json::from_value(injector_secret(&p.cert_pem)).unwrap(),
+            ));
+            let found = red(&run(s, webhook(&p.ca_pem)));
+            assert_eq!(!found.is_empty(), red_expected, "{from}h..{to}h: {found:?}");
+            if red_expected {
+                assert!(found[0].1.contains("under 6 hours"), "{found:?}");
+            }
+        }
     }
 
     #[test]

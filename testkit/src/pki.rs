@@ -199,6 +199,26 @@ pub struct WebhookPki {
 /// [`WebhookPki`] whose serving certificate expires `valid_days` from now (negative: expired).
 pub fn webhook_serving(names: &[&str], valid_days: i64) -> WebhookPki {
     let now = OffsetDateTime::now_utc();
+    // Long-lived, as a chart-made certificate: issued a year ago.
+    let from = now - time::Duration::days(365 + valid_days.abs());
+    webhook_serving_at(names, from, now + time::Duration::days(valid_days))
+}
+
+/// A webhook CA and serving certificate valid from `from_hours` to `to_hours` around now.
+pub fn webhook_serving_between(names: &[&str], from_hours: i64, to_hours: i64) -> WebhookPki {
+    let now = OffsetDateTime::now_utc();
+    webhook_serving_at(
+        names,
+        now + time::Duration::hours(from_hours),
+        now + time::Duration::hours(to_hours),
+    )
+}
+
+fn webhook_serving_at(
+    names: &[&str],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> WebhookPki {
     let ca = CertifiedIssuer::self_signed(
         ca_params("palisade-injector-ca"),
         KeyPair::generate().unwrap(),
@@ -206,8 +226,8 @@ pub fn webhook_serving(names: &[&str], valid_days: i64) -> WebhookPki {
     .unwrap();
     let mut params =
         CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-    params.not_before = now - time::Duration::days(valid_days.abs() + 1);
-    params.not_after = now + time::Duration::days(valid_days);
+    params.not_before = not_before;
+    params.not_after = not_after;
     let cert = params
         .signed_by(&KeyPair::generate().unwrap(), &ca)
         .unwrap();
