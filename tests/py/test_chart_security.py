@@ -460,7 +460,11 @@ def test_network_policies_segment_the_control_plane(name):
             "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": monitoring_ns}}}],
             "ports": [{"port": 15014, "protocol": "TCP"}],
         },
-    ]
+    ] + (
+        [{"from": [{"ipBlock": {"cidr": c}} for c in cidrs], "ports": [{"port": 15014, "protocol": "TCP"}]}]
+        if (cidrs := rendered.value_set.values.get("networkPolicy", {}).get("apiServerCIDRs"))
+        else []
+    )
     inj = rendered.one("NetworkPolicy", "palisade-injector")["spec"]
     assert inj["podSelector"]["matchLabels"] == rendered.one("Deployment", "palisade-injector")["spec"]["selector"]["matchLabels"]
     assert inj["policyTypes"] == ["Ingress"]

@@ -48,6 +48,8 @@ WRONG = {
     "webhook timeout above 30s": {"injector": {"webhook": {"timeoutSeconds": 60}}},
     "unknown webhook cert issuer": {"injector": {"webhook": {"certIssuer": "cert-manager"}}},
     "webhook cert issuer empty": {"injector": {"webhook": {"certIssuer": ""}}},
+    "API server CIDR that is a hostname": {"networkPolicy": {"apiServerCIDRs": ["kubernetes.default"]}},
+    "API server CIDR without a prefix": {"networkPolicy": {"apiServerCIDRs": ["172.18.0.1"]}},
     "unknown pull policy": {"ca": {"image": {"pullPolicy": "Sometimes"}}},
     "a value the chart no longer has": {"proxy": {"initImage": {"repository": "x"}}},
     "digest that is not sha256": {"ca": {"image": {"digest": "latest"}}},

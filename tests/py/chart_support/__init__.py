@@ -91,7 +91,7 @@ VALUE_SETS: dict[str, ValueSet] = {
                 },
                 "injector": {"image": {"digest": "sha256:" + "b" * 64, "pullPolicy": "Always"}},
                 "proxy": {"image": {"tag": "0.1.1"}, "resources": {"limits": {"cpu": "2"}}, "log": {"level": "debug"}},
-                "networkPolicy": {"enabled": True},
+                "networkPolicy": {"enabled": True, "apiServerCIDRs": ["172.18.0.0/24", "fd00:18::/64"]},
             },
         ),
     ]
