@@ -23,7 +23,7 @@ use palisade_ca::mesh::{MeshState, Workload};
 use palisade_ca_api::policy::DefaultPolicy;
 use serde::de::DeserializeOwned;
 
-use crate::kube_list::{Undecoded, list_each};
+use crate::kube_list::{ProxyGetError, Undecoded, list_each, pod_proxy_get};
 
 /// The CA's Deployment and container, as the chart names them.
 const CA_DEPLOYMENT: &str = "palisade-ca";
@@ -119,6 +119,24 @@ impl MeshSource {
         })
     }
 
+    /// Whether the mesh is read from the cluster.
+    pub fn is_kube(&self) -> bool {
+        self.kube
+    }
+
+    /// With --kube: what every meshed proxy (in `namespace`, or all) counted, asked through
+    /// the API server.
+    pub fn proxy_metrics(&self, namespace: Option<&str>) -> anyhow::Result<ProxyMetrics> {
+        if !self.kube {
+            bail!("only --kube can ask the proxies themselves: give --metrics ns/pod=FILE…");
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        runtime.block_on(async { proxy_metrics(&client().await?, namespace).await })
+    }
+
     /// The mesh with `namespace/name` in it: with manifests, a pod of that name with --labels
     /// under the manifests' policies; otherwise [`load`](Self::load).
     pub fn load_with_target(&self, namespace: &str, name: &str) -> anyhow::Result<MeshState> {
@@ -152,6 +170,85 @@ impl MeshSource {
             Vec::new(),
         ))
     }
+}
+
+/// How long one proxy's `/metrics` may take through the pod proxy, and proxies asked at once.
+const PROXY_METRICS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const PROXY_METRICS_AT_ONCE: usize = 8;
+
+/// What the proxies counted: `(ns/pod, /metrics text)` of each that answered, and one line for
+/// each meshed pod that was not asked or did not answer, with why.
+pub struct ProxyMetrics {
+    pub answered: Vec<(String, String)>,
+    pub missing: Vec<String>,
+}
+
+/// Every meshed pod's `/metrics` (its proxy's admin port, through the API server's pod proxy),
+/// in `namespace` or in every namespace. A proxy answers remote callers only when its pod is
+/// annotated `palisade.dev/admin-remote-metrics: "true"` (as Prometheus needs too); the others
+/// are listed as missing, with the fix.
+pub async fn proxy_metrics(
+    client: &kube::Client,
+    namespace: Option<&str>,
+) -> anyhow::Result<ProxyMetrics> {
+    use futures_util::StreamExt as _;
+    let mut params = ListParams::default().labels(&format!("{INJECTED_LABEL}=true"));
+    if let Some(ns) = namespace {
+        params = params.fields(&format!("metadata.namespace={ns}"));
+    }
+    let mut missing = Vec::new();
+    let mut skipped = Vec::new();
+    let pods: Vec<Pod> = list_all(client, "pods", params, &mut skipped).await?;
+    missing.extend(
+        skipped
+            .into_iter()
+            .map(|u| format!("{}: it does not decode ({})", u.name, u.error)),
+    );
+    let remote = palisade_ca_api::contract::annotations::ADMIN_REMOTE_METRICS;
+    let mut asked = Vec::new();
+    for pod in &pods {
+        let Some(w) = workload_of(pod) else { continue };
+        let target = format!("{}/{}", w.namespace, w.name);
+        if pod.annotations().get(remote).map(String::as_str) != Some("true") {
+            missing.push(format!(
+                "{target}: its proxy answers /metrics to loopback only; annotate the pod {remote}: \"true\" (as for Prometheus), or collect /metrics inside it and give --metrics"
+            ));
+            continue;
+        }
+        asked.push((w.namespace, w.name, target));
+    }
+    let answers: Vec<_> = futures_util::stream::iter(asked)
+        .map(|(ns, name, target)| async move {
+            let port = palisade_ca_api::contract::PROXY_ADMIN_PORT;
+            let got =
+                pod_proxy_get(client, &ns, &name, port, "/metrics", PROXY_METRICS_TIMEOUT).await;
+            (target, got)
+        })
+        .buffer_unordered(PROXY_METRICS_AT_ONCE)
+        .collect()
+        .await;
+    let mut answered = Vec::new();
+    for (target, got) in answers {
+        match got {
+            Ok(text) => answered.push((target, text)),
+            Err(ProxyGetError::Timeout(t)) => missing.push(format!(
+                "{target}: no answer within {} s through the pod proxy",
+                t.as_secs()
+            )),
+            Err(ProxyGetError::Api(kube::Error::Api(status))) if status.code == 403 => {
+                missing.push(format!(
+                    "{target}: GET /metrics through the pod proxy was forbidden ({}): grant get on pods/proxy (docs/rbac.md)",
+                    status.message
+                ))
+            }
+            Err(ProxyGetError::Api(e)) => missing.push(format!(
+                "{target}: GET /metrics through the pod proxy failed: {e}"
+            )),
+        }
+    }
+    answered.sort();
+    missing.sort();
+    Ok(ProxyMetrics { answered, missing })
 }
 
 /// How the CA in the cluster is configured, as far as policy is concerned.

@@ -259,3 +259,54 @@ async fn an_object_that_does_not_decode_is_skipped_by_name_and_the_rest_is_read(
         .unwrap();
     assert_eq!(state.inbound_policy(api).policies.len(), 1);
 }
+
+#[tokio::test]
+async fn the_proxies_that_answer_remote_callers_are_asked_and_the_others_named_with_the_fix() {
+    let mut page: serde_json::Value = serde_json::from_str(POD_PAGE_2).unwrap();
+    let remote = palisade_ca_api::contract::annotations::ADMIN_REMOTE_METRICS;
+    // api answers remote callers; intruder does not; a third pod times out.
+    page["items"][0]["metadata"]["annotations"] = serde_json::json!({ remote: "true" });
+    let mut slow = page["items"][0].clone();
+    slow["metadata"]["name"] = "api-5c7d8f9b6-slow1".into();
+    page["items"].as_array_mut().unwrap().push(slow);
+    let pods: &'static str = Box::leak(page.to_string().into_boxed_str());
+    let metrics = "palisade_inbound_connections_total{client_id=\"spiffe://prod.example/ns/shop/sa/web\",port=\"8080\",decision=\"allow\"} 4\n";
+    let (client, seen) = mock_api(move |path, _| match path {
+        "/api/v1/pods" => (StatusCode::OK, pods),
+        "/api/v1/namespaces/shop/pods/api-5c7d8f9b6-qw4rt:15021/proxy/metrics" => {
+            (StatusCode::OK, metrics)
+        }
+        "/api/v1/namespaces/shop/pods/api-5c7d8f9b6-slow1:15021/proxy/metrics" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"error trying to reach service: dial tcp 10.244.1.7:15021: connect: connection refused","reason":"ServiceUnavailable","code":503}"#,
+        ),
+        _ => (StatusCode::NOT_FOUND, "{}"),
+    });
+    let found = proxy_metrics(&client, Some("shop")).await.unwrap();
+    assert_eq!(
+        found.answered,
+        [("shop/api-5c7d8f9b6-qw4rt".to_owned(), metrics.to_owned())]
+    );
+    assert_eq!(found.missing.len(), 2, "{:?}", found.missing);
+    assert!(
+        found.missing[0].starts_with("shop/api-5c7d8f9b6-slow1: ")
+            && found.missing[0].contains("connection refused"),
+        "{:?}",
+        found.missing
+    );
+    assert!(
+        found.missing[1].starts_with("shop/intruder-6d8e0f1a2-mn3b7: ")
+            && found.missing[1].contains("palisade.dev/admin-remote-metrics: \"true\""),
+        "{:?}",
+        found.missing
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen[0].contains("fieldSelector=metadata.namespace%3Dshop"),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|r| r.contains("intruder")),
+        "a proxy that answers loopback only is not asked: {seen:?}"
+    );
+}

@@ -1,6 +1,6 @@
-//! Listing Kubernetes objects for the CLI: page by page, so a large cluster never arrives as one
-//! answer, and each object decoded on its own, so one malformed object is reported by name
-//! instead of failing the whole list.
+//! Reading the cluster for the CLI: lists page by page, so a large cluster never arrives as one
+//! answer, each object decoded on its own, so one malformed object is reported by name instead
+//! of failing the whole list; and `GET`s on a pod's port through the API server's pod proxy.
 
 use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::{Api, ResourceExt as _};
@@ -56,4 +56,36 @@ where
     Err(kube::Error::Service(
         format!("listing {kind} took more than {MAX_PAGES} pages of {PAGE}").into(),
     ))
+}
+
+/// Why a `GET` through the pod proxy gave no answer.
+#[derive(Debug)]
+pub enum ProxyGetError {
+    Api(kube::Error),
+    Timeout(std::time::Duration),
+}
+
+/// `GET <path>` on `port` of pod `namespace/pod`, through the API server's pod proxy
+/// (`pods/proxy` get), within `timeout`.
+pub async fn pod_proxy_get(
+    client: &kube::Client,
+    namespace: &str,
+    pod: &str,
+    port: u16,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Result<String, ProxyGetError> {
+    let uri = pod_proxy_path(namespace, pod, port, path);
+    let request = http::Request::get(&uri)
+        .body(Vec::new())
+        .map_err(|e| ProxyGetError::Api(kube::Error::HttpError(e)))?;
+    tokio::time::timeout(timeout, client.request_text(request))
+        .await
+        .map_err(|_| ProxyGetError::Timeout(timeout))?
+        .map_err(ProxyGetError::Api)
+}
+
+/// The path of `GET <path>` on a pod's port through the API server's pod proxy.
+pub fn pod_proxy_path(namespace: &str, pod: &str, port: u16, path: &str) -> String {
+    format!("/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy{path}")
 }

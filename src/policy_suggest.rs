@@ -20,9 +20,12 @@ pub struct SuggestArgs {
     #[command(flatten)]
     mesh: MeshSource,
     /// `ns/pod=FILE`: the `/metrics` text of that pod's proxy; repeatable (every replica of a
-    /// workload adds what it saw).
-    #[arg(long = "metrics", required = true)]
+    /// workload adds what it saw). Without it, --kube asks every meshed proxy itself.
+    #[arg(long = "metrics", required_unless_present = "kube")]
     metrics: Vec<String>,
+    /// With --kube and no --metrics: ask only the proxies of this namespace.
+    #[arg(long, requires = "kube", conflicts_with = "metrics")]
+    namespace: Option<String>,
     /// The mode of the suggested policies: `audit` (the first step) or `enforce`.
     #[arg(long, default_value = "audit", value_parser = ["audit", "enforce"])]
     mode: String,
@@ -358,6 +361,28 @@ fn render(state: &MeshState, seen: &Groups, mode: &str) -> Suggestion {
 pub fn run(args: &SuggestArgs) -> anyhow::Result<()> {
     let state = args.mesh.load()?;
     let mut observations = Vec::new();
+    if args.metrics.is_empty() {
+        let found = args.mesh.proxy_metrics(args.namespace.as_deref())?;
+        for line in &found.missing {
+            eprintln!("palisade: not counted: {line}");
+        }
+        if found.answered.is_empty() {
+            bail!(
+                "no proxy answered ({} not counted, listed above): nothing to suggest from",
+                found.missing.len()
+            );
+        }
+        observations.extend(
+            found
+                .answered
+                .into_iter()
+                .map(|(target, metrics)| Observation {
+                    target,
+                    metrics,
+                    baseline: None,
+                }),
+        );
+    }
     for given in &args.metrics {
         let (target, file) = given
             .split_once('=')

@@ -1,7 +1,6 @@
 //! Fills a [`ClusterSnapshot`] through the Kubernetes API: lists and gets only, plus two GETs
 //! through the pod proxy to a CA pod's admin port. Decides nothing.
 
-use http::Request;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -10,7 +9,7 @@ use kube::{Api, ResourceExt as _};
 use palisade_ca::kube::crd::MeshPolicy;
 use palisade_ca_api::contract::CONTROL_PLANE_ADMIN_PORT;
 
-use crate::kube_list::list_each;
+use crate::kube_list::{ProxyGetError, list_each, pod_proxy_get};
 
 use super::snapshot::{
     CaAdmin, ClusterSnapshot, Fetched, ListError, ListedPolicy, Undecoded, pod_ready,
@@ -172,34 +171,28 @@ fn ready_ca_pod(pods: &[Pod], namespace: &str) -> Option<String> {
         .map(|p| p.name_any())
 }
 
-/// The path of `GET <path>` on a pod's admin port through the API server's pod proxy.
-pub fn admin_proxy_path(namespace: &str, pod: &str, path: &str) -> String {
-    format!("/api/v1/namespaces/{namespace}/pods/{pod}:{CONTROL_PLANE_ADMIN_PORT}/proxy{path}")
-}
-
 async fn ca_admin(client: &kube::Client, namespace: &str, pod: &str) -> CaAdmin {
-    let get = |path: &'static str| {
-        let uri = admin_proxy_path(namespace, pod, path);
-        async move {
-            let request = Request::get(&uri)
-                .body(Vec::new())
-                .map_err(|e| format!("GET {uri}: {e}"))?;
-            let answer = tokio::time::timeout(CA_ADMIN_TIMEOUT, client.request_text(request))
-                .await
-                .map_err(|_| {
-                    format!(
-                        "GET {path} from the CA's admin port got no answer within {} s",
-                        CA_ADMIN_TIMEOUT.as_secs()
-                    )
-                })?;
-            answer.map_err(|e| {
-                describe(
-                    &e,
-                    &format!("GET {path} from the CA's admin port"),
-                    &format!("get on pods/proxy in namespace {namespace}"),
-                )
-            })
-        }
+    let get = |path: &'static str| async move {
+        pod_proxy_get(
+            client,
+            namespace,
+            pod,
+            CONTROL_PLANE_ADMIN_PORT,
+            path,
+            CA_ADMIN_TIMEOUT,
+        )
+        .await
+        .map_err(|e| match e {
+            ProxyGetError::Timeout(t) => format!(
+                "GET {path} from the CA's admin port got no answer within {} s",
+                t.as_secs()
+            ),
+            ProxyGetError::Api(e) => describe(
+                &e,
+                &format!("GET {path} from the CA's admin port"),
+                &format!("get on pods/proxy in namespace {namespace}"),
+            ),
+        })
     };
     CaAdmin {
         pod: format!("{namespace}/{pod}"),
