@@ -1,8 +1,10 @@
-//! The mesh as the CA sees it in a running cluster, read once: the objects the CA watches
+//! Where the policy tools read the mesh ([`MeshSource`]): a mesh file; MeshPolicy manifests
+//! around one target pod; or the running cluster, read once — the objects the CA watches
 //! (meshed Pods, Namespaces, MeshPolicies, Services, EndpointSlices), converted by the CA's own
 //! functions into the same `MeshState`, so that `policy explain --kube` and `policy suggest
 //! --kube` answer as the proxies decide. The trust domain and default policy come from the
-//! CA's Deployment, unless given.
+//! CA's Deployment, unless given. With `--kube`, `suggest` also asks the proxies for what they
+//! counted ([`proxy_metrics`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
