@@ -419,7 +419,7 @@ pub async fn mesh_state(
 
 /// A client for the current kubeconfig, with the error an operator can act on.
 pub async fn client() -> anyhow::Result<kube::Client> {
-    kube::Client::try_default().await.map_err(|e| {
+    crate::kube_list::client().await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach a cluster: no usable kubeconfig (KUBECONFIG, ~/.kube/config) or in-cluster account ({e}); or give --mesh-file"
         )

@@ -5,6 +5,20 @@
 use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::{Api, ResourceExt as _};
 
+/// How long the API server may take to answer one request of the CLI (kube's default is
+/// nearly five minutes, far too long for a command someone waits on).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A client for the current kubeconfig context (or the pod's service account), each request
+/// bounded by [`REQUEST_TIMEOUT`].
+pub async fn client() -> Result<kube::Client, String> {
+    let mut config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+    config.connect_timeout = Some(REQUEST_TIMEOUT);
+    config.read_timeout = Some(REQUEST_TIMEOUT);
+    config.write_timeout = Some(REQUEST_TIMEOUT);
+    kube::Client::try_from(config).map_err(|e| e.to_string())
+}
+
 /// Objects per page.
 const PAGE: u32 = 500;
 /// Pages at most: a list never grows without bound.

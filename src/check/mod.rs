@@ -165,7 +165,7 @@ pub fn run(args: &CheckArgs) -> ExitCode {
     };
     let colour = args.output == Output::Text && std::io::stdout().is_terminal();
     runtime.block_on(async {
-        let client = match kube::Client::try_default().await {
+        let client = match crate::kube_list::client().await {
             Ok(c) => c,
             Err(e) => {
                 eprintln!(
