@@ -119,7 +119,7 @@ impl KeySet {
         if !issued_by(&root, &root) {
             return Err(KeyError::Chain(
                 cert.into(),
-                "a root must be self-signed; for an intermediate under an offline root, restart the CA with --intermediate-cert/--intermediate-key/--intermediate-chain".into(),
+                "a root must be self-signed; for an intermediate under an offline root, run `palisade-ca rotate intermediate --from-cert F --from-key F --chain F`".into(),
             ));
         }
         let left =
