@@ -424,3 +424,31 @@ fn each_refused_input_names_the_file_and_the_fix_and_changes_nothing() {
         .unwrap();
     assert_eq!(rotation.status().phase, "trusting");
 }
+
+#[test]
+fn an_operators_intermediate_under_a_root_whose_key_the_ca_holds_keeps_that_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let now = t0();
+    let rotation = open(dir.path(), now);
+    let root = operator_root(files.path(), "held");
+    rotation.begin_with_root(&root.0, &root.1, now).unwrap();
+    while step(&rotation, now) != "idle" {}
+    let (cert, key, chain) = operator_intermediate(files.path(), "signed", &root);
+    rotation
+        .begin_with_intermediate(&cert, &key, &chain, now)
+        .unwrap();
+    let issuing = rotation.status();
+    assert_eq!(
+        (issuing.phase.as_str(), issuing.root_key_held),
+        ("issuing", true)
+    );
+    assert_eq!(step(&rotation, now + Duration::minutes(62)), "retiring");
+    assert_eq!(step(&rotation, now), "idle");
+    assert_eq!(
+        file(dir.path(), "root-key.pem"),
+        file(files.path(), "held-key.pem"),
+        "the root's key stays"
+    );
+    assert_eq!(rotation.status().issuing_intermediate, fingerprint(&cert));
+}
