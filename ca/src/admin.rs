@@ -56,13 +56,16 @@ fn rotation_status(ca: &Ca, status: StatusCode) -> AdminResponse {
 
 /// `POST /rotation/root|intermediate`: starts a rotation, answered with the status (202), or
 /// refused with why.
-/// The body `POST /rotation/root` may carry: an operator's root, as files the CA reads (the
-/// key never crosses the admin port).
+/// The body `POST /rotation/root` and `/rotation/intermediate` may carry: an operator's root
+/// (`from_cert`, `from_key`), or an operator's intermediate with the chain above it (and
+/// `from_chain`), as files the CA reads (the key never crosses the admin port).
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RootFiles {
+struct OperatorFiles {
     from_cert: std::path::PathBuf,
     from_key: std::path::PathBuf,
+    #[serde(default)]
+    from_chain: Option<std::path::PathBuf>,
 }
 
 /// The longest body a rotation request may have.
@@ -106,29 +109,60 @@ async fn start_rotation(
             );
         }
     };
-    let root_files = if body.is_empty() {
+    let files = if body.is_empty() {
         None
     } else {
-        match serde_json::from_slice::<RootFiles>(&body) {
-            Ok(files) if kind == Some(Kind::Root) => Some(files),
+        match serde_json::from_slice::<OperatorFiles>(&body) {
+            Ok(files) if kind.is_some() => Some(files),
             Ok(_) => {
                 return admin_http::text(
                     StatusCode::BAD_REQUEST,
-                    "only a root rotation takes an operator's certificate and key\n",
+                    "abandoning a rotation takes no body\n",
                 );
             }
             Err(e) => {
                 return admin_http::text(
                     StatusCode::BAD_REQUEST,
-                    format!("the body must be {{\"from_cert\": PATH, \"from_key\": PATH}}: {e}\n"),
+                    format!(
+                        "the body must be {{\"from_cert\": PATH, \"from_key\": PATH}} for a root, with \"from_chain\": PATH for an intermediate: {e}\n"
+                    ),
                 );
             }
         }
     };
     let now = time::OffsetDateTime::now_utc();
-    let started = match (kind, root_files) {
-        (Some(Kind::Root), Some(f)) => ca.rotation.begin_with_root(&f.from_cert, &f.from_key, now),
-        (Some(kind), _) => ca.rotation.begin(kind, Trigger::Manual, now),
+    let started = match (kind, files) {
+        (
+            Some(Kind::Root),
+            Some(OperatorFiles {
+                from_cert,
+                from_key,
+                from_chain: None,
+            }),
+        ) => ca.rotation.begin_with_root(&from_cert, &from_key, now),
+        (
+            Some(Kind::Intermediate),
+            Some(OperatorFiles {
+                from_cert,
+                from_key,
+                from_chain: Some(chain),
+            }),
+        ) => ca
+            .rotation
+            .begin_with_intermediate(&from_cert, &from_key, &chain, now),
+        (Some(Kind::Root), Some(_)) => {
+            return admin_http::text(
+                StatusCode::BAD_REQUEST,
+                "a root rotation takes from_cert and from_key only; from_chain goes with POST /rotation/intermediate (an intermediate under an offline root)\n",
+            );
+        }
+        (Some(Kind::Intermediate), Some(_)) => {
+            return admin_http::text(
+                StatusCode::BAD_REQUEST,
+                "an operator's intermediate needs from_chain too: the certificates above it, the root last\n",
+            );
+        }
+        (Some(kind), None) => ca.rotation.begin(kind, Trigger::Manual, now),
         (None, _) => ca.rotation.abort(),
     };
     match started {
@@ -149,7 +183,7 @@ async fn start_rotation(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot start the rotation: {e}\n"),
         ),
-        // The rest concern the operator's root files.
+        // The rest concern the operator's files, or a root whose key is not held.
         Err(e @ (RotationError::Keys(_) | RotationError::SameRoot(_))) => {
             admin_http::text(StatusCode::BAD_REQUEST, format!("{e}\n"))
         }

@@ -79,6 +79,10 @@ pub enum KeyError {
     #[error("cannot create keys: {0}")]
     Generate(String),
     #[error(
+        "this CA does not hold its root's key (an operator's root, kept offline), so it cannot make an intermediate under it: sign one with that root and run `palisade-ca rotate intermediate --from-cert F --from-key F --chain F` (docs/rotation.md, \"An intermediate from an offline root\")"
+    )]
+    RootKeyOffline,
+    #[error(
         "{missing} is missing while {record} records a rotation under way: restore it, or remove {record} and the next-* files to abandon the rotation (the current root and intermediate stay in use)"
     )]
     RotationIncomplete { record: PathBuf, missing: PathBuf },

@@ -70,6 +70,17 @@ enum RotateCommand {
     Intermediate {
         #[command(flatten)]
         admin: AdminAddr,
+        /// An intermediate signed by your own root, whose key stays offline (PEM, read by the
+        /// CA). Under a root the CA does not use yet, this starts a root rotation to that root.
+        #[arg(long, requires_all = ["from_key", "chain"])]
+        from_cert: Option<PathBuf>,
+        /// The key of --from-cert (PKCS#8 PEM), read by the CA, never sent over the admin port.
+        #[arg(long, requires_all = ["from_cert", "chain"])]
+        from_key: Option<PathBuf>,
+        /// The certificates above --from-cert (PEM): its issuer first, the root last. Exactly
+        /// one for now: the self-signed root that issued the intermediate.
+        #[arg(long, requires_all = ["from_cert", "from_key"])]
+        chain: Option<PathBuf>,
     },
     /// Abandon a root rotation that is still trusting (the bundle goes back to the old root).
     Abort {
@@ -447,7 +458,22 @@ fn rotate(command: RotateCommand) -> anyhow::Result<()> {
         RotateCommand::Root { admin, .. } => {
             started(Kind::Root, rotation_cli::post(admin.admin_addr, "root")?)
         }
-        RotateCommand::Intermediate { admin } => started(
+        RotateCommand::Intermediate {
+            admin,
+            from_cert: Some(cert),
+            from_key: Some(key),
+            chain: Some(chain),
+        } => {
+            let status =
+                rotation_cli::post_intermediate_files(admin.admin_addr, &cert, &key, &chain)?;
+            // A new root makes it a root rotation.
+            let kind = match status.kind.as_deref() {
+                Some("root") => Kind::Root,
+                _ => Kind::Intermediate,
+            };
+            started(kind, status)
+        }
+        RotateCommand::Intermediate { admin, .. } => started(
             Kind::Intermediate,
             rotation_cli::post(admin.admin_addr, "intermediate")?,
         ),

@@ -1,6 +1,8 @@
 //! The binary end to end, as a newcomer would use it: `palisade-ca serve` in embedded mode, a CSR
 //! made by `openssl req`, a token from `palisade-ca token`, sent by `curl`, verified by openssl.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -211,4 +213,55 @@ fn bad_flags_name_the_problem() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("nope.yaml"), "{err}");
+}
+
+/// `palisade-ca rotate intermediate --from-cert F --from-key F --chain F`: the three flags go
+/// together, relative paths reach the running CA as the files beside the command, and an
+/// intermediate of a new root starts a root rotation.
+#[test]
+fn rotate_intermediate_from_an_offline_root_reaches_the_admin_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, admin) = (free_port(), free_port());
+    let _server = start(dir.path(), api, admin);
+    let admin = format!("127.0.0.1:{admin}");
+    let root = support::operator_root(dir.path(), "offline");
+    support::operator_intermediate(dir.path(), "theirs", &root);
+    let alone = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["rotate", "intermediate", "--admin-addr", &admin])
+        .args(["--from-cert", "theirs.pem"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&alone.stderr);
+    assert!(
+        !alone.status.success() && err.contains("--from-key") && err.contains("--chain"),
+        "{err}"
+    );
+
+    let out = run(Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["rotate", "intermediate", "--admin-addr", &admin])
+        .args(["--from-cert", "theirs.pem", "--from-key", "theirs-key.pem"])
+        .args(["--chain", "theirs-chain.pem"]));
+    let theirs = palisade_ca_api::cert::sha256_fingerprint(
+        &palisade_ca_api::cert::parse_pem_certs(&std::fs::read_to_string(&root.0).unwrap())
+            .unwrap()[0],
+    );
+    assert!(
+        out.contains("rotation started: phase trusting")
+            && out.contains(&format!("new root (SHA-256): {theirs}")),
+        "{out}"
+    );
+    let status = Command::new(BIN)
+        .args(["rotate", "status", "--json", "--admin-addr", &admin])
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(1), "not idle yet");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["kind"], "root");
+    assert_eq!(status["trusted_roots"][1], theirs.as_str());
+    assert_eq!(
+        status["root_key_held"], true,
+        "the current root still issues"
+    );
 }

@@ -344,3 +344,148 @@ async fn a_root_rotation_to_an_operators_root_through_the_admin_port() {
     .unwrap();
     assert_eq!(bad.0, 202, "abandoned while trusting: {}", bad.1);
 }
+
+/// One admin request with a JSON `body` to `addr`: the status and the answer.
+async fn post_body(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    let (head, answer) = raw.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, answer.to_owned())
+}
+
+/// `{"from_cert", "from_key"}` and, when given, `"from_chain"`.
+fn files_body(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    chain: Option<&std::path::Path>,
+) -> serde_json::Value {
+    let mut body = serde_json::json!({"from_cert": cert, "from_key": key});
+    if let Some(chain) = chain {
+        body["from_chain"] = serde_json::json!(chain);
+    }
+    body
+}
+
+/// `palisade-ca rotate intermediate --from-cert F --from-key F --chain F`: an intermediate of a
+/// new offline root starts a root rotation that ends with the CA not holding its root's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_under_an_offline_root_through_the_admin_port() {
+    let ca = TestCa::start_with(|c| {
+        c.rotation.settle = time::Duration::ZERO;
+        c.rotation.reconnect_grace = time::Duration::ZERO;
+    })
+    .await;
+    let admin = ca.running.admin_addr;
+    let root = support::operator_root(ca.dir.path(), "offline");
+    let (cert, key, chain) = support::operator_intermediate(ca.dir.path(), "theirs", &root);
+    let (code, answer) = post_body(
+        admin,
+        "/rotation/root",
+        &files_body(&cert, &key, Some(&chain)),
+    )
+    .await;
+    assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer.contains("from_chain goes with POST /rotation/intermediate"),
+        "{answer}"
+    );
+    let (code, answer) = post_body(
+        admin,
+        "/rotation/intermediate",
+        &files_body(&cert, &key, None),
+    )
+    .await;
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.contains("needs from_chain"), "{answer}");
+    let (code, answer) = post_body(
+        admin,
+        "/rotation/intermediate",
+        &files_body(&cert, &root.1, Some(&chain)),
+    )
+    .await;
+    assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer.contains("does not belong to the certificate"),
+        "{answer}"
+    );
+    assert_eq!(status(&ca).await.phase, "idle");
+
+    let theirs = sha256_fingerprint(
+        &parse_pem_certs(&std::fs::read_to_string(&root.0).unwrap()).unwrap()[0],
+    );
+    let intermediate =
+        sha256_fingerprint(&parse_pem_certs(&std::fs::read_to_string(&cert).unwrap()).unwrap()[0]);
+    let started = tokio::task::spawn_blocking(move || {
+        rotation_cli::post_intermediate_files(admin, &cert, &key, &chain)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (started.phase.as_str(), started.kind.as_deref()),
+        ("trusting", Some("root"))
+    );
+    assert_eq!(started.trusted_roots[1], theirs);
+    assert!(started.root_key_held, "the current root still issues");
+    let done = phase_becomes(&ca, "idle").await;
+    assert_eq!(done.trusted_roots, vec![theirs]);
+    assert_eq!(done.issuing_intermediate, intermediate);
+    assert!(!done.root_key_held);
+    let (code, raw) =
+        tokio::task::spawn_blocking(move || rotation_cli::admin_request(admin, "GET", "/rotation"))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(code, 200);
+    assert!(raw.contains("\"root_key_held\":false"), "{raw}");
+}
+
+/// A local address that is not loopback, if this host has one.
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    ["192.0.2.1:9", "10.255.255.1:9", "8.8.8.8:53"]
+        .iter()
+        .find_map(|target| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+            socket.connect(target).ok()?;
+            let ip = socket.local_addr().ok()?.ip();
+            (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_intermediate_from_a_non_loopback_caller_is_refused() {
+    let Some(ip) = non_loopback_address() else {
+        eprintln!("skipped: this host has no address besides loopback");
+        return;
+    };
+    let ca = TestCa::start_with(|c| c.admin_listen = "0.0.0.0:0".parse().unwrap()).await;
+    let root = support::operator_root(ca.dir.path(), "offline");
+    let (cert, key, chain) = support::operator_intermediate(ca.dir.path(), "theirs", &root);
+    let outside = std::net::SocketAddr::new(ip, ca.running.admin_addr.port());
+    let (code, answer) = post_body(
+        outside,
+        "/rotation/intermediate",
+        &files_body(&cert, &key, Some(&chain)),
+    )
+    .await;
+    assert_eq!(code, 403, "{answer}");
+    assert!(answer.contains("inside the CA's pod"), "{answer}");
+    let status = ca.running.ca.rotation.status();
+    assert_eq!(
+        (status.phase.as_str(), status.root_key_held),
+        ("idle", true)
+    );
+}

@@ -84,6 +84,25 @@ pub fn post_root_files(
     post_with(addr, "root", &body.to_string())
 }
 
+/// `palisade-ca rotate intermediate --from-cert F --from-key F --chain F`: an intermediate
+/// signed by an operator's offline root, read by the CA as for [`post_root_files`]. Under a
+/// root the CA does not use yet, it starts a root rotation.
+pub fn post_intermediate_files(
+    addr: SocketAddr,
+    cert: &Path,
+    key: &Path,
+    chain: &Path,
+) -> anyhow::Result<RotationStatus> {
+    let absolute =
+        |p: &Path| std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+    let body = serde_json::json!({
+        "from_cert": absolute(cert)?,
+        "from_key": absolute(key)?,
+        "from_chain": absolute(chain)?,
+    });
+    post_with(addr, "intermediate", &body.to_string())
+}
+
 fn post_with(addr: SocketAddr, what: &str, body: &str) -> anyhow::Result<RotationStatus> {
     let (status, body) = admin_request_with(addr, "POST", &format!("/rotation/{what}"), body)?;
     if status != 202 {

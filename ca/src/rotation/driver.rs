@@ -21,6 +21,8 @@ use crate::authority::{Authority, BACKDATE};
 use crate::keys::{KeyError, KeyMaterial, KeyStore, load_or_create_generated};
 use crate::metrics::Metrics;
 
+mod operator;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RotationError {
     #[error(transparent)]
@@ -119,6 +121,8 @@ pub struct Rotation {
     saved_reports: std::sync::atomic::AtomicU64,
     /// The state directory's lock, held while this CA runs.
     lock: Mutex<Option<std::fs::File>>,
+    /// When a CA without its root's key last said that only the operator can rotate.
+    offline_reminder: operator::OfflineRootReminder,
 }
 
 impl std::fmt::Debug for Rotation {
@@ -159,7 +163,9 @@ impl Rotation {
             keyset::remove(&mut *store, &NEXT)?;
             tracing::info!("removed the keys of a rotation whose start did not complete");
         }
-        load_or_create_generated(&mut *store, trust_domain, &settings.lifetimes, now)?;
+        if !operator::root_key_offline(&*store, now)? {
+            load_or_create_generated(&mut *store, trust_domain, &settings.lifetimes, now)?;
+        }
         let current = KeySet::load(&*store, &CURRENT, now)?;
         let next = match &record {
             Some(_) => Some(KeySet::load(&*store, &NEXT, now)?),
@@ -267,6 +273,7 @@ impl Rotation {
             finished_at_start: Mutex::new(None),
             saved_reports: std::sync::atomic::AtomicU64::new(u64::MAX),
             lock: Mutex::new(None),
+            offline_reminder: Default::default(),
         }
     }
 
@@ -516,6 +523,9 @@ impl Rotation {
 
     /// Which rotation the schedule asks for now, if automation is on.
     fn due(&self, now: OffsetDateTime) -> Option<Kind> {
+        if self.offline_root_due(now) {
+            return None;
+        }
         if !self.settings.automatic {
             return None;
         }
@@ -622,6 +632,7 @@ impl Rotation {
             intermediate_expires_at: rfc3339(authority.intermediate_not_after().unix_timestamp()),
             mesh_expires_at: registry::mesh_expiry(&reports).map(rfc3339),
             rotatable: keys.is_some(),
+            root_key_held: keys.is_some_and(|k| k.signing().0.root_key_held()),
             automatic: self.settings.automatic && keys.is_some(),
         }
     }

@@ -65,12 +65,13 @@ pub const NEXT: Names = Names {
     intermediate_key: "next-intermediate-key.pem",
 };
 
-/// A root, its key, and the intermediate it issued with that key.
+/// A root, its key, and the intermediate it issued with that key. The root's key is absent
+/// for an operator's root kept offline: the intermediate then came from the operator too.
 pub struct KeySet {
     pub root: CertificateDer<'static>,
-    root_key: KeyPair,
+    pub(super) root_key: Option<KeyPair>,
     pub intermediate: CertificateDer<'static>,
-    intermediate_key: KeyPair,
+    pub(super) intermediate_key: KeyPair,
 }
 
 impl std::fmt::Debug for KeySet {
@@ -94,7 +95,7 @@ impl KeySet {
             generate_intermediate(&root, &root_key, trust_domain, lifetimes.intermediate, now)?;
         Ok(KeySet {
             root,
-            root_key,
+            root_key: Some(root_key),
             intermediate,
             intermediate_key,
         })
@@ -118,7 +119,7 @@ impl KeySet {
         if !issued_by(&root, &root) {
             return Err(KeyError::Chain(
                 cert.into(),
-                "a root must be self-signed; for an intermediate under an offline root, restart the CA with --intermediate-cert/--intermediate-key/--intermediate-chain".into(),
+                "a root must be self-signed; for an intermediate under an offline root, run `palisade-ca rotate intermediate --from-cert F --from-key F --chain F`".into(),
             ));
         }
         let left =
@@ -138,7 +139,7 @@ impl KeySet {
             generate_intermediate(&root, &root_key, trust_domain, lifetimes.intermediate, now)?;
         let set = KeySet {
             root,
-            root_key,
+            root_key: Some(root_key),
             intermediate,
             intermediate_key,
         };
@@ -148,7 +149,7 @@ impl KeySet {
 
     /// Signs a throwaway workload leaf and a throwaway CA serving certificate under this set,
     /// and verifies each as a proxy would (the serving one against `serving_name`).
-    fn check_signs_verifiable_leaves(
+    pub(super) fn check_signs_verifiable_leaves(
         &self,
         label: &std::path::Path,
         trust_domain: &str,
@@ -214,30 +215,32 @@ impl KeySet {
             .map_err(|e| refused(format!("the CA's own certificate for {serving_name}: {e}")))
     }
 
-    /// The same root with a new intermediate.
+    /// The same root with a new intermediate; only when the root's key is held.
     pub fn with_new_intermediate(
         &self,
         trust_domain: &str,
         lifetimes: &Lifetimes,
         now: OffsetDateTime,
     ) -> Result<Self, KeyError> {
+        let root_key = self.root_key.as_ref().ok_or(KeyError::RootKeyOffline)?;
         let (intermediate, intermediate_key) = generate_intermediate(
             &self.root,
-            &self.root_key,
+            root_key,
             trust_domain,
             lifetimes.intermediate,
             now,
         )?;
         Ok(KeySet {
             root: self.root.clone(),
-            root_key: copy_key(&self.root_key)?,
+            root_key: Some(copy_key(root_key)?),
             intermediate,
             intermediate_key,
         })
     }
 
     /// Reads and checks a set: both pairs match, the root issued the intermediate, and the
-    /// root is valid now (the intermediate may have expired: it is then replaced).
+    /// root is valid now (the intermediate may have expired: it is then replaced). The root's
+    /// key may be absent (an operator's root kept offline); when present it must match.
     pub fn load(
         store: &(impl KeyStore + ?Sized),
         names: &Names,
@@ -253,12 +256,15 @@ impl KeySet {
         };
         let root_label = store.label(names.root_cert);
         let root = parse_ca_cert(&root_label, &read(names.root_cert, false)?, now)?;
-        let root_key = parse_key_for(
-            &store.label(names.root_key),
-            &read(names.root_key, true)?,
-            &root_label,
-            &root,
-        )?;
+        let root_key = match store.read(names.root_key, true)? {
+            Some(text) => Some(parse_key_for(
+                &store.label(names.root_key),
+                &text,
+                &root_label,
+                &root,
+            )?),
+            None => None,
+        };
         let intermediate_label = store.label(names.intermediate_cert);
         let intermediate =
             parse_certs(&intermediate_label, &read(names.intermediate_cert, false)?)?.remove(0);
@@ -282,13 +288,17 @@ impl KeySet {
         })
     }
 
-    /// Writes the set under `names`: keys first, then certificates.
+    /// Writes the set under `names`: keys first, then certificates. A set without its root's
+    /// key leaves no root key under `names` (an older one there is removed).
     pub fn save(
         &self,
         store: &mut (impl KeyStore + ?Sized),
         names: &Names,
     ) -> Result<(), KeyError> {
-        store.write(names.root_key, &self.root_key.serialize_pem(), true)?;
+        match &self.root_key {
+            Some(key) => store.write(names.root_key, &key.serialize_pem(), true)?,
+            None => store.remove(names.root_key)?,
+        }
         store.write(
             names.intermediate_key,
             &self.intermediate_key.serialize_pem(),
@@ -312,6 +322,11 @@ impl KeySet {
         )
     }
 
+    /// Whether the CA holds the root's key, and so can make intermediates under it itself.
+    pub fn root_key_held(&self) -> bool {
+        self.root_key.is_some()
+    }
+
     pub fn root_fingerprint(&self) -> String {
         sha256_fingerprint(&self.root)
     }
@@ -326,7 +341,7 @@ impl KeySet {
     }
 }
 
-fn copy_key(key: &KeyPair) -> Result<KeyPair, KeyError> {
+pub(super) fn copy_key(key: &KeyPair) -> Result<KeyPair, KeyError> {
     KeyPair::try_from(key.serialize_der()).map_err(|e| KeyError::Generate(e.to_string()))
 }
 
@@ -337,7 +352,7 @@ pub const MIN_OPERATOR_ROOT_LIFE: time::Duration = time::Duration::days(30);
 const MAX_OPERATOR_FILE: u64 = 64 * 1024;
 
 /// An operator's PEM file: a regular file of at most [`MAX_OPERATOR_FILE`] bytes.
-fn read_operator_file(path: &std::path::Path) -> Result<String, KeyError> {
+pub(super) fn read_operator_file(path: &std::path::Path) -> Result<String, KeyError> {
     use std::io::Read;
     let unusable = |why: &str| KeyError::Parse(path.into(), why.into());
     let meta = std::fs::metadata(path).map_err(|e| KeyError::Read(path.into(), e))?;

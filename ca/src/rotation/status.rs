@@ -27,6 +27,10 @@ pub struct RotationStatus {
     pub mesh_expires_at: Option<String>,
     /// Whether this CA can rotate (not with an operator's CA or in Kubernetes mode yet).
     pub rotatable: bool,
+    /// Whether the CA holds the key of the issuing root, and so can make intermediates under
+    /// it itself: false for an operator's root kept offline (and for a CA that cannot rotate).
+    #[serde(default = "held")]
+    pub root_key_held: bool,
     pub automatic: bool,
 }
 
@@ -43,4 +47,9 @@ pub struct ProxyCounts {
 pub struct LaggingProxy {
     pub pod: Option<String>,
     pub spiffe_id: String,
+}
+
+/// What a CA from before `root_key_held` answered with: every key it rotated was its own.
+fn held() -> bool {
+    true
 }

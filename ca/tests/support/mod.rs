@@ -419,3 +419,52 @@ pub fn operator_root_with(
     std::fs::write(&k, key.serialize_pem()).unwrap();
     (c, k)
 }
+
+/// An operator's intermediate signed by the root in `root` (certificate and key files, as
+/// [`operator_root`] makes them), valid from a day ago for 90 days, as PEM files in `dir`: its
+/// certificate, its key, and the chain above it (the root alone).
+pub fn operator_intermediate(
+    dir: &std::path::Path,
+    name: &str,
+    root: &(std::path::PathBuf, std::path::PathBuf),
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    operator_intermediate_with(dir, name, root, |_| {})
+}
+
+/// [`operator_intermediate`], with the certificate's parameters changed by `tweak` first.
+pub fn operator_intermediate_with(
+    dir: &std::path::Path,
+    name: &str,
+    root: &(std::path::PathBuf, std::path::PathBuf),
+    tweak: impl FnOnce(&mut rcgen::CertificateParams),
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let root_pem = std::fs::read_to_string(&root.0).unwrap();
+    let root_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&root.1).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("Operator intermediate {name}"),
+    );
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(90);
+    tweak(&mut params);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (c, k, chain) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+        dir.join(format!("{name}-chain.pem")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    std::fs::write(&chain, root_pem).unwrap();
+    (c, k, chain)
+}
