@@ -157,6 +157,47 @@ fn an_intermediate_under_a_new_offline_root_rotates_the_root_and_leaves_no_root_
     assert_eq!(restarted.trusted_roots, vec![theirs]);
     assert_eq!(restarted.issuing_intermediate, their_intermediate);
     assert!(!restarted.root_key_held);
+    assert!(
+        file(dir.path(), "root-key-offline").is_some_and(|t| t.contains("kept offline")),
+        "the note that the key is offline, not lost"
+    );
+    assert!(file(dir.path(), "next-root-key-offline").is_none());
+}
+
+/// A root key that is merely missing is a lost key: the CA refuses to start, and never takes
+/// it for an operator's offline root.
+#[test]
+fn a_lost_root_key_stops_the_ca_and_is_never_taken_for_an_offline_one() {
+    let now = t0();
+    // A generated CA whose root key is deleted.
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path(), now));
+    std::fs::remove_file(dir.path().join("root-key.pem")).unwrap();
+    let open_err = |dir: &Path| {
+        Rotation::open(
+            Box::new(DirStore(dir.to_path_buf())),
+            "cluster.local",
+            settings(),
+            Vec::new(),
+            Arc::new(Metrics::new(0)),
+            now,
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    assert!(
+        open_err(dir.path()).contains("root-key.pem"),
+        "{}",
+        open_err(dir.path())
+    );
+    // An operator's root whose note is gone.
+    let dir = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    drop(rotated_to_offline_root(dir.path(), files.path(), now));
+    std::fs::remove_file(dir.path().join("root-key-offline")).unwrap();
+    let e = open_err(dir.path());
+    assert!(e.contains("root-key.pem"), "{e}");
 }
 
 #[test]

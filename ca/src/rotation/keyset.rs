@@ -47,6 +47,9 @@ pub fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
 pub struct Names {
     pub root_cert: &'static str,
     pub root_key: &'static str,
+    /// Present instead of `root_key` when the root's key is kept offline by its operator: a
+    /// root key that is merely missing is a lost key, never taken for an offline one.
+    pub root_key_offline: &'static str,
     pub intermediate_cert: &'static str,
     pub intermediate_key: &'static str,
 }
@@ -54,6 +57,7 @@ pub struct Names {
 pub const CURRENT: Names = Names {
     root_cert: ROOT_CERT_FILE,
     root_key: ROOT_KEY_FILE,
+    root_key_offline: "root-key-offline",
     intermediate_cert: INTERMEDIATE_CERT_FILE,
     intermediate_key: INTERMEDIATE_KEY_FILE,
 };
@@ -61,6 +65,7 @@ pub const CURRENT: Names = Names {
 pub const NEXT: Names = Names {
     root_cert: "next-root.pem",
     root_key: "next-root-key.pem",
+    root_key_offline: "next-root-key-offline",
     intermediate_cert: "next-intermediate.pem",
     intermediate_key: "next-intermediate-key.pem",
 };
@@ -263,7 +268,16 @@ impl KeySet {
                 &root_label,
                 &root,
             )?),
-            None => None,
+            None if store.read(names.root_key_offline, false)?.is_some() => None,
+            None => {
+                return Err(KeyError::Parse(
+                    store.label(names.root_key),
+                    format!(
+                        "missing: the root's key is gone, and {} does not say it is kept offline; restore it from a backup (or, as a last resort, palisade-ca rotate root --emergency)",
+                        store.label(names.root_key_offline).display()
+                    ),
+                ));
+            }
         };
         let intermediate_label = store.label(names.intermediate_cert);
         let intermediate =
@@ -296,8 +310,18 @@ impl KeySet {
         names: &Names,
     ) -> Result<(), KeyError> {
         match &self.root_key {
-            Some(key) => store.write(names.root_key, &key.serialize_pem(), true)?,
-            None => store.remove(names.root_key)?,
+            Some(key) => {
+                store.write(names.root_key, &key.serialize_pem(), true)?;
+                store.remove(names.root_key_offline)?;
+            }
+            None => {
+                store.write(
+                    names.root_key_offline,
+                    "The root's key is kept offline by its operator: new intermediates come from `palisade-ca rotate intermediate --from-cert F --from-key F --chain F`.\n",
+                    false,
+                )?;
+                store.remove(names.root_key)?;
+            }
         }
         store.write(
             names.intermediate_key,
@@ -376,6 +400,7 @@ pub fn remove(store: &mut (impl KeyStore + ?Sized), names: &Names) -> Result<(),
         names.intermediate_key,
         names.root_cert,
         names.intermediate_cert,
+        names.root_key_offline,
     ] {
         store.remove(name)?;
     }
@@ -389,6 +414,7 @@ pub fn any_present(store: &(impl KeyStore + ?Sized), names: &Names) -> Result<bo
         names.root_key,
         names.intermediate_cert,
         names.intermediate_key,
+        names.root_key_offline,
     ] {
         if store.read(name, false)?.is_some() {
             return Ok(true);

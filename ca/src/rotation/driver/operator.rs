@@ -225,7 +225,7 @@ fn expired_means(e: KeyError, fix: &str) -> KeyError {
 }
 
 /// Whether the current set in `store` is an operator's intermediate under a root whose key is
-/// not held (a root certificate and an intermediate, no root key). Said once at start: the CA
+/// not held (a root certificate, an intermediate, no root key, and the note that says so). Said once at start: the CA
 /// then never makes an intermediate or a root itself, so only the operator rotates them.
 pub(super) fn root_key_offline(
     store: &(impl KeyStore + ?Sized),
@@ -233,6 +233,7 @@ pub(super) fn root_key_offline(
 ) -> Result<bool, KeyError> {
     if store.read(CURRENT.root_cert, false)?.is_none()
         || store.read(CURRENT.root_key, true)?.is_some()
+        || store.read(CURRENT.root_key_offline, false)?.is_none()
     {
         return Ok(false);
     }
