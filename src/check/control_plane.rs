@@ -116,6 +116,8 @@ struct CaView {
     /// Unknown from metrics alone.
     rotatable: Option<bool>,
     automatic: Option<bool>,
+    /// Whether the CA holds its root's key (false: an operator's root kept offline).
+    root_key_held: Option<bool>,
     ca_pod: String,
 }
 
@@ -186,6 +188,7 @@ fn view_of_status(status: &RotationStatus, pod: &str) -> Result<CaView, String> 
         lagging: Ok(status.proxies.lagging.clone()),
         rotatable: Some(status.rotatable),
         automatic: Some(status.automatic),
+        root_key_held: Some(status.root_key_held),
         ca_pod: pod.to_owned(),
     })
 }
@@ -222,6 +225,7 @@ fn view_of_metrics(text: &str, pod: &str, now: i64) -> Result<CaView, String> {
         lagging: Err(need("palisade_ca_rotation_proxies_lagging")?.max(0) as u64),
         rotatable: None,
         automatic: None,
+        root_key_held: None,
         ca_pod: pod.to_owned(),
     })
 }
@@ -237,8 +241,14 @@ fn expiry(
     let ns = &s.namespace;
     let left = expires - s.now;
     let when = date(expires);
+    // Only the operator can sign under a root whose key the CA does not hold.
+    let offline = format!(
+        "have your offline root (or a new one) sign an intermediate, copy it with its key and the root into the CA's pod, then: kubectl -n {ns} exec {pod} -- palisade-ca rotate intermediate --from-cert F --from-key F --chain F (docs/rotation.md, \"An intermediate from an offline root\")"
+    );
     if left <= 0 {
-        let fix = if what == "root" {
+        let fix = if view.root_key_held == Some(false) && what == "intermediate" {
+            offline.clone()
+        } else if what == "root" {
             "follow docs/rotation.md, \"Emergency: the root has already expired\" (`palisade-ca rotate root --emergency`)".to_owned()
         } else {
             format!("kubectl -n {ns} exec {pod} -- palisade-ca rotate intermediate")
@@ -264,7 +274,9 @@ fn expiry(
     let message = format!(
         "the {what} expires at {when} (in {days} days, under {CA_EXPIRY_WARNING_DAYS}) and no rotation is running"
     );
-    let fix = if view.rotatable == Some(false) {
+    let fix = if view.root_key_held == Some(false) && view.rotatable == Some(true) {
+        offline
+    } else if view.rotatable == Some(false) {
         format!(
             "this CA cannot rotate its keys itself (Kubernetes mode, or an operator's CA): replace the {what} by hand, with --extra-trust-roots during the overlap (docs/rotation.md, \"What does not rotate itself yet\")"
         )
@@ -448,6 +460,26 @@ mod tests {
             Ok(metrics("trusting", NOW + 20 * DAY, 0)),
         ));
         assert!(by_check(&results, "ca-root-expiry").ok);
+    }
+
+    #[test]
+    fn a_ca_without_its_roots_key_is_told_to_take_an_intermediate_from_its_operator() {
+        let mut status = rotation("idle", 3000, 10);
+        status["root_key_held"] = json!(false);
+        let results = check(&with_admin(
+            Ok(status),
+            Ok(metrics("idle", NOW + 3000 * DAY, 0)),
+        ));
+        let found = by_check(&results, "ca-intermediate-expiry");
+        assert!(!found.ok);
+        assert!(
+            found
+                .fix
+                .as_deref()
+                .unwrap()
+                .contains("rotate intermediate --from-cert F --from-key F --chain F"),
+            "{found:?}"
+        );
     }
 
     #[test]
