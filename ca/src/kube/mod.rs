@@ -22,6 +22,8 @@ use crate::metrics::Metrics;
 pub mod anchors;
 pub mod crd;
 pub mod injector_tls;
+pub mod rotation_lease;
+pub mod rotation_store;
 pub mod secret_keys;
 pub mod services;
 pub mod state;

@@ -129,7 +129,7 @@ pub async fn load_or_create_in_secret(
 
 type Files = MemoryStore;
 
-fn stored_files(namespace: &str, secret: &Secret) -> Result<Files, SecretKeyError> {
+pub(super) fn stored_files(namespace: &str, secret: &Secret) -> Result<Files, SecretKeyError> {
     let data = secret.data.clone().unwrap_or_default();
     let malformed = |key: &str, problem: &str| SecretKeyError::Malformed {
         namespace: namespace.into(),
@@ -166,14 +166,14 @@ fn load_files(
     Ok((material, files))
 }
 
-fn to_data(files: Files) -> BTreeMap<String, ByteString> {
+pub(super) fn to_data(files: Files) -> BTreeMap<String, ByteString> {
     files
         .into_iter()
         .map(|(k, v)| (k, ByteString(v.into_bytes())))
         .collect()
 }
 
-fn new_secret(namespace: &str, files: Files) -> Secret {
+pub(super) fn new_secret(namespace: &str, files: Files) -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(SECRET_NAME.into()),

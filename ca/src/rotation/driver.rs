@@ -21,6 +21,9 @@ use crate::authority::{Authority, BACKDATE};
 use crate::keys::{KeyError, KeyMaterial, KeyStore, load_or_create_generated};
 use crate::metrics::Metrics;
 
+#[path = "shared.rs"]
+pub mod shared;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RotationError {
     #[error(transparent)]

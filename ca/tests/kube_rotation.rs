@@ -1,0 +1,410 @@
+//! Rotation in Kubernetes mode: the state in Secret `palisade-ca-keys` (written after each
+//! move with the resourceVersion read; a 409 re-reads and reloads), a follower that never
+//! writes and reloads what the driver wrote, and the rotation Lease (create, renew, take over,
+//! wait). The API server is the scripted mock of `kube_support`, answering recorded JSON.
+
+mod kube_support;
+
+use std::sync::Arc;
+
+use base64::Engine;
+use http::{Method, StatusCode};
+use kube_support::{Scenario, fixture, fixture_with, json_response, mock_client, receive};
+use palisade_ca::audit::AuditLog;
+use palisade_ca::keys::{MemoryStore, load_or_create_generated};
+use palisade_ca::kube::rotation_lease::{Leadership, LeaseKeeper};
+use palisade_ca::kube::rotation_store::{SecretSync, Written, drive_once};
+use palisade_ca::mesh::{MeshPublisher, MeshState};
+use palisade_ca::metrics::Metrics;
+use palisade_ca::rotation::{Kind, Rotation, Settings, SharedStore, Trigger};
+use serde_json::Value;
+
+const NS: &str = "palisade-system";
+const TD: &str = "cluster.local";
+const SECRET: &str = "/api/v1/namespaces/palisade-system/secrets/palisade-ca-keys";
+const LEASE: &str =
+    "/apis/coordination.k8s.io/v1/namespaces/palisade-system/leases/palisade-ca-rotation";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/palisade-system/leases";
+
+fn now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+fn metrics() -> Arc<Metrics> {
+    Arc::new(Metrics::new(0))
+}
+
+fn b64(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+fn decoded(secret: &Value, key: &str) -> Option<String> {
+    let text = secret["data"][key].as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap();
+    Some(String::from_utf8(bytes).unwrap())
+}
+
+/// A root and intermediate as another replica made them.
+fn made_store() -> MemoryStore {
+    let mut store = MemoryStore::new();
+    load_or_create_generated(&mut store, TD, &Default::default(), now()).unwrap();
+    store
+}
+
+/// The Secret the API server holds for `store`, at resourceVersion `rv`.
+fn secret_from(store: &MemoryStore, rv: &str) -> Value {
+    let mut secret = fixture_with(
+        "secret.json",
+        &[
+            ("ROOT", &b64(&store["root.pem"])),
+            ("ROOT_KEY", &b64(&store["root-key.pem"])),
+            ("INTERMEDIATE", &b64(&store["intermediate.pem"])),
+            ("INTERMEDIATE_KEY", &b64(&store["intermediate-key.pem"])),
+        ],
+    );
+    secret["metadata"]["resourceVersion"] = rv.into();
+    for (name, text) in store {
+        secret["data"][name] = b64(text).into();
+    }
+    secret
+}
+
+/// What another replica's rotation leaves in the store after `begin(kind)`.
+fn begun_elsewhere(base: &MemoryStore, kind: Kind) -> MemoryStore {
+    let store = SharedStore::new(base.clone());
+    let rotation = Rotation::open(
+        Box::new(store.clone()),
+        TD,
+        Settings::default(),
+        Vec::new(),
+        metrics(),
+        now(),
+    )
+    .unwrap();
+    rotation.begin(kind, Trigger::Manual, now()).unwrap();
+    store.snapshot()
+}
+
+fn publisher() -> MeshPublisher {
+    MeshPublisher::new(MeshState::new(
+        TD.into(),
+        Default::default(),
+        Default::default(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    ))
+}
+
+/// Opens over the Secret `secret` (nothing to write back).
+async fn opened(
+    api: &mut Scenario,
+    client: &kube::Client,
+    secret: Value,
+) -> (Rotation, SecretSync) {
+    opened_with(api, client, secret, Settings::default()).await
+}
+
+async fn opened_with(
+    api: &mut Scenario,
+    client: &kube::Client,
+    secret: Value,
+    settings: Settings,
+) -> (Rotation, SecretSync) {
+    let open = SecretSync::open(client, NS, TD, settings, Vec::new(), metrics(), now());
+    let (opened, _) = tokio::join!(
+        open,
+        api.expect(Method::GET, SECRET, StatusCode::OK, secret)
+    );
+    opened.expect("the Secret's keys open")
+}
+
+/// Answers the next request, which must be a PUT of the Secret, as the API server does: the
+/// body stored at resourceVersion `rv`.
+async fn answer_put(api: &mut Scenario, rv: &str) -> Value {
+    let (seen, send) = receive(&mut api.handle).await;
+    assert_eq!(
+        (&seen.method, seen.path.as_str()),
+        (&Method::PUT, SECRET),
+        "{seen:?}"
+    );
+    let sent = seen.body.clone().expect("a PUT has a body");
+    let mut stored = sent.clone();
+    stored["metadata"]["resourceVersion"] = rv.into();
+    send.send_response(json_response(StatusCode::OK, &stored));
+    sent
+}
+
+#[tokio::test]
+async fn the_driver_writes_a_begin_to_the_secret_with_the_resource_version_it_read() {
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let base = made_store();
+    let (rotation, mut sync) = opened(&mut api, &client, secret_from(&base, "48213")).await;
+    assert!(!sync.dirty(), "opening an idle Secret changes nothing");
+
+    rotation
+        .begin(Kind::Intermediate, Trigger::Manual, now())
+        .unwrap();
+    assert!(sync.dirty());
+    let (written, sent) = tokio::join!(sync.write(), answer_put(&mut api, "48214"));
+    assert_eq!(written.unwrap(), Written::Stored);
+    assert_eq!(sent["metadata"]["resourceVersion"], "48213");
+    for key in [
+        "next-root.pem",
+        "next-root-key.pem",
+        "next-intermediate.pem",
+        "next-intermediate-key.pem",
+    ] {
+        assert!(
+            decoded(&sent, key).is_some_and(|t| t.contains("-----BEGIN ")),
+            "{key}"
+        );
+    }
+    let record = decoded(&sent, "rotation.json").expect("the record is written");
+    assert!(record.contains("\"issuing\""), "{record}");
+    assert_eq!(decoded(&sent, "root.pem").unwrap(), base["root.pem"]);
+    assert_eq!(sync.resource_version(), Some("48214"));
+    assert!(!sync.dirty());
+    // Nothing changed since: nothing is written.
+    assert_eq!(sync.write().await.unwrap(), Written::Unchanged);
+    api.expect_no_more().await;
+}
+
+#[tokio::test]
+async fn a_conflicting_write_rereads_the_secret_and_reloads_what_another_writer_stored() {
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let base = made_store();
+    let (rotation, mut sync) = opened(&mut api, &client, secret_from(&base, "100")).await;
+    rotation
+        .begin(Kind::Intermediate, Trigger::Manual, now())
+        .unwrap();
+    assert_eq!(rotation.status().phase, "issuing");
+
+    let audit = AuditLog::stdout();
+    let publisher = publisher();
+    let drive = drive_once(&rotation, &mut sync, true, &publisher, &audit, false);
+    let (result, ()) = tokio::join!(drive, async {
+        let put = api
+            .expect(
+                Method::PUT,
+                SECRET,
+                StatusCode::CONFLICT,
+                fixture("secret-update-conflict-409.json"),
+            )
+            .await;
+        assert_eq!(put.body.unwrap()["metadata"]["resourceVersion"], "100");
+        // The other writer abandoned nothing: the Secret is idle at a newer version.
+        api.expect(
+            Method::GET,
+            SECRET,
+            StatusCode::OK,
+            secret_from(&base, "107"),
+        )
+        .await;
+    });
+    assert!(result.unwrap(), "the Secret was read again");
+    assert_eq!(rotation.status().phase, "idle", "the Secret is the truth");
+    assert_eq!(sync.resource_version(), Some("107"));
+    assert!(!sync.dirty());
+    api.expect_no_more().await;
+}
+
+#[tokio::test]
+async fn a_follower_never_writes_and_reloads_when_the_secret_changes() {
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let base = made_store();
+    // Were it to step, nothing would hold it back: no proxies to wait for, no settling time.
+    let eager = Settings {
+        settle: time::Duration::ZERO,
+        reconnect_grace: time::Duration::ZERO,
+        ..Settings::default()
+    };
+    let (rotation, mut sync) = opened_with(&mut api, &client, secret_from(&base, "5"), eager).await;
+    let mut view = rotation.subscribe();
+    assert_eq!(view.borrow_and_update().bundle_pem.len(), 1);
+    let audit = AuditLog::stdout();
+    let publisher = publisher();
+
+    // Nothing to read this second: no request at all.
+    let result = drive_once(&rotation, &mut sync, false, &publisher, &audit, false).await;
+    assert!(!result.unwrap());
+    api.expect_no_more().await;
+
+    // The driver began a root rotation: the follower's proxies get both roots.
+    let trusting = begun_elsewhere(&base, Kind::Root);
+    let drive = drive_once(&rotation, &mut sync, false, &publisher, &audit, true);
+    let (result, _) = tokio::join!(
+        drive,
+        api.expect(
+            Method::GET,
+            SECRET,
+            StatusCode::OK,
+            secret_from(&trusting, "6")
+        )
+    );
+    assert!(result.unwrap());
+    assert!(
+        view.has_changed().unwrap(),
+        "the watches hear of the new bundle"
+    );
+    assert_eq!(view.borrow_and_update().bundle_pem.len(), 2);
+    assert_eq!(rotation.status().phase, "trusting");
+    assert_eq!(sync.resource_version(), Some("6"));
+
+    // Even a rotation the follower holds is never stepped or written by it.
+    let drive = drive_once(&rotation, &mut sync, false, &publisher, &audit, true);
+    let (result, _) = tokio::join!(
+        drive,
+        api.expect(
+            Method::GET,
+            SECRET,
+            StatusCode::OK,
+            secret_from(&trusting, "6")
+        )
+    );
+    assert!(result.unwrap());
+    assert!(!view.has_changed().unwrap());
+    api.expect_no_more().await;
+}
+
+#[tokio::test]
+async fn a_malformed_rotation_entry_is_refused_naming_the_key() {
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let mut secret = secret_from(&made_store(), "9");
+    secret["data"]["next-root.pem"] = b64("not a certificate").into();
+    let open = SecretSync::open(
+        &client,
+        NS,
+        TD,
+        Settings::default(),
+        Vec::new(),
+        metrics(),
+        now(),
+    );
+    let (opened, _) = tokio::join!(
+        open,
+        api.expect(Method::GET, SECRET, StatusCode::OK, secret)
+    );
+    let error = opened
+        .expect_err("a broken next root is refused")
+        .to_string();
+    assert!(error.contains("key next-root.pem: not PEM"), "{error}");
+    assert!(
+        error.contains("Restore the Secret from a backup"),
+        "{error}"
+    );
+}
+
+fn lease(holder: &str, renewed: k8s_openapi::jiff::Timestamp) -> Value {
+    fixture_with(
+        "lease.json",
+        &[
+            ("RV", "731"),
+            ("HOLDER", holder),
+            ("RENEWED", &renewed.to_string()),
+        ],
+    )
+}
+
+fn whole_second_now() -> k8s_openapi::jiff::Timestamp {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    k8s_openapi::jiff::Timestamp::from_second(now.as_second()).unwrap()
+}
+
+#[tokio::test]
+async fn a_lease_held_by_a_live_replica_is_left_alone() {
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let keeper = LeaseKeeper::new(client, NS, "palisade-ca-a".into());
+    let now = whole_second_now();
+    let (seen, _) = tokio::join!(
+        tokio::time::timeout(kube_support::GUARD, keeper.tick(now)),
+        async {
+            api.expect(
+                Method::GET,
+                LEASE,
+                StatusCode::OK,
+                lease("palisade-ca-b", now),
+            )
+            .await;
+            // Never written: taking a live Lease would make two drivers.
+            api.expect_no_more().await;
+        }
+    );
+    assert_eq!(
+        seen.expect("a follower decides without writing"),
+        Leadership::Follower(Some("palisade-ca-b".into()))
+    );
+}
+
+#[tokio::test]
+async fn an_absent_lease_is_created_held_by_this_pod() {
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let keeper = LeaseKeeper::new(client, NS, "palisade-ca-a".into());
+    let now = whole_second_now();
+    let (seen, created) = tokio::join!(keeper.tick(now), async {
+        api.expect(
+            Method::GET,
+            LEASE,
+            StatusCode::NOT_FOUND,
+            fixture("lease-notfound-404.json"),
+        )
+        .await;
+        let (seen, send) = receive(&mut api.handle).await;
+        assert_eq!((&seen.method, seen.path.as_str()), (&Method::POST, LEASES));
+        let body = seen.body.unwrap();
+        send.send_response(json_response(StatusCode::CREATED, &body));
+        body
+    });
+    assert_eq!(seen, Leadership::Leader);
+    assert_eq!(created["spec"]["holderIdentity"], "palisade-ca-a");
+    assert_eq!(created["spec"]["leaseDurationSeconds"], 15);
+    assert_eq!(created["metadata"]["name"], "palisade-ca-rotation");
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_taken_over_with_its_resource_version_and_a_lost_race_follows() {
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let keeper = LeaseKeeper::new(client, NS, "palisade-ca-a".into());
+    let now = whole_second_now();
+    let expired = lease(
+        "palisade-ca-b",
+        now.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(16))
+            .unwrap(),
+    );
+    let (seen, put) = tokio::join!(keeper.tick(now), async {
+        api.expect(Method::GET, LEASE, StatusCode::OK, expired.clone())
+            .await;
+        let (seen, send) = receive(&mut api.handle).await;
+        assert_eq!((&seen.method, seen.path.as_str()), (&Method::PUT, LEASE));
+        let body = seen.body.unwrap();
+        send.send_response(json_response(StatusCode::OK, &body));
+        body
+    });
+    assert_eq!(seen, Leadership::Leader);
+    assert_eq!(put["metadata"]["resourceVersion"], "731");
+    assert_eq!(put["spec"]["holderIdentity"], "palisade-ca-a");
+    assert_eq!(put["spec"]["leaseTransitions"], 4);
+
+    // Another replica took it over first: its write wins, this one follows.
+    let (seen, _) = tokio::join!(keeper.tick(now), async {
+        api.expect(Method::GET, LEASE, StatusCode::OK, expired)
+            .await;
+        api.expect(
+            Method::PUT,
+            LEASE,
+            StatusCode::CONFLICT,
+            fixture("lease-conflict-409.json"),
+        )
+        .await;
+    });
+    assert_eq!(seen, Leadership::Follower(None));
+}
