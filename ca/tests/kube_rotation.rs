@@ -13,7 +13,7 @@ use kube_support::{Scenario, fixture, fixture_with, json_response, mock_client, 
 use palisade_ca::audit::AuditLog;
 use palisade_ca::keys::{MemoryStore, load_or_create_generated};
 use palisade_ca::kube::rotation_lease::{Leadership, LeaseKeeper};
-use palisade_ca::kube::rotation_store::{SecretSync, Written, drive_once};
+use palisade_ca::kube::rotation_store::{Peers, SecretSync, Written, drive_once};
 use palisade_ca::mesh::{MeshPublisher, MeshState};
 use palisade_ca::metrics::Metrics;
 use palisade_ca::rotation::{Kind, Rotation, Settings, SharedStore, Trigger};
@@ -85,6 +85,13 @@ fn begun_elsewhere(base: &MemoryStore, kind: Kind) -> MemoryStore {
     .unwrap();
     rotation.begin(kind, Trigger::Manual, now()).unwrap();
     store.snapshot()
+}
+
+fn peers(client: &kube::Client) -> Peers {
+    Peers {
+        configmaps: kube::Api::namespaced(client.clone(), NS),
+        pod: "palisade-ca-6f7b9c-a1b2".into(),
+    }
 }
 
 fn publisher() -> MeshPublisher {
@@ -186,7 +193,10 @@ async fn a_conflicting_write_rereads_the_secret_and_reloads_what_another_writer_
 
     let audit = AuditLog::stdout();
     let publisher = publisher();
-    let drive = drive_once(&rotation, &mut sync, true, &publisher, &audit, false);
+    let peers = peers(&client);
+    let drive = drive_once(
+        &rotation, &mut sync, &peers, true, &publisher, &audit, false,
+    );
     let (result, ()) = tokio::join!(drive, async {
         let put = api
             .expect(
@@ -229,15 +239,21 @@ async fn a_follower_never_writes_and_reloads_when_the_secret_changes() {
     assert_eq!(view.borrow_and_update().bundle_pem.len(), 1);
     let audit = AuditLog::stdout();
     let publisher = publisher();
+    let peers = peers(&client);
 
     // Nothing to read this second: no request at all.
-    let result = drive_once(&rotation, &mut sync, false, &publisher, &audit, false).await;
+    let result = drive_once(
+        &rotation, &mut sync, &peers, false, &publisher, &audit, false,
+    )
+    .await;
     assert!(!result.unwrap());
     api.expect_no_more().await;
 
     // The driver began a root rotation: the follower's proxies get both roots.
     let trusting = begun_elsewhere(&base, Kind::Root);
-    let drive = drive_once(&rotation, &mut sync, false, &publisher, &audit, true);
+    let drive = drive_once(
+        &rotation, &mut sync, &peers, false, &publisher, &audit, true,
+    );
     let (result, _) = tokio::join!(
         drive,
         api.expect(
@@ -257,7 +273,9 @@ async fn a_follower_never_writes_and_reloads_when_the_secret_changes() {
     assert_eq!(sync.resource_version(), Some("6"));
 
     // Even a rotation the follower holds is never stepped or written by it.
-    let drive = drive_once(&rotation, &mut sync, false, &publisher, &audit, true);
+    let drive = drive_once(
+        &rotation, &mut sync, &peers, false, &publisher, &audit, true,
+    );
     let (result, _) = tokio::join!(
         drive,
         api.expect(
@@ -407,4 +425,126 @@ async fn an_expired_lease_is_taken_over_with_its_resource_version_and_a_lost_rac
         .await;
     });
     assert_eq!(seen, Leadership::Follower(None));
+}
+
+const CONFIGMAPS: &str = "/api/v1/namespaces/palisade-system/configmaps";
+
+fn eager() -> Settings {
+    Settings {
+        settle: time::Duration::ZERO,
+        reconnect_grace: time::Duration::ZERO,
+        ..Settings::default()
+    }
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+/// The reports ConfigMaps: another replica's, written `age` ago, in which one proxy (heard only
+/// there) trusts `roots`; and one of a replica gone for 11 minutes.
+fn reports(age: time::Duration, roots: &[String]) -> Value {
+    let proxy = serde_json::json!([{
+        "pod_ip": null,
+        "pod": "shop/web-7c9d-k2x1",
+        "spiffe_id": "spiffe://cluster.local/ns/shop/sa/web",
+        "owner": {"namespace": "shop", "service_account": "web"},
+        "roots": roots,
+        "leaf_issuer": null,
+        "leaf_not_before": (now() - time::Duration::minutes(5)).unix_timestamp(),
+        "leaf_not_after": (now() + time::Duration::minutes(55)).unix_timestamp(),
+    }]);
+    let mut list = fixture_with(
+        "configmap-list-ca-proxies.json",
+        &[
+            ("WRITTEN", &rfc3339(now() - age)),
+            (
+                "GONE_WRITTEN",
+                &rfc3339(now() - time::Duration::minutes(11)),
+            ),
+        ],
+    );
+    list["items"][0]["data"]["proxies.json"] = proxy.to_string().into();
+    list
+}
+
+const GONE: &str =
+    "/api/v1/namespaces/palisade-system/configmaps/palisade-ca-proxies-palisade-ca-6f7b9c-gone";
+
+/// One driver step whose report list is `list`; `moves` says whether the step writes a move.
+async fn driver_step(
+    api: &mut Scenario,
+    rotation: &Rotation,
+    sync: &mut SecretSync,
+    peers: &Peers,
+    list: Value,
+    rv: &str,
+) {
+    let audit = AuditLog::stdout();
+    let publisher = publisher();
+    let drive = drive_once(rotation, sync, peers, true, &publisher, &audit, false);
+    let (result, ()) = tokio::join!(drive, async {
+        let seen = api
+            .expect(Method::GET, CONFIGMAPS, StatusCode::OK, list)
+            .await;
+        assert_eq!(seen.query["labelSelector"], "palisade.dev/ca-proxies=true");
+        api.expect(
+            Method::DELETE,
+            GONE,
+            StatusCode::OK,
+            fixture("configmap-deleted-status.json"),
+        )
+        .await;
+        answer_put(api, rv).await;
+    });
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn the_driver_waits_for_a_proxy_only_another_replica_heard() {
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let base = made_store();
+    let (rotation, mut sync) =
+        opened_with(&mut api, &client, secret_from(&base, "20"), eager()).await;
+    let peers = peers(&client);
+    rotation.begin(Kind::Root, Trigger::Manual, now()).unwrap();
+    let (written, _) = tokio::join!(sync.write(), answer_put(&mut api, "21"));
+    assert_eq!(written.unwrap(), Written::Stored);
+    let bundle = rotation.status().trusted_roots;
+    assert_eq!(bundle.len(), 2);
+
+    // This replica heard no proxy; the other one heard a proxy that trusts the old root only.
+    // The step writes the (empty) local reports, and does not move.
+    let old_only = reports(time::Duration::seconds(5), &bundle[..1]);
+    driver_step(&mut api, &rotation, &mut sync, &peers, old_only, "22").await;
+    assert_eq!(rotation.status().phase, "trusting");
+    assert_eq!(rotation.status().proxies.lagging.len(), 1);
+
+    // The other replica reports the proxy's confirmation: the next step moves on.
+    let confirmed = reports(time::Duration::seconds(5), &bundle);
+    driver_step(&mut api, &rotation, &mut sync, &peers, confirmed, "23").await;
+    assert_eq!(rotation.status().phase, "issuing");
+    api.expect_no_more().await;
+}
+
+#[tokio::test]
+async fn a_report_not_written_for_a_minute_is_ignored() {
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let base = made_store();
+    let (rotation, mut sync) =
+        opened_with(&mut api, &client, secret_from(&base, "30"), eager()).await;
+    let peers = peers(&client);
+    rotation.begin(Kind::Root, Trigger::Manual, now()).unwrap();
+    let (written, _) = tokio::join!(sync.write(), answer_put(&mut api, "31"));
+    assert_eq!(written.unwrap(), Written::Stored);
+    let bundle = rotation.status().trusted_roots;
+
+    // Its replica stopped writing 61 s ago: what it said no longer holds the rotation back.
+    let stale = reports(time::Duration::seconds(61), &bundle[..1]);
+    driver_step(&mut api, &rotation, &mut sync, &peers, stale, "32").await;
+    assert_eq!(rotation.status().phase, "issuing");
+    api.expect_no_more().await;
 }

@@ -23,6 +23,7 @@ pub mod anchors;
 pub mod crd;
 pub mod injector_tls;
 pub mod rotation_lease;
+pub mod rotation_reports;
 pub mod rotation_store;
 pub mod secret_keys;
 pub mod services;

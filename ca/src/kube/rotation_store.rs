@@ -7,13 +7,14 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, PostParams};
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::rotation_lease::{Leadership, LeaseKeeper, RENEW_EVERY};
+use super::rotation_reports::{PUBLISH_EVERY, ReportWriter, collect};
 use super::secret_keys::{SECRET_NAME, SecretKeyError, new_secret, stored_files, to_data};
 use crate::audit::AuditLog;
 use crate::keys::MemoryStore;
@@ -52,6 +53,26 @@ pub fn stored_entries(namespace: &str, secret: &Secret) -> Result<MemoryStore, S
         entries.insert((*key).to_owned(), text);
     }
     Ok(entries)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Secret(#[from] SecretKeyError),
+    #[error(
+        "cannot list the CA replicas' proxy reports (ConfigMaps labelled palisade.dev/ca-proxies=true) in {namespace}: {source}; the rotation does not move until it can (the CA's Role must allow configmaps list)"
+    )]
+    Reports {
+        namespace: String,
+        source: kube::Error,
+    },
+}
+
+/// Where this replica's proxies are told to the others: the CA's namespace's ConfigMaps, and
+/// this pod's name.
+pub struct Peers {
+    pub configmaps: Api<ConfigMap>,
+    pub pod: String,
 }
 
 /// What a write of the Secret came to.
@@ -244,6 +265,7 @@ pub async fn run(
     rotation: Arc<Rotation>,
     mut sync: SecretSync,
     lease: LeaseKeeper,
+    peers: Peers,
     publisher: MeshPublisher,
     audit: AuditLog,
     mut shutdown: watch::Receiver<bool>,
@@ -256,6 +278,8 @@ pub async fn run(
     let mut last_read = tokio::time::Instant::now();
     let mut reread_now = false;
     let mut last_error = String::new();
+    let mut writer = ReportWriter::new(peers.configmaps.clone(), &peers.pod);
+    let mut last_publish = None::<tokio::time::Instant>;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
@@ -272,9 +296,16 @@ pub async fn run(
                 leadership = seen;
             }
         }
+        if last_publish.is_none_or(|at| tick.duration_since(at) >= PUBLISH_EVERY) {
+            last_publish = Some(tick);
+            if let Err(error) = writer.publish(&rotation, OffsetDateTime::now_utc()).await {
+                tracing::warn!(%error, "cannot publish this replica's proxy reports; the driver stops counting them after 60 s (the CA's Role must allow configmaps patch)");
+            }
+        }
         let result = drive_once(
             &rotation,
             &mut sync,
+            &peers,
             leadership == Leadership::Leader,
             &publisher,
             &audit,
@@ -302,15 +333,17 @@ pub async fn run(
 
 /// One second of [`run`]: the driver writes a pending move (a 409 makes it re-read), or steps
 /// and writes what the step did; a replica re-reads when `reread` (never over a pending move of
-/// its own). Returns whether the Secret was read.
+/// its own). Before each step the driver reads the other replicas' proxy reports; without them
+/// it does not step. Returns whether the Secret was read.
 pub async fn drive_once(
     rotation: &Rotation,
     sync: &mut SecretSync,
+    peers: &Peers,
     driver: bool,
     publisher: &MeshPublisher,
     audit: &AuditLog,
     reread: bool,
-) -> Result<bool, SecretKeyError> {
+) -> Result<bool, SyncError> {
     let now = OffsetDateTime::now_utc();
     if driver {
         // A move made by `POST /rotation/*` or the last step, not stored yet.
@@ -318,6 +351,12 @@ pub async fn drive_once(
             sync.refresh(rotation, now).await?;
             return Ok(true);
         }
+        collect(&peers.configmaps, rotation, &peers.pod, now)
+            .await
+            .map_err(|source| SyncError::Reports {
+                namespace: sync.namespace.clone(),
+                source,
+            })?;
         let state = publisher.current().state;
         if let Some(t) = rotation
             .step(&state, now)
