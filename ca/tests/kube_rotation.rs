@@ -548,3 +548,57 @@ async fn a_report_not_written_for_a_minute_is_ignored() {
     assert_eq!(rotation.status().phase, "issuing");
     api.expect_no_more().await;
 }
+
+#[tokio::test]
+async fn the_trust_anchors_hold_both_roots_while_trusting() {
+    use palisade_ca::kube::anchors::{bundle_text, distribute_following};
+    const ANCHORS: &str = "/api/v1/namespaces/shop/configmaps/palisade-trust-anchors";
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let rotation = Rotation::open(
+        Box::new(SharedStore::new(made_store())),
+        TD,
+        Settings::default(),
+        Vec::new(),
+        metrics(),
+        now(),
+    )
+    .unwrap();
+    let anchors = |bundle: &str| {
+        let mut cm = fixture_with("configmap-trust-anchors.json", &[("BUNDLE", "")]);
+        cm["data"]["ca.pem"] = bundle.into();
+        cm
+    };
+    let (_opted_tx, opted_in) =
+        tokio::sync::watch::channel(std::collections::BTreeSet::from(["shop".to_owned()]));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let one_root = bundle_text(&rotation.subscribe().borrow().bundle_pem);
+    let distributor = tokio::spawn(distribute_following(
+        client,
+        rotation.subscribe(),
+        opted_in,
+        stop_rx,
+    ));
+    // Right as it is: left alone.
+    api.expect(Method::GET, ANCHORS, StatusCode::OK, anchors(&one_root))
+        .await;
+
+    rotation.begin(Kind::Root, Trigger::Manual, now()).unwrap();
+    let two_roots = bundle_text(&rotation.subscribe().borrow().bundle_pem);
+    api.expect(Method::GET, ANCHORS, StatusCode::OK, anchors(&one_root))
+        .await;
+    let (seen, send) = receive(&mut api.handle).await;
+    assert_eq!((&seen.method, seen.path.as_str()), (&Method::PUT, ANCHORS));
+    let body = seen.body.unwrap();
+    send.send_response(json_response(StatusCode::OK, &body));
+    let written = body["data"]["ca.pem"].as_str().unwrap();
+    assert_eq!(written, two_roots);
+    assert_eq!(written.matches("BEGIN CERTIFICATE").count(), 2);
+    assert!(written.contains(one_root.trim_end()));
+
+    stop.send_replace(true);
+    tokio::time::timeout(kube_support::GUARD, distributor)
+        .await
+        .expect("the distributor stops at shutdown")
+        .unwrap();
+}

@@ -122,8 +122,13 @@ pub async fn start_with_kube_client(
         shutdown: &shutdown_rx,
         tasks: &mut tasks,
     };
-    let (publisher, ready) =
-        parts::mesh_source(&config, kube_client, &authority, pod_deletions, background)?;
+    let (publisher, ready) = parts::mesh_source(
+        &config,
+        kube_client,
+        rotation.subscribe(),
+        pod_deletions,
+        background,
+    )?;
 
     let serving = ServingIdentity::of(&config)?;
     let resolver = Arc::new(ReloadingResolver::new(serving_cert::server_cert(

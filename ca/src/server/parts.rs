@@ -17,7 +17,6 @@ use crate::auth::Authenticator;
 use crate::auth::jwks::JwksAuthenticator;
 use crate::auth::kube::KubeAuthenticator;
 use crate::auth::local::{LocalAuthenticator, LocalIssuer};
-use crate::authority::Authority;
 use crate::config::{AuthMode, MeshSource, ServeConfig};
 use crate::keys::{DirStore, KeyError, KeySource, MemoryStore, load_or_create_in};
 use crate::kube::secret_keys::load_or_create_in_secret;
@@ -177,7 +176,7 @@ pub(super) async fn authenticator(
 pub(super) fn mesh_source(
     config: &ServeConfig,
     kube_client: Option<::kube::Client>,
-    authority: &Authority,
+    trust: watch::Receiver<crate::rotation::TrustView>,
     pod_deletions: Arc<crate::auth::kube::PodDeletions>,
     background: Background<'_>,
 ) -> Result<(MeshPublisher, watch::Receiver<bool>), StartError> {
@@ -223,9 +222,10 @@ pub(super) fn mesh_source(
                 shutdown.clone(),
                 tasks,
             );
-            tasks.spawn(crate::kube::anchors::distribute(
+            // The anchors follow the rotation: both roots while it is trusting or issuing.
+            tasks.spawn(crate::kube::anchors::distribute_following(
                 client.clone(),
-                crate::kube::anchors::bundle_text(authority.trust_bundle_pem()),
+                trust,
                 outputs.opted_in.clone(),
                 shutdown.clone(),
             ));
