@@ -602,3 +602,23 @@ async fn the_trust_anchors_hold_both_roots_while_trusting() {
         .expect("the distributor stops at shutdown")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_replica_that_does_not_drive_starts_no_rotation() {
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let (rotation, sync) = opened(&mut api, &client, secret_from(&made_store(), "40")).await;
+    sync.store().refuse_writes(Some(
+        "this CA replica (palisade-ca-a) does not drive the rotation: palisade-ca-b holds Lease palisade-ca-rotation".into(),
+    ));
+    let before = rotation.subscribe().borrow().clone();
+    let error = rotation
+        .begin(Kind::Root, Trigger::Manual, now())
+        .expect_err("a follower refuses")
+        .to_string();
+    assert!(error.contains("palisade-ca-b holds Lease"), "{error}");
+    assert_eq!(rotation.status().phase, "idle");
+    assert_eq!(*rotation.subscribe().borrow(), before);
+    assert!(!sync.dirty(), "nothing was written into the store");
+    api.expect_no_more().await;
+}

@@ -13,7 +13,7 @@ use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use super::rotation_lease::{Leadership, LeaseKeeper, RENEW_EVERY};
+use super::rotation_lease::{LEASE_NAME, Leadership, LeaseKeeper, RENEW_EVERY};
 use super::rotation_reports::{PUBLISH_EVERY, ReportWriter, collect};
 use super::secret_keys::{SECRET_NAME, SecretKeyError, new_secret, stored_files, to_data};
 use crate::audit::AuditLog;
@@ -191,6 +191,11 @@ impl SecretSync {
         })
     }
 
+    /// The store the rotation writes into.
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
     /// Whether the rotation made a move not yet in the Secret.
     pub fn dirty(&self) -> bool {
         self.store.snapshot() != self.synced
@@ -274,7 +279,11 @@ pub async fn run(
         audit.rotation(&t).await;
     }
     let mut leadership = Leadership::Follower(None);
+    sync.store()
+        .refuse_writes(not_driving(&leadership, lease.identity(), &sync.namespace));
     let mut last_lease = None::<tokio::time::Instant>;
+    // A driver whose renewal is late stops before its Lease can expire for the others.
+    let mut driving_until = tokio::time::Instant::now();
     let mut last_read = tokio::time::Instant::now();
     let mut reread_now = false;
     let mut last_error = String::new();
@@ -285,50 +294,86 @@ pub async fn run(
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
             _ = shutdown.changed() => return,
         }
-        let tick = tokio::time::Instant::now();
-        if last_lease.is_none_or(|at| tick.duration_since(at) >= RENEW_EVERY) {
-            last_lease = Some(tick);
-            let now = k8s_openapi::jiff::Timestamp::now();
-            let seen = lease.tick(now).await;
-            if seen != leadership {
-                tracing::info!(identity = lease.identity(), leader = ?seen, "rotation leadership changed");
-                reread_now = true;
-                leadership = seen;
-            }
-        }
-        if last_publish.is_none_or(|at| tick.duration_since(at) >= PUBLISH_EVERY) {
-            last_publish = Some(tick);
-            if let Err(error) = writer.publish(&rotation, OffsetDateTime::now_utc()).await {
-                tracing::warn!(%error, "cannot publish this replica's proxy reports; the driver stops counting them after 60 s (the CA's Role must allow configmaps patch)");
-            }
-        }
-        let result = drive_once(
-            &rotation,
-            &mut sync,
-            &peers,
-            leadership == Leadership::Leader,
-            &publisher,
-            &audit,
-            reread_now || tick.duration_since(last_read) >= REREAD_EVERY,
-        )
-        .await;
-        match result {
-            Ok(read) => {
-                last_error.clear();
-                if read {
-                    last_read = tick;
-                    reread_now = false;
+        // A slow API server must not hold up shutdown: a second cut short is redone.
+        let second = async {
+            let tick = tokio::time::Instant::now();
+            if last_lease.is_none_or(|at| tick.duration_since(at) >= RENEW_EVERY) {
+                last_lease = Some(tick);
+                let seen = lease.tick(k8s_openapi::jiff::Timestamp::now()).await;
+                if seen == Leadership::Leader {
+                    driving_until = tick + DRIVE_FOR;
+                }
+                if seen != leadership {
+                    tracing::info!(identity = lease.identity(), leader = ?seen, "rotation leadership changed");
+                    reread_now = true;
+                    sync.store().refuse_writes(not_driving(
+                        &seen,
+                        lease.identity(),
+                        &sync.namespace,
+                    ));
+                    leadership = seen;
                 }
             }
-            Err(error) => {
-                let text = error.to_string();
-                if text != last_error {
-                    tracing::error!(%error, "rotation in Kubernetes mode: a step or a Secret sync failed; retrying every second");
-                    last_error = text;
+            if last_publish.is_none_or(|at| tick.duration_since(at) >= PUBLISH_EVERY) {
+                last_publish = Some(tick);
+                if let Err(error) = writer.publish(&rotation, OffsetDateTime::now_utc()).await {
+                    tracing::warn!(%error, "cannot publish this replica's proxy reports; the driver stops counting them after 60 s (the CA's Role must allow configmaps patch)");
                 }
             }
+            let driver =
+                leadership == Leadership::Leader && tokio::time::Instant::now() < driving_until;
+            let result = drive_once(
+                &rotation,
+                &mut sync,
+                &peers,
+                driver,
+                &publisher,
+                &audit,
+                reread_now || tick.duration_since(last_read) >= REREAD_EVERY,
+            )
+            .await;
+            match result {
+                Ok(read) => {
+                    last_error.clear();
+                    if read {
+                        last_read = tick;
+                        reread_now = false;
+                    }
+                }
+                Err(error) => {
+                    let text = error.to_string();
+                    if text != last_error {
+                        tracing::error!(%error, "rotation in Kubernetes mode: a step or a Secret sync failed; retrying every second");
+                        last_error = text;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = second => {}
+            _ = shutdown.changed() => return,
         }
     }
+}
+
+/// How long after a renewal of the Lease its holder keeps driving: less than the Lease's
+/// duration, so that it stops before another replica may take over.
+const DRIVE_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why `POST /rotation/*` is refused on this replica, unless it drives the rotation.
+fn not_driving(leadership: &Leadership, me: &str, namespace: &str) -> Option<String> {
+    let holder = match leadership {
+        Leadership::Leader => return None,
+        Leadership::Follower(Some(holder)) => holder.as_str(),
+        Leadership::Follower(None) => {
+            return Some(format!(
+                "this CA replica ({me}) does not drive the rotation and no replica holds Lease {LEASE_NAME} in {namespace} right now: retry in a few seconds"
+            ));
+        }
+    };
+    Some(format!(
+        "this CA replica ({me}) does not drive the rotation: {holder} holds Lease {LEASE_NAME} in {namespace}. Run the command there: kubectl exec -n {namespace} {holder} -- palisade-ca rotate ..."
+    ))
 }
 
 /// One second of [`run`]: the driver writes a pending move (a 409 makes it re-read), or steps

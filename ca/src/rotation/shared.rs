@@ -12,9 +12,10 @@ use super::{Keys, Rotation, RotationError, build};
 use crate::keys::{KeyError, KeyStore, MemoryStore};
 
 /// An in-memory [`KeyStore`] with a second handle: the rotation writes through one, the Secret
-/// sync reads (and replaces) through the other.
+/// sync reads (and replaces) through the other. Writes can be refused ([`SharedStore::refuse_writes`]):
+/// a replica that does not drive the rotation must not start or abort one.
 #[derive(Clone, Default)]
-pub struct SharedStore(Arc<Mutex<MemoryStore>>);
+pub struct SharedStore(Arc<Mutex<MemoryStore>>, Arc<Mutex<Option<String>>>);
 
 impl std::fmt::Debug for SharedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -26,7 +27,20 @@ impl std::fmt::Debug for SharedStore {
 
 impl SharedStore {
     pub fn new(entries: MemoryStore) -> Self {
-        SharedStore(Arc::new(Mutex::new(entries)))
+        SharedStore(Arc::new(Mutex::new(entries)), Arc::default())
+    }
+
+    /// From now on every write and removal fails with `why` (the rotation then changes
+    /// nothing); `None` allows them again.
+    pub fn refuse_writes(&self, why: Option<String>) {
+        *self.1.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    fn writable(&self) -> Result<(), KeyError> {
+        match &*self.1.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(why) => Err(KeyError::Generate(why.clone())),
+            None => Ok(()),
+        }
     }
 
     /// What the store holds now.
@@ -49,11 +63,13 @@ impl KeyStore for SharedStore {
     }
 
     fn write(&mut self, name: &str, text: &str, _private: bool) -> Result<(), KeyError> {
+        self.writable()?;
         self.lock().insert(name.to_owned(), text.to_owned());
         Ok(())
     }
 
     fn remove(&mut self, name: &str) -> Result<(), KeyError> {
+        self.writable()?;
         self.lock().remove(name);
         Ok(())
     }
