@@ -27,7 +27,11 @@ CA_CLUSTER_ACCESS = {
     ("events.k8s.io", "events"): {"create", "patch"},
     ("", "configmaps"): {"get", "create", "update"},
 }
-CA_NAMESPACED_ACCESS = {("", "secrets"): {"get", "create", "update"}}
+CA_NAMESPACED_ACCESS = {
+    ("", "secrets"): {"get", "create", "update"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+    ("", "configmaps"): {"list", "patch", "delete"},
+}
 
 
 def access(rules):
@@ -54,13 +58,18 @@ def test_ca_rbac_is_exactly_what_kubernetes_mode_needs(name):
     role = rendered.one("Role", "palisade-ca")
     assert role["metadata"]["namespace"] == ns
     assert access(role["rules"]) == CA_NAMESPACED_ACCESS
-    # Reads and updates of Secrets are limited to the CA's own keys by name; only create (which
-    # cannot be limited by name) is open, and only in the release namespace.
+    # Reads and updates of Secrets and Leases are limited to the CA's own by name; only create
+    # (which cannot be limited by name) is open, and only in the release namespace. The proxy
+    # reports' ConfigMaps are named after pods: list, patch and delete in this namespace only.
+    own = {"secrets": ["palisade-ca-keys"], "leases": ["palisade-ca-rotation"]}
     for rule in role["rules"]:
-        if set(rule["verbs"]) & {"get", "update"}:
-            assert rule["resourceNames"] == ["palisade-ca-keys"]
+        (resource,) = rule["resources"]
+        if resource == "configmaps":
+            assert set(rule["verbs"]) == {"list", "patch", "delete"}, rule
+        elif set(rule["verbs"]) & {"get", "update"}:
+            assert rule["resourceNames"] == own[resource], rule
         else:
-            assert rule["verbs"] == ["create"] and "resourceNames" not in rule
+            assert rule["verbs"] == ["create"] and "resourceNames" not in rule, rule
     # ConfigMaps: read and updated only by the trust anchors' name; create alone is open (it
     # cannot be limited by name). No list or watch of ConfigMaps at all.
     for rule in rendered.one("ClusterRole", "palisade-ca")["rules"]:
