@@ -390,6 +390,13 @@ pub async fn drive_once(
     reread: bool,
 ) -> Result<bool, SyncError> {
     let now = OffsetDateTime::now_utc();
+    // Read first, so that a replica that just gained the Lease steps from the Secret's state,
+    // not from what it read up to 10 s ago (never over a move of its own not yet written).
+    let mut read = false;
+    if reread && !(driver && sync.dirty()) {
+        sync.refresh(rotation, now).await?;
+        read = true;
+    }
     if driver {
         // A move made by `POST /rotation/*` or the last step, not stored yet.
         if sync.write().await? == Written::Conflict {
@@ -414,9 +421,5 @@ pub async fn drive_once(
             return Ok(true);
         }
     }
-    if reread && !(driver && sync.dirty()) {
-        sync.refresh(rotation, now).await?;
-        return Ok(true);
-    }
-    Ok(false)
+    Ok(read)
 }
