@@ -622,3 +622,55 @@ async fn a_replica_that_does_not_drive_starts_no_rotation() {
     assert!(!sync.dirty(), "nothing was written into the store");
     api.expect_no_more().await;
 }
+
+#[tokio::test]
+async fn a_replica_publishes_what_its_own_proxies_reported_and_rewrites_it_while_alive() {
+    use palisade_ca::kube::rotation_reports::ReportWriter;
+    const MINE: &str =
+        "/api/v1/namespaces/palisade-system/configmaps/palisade-ca-proxies-palisade-ca-6f7b9c-a1b2";
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let (rotation, _sync) = opened(&mut api, &client, secret_from(&made_store(), "50")).await;
+    let mut writer = ReportWriter::new(
+        kube::Api::namespaced(client.clone(), NS),
+        "palisade-ca-6f7b9c-a1b2",
+    );
+    let at = now();
+    let publish = writer.publish(&rotation, at);
+    let (published, seen) = tokio::join!(publish, async {
+        let (seen, send) = receive(&mut api.handle).await;
+        let body = seen.body.clone().unwrap();
+        send.send_response(json_response(StatusCode::OK, &body));
+        seen
+    });
+    assert!(published.unwrap());
+    assert_eq!((&seen.method, seen.path.as_str()), (&Method::PATCH, MINE));
+    assert_eq!(seen.query["fieldManager"], "palisade-ca");
+    let body = seen.body.unwrap();
+    assert_eq!(body["apiVersion"], "v1");
+    assert_eq!(body["kind"], "ConfigMap");
+    assert_eq!(
+        body["metadata"]["labels"]["palisade.dev/ca-proxies"],
+        "true"
+    );
+    assert_eq!(
+        body["metadata"]["annotations"]["palisade.dev/written-at"],
+        rfc3339(at).as_str()
+    );
+    assert_eq!(body["data"]["proxies.json"], "[]");
+
+    // Unchanged and fresh: not written again; unchanged for 30 s: written again to stay fresh.
+    assert!(
+        !writer
+            .publish(&rotation, at + time::Duration::seconds(10))
+            .await
+            .unwrap()
+    );
+    let later = at + time::Duration::seconds(30);
+    let (published, _) = tokio::join!(writer.publish(&rotation, later), async {
+        let (seen, send) = receive(&mut api.handle).await;
+        send.send_response(json_response(StatusCode::OK, &seen.body.clone().unwrap()));
+    });
+    assert!(published.unwrap());
+    api.expect_no_more().await;
+}
