@@ -103,7 +103,7 @@ impl Keys {
 }
 
 pub struct Rotation {
-    /// `None` for an operator's CA and in Kubernetes mode: nothing to rotate here.
+    /// `None` for an operator's CA: nothing to rotate here.
     keys: Mutex<Option<Keys>>,
     authority: ArcSwap<Authority>,
     trust: watch::Sender<TrustView>,
@@ -208,7 +208,7 @@ impl Rotation {
         Ok(rotation)
     }
 
-    /// A CA whose keys are given (an operator's root or intermediate) or kept in a Secret:
+    /// A CA whose keys are given (an operator's root or intermediate):
     /// always `idle`; proxies are still heard, for the fleet's figures.
     pub fn fixed(
         material: KeyMaterial,
