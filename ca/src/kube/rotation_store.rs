@@ -403,12 +403,15 @@ pub async fn drive_once(
             sync.refresh(rotation, now).await?;
             return Ok(true);
         }
-        collect(&peers.configmaps, rotation, &peers.pod, now)
-            .await
-            .map_err(|source| SyncError::Reports {
-                namespace: sync.namespace.clone(),
-                source,
-            })?;
+        // Only a running rotation waits for proxies; an idle one spares the API server the list.
+        if rotation.status().phase != crate::rotation::Phase::Idle.as_str() {
+            collect(&peers.configmaps, rotation, &peers.pod, now)
+                .await
+                .map_err(|source| SyncError::Reports {
+                    namespace: sync.namespace.clone(),
+                    source,
+                })?;
+        }
         let state = publisher.current().state;
         if let Some(t) = rotation
             .step(&state, now)
