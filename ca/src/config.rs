@@ -63,6 +63,9 @@ pub struct ServeConfig {
     pub admin_limits: palisade_plumbing::admin_http::Limits,
     /// Rotation of the generated root and intermediate: schedule, lifetimes, pacing.
     pub rotation: crate::rotation::Settings,
+    /// This pod's name (`PALISADE_POD_NAME`, from the downward API): who holds the rotation Lease in
+    /// Kubernetes mode. The hostname when unset.
+    pub pod_name: Option<String>,
 }
 
 /// The bounds of every connection to the API port: how many, how long each may take to say
@@ -145,6 +148,7 @@ impl ServeConfig {
             connections: ConnectionLimits::default(),
             admin_limits: palisade_plumbing::admin_http::Limits::default(),
             rotation: crate::rotation::Settings::default(),
+            pod_name: None,
         }
     }
 

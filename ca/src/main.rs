@@ -202,6 +202,10 @@ struct ServeArgs {
     /// palisade-injector-tls and keep the webhook palisade-injector's caBundle current.
     #[arg(long, env = "PALISADE_MANAGE_INJECTOR_TLS")]
     manage_injector_tls: bool,
+    /// This pod's name (the chart sets it from the downward API): the holder's name on the
+    /// rotation Lease in Kubernetes mode. Defaults to the hostname.
+    #[arg(long, env = "PALISADE_POD_NAME")]
+    pod_name: Option<String>,
     /// Certificate requests per second allowed per identity (0: no limit).
     #[arg(long, env = "PALISADE_RATE_LIMIT", default_value_t = 10)]
     rate_limit: u32,
@@ -343,6 +347,7 @@ fn serve_config(a: ServeArgs) -> anyhow::Result<ServeConfig> {
     config.keys = keys;
     config.extra_trust_roots = a.extra_trust_roots;
     config.manage_injector_tls = a.manage_injector_tls;
+    config.pod_name = a.pod_name;
     config.rate_limit_per_identity = a.rate_limit;
     config.rate_limit_burst = a.rate_limit_burst;
     config.source_rate_limit = a.source_rate_limit;

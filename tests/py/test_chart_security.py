@@ -40,7 +40,11 @@ CA_CLUSTER_ACCESS = {
     # --manage-injector-tls: the webhook's caBundle.
     ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"): {"get", "update"},
 }
-CA_NAMESPACED_ACCESS = {("", "secrets"): {"get", "create", "update"}}
+CA_NAMESPACED_ACCESS = {
+    ("", "secrets"): {"get", "create", "update"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+    ("", "configmaps"): {"list", "patch", "delete"},
+}
 # With certIssuer chart or cert-manager the CA does not touch the webhook.
 CA_CLUSTER_ACCESS_WITHOUT_INJECTOR_TLS = {
     k: v for k, v in CA_CLUSTER_ACCESS.items() if k[1] != "mutatingwebhookconfigurations"
@@ -79,15 +83,20 @@ def test_ca_rbac_is_exactly_what_kubernetes_mode_needs(name):
     role = rendered.one("Role", "palisade-ca")
     assert role["metadata"]["namespace"] == ns
     assert access(role["rules"]) == CA_NAMESPACED_ACCESS
-    # Reads and updates of Secrets are limited by name to the CA's own keys (and, when it issues
-    # the webhook's certificate, that Secret); only create (which cannot be limited by name) is
-    # open, and only in the release namespace.
+    # Reads and updates of Secrets and Leases are limited to the CA's own by name (and, when it
+    # issues the webhook's certificate, that Secret); only create (which cannot be limited by
+    # name) is open, and only in the release namespace. The proxy reports' ConfigMaps are named
+    # after pods: list, patch and delete in this namespace only.
+    own = {"secrets": CA_SECRETS[issuer], "leases": ["palisade-ca-rotation"]}
     for rule in role["rules"]:
-        if set(rule["verbs"]) & {"get", "update"}:
-            assert rule["resourceNames"] == CA_SECRETS[issuer], rule
+        (resource,) = rule["resources"]
+        if resource == "configmaps":
+            assert set(rule["verbs"]) == {"list", "patch", "delete"}, rule
+        elif set(rule["verbs"]) & {"get", "update"}:
+            assert rule["resourceNames"] == own[resource], rule
             assert set(rule["verbs"]) == {"get", "update"}, rule
         else:
-            assert rule["verbs"] == ["create"] and "resourceNames" not in rule
+            assert rule["verbs"] == ["create"] and "resourceNames" not in rule, rule
     # ConfigMaps: read and updated only by the trust anchors' name; create alone is open (it
     # cannot be limited by name). No list or watch of ConfigMaps at all.
     for rule in rendered.one("ClusterRole", "palisade-ca")["rules"]:

@@ -117,13 +117,39 @@ pub async fn ensure(
     Ok(())
 }
 
-/// Keeps the ConfigMap right in every opted-in namespace until shutdown.
+/// Keeps the ConfigMap right in every opted-in namespace until shutdown, with a bundle that
+/// never changes.
 pub async fn distribute(
     client: kube::Client,
     bundle_pem: String,
+    opted_in: watch::Receiver<BTreeSet<String>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (_fixed, bundle) = watch::channel(bundle_pem);
+    keep_anchors(client, bundle, String::clone, opted_in, shutdown).await
+}
+
+/// Keeps the ConfigMap right in every opted-in namespace until shutdown, following the trust
+/// view: during a root rotation it holds both roots, and the new root alone after.
+pub async fn distribute_following(
+    client: kube::Client,
+    trust: watch::Receiver<crate::rotation::TrustView>,
+    opted_in: watch::Receiver<BTreeSet<String>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let text = |view: &crate::rotation::TrustView| bundle_text(&view.bundle_pem);
+    keep_anchors(client, trust, text, opted_in, shutdown).await
+}
+
+async fn keep_anchors<T>(
+    client: kube::Client,
+    mut source: watch::Receiver<T>,
+    text: impl Fn(&T) -> String,
     mut opted_in: watch::Receiver<BTreeSet<String>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut bundle_pem = text(&source.borrow_and_update());
+    let mut source_open = true;
     let mut done: BTreeSet<String> = BTreeSet::new();
     let mut resync = tokio::time::interval(RESYNC_EVERY);
     resync.tick().await;
@@ -149,6 +175,18 @@ pub async fn distribute(
         }
         tokio::select! {
             changed = opted_in.changed() => if changed.is_err() { return },
+            changed = source.changed(), if source_open => match changed {
+                Ok(()) => {
+                    let now = text(&source.borrow_and_update());
+                    if now != bundle_pem {
+                        tracing::info!("the trust bundle changed: updating every trust-anchor ConfigMap");
+                        bundle_pem = now;
+                        done.clear();
+                    }
+                }
+                // Nothing will change it any more: keep the last one.
+                Err(_) => source_open = false,
+            },
             _ = tokio::time::sleep(RETRY_AFTER), if failed => {}
             _ = resync.tick() => done.clear(),
             _ = shutdown.changed() => return,

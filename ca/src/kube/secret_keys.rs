@@ -129,7 +129,7 @@ pub async fn load_or_create_in_secret(
 
 type Files = MemoryStore;
 
-fn stored_files(namespace: &str, secret: &Secret) -> Result<Files, SecretKeyError> {
+pub(super) fn stored_files(namespace: &str, secret: &Secret) -> Result<Files, SecretKeyError> {
     let data = secret.data.clone().unwrap_or_default();
     let malformed = |key: &str, problem: &str| SecretKeyError::Malformed {
         namespace: namespace.into(),
@@ -137,7 +137,17 @@ fn stored_files(namespace: &str, secret: &Secret) -> Result<Files, SecretKeyErro
         problem: problem.into(),
     };
     let mut files = Files::new();
+    // An operator's root kept offline: no root key, and the note that says so instead.
+    let offline = crate::rotation::keyset::CURRENT.root_key_offline;
+    if let Some(note) = data.get(offline) {
+        let text =
+            String::from_utf8(note.0.clone()).map_err(|_| malformed(offline, "not UTF-8 text"))?;
+        files.insert(offline.to_owned(), text);
+    }
     for key in SECRET_KEYS {
+        if key == ROOT_KEY_FILE && !data.contains_key(key) && files.contains_key(offline) {
+            continue;
+        }
         let value = data.get(key).ok_or_else(|| {
             malformed(
                 key,
@@ -166,14 +176,14 @@ fn load_files(
     Ok((material, files))
 }
 
-fn to_data(files: Files) -> BTreeMap<String, ByteString> {
+pub(super) fn to_data(files: Files) -> BTreeMap<String, ByteString> {
     files
         .into_iter()
         .map(|(k, v)| (k, ByteString(v.into_bytes())))
         .collect()
 }
 
-fn new_secret(namespace: &str, files: Files) -> Secret {
+pub(super) fn new_secret(namespace: &str, files: Files) -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(SECRET_NAME.into()),

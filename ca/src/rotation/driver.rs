@@ -22,6 +22,8 @@ use crate::keys::{KeyError, KeyMaterial, KeyStore, load_or_create_generated};
 use crate::metrics::Metrics;
 
 mod operator;
+#[path = "shared.rs"]
+pub mod shared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RotationError {
@@ -102,7 +104,7 @@ impl Keys {
 }
 
 pub struct Rotation {
-    /// `None` for an operator's CA and in Kubernetes mode: nothing to rotate here.
+    /// `None` for an operator's CA: nothing to rotate here.
     keys: Mutex<Option<Keys>>,
     authority: ArcSwap<Authority>,
     trust: watch::Sender<TrustView>,
@@ -211,7 +213,7 @@ impl Rotation {
         Ok(rotation)
     }
 
-    /// A CA whose keys are given (an operator's root or intermediate) or kept in a Secret:
+    /// A CA whose keys are given (an operator's root or intermediate):
     /// always `idle`; proxies are still heard, for the fleet's figures.
     pub fn fixed(
         material: KeyMaterial,

@@ -20,6 +20,7 @@ use time::Duration;
 
 use crate::keys::Lifetimes;
 
+pub use driver::shared::SharedStore;
 pub use driver::{Rotation, RotationError, Transition, TrustView};
 pub use registry::{ProxyRegistry, WatchReport};
 pub use status::{LaggingProxy, ProxyCounts, RotationStatus};

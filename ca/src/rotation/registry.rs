@@ -37,6 +37,9 @@ pub struct ProxyRegistry {
     entries: Mutex<HashMap<String, WatchReport>>,
     /// Grows with every change, so a saver knows when there is something new.
     changes: std::sync::atomic::AtomicU64,
+    /// What the other CA replicas heard (Kubernetes mode), kept apart from what this one heard
+    /// so that it is never saved or published again as this replica's own.
+    remote: Mutex<Vec<WatchReport>>,
 }
 
 impl ProxyRegistry {
@@ -63,9 +66,15 @@ impl ProxyRegistry {
         self.changes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The entries as JSON, to keep with the keys.
+    /// The entries this replica heard itself, as JSON, to keep with the keys (and, in
+    /// Kubernetes mode, to tell the replica that drives the rotation).
     pub fn save(&self) -> String {
-        serde_json::to_string(&self.snapshot()).expect("reports serialize")
+        serde_json::to_string(&self.local_snapshot()).expect("reports serialize")
+    }
+
+    /// Replaces what the other replicas heard.
+    pub fn set_remote(&self, reports: Vec<WatchReport>) {
+        *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = reports;
     }
 
     /// Entries saved by [`ProxyRegistry::save`]; unreadable text is ignored with a warning
@@ -81,15 +90,35 @@ impl ProxyRegistry {
 
     /// Drops entries whose leaf has expired or whose pod is gone (or now another identity's).
     pub fn prune(&self, state: &MeshState, now: i64) {
-        self.lock().retain(|_, r| {
+        let live = |r: &WatchReport| {
             r.leaf_not_after > now
                 && r.pod_ip
                     .is_none_or(|ip| state.workload_at(ip).is_some_and(|w| r.owner.holds(w)))
-        });
+        };
+        self.lock().retain(|_, r| live(r));
+        self.remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(live);
     }
 
-    /// Every entry, sorted by pod then identity.
+    /// Every entry, this replica's and the other replicas' ([`merge`]), sorted by pod then
+    /// identity.
     pub fn snapshot(&self) -> Vec<WatchReport> {
+        let local = self.local_snapshot();
+        let remote = self
+            .remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if remote.is_empty() {
+            return local;
+        }
+        merge(local.into_iter().chain(remote))
+    }
+
+    /// What this replica heard itself, sorted by pod then identity.
+    fn local_snapshot(&self) -> Vec<WatchReport> {
         let mut all: Vec<WatchReport> = self.lock().values().cloned().collect();
         all.sort_by(|a, b| (&a.pod, &a.spiffe_id).cmp(&(&b.pod, &b.spiffe_id)));
         all
@@ -98,6 +127,34 @@ impl ProxyRegistry {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, WatchReport>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// One entry per proxy (pod address, or identity without one) from several replicas' reports.
+/// The report of the newer leaf wins. Two reports of the same leaf (the proxy's watch moved
+/// from one replica to another, and the first still holds what it heard) keep only the roots
+/// both name: a proxy counts as trusting a root only when every replica that heard this leaf
+/// heard it trust that root. That can hold a rotation back until the proxy's next leaf; it
+/// never counts a proxy that has not confirmed.
+pub fn merge(reports: impl IntoIterator<Item = WatchReport>) -> Vec<WatchReport> {
+    let mut by_proxy: HashMap<String, WatchReport> = HashMap::new();
+    for report in reports {
+        let key = match report.pod_ip {
+            Some(ip) => ip.to_string(),
+            None => report.spiffe_id.clone(),
+        };
+        match by_proxy.get_mut(&key) {
+            Some(held) if held.leaf_not_before > report.leaf_not_before => {}
+            Some(held) if held.leaf_not_before == report.leaf_not_before => {
+                held.roots.retain(|root| report.roots.contains(root));
+            }
+            _ => {
+                by_proxy.insert(key, report);
+            }
+        }
+    }
+    let mut all: Vec<WatchReport> = by_proxy.into_values().collect();
+    all.sort_by(|a, b| (&a.pod, &a.spiffe_id).cmp(&(&b.pod, &b.spiffe_id)));
+    all
 }
 
 /// The proxies that do not yet trust every root of `bundle`.
@@ -175,6 +232,46 @@ mod tests {
         assert_eq!(restored.snapshot(), vec![newer]);
         restored.restore("not json");
         assert_eq!(restored.snapshot().len(), 1);
+    }
+
+    #[test]
+    fn other_replicas_reports_merge_newest_leaf_first_and_a_tie_keeps_the_common_roots() {
+        let registry = ProxyRegistry::default();
+        registry.report(report("10.77.0.2", &["old", "new"], "i1", 100));
+        registry.report(report("10.77.0.4", &["old"], "i1", 100));
+        let renewed = WatchReport {
+            leaf_not_before: 30,
+            ..report("10.77.0.3", &["old", "new"], "i1", 100)
+        };
+        registry.set_remote(vec![
+            // Only another replica hears this one.
+            report("10.77.0.9", &["old"], "i1", 100),
+            // The same leaf as ours, heard before the proxy confirmed: not confirmed yet.
+            report("10.77.0.2", &["old"], "i1", 100),
+            renewed.clone(),
+            // An older leaf of the same proxy loses to the renewed one.
+            report("10.77.0.3", &["old"], "i1", 100),
+            // The other replica heard it confirm, we did not (yet): not confirmed either.
+            report("10.77.0.4", &["old", "new"], "i1", 100),
+        ]);
+        let all = registry.snapshot();
+        let roots: Vec<(String, Vec<String>)> = all
+            .iter()
+            .map(|r| (r.pod.clone().unwrap(), r.roots.clone()))
+            .collect();
+        assert_eq!(
+            roots,
+            vec![
+                ("shop/10.77.0.2".into(), vec!["old".into()]),
+                ("shop/10.77.0.3".into(), vec!["old".into(), "new".into()]),
+                ("shop/10.77.0.4".into(), vec!["old".into()]),
+                ("shop/10.77.0.9".into(), vec!["old".into()]),
+            ]
+        );
+        // What other replicas heard is never saved (nor published) as this replica's.
+        let saved: Vec<WatchReport> = serde_json::from_str(&registry.save()).unwrap();
+        assert_eq!(saved.len(), 2);
+        assert_eq!(saved[0].roots, vec!["old".to_string(), "new".into()]);
     }
 
     #[test]

@@ -83,7 +83,8 @@ pub async fn start_with_kube_client(
     config.validate()?;
     let kube_client = parts::kube_client(&config, kube_client).await?;
     let metrics = Arc::new(Metrics::new(0));
-    let rotation = Arc::new(parts::rotation(&config, kube_client.as_ref(), &metrics).await?);
+    let (rotation, secret_sync) = parts::rotation(&config, kube_client.as_ref(), &metrics).await?;
+    let rotation = Arc::new(rotation);
     let authority = rotation.authority();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -122,8 +123,14 @@ pub async fn start_with_kube_client(
         shutdown: &shutdown_rx,
         tasks: &mut tasks,
     };
-    let (publisher, ready) =
-        parts::mesh_source(&config, kube_client, &authority, pod_deletions, background)?;
+    let rotation_kube = secret_sync.zip(kube_client.clone());
+    let (publisher, ready) = parts::mesh_source(
+        &config,
+        kube_client,
+        rotation.subscribe(),
+        pod_deletions,
+        background,
+    )?;
 
     let serving = ServingIdentity::of(&config)?;
     let resolver = Arc::new(ReloadingResolver::new(serving_cert::server_cert(
@@ -151,12 +158,37 @@ pub async fn start_with_kube_client(
         serving,
         shutdown_rx.clone(),
     ));
-    tasks.spawn(crate::rotation::run(
-        ca.rotation.clone(),
-        ca.publisher.clone(),
-        ca.audit.clone(),
-        shutdown_rx.clone(),
-    ));
+    match rotation_kube {
+        // Kubernetes mode: the Lease's holder drives, every replica follows the Secret.
+        Some((sync, client)) => {
+            let pod = crate::kube::rotation_lease::pod_identity(ca.config.pod_name.clone());
+            let namespace = &ca.config.namespace;
+            tasks.spawn(crate::kube::rotation_store::run(
+                ca.rotation.clone(),
+                sync,
+                crate::kube::rotation_lease::LeaseKeeper::new(
+                    client.clone(),
+                    namespace,
+                    pod.clone(),
+                ),
+                crate::kube::rotation_store::Peers {
+                    configmaps: ::kube::Api::namespaced(client, namespace),
+                    pod,
+                },
+                ca.publisher.clone(),
+                ca.audit.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+        None => {
+            tasks.spawn(crate::rotation::run(
+                ca.rotation.clone(),
+                ca.publisher.clone(),
+                ca.audit.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+    }
     tasks.spawn(accept::serve_api(
         api,
         acceptor,

@@ -17,10 +17,9 @@ use crate::auth::Authenticator;
 use crate::auth::jwks::JwksAuthenticator;
 use crate::auth::kube::KubeAuthenticator;
 use crate::auth::local::{LocalAuthenticator, LocalIssuer};
-use crate::authority::Authority;
 use crate::config::{AuthMode, MeshSource, ServeConfig};
 use crate::keys::{DirStore, KeyError, KeySource, MemoryStore, load_or_create_in};
-use crate::kube::secret_keys::load_or_create_in_secret;
+use crate::kube::rotation_store::SecretSync;
 use crate::kube::{WatchSettings, spawn_watches};
 use crate::mesh::file::{load_mesh_file_as_read, reload_loop};
 use crate::mesh::{MeshPublisher, MeshState};
@@ -50,13 +49,14 @@ pub(super) async fn kube_client(
     }
 }
 
-/// The key material, behind the rotation that owns it: a generated root in the state directory
-/// rotates itself; an operator's CA and the Kubernetes Secret stay as they are.
+/// The key material, behind the rotation that owns it: a generated root rotates itself, in the
+/// state directory or (Kubernetes mode) in the Secret, which is then returned to keep in sync;
+/// an operator's CA stays as it is.
 pub(super) async fn rotation(
     config: &ServeConfig,
     kube_client: Option<&::kube::Client>,
     metrics: &Arc<Metrics>,
-) -> Result<Rotation, StartError> {
+) -> Result<(Rotation, Option<SecretSync>), StartError> {
     let now = time::OffsetDateTime::now_utc();
     let mut settings = config.rotation.clone();
     settings.max_leaf_lifetime =
@@ -76,44 +76,64 @@ pub(super) async fn rotation(
             now,
         )
     };
-    Ok(match (kube_client, &config.source, &config.keys) {
-        // In a cluster the generated root lives in a Secret, shared by replicas and restarts.
-        (Some(client), MeshSource::Kube, KeySource::Generated) => fixed(
-            load_or_create_in_secret(client, &config.namespace, td, now).await?,
-            "in Kubernetes mode its keys live in a Secret shared by every replica, and rotation there is not built yet",
-        )?,
-        // An operator's CA in a cluster: the intermediate made under their root lives in
-        // memory only (a new one each start), so no private key touches the pod's disk.
-        (Some(_), MeshSource::Kube, keys) => fixed(
-            load_or_create_in(&mut MemoryStore::new(), keys, td, &lifetimes, now)?,
-            OPERATORS_CA,
-        )?,
-        (_, _, KeySource::Generated) => {
-            let dir = &config.state_dir;
-            std::fs::create_dir_all(dir).map_err(|e| KeyError::Write(dir.clone(), e))?;
-            let lock =
-                crate::rotation::keyset::lock_state_dir(dir).map_err(StartError::StateDir)?;
-            Rotation::open(
-                Box::new(DirStore(dir.clone())),
-                td,
-                settings.clone(),
-                extra.clone(),
-                metrics.clone(),
-                now,
-            )?
-            .hold(lock)
-        }
-        (_, _, keys) => fixed(
-            load_or_create_in(
-                &mut DirStore(config.state_dir.clone()),
-                keys,
-                td,
-                &lifetimes,
-                now,
+    // In a cluster the generated root lives in a Secret, shared by replicas and restarts; the
+    // replica holding the rotation Lease drives it (crate::kube::rotation_store).
+    if let (Some(client), MeshSource::Kube, KeySource::Generated) =
+        (kube_client, &config.source, &config.keys)
+    {
+        let (rotation, sync) = SecretSync::open(
+            client,
+            &config.namespace,
+            td,
+            settings.clone(),
+            extra.clone(),
+            metrics.clone(),
+            now,
+        )
+        .await?;
+        // Until this replica holds the Lease, it starts and aborts nothing.
+        sync.store().refuse_writes(Some(
+            "this CA replica has not joined the rotation's Lease yet: retry in a few seconds"
+                .into(),
+        ));
+        return Ok((rotation, Some(sync)));
+    }
+    Ok((
+        match (kube_client, &config.source, &config.keys) {
+            // An operator's CA in a cluster: the intermediate made under their root lives in
+            // memory only (a new one each start), so no private key touches the pod's disk.
+            (Some(_), MeshSource::Kube, keys) => fixed(
+                load_or_create_in(&mut MemoryStore::new(), keys, td, &lifetimes, now)?,
+                OPERATORS_CA,
             )?,
-            OPERATORS_CA,
-        )?,
-    })
+            (_, _, KeySource::Generated) => {
+                let dir = &config.state_dir;
+                std::fs::create_dir_all(dir).map_err(|e| KeyError::Write(dir.clone(), e))?;
+                let lock =
+                    crate::rotation::keyset::lock_state_dir(dir).map_err(StartError::StateDir)?;
+                Rotation::open(
+                    Box::new(DirStore(dir.clone())),
+                    td,
+                    settings.clone(),
+                    extra.clone(),
+                    metrics.clone(),
+                    now,
+                )?
+                .hold(lock)
+            }
+            (_, _, keys) => fixed(
+                load_or_create_in(
+                    &mut DirStore(config.state_dir.clone()),
+                    keys,
+                    td,
+                    &lifetimes,
+                    now,
+                )?,
+                OPERATORS_CA,
+            )?,
+        },
+        None,
+    ))
 }
 
 const OPERATORS_CA: &str = "its root is the operator's (--root-cert or --intermediate-*)";
@@ -177,7 +197,7 @@ pub(super) async fn authenticator(
 pub(super) fn mesh_source(
     config: &ServeConfig,
     kube_client: Option<::kube::Client>,
-    authority: &Authority,
+    trust: watch::Receiver<crate::rotation::TrustView>,
     pod_deletions: Arc<crate::auth::kube::PodDeletions>,
     background: Background<'_>,
 ) -> Result<(MeshPublisher, watch::Receiver<bool>), StartError> {
@@ -223,9 +243,10 @@ pub(super) fn mesh_source(
                 shutdown.clone(),
                 tasks,
             );
-            tasks.spawn(crate::kube::anchors::distribute(
+            // The anchors follow the rotation: both roots while it is trusting or issuing.
+            tasks.spawn(crate::kube::anchors::distribute_following(
                 client.clone(),
-                crate::kube::anchors::bundle_text(authority.trust_bundle_pem()),
+                trust,
                 outputs.opted_in.clone(),
                 shutdown.clone(),
             ));
