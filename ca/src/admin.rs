@@ -170,25 +170,60 @@ async fn start_rotation(
             ca.audit.rotation(&transition).await;
             rotation_status(ca, StatusCode::ACCEPTED)
         }
-        Err(
-            e @ (RotationError::Running { .. }
-            | RotationError::TooLateToAbort(_)
-            | RotationError::NothingToAbort),
-        ) => admin_http::text(StatusCode::CONFLICT, format!("{e}\n")),
-        Err(
-            e @ RotationError::Keys(
-                crate::keys::KeyError::Write(..) | crate::keys::KeyError::Generate(_),
-            ),
-        ) => admin_http::text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot start the rotation: {e}\n"),
-        ),
+        Err(e) => {
+            let status = refusal(&e);
+            let text = if status == StatusCode::INTERNAL_SERVER_ERROR {
+                format!("cannot start the rotation: {e}\n")
+            } else {
+                format!("{e}\n")
+            };
+            admin_http::text(status, text)
+        }
+    }
+}
+
+/// The status a refused `POST /rotation/*` is answered with. Pure.
+fn refusal(e: &RotationError) -> StatusCode {
+    use crate::keys::KeyError;
+    match e {
+        RotationError::Running { .. }
+        | RotationError::TooLateToAbort(_)
+        | RotationError::NothingToAbort
+        // Another replica drives the rotation: ask the Lease's holder (named in the message).
+        | RotationError::Keys(KeyError::NotDriver(_)) => StatusCode::CONFLICT,
+        RotationError::Keys(KeyError::Write(..) | KeyError::Generate(_)) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
         // The rest concern the operator's files, or a root whose key is not held.
-        Err(e @ (RotationError::Keys(_) | RotationError::SameRoot(_))) => {
-            admin_http::text(StatusCode::BAD_REQUEST, format!("{e}\n"))
-        }
-        Err(e @ RotationError::Unsupported(_)) => {
-            admin_http::text(StatusCode::NOT_IMPLEMENTED, format!("{e}\n"))
-        }
+        RotationError::Keys(_) | RotationError::SameRoot(_) => StatusCode::BAD_REQUEST,
+        RotationError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_that_does_not_drive_answers_conflict_with_the_holder_named() {
+        let e = RotationError::Keys(crate::keys::KeyError::NotDriver(
+            "this CA replica (palisade-ca-1) does not drive the rotation: palisade-ca-0 holds Lease palisade-ca-rotation".into(),
+        ));
+        assert_eq!(refusal(&e), StatusCode::CONFLICT);
+        assert!(e.to_string().contains("palisade-ca-0 holds Lease"), "{e}");
+        assert_eq!(
+            refusal(&RotationError::Keys(crate::keys::KeyError::Generate(
+                "x".into()
+            ))),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            refusal(&RotationError::NothingToAbort),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            refusal(&RotationError::Keys(crate::keys::KeyError::RootKeyOffline)),
+            StatusCode::BAD_REQUEST
+        );
     }
 }

@@ -78,6 +78,9 @@ pub enum KeyError {
     Incomplete { file: PathBuf, missing: PathBuf },
     #[error("cannot create keys: {0}")]
     Generate(String),
+    /// Another CA replica drives the rotation (Kubernetes mode): this one changes nothing.
+    #[error("{0}")]
+    NotDriver(String),
     #[error(
         "this CA does not hold its root's key (an operator's root, kept offline), so it cannot make an intermediate under it: sign one with that root and run `palisade-ca rotate intermediate --from-cert F --from-key F --chain F` (docs/rotation.md, \"An intermediate from an offline root\")"
     )]

@@ -38,7 +38,7 @@ impl SharedStore {
 
     fn writable(&self) -> Result<(), KeyError> {
         match &*self.1.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(why) => Err(KeyError::Generate(why.clone())),
+            Some(why) => Err(KeyError::NotDriver(why.clone())),
             None => Ok(()),
         }
     }
