@@ -278,7 +278,7 @@ fn expiry(
         offline
     } else if view.rotatable == Some(false) {
         format!(
-            "this CA cannot rotate its keys itself (Kubernetes mode, or an operator's CA): replace the {what} by hand, with --extra-trust-roots during the overlap (docs/rotation.md, \"What does not rotate itself yet\")"
+            "this CA cannot rotate its keys itself (an operator's root or intermediate given by flag): replace the {what} by hand, with --extra-trust-roots during the overlap (docs/rotation.md, \"What does not rotate itself yet\")"
         )
     } else {
         let mut fix = format!(
