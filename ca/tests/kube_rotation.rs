@@ -90,6 +90,7 @@ fn begun_elsewhere(base: &MemoryStore, kind: Kind) -> MemoryStore {
 fn peers(client: &kube::Client) -> Peers {
     Peers {
         configmaps: kube::Api::namespaced(client.clone(), NS),
+        pods: kube::Api::namespaced(client.clone(), NS),
         pod: "palisade-ca-6f7b9c-a1b2".into(),
     }
 }
@@ -472,7 +473,10 @@ fn reports(age: time::Duration, roots: &[String]) -> Value {
 const GONE: &str =
     "/api/v1/namespaces/palisade-system/configmaps/palisade-ca-proxies-palisade-ca-6f7b9c-gone";
 
-/// One driver step whose report list is `list`; `moves` says whether the step writes a move.
+/// The pod of the reporting replica in [`reports`].
+const REPLICA_POD: &str = "/api/v1/namespaces/palisade-system/pods/palisade-ca-6f7b9c-x2kq";
+
+/// One driver step whose report list is `list`, writing a move as version `rv`.
 async fn driver_step(
     api: &mut Scenario,
     rotation: &Rotation,
@@ -481,23 +485,47 @@ async fn driver_step(
     list: Value,
     rv: &str,
 ) {
+    driver_step_with(api, rotation, sync, peers, list, None, Some(rv)).await;
+}
+
+/// One driver step: the report list, the answer about a quiet replica's pod (when its report
+/// is stale), and the version a written move gets (`None`: the step must write nothing).
+async fn driver_step_with(
+    api: &mut Scenario,
+    rotation: &Rotation,
+    sync: &mut SecretSync,
+    peers: &Peers,
+    list: Value,
+    replica_pod: Option<(StatusCode, Value)>,
+    rv: Option<&str>,
+) {
     let audit = AuditLog::stdout();
     let publisher = publisher();
     let drive = drive_once(rotation, sync, peers, true, &publisher, &audit, false);
-    let (result, ()) = tokio::join!(drive, async {
-        let seen = api
-            .expect(Method::GET, CONFIGMAPS, StatusCode::OK, list)
+    let steps = async {
+        tokio::join!(drive, async {
+            let seen = api
+                .expect(Method::GET, CONFIGMAPS, StatusCode::OK, list)
+                .await;
+            assert_eq!(seen.query["labelSelector"], "palisade.dev/ca-proxies=true");
+            if let Some((status, pod)) = replica_pod {
+                api.expect(Method::GET, REPLICA_POD, status, pod).await;
+            }
+            api.expect(
+                Method::DELETE,
+                GONE,
+                StatusCode::OK,
+                fixture("configmap-deleted-status.json"),
+            )
             .await;
-        assert_eq!(seen.query["labelSelector"], "palisade.dev/ca-proxies=true");
-        api.expect(
-            Method::DELETE,
-            GONE,
-            StatusCode::OK,
-            fixture("configmap-deleted-status.json"),
-        )
-        .await;
-        answer_put(api, rv).await;
-    });
+            if let Some(rv) = rv {
+                answer_put(api, rv).await;
+            }
+        })
+    };
+    let (result, ()) = tokio::time::timeout(kube_support::GUARD, steps)
+        .await
+        .expect("the driver's step did not finish: it sent a request nobody answers (a move written where none was expected?)");
     result.unwrap();
 }
 
@@ -542,9 +570,70 @@ async fn a_report_not_written_for_a_minute_is_ignored() {
     assert_eq!(written.unwrap(), Written::Stored);
     let bundle = rotation.status().trusted_roots;
 
-    // Its replica stopped writing 61 s ago: what it said no longer holds the rotation back.
+    // Its replica stopped writing 61 s ago and its pod is gone: what it said no longer holds
+    // the rotation back (its proxies reconnect elsewhere).
     let stale = reports(time::Duration::seconds(61), &bundle[..1]);
-    driver_step(&mut api, &rotation, &mut sync, &peers, stale, "32").await;
+    let gone = (
+        StatusCode::NOT_FOUND,
+        fixture("pod-ca-replica-notfound-404.json"),
+    );
+    driver_step_with(
+        &mut api,
+        &rotation,
+        &mut sync,
+        &peers,
+        stale,
+        Some(gone),
+        Some("32"),
+    )
+    .await;
+    assert_eq!(rotation.status().phase, "issuing");
+    api.expect_no_more().await;
+}
+
+/// A replica that stopped reporting while its pod still runs (cut off from the API server)
+/// serves proxies nobody heard: `trusting` waits for it, and moves once its pod is gone.
+#[tokio::test]
+async fn a_silent_replica_whose_pod_runs_holds_trusting() {
+    let (client, handle) = mock_client(NS);
+    let mut api = Scenario { handle };
+    let base = made_store();
+    let (rotation, mut sync) =
+        opened_with(&mut api, &client, secret_from(&base, "40"), eager()).await;
+    let peers = peers(&client);
+    rotation.begin(Kind::Root, Trigger::Manual, now()).unwrap();
+    let (written, _) = tokio::join!(sync.write(), answer_put(&mut api, "41"));
+    assert_eq!(written.unwrap(), Written::Stored);
+    let bundle = rotation.status().trusted_roots;
+
+    let running = (StatusCode::OK, fixture("pod-ca-replica.json"));
+    for _ in 0..2 {
+        let stale = reports(time::Duration::seconds(120), &bundle[..1]);
+        driver_step_with(
+            &mut api,
+            &rotation,
+            &mut sync,
+            &peers,
+            stale,
+            Some(running.clone()),
+            None,
+        )
+        .await;
+        assert_eq!(rotation.status().phase, "trusting");
+    }
+    let mut leaving = fixture("pod-ca-replica.json");
+    leaving["metadata"]["deletionTimestamp"] = "2026-11-30T22:00:00Z".into();
+    let stale = reports(time::Duration::seconds(120), &bundle[..1]);
+    driver_step_with(
+        &mut api,
+        &rotation,
+        &mut sync,
+        &peers,
+        stale,
+        Some((StatusCode::OK, leaving)),
+        Some("42"),
+    )
+    .await;
     assert_eq!(rotation.status().phase, "issuing");
     api.expect_no_more().await;
 }

@@ -3,13 +3,15 @@
 //! each replica publishes what its registry heard (its saved text) in ConfigMap
 //! `palisade-ca-proxies-<pod>` in the CA's namespace, and the replica that drives the rotation
 //! reads them all before each step and merges them, apart from its own, into its registry.
-//! A ConfigMap not written for [`FRESH_FOR`] is ignored (its replica is gone or cut off; the
-//! proxies it served reconnect elsewhere and report again); one older than [`DELETE_AFTER`] is
-//! deleted by the driver.
+//! A ConfigMap not written for [`FRESH_FOR`] does not count, and its replica is looked up: a
+//! replica whose pod is gone (a rollout, a scale-down) is forgotten, since the proxies it served
+//! reconnect elsewhere and report again; a replica whose pod still runs but is silent (cut off
+//! from the API server, stuck) still serves proxies nobody can vouch for, so `trusting` waits
+//! for it ([`Collected::silent`]). One older than [`DELETE_AFTER`] is deleted by the driver.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -36,6 +38,8 @@ pub struct Remote {
     /// Fresh ConfigMaps read (this replica's own excluded).
     pub replicas: usize,
     pub stale: Vec<String>,
+    /// Pods of the ConfigMaps neither fresh nor old enough to delete: silent, or gone.
+    pub quiet: Vec<String>,
 }
 
 /// Reads the reports ConfigMaps at `now` (Unix seconds), leaving out `own` (this replica's).
@@ -67,8 +71,10 @@ pub fn read_reports(configmaps: &[ConfigMap], own: &str, now: i64) -> Remote {
         let age = now - written;
         if age > DELETE_AFTER {
             remote.stale.push(name.to_owned());
+            continue;
         }
         if age > FRESH_FOR {
+            remote.quiet.push(name[REPORTS_PREFIX.len()..].to_owned());
             continue;
         }
         let text = cm.data.as_ref().and_then(|d| d.get(REPORTS_KEY));
@@ -96,19 +102,44 @@ pub fn reports_name(pod: &str) -> String {
     format!("{REPORTS_PREFIX}{pod}")
 }
 
+/// What the driver learnt from the replicas' reports.
+#[derive(Debug, Default, PartialEq)]
+pub struct Collected {
+    /// Other replicas whose reports count.
+    pub replicas: usize,
+    /// Replicas whose pods still run but have not reported for [`FRESH_FOR`]: `trusting` must
+    /// not end while they serve proxies nobody heard.
+    pub silent: Vec<String>,
+}
+
 /// Reads every replica's report into `rotation`'s registry (apart from what it heard itself),
-/// and deletes the reports of replicas gone for long. Returns how many other replicas count.
+/// looks up the pods of replicas gone quiet, and deletes the reports of replicas gone for long.
 pub async fn collect(
     api: &Api<ConfigMap>,
+    pods: &Api<Pod>,
     rotation: &Rotation,
     own_pod: &str,
     now: OffsetDateTime,
-) -> Result<usize, kube::Error> {
+) -> Result<Collected, kube::Error> {
     let list = api
         .list(&ListParams::default().labels(&format!("{REPORTS_LABEL}=true")))
         .await?;
     let remote = read_reports(&list.items, &reports_name(own_pod), now.unix_timestamp());
     rotation.registry.set_remote(remote.reports);
+    let mut silent = Vec::new();
+    for pod in remote.quiet {
+        match pods.get_opt(&pod).await {
+            // Gone, or on its way out: its proxies reconnect elsewhere.
+            Ok(None) => {}
+            Ok(Some(p)) if p.metadata.deletion_timestamp.is_some() => {}
+            Ok(Some(_)) => silent.push(pod),
+            // Unknown counts as running: the rotation waits rather than guess.
+            Err(error) => {
+                tracing::warn!(%pod, %error, "cannot look up a silent CA replica's pod; counting it as running");
+                silent.push(pod);
+            }
+        }
+    }
     for name in remote.stale {
         match api.delete(&name, &DeleteParams::default()).await {
             Ok(_) => {
@@ -119,7 +150,10 @@ pub async fn collect(
             }
         }
     }
-    Ok(remote.replicas)
+    Ok(Collected {
+        replicas: remote.replicas,
+        silent,
+    })
 }
 
 /// Writes this replica's report when it changed, or at least every [`REWRITE_AT_LEAST`].

@@ -75,6 +75,8 @@ pub enum SyncError {
 /// this pod's name.
 pub struct Peers {
     pub configmaps: Api<ConfigMap>,
+    /// The CA's namespace's pods: whether a replica gone quiet still runs.
+    pub pods: Api<k8s_openapi::api::core::v1::Pod>,
     pub pod: String,
 }
 
@@ -90,6 +92,8 @@ pub enum Written {
 
 /// The Secret as this replica last read or wrote it, and the store the rotation writes into.
 pub struct SecretSync {
+    /// When the driver last said that `trusting` waits for a silent replica (Unix seconds).
+    waiting_said_at: i64,
     api: Api<Secret>,
     namespace: String,
     store: SharedStore,
@@ -116,6 +120,17 @@ fn keys_error(namespace: &str, error: RotationError) -> SecretKeyError {
 }
 
 impl SecretSync {
+    /// Says, at most once a minute, that `trusting` waits for replicas that run but do not
+    /// report their proxies.
+    fn say_waiting(&mut self, silent: &[String], now: OffsetDateTime) {
+        let unix = now.unix_timestamp();
+        if unix - self.waiting_said_at >= 60 {
+            self.waiting_said_at = unix;
+            tracing::warn!(replicas = ?silent,
+                "root rotation: these CA replicas run but have not reported their proxies for over a minute (cut off from the API server?); the rotation stays in trusting until they report or their pods are gone");
+        }
+    }
+
     /// Reads the Secret (creating it when absent), opens the rotation over its entries (which
     /// makes a root when there is none, resumes a rotation, finishes one left `retiring`, renews
     /// an expiring intermediate), and writes back what opening changed, guarded by the
@@ -180,6 +195,7 @@ impl SecretSync {
                 Err(e) => return Err(api_err("write", e)),
             };
             let sync = SecretSync {
+                waiting_said_at: 0,
                 api,
                 namespace: namespace.into(),
                 store,
@@ -407,13 +423,18 @@ pub async fn drive_once(
             return Ok(true);
         }
         // Only a running rotation waits for proxies; an idle one spares the API server the list.
-        if rotation.status().phase != crate::rotation::Phase::Idle.as_str() {
-            collect(&peers.configmaps, rotation, &peers.pod, now)
+        let phase = rotation.status().phase;
+        if phase != crate::rotation::Phase::Idle.as_str() {
+            let collected = collect(&peers.configmaps, &peers.pods, rotation, &peers.pod, now)
                 .await
                 .map_err(|source| SyncError::Reports {
                     namespace: sync.namespace.clone(),
                     source,
                 })?;
+            if phase == crate::rotation::Phase::Trusting.as_str() && !collected.silent.is_empty() {
+                sync.say_waiting(&collected.silent, now);
+                return Ok(read);
+            }
         }
         let state = publisher.current().state;
         if let Some(t) = rotation

@@ -172,7 +172,8 @@ pub async fn start_with_kube_client(
                     pod.clone(),
                 ),
                 crate::kube::rotation_store::Peers {
-                    configmaps: ::kube::Api::namespaced(client, namespace),
+                    configmaps: ::kube::Api::namespaced(client.clone(), namespace),
+                    pods: ::kube::Api::namespaced(client, namespace),
                     pod,
                 },
                 ca.publisher.clone(),
