@@ -11,6 +11,9 @@
 //! Each proxy runs as its own process (this binary re-executed with PALISADE_BENCH_ROLE), so
 //! its memory and CPU can be read from /proc.
 //!
+//! `<binary> --bench --idle-10k` runs instead 10,000 idle connections through one pair
+//! (benches/proxy_load/idle.rs).
+//!
 //! Run the built binary (target/release/deps/proxy_load-*) as
 //! `flock /tmp/palisade-bench.lock chrt -f 10 <binary> --bench` for figures that other work
 //! on the machine does not disturb.
@@ -72,11 +75,20 @@ fn main() {
         return; // `cargo test --benches` asks for the list of benchmarks.
     }
     if let Ok(role) = std::env::var("PALISADE_BENCH_ROLE") {
-        proxy_role(&role);
+        if role == "echo" {
+            idle::echo_role();
+        } else {
+            proxy_role(&role);
+        }
         return;
     }
     palisade_ca_api::tls::install_default_provider();
-    if let Err(e) = bench() {
+    let run = if std::env::args().any(|a| a == "--idle-10k") {
+        idle::run()
+    } else {
+        bench()
+    };
+    if let Err(e) = run {
         eprintln!("proxy_load: {e}");
         std::process::exit(1);
     }
@@ -272,18 +284,21 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// A Palisade pair in front of `target_port`, each proxy with `workers` runtime threads:
 /// returns (client, server).
-fn pair(dir: &Path, target_port: u16, workers: usize) -> (ProxyProc, ProxyProc) {
+/// `setting` is extra environment for both proxies (a proxy switch such as
+/// `PALISADE_TUNNELS`), so that a second Palisade setting is one more call.
+fn pair(
+    dir: &Path,
+    target_port: u16,
+    workers: usize,
+    setting: &[(&str, String)],
+) -> (ProxyProc, ProxyProc) {
     let w = ("BENCH_WORKERS", workers.to_string());
-    let server = ProxyProc::spawn(
-        dir,
-        "server",
-        &[("BENCH_FORWARD_PORT", target_port.to_string()), w.clone()],
-    );
-    let client = ProxyProc::spawn(
-        dir,
-        "client",
-        &[("BENCH_DEST", server.inbound.to_string()), w],
-    );
+    let mut env = vec![("BENCH_FORWARD_PORT", target_port.to_string()), w.clone()];
+    env.extend_from_slice(setting);
+    let server = ProxyProc::spawn(dir, "server", &env);
+    let mut env = vec![("BENCH_DEST", server.inbound.to_string()), w];
+    env.extend_from_slice(setting);
+    let client = ProxyProc::spawn(dir, "client", &env);
     (client, server)
 }
 
@@ -308,8 +323,12 @@ fn service_path(dir: &Path, target_port: u16) -> (ProxyProc, [ProxyProc; 2]) {
     (client, servers)
 }
 
+mod idle;
 mod lookup;
 mod measure;
+mod report;
+
+use report::PathFigures;
 
 use measure::{child_of, fixed_rate, iperf, open_idle, wrk};
 
@@ -349,9 +368,9 @@ fn bench() -> Result<(), String> {
     make_certs(dir.path());
     // One runtime thread per proxy is PALISADE_WORKER_THREADS's default; the pair with two
     // each shows what the alternative costs.
-    let (http_client, http_server) = pair(dir.path(), 18080, 1);
-    let (two_client, two_server) = pair(dir.path(), 18080, 2);
-    let (bulk_client, _bulk_server) = pair(dir.path(), 15201, 1);
+    let (http_client, http_server) = pair(dir.path(), 18080, 1, &[]);
+    let (two_client, two_server) = pair(dir.path(), 18080, 2, &[]);
+    let (bulk_client, _bulk_server) = pair(dir.path(), 15201, 1, &[]);
     let (svc_client, svc_servers) = service_path(dir.path(), 18080);
     let service = svc_client.outbound.to_string();
     let palisade = http_client.outbound.to_string();
@@ -403,9 +422,28 @@ fn bench() -> Result<(), String> {
             (l.saturating_sub(i)) as f64 / n as f64
         );
     }
-    println!(
-        "targets: idle RSS <= 8192 KiB, <= 30 KiB per open idle connection (measured before the load runs)"
-    );
+    println!("(measured before the load runs)");
+    let per_conn_kib = |pair: [(u64, u64); 2]| {
+        pair.iter()
+            .map(|(i, l)| l.saturating_sub(*i) as f64 / n as f64)
+            .fold(0.0, f64::max)
+    };
+    let mut figures = [
+        PathFigures::default(),
+        PathFigures {
+            idle_rss_kib: Some(peer_idle.0.max(peer_idle.1) as f64),
+            kib_per_conn: Some(per_conn_kib([
+                (peer_idle.0, peer_loaded.0),
+                (peer_idle.1, peer_loaded.1),
+            ])),
+            ..PathFigures::default()
+        },
+        PathFigures {
+            idle_rss_kib: Some(idle.0.max(idle.1) as f64),
+            kib_per_conn: Some(per_conn_kib([(idle.0, loaded.0), (idle.1, loaded.1)])),
+            ..PathFigures::default()
+        },
+    ];
     println!(
         "opened {} palisade and {} haproxy connections",
         pal_conns.len(),
@@ -470,13 +508,19 @@ fn bench() -> Result<(), String> {
         );
         per_conn.push(run.rps);
     }
+    for (f, k) in figures.iter_mut().zip(0..3) {
+        f.new_conn_rps = per_conn[k];
+        f.keepalive_rps = ka[k].rps;
+        f.path_cpu_us = ka[k].cpu.total();
+        f.proxies_cpu_us = ka[k].cpu.proxies;
+    }
     println!(
         "Service path (a Service address, balanced over 2 server proxies) / pod address path (same run): keep-alive {:.1}%, new connection per request {:.1}%   (target >= 95%)",
         100.0 * ka[4].rps / ka[2].rps,
         100.0 * per_conn[3] / per_conn[2]
     );
     println!(
-        "ratio proxied/direct keep-alive: palisade {:.1}% (2 threads each: {:.1}%)   haproxy {:.1}%   (target >= 60%)",
+        "ratio proxied/direct keep-alive: palisade {:.1}% (2 threads each: {:.1}%)   haproxy {:.1}%",
         100.0 * ka[2].rps / ka[0].rps,
         100.0 * ka[3].rps / ka[0].rps,
         100.0 * ka[1].rps / ka[0].rps
@@ -489,13 +533,14 @@ fn bench() -> Result<(), String> {
     let floor = pal.client.0 + pal.client.1 + pal.app.0 + pal.app.1 + pal.proxies.1;
     println!(
         "CPU per request: direct {:.1} us; palisade path {:.1} us, its proxies {:.1} us (user {:.1}, kernel {:.1}); \
-         with the proxies' user time at zero, palisade/direct would be at most {:.0}%",
+         with the proxies' user time at zero, palisade/direct would be at most {:.0}%, palisade/haproxy {:.2}x",
         direct.total(),
         pal.total(),
         pal.proxies.0 + pal.proxies.1,
         pal.proxies.0,
         pal.proxies.1,
-        100.0 * direct.total() / floor.max(1e-9)
+        100.0 * direct.total() / floor.max(1e-9),
+        figures[2].keepalive_bound_rps() / ka[1].rps.max(1e-9)
     );
 
     let rate = 1000;
@@ -516,6 +561,9 @@ fn bench() -> Result<(), String> {
     ];
     let addrs: Vec<SocketAddr> = paths.iter().map(|p| p.1).collect();
     let fixed = fixed_rate(&addrs, rate, count);
+    for (f, k) in figures.iter_mut().zip(0..3) {
+        f.p99_us = fixed[k].p99;
+    }
     for ((name, _), f) in paths.iter().zip(&fixed) {
         println!(
             "{:<44} {:>10.0} {:>10.0} {:>16.0}",
@@ -523,7 +571,7 @@ fn bench() -> Result<(), String> {
         );
     }
     println!(
-        "added latency: palisade p50 {:+.0} us, p99 {:+.0} us (2 threads each: p50 {:+.0} us, p99 {:+.0} us; target p99 <= +1000 us);  haproxy p50 {:+.0} us, p99 {:+.0} us",
+        "added latency: palisade p50 {:+.0} us, p99 {:+.0} us (2 threads each: p50 {:+.0} us, p99 {:+.0} us);  haproxy p50 {:+.0} us, p99 {:+.0} us",
         fixed[2].p50 - fixed[0].p50,
         fixed[2].p99 - fixed[0].p99,
         fixed[3].p50 - fixed[0].p50,
@@ -539,15 +587,24 @@ fn bench() -> Result<(), String> {
     );
 
     println!("\n{:<44} {:>12}", "bulk (iperf3, 5 s)", "MB/s");
-    for (name, port) in [
+    for ((name, port), f) in [
         ("direct", 15201),
         ("haproxy mTLS pair", 18082),
         ("palisade mTLS pair", bulk_client.outbound.port()),
-    ] {
-        println!("{:<44} {:>12.0}", name, iperf(port));
+    ]
+    .into_iter()
+    .zip(figures.iter_mut())
+    {
+        let mbs = iperf(port);
+        f.bulk_mbs = Some(mbs);
+        println!("{:<44} {:>12.0}", name, mbs);
     }
 
     lookup::print();
+
+    // A second Palisade setting (e.g. PALISADE_TUNNELS=on in `pair`'s `setting`) adds its
+    // figures here with `report::rows(&figures[0], &figures[1], &its_figures, "tunnels on")`.
+    report::print(&report::rows(&figures[0], &figures[1], &figures[2], ""));
 
     Ok(())
 }
