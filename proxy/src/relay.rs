@@ -11,8 +11,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// Each direction starts with a small buffer, so that idle connections cost little, and moves
-/// to a large one after a few reads that fill it (bulk transfers); both are bounded.
+/// Each direction starts with a small buffer, and moves to a large one after a few reads that
+/// fill it (bulk transfers); both are bounded. The small one is released whenever the read
+/// side has nothing more and all it held is written, so that an idle connection holds no
+/// relay buffer at all (10,000 idle connections: 4 KiB less each, per proxy); the large one
+/// is kept, as a bulk transfer waits for reads all the time.
 const SMALL_BUFFER: usize = 2 * 1024;
 const LARGE_BUFFER: usize = 16 * 1024;
 /// Consecutive full reads before the buffer grows.
@@ -176,6 +179,9 @@ impl Half {
                 let mut rb = ReadBuf::new(&mut self.buf);
                 match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
                     Poll::Pending => {
+                        if self.buf.len() == SMALL_BUFFER {
+                            self.buf = Vec::new();
+                        }
                         // Nothing to read: make sure what was written reaches the peer.
                         std::task::ready!(Pin::new(&mut *writer).poll_flush(cx))?;
                         return Poll::Pending;
@@ -276,6 +282,27 @@ mod tests {
         let r = relay.await.unwrap();
         assert!(r.result.is_ok());
         assert_eq!((r.up, r.down), (300_000, 4));
+    }
+
+    #[tokio::test]
+    async fn a_quiet_direction_holds_no_buffer_and_a_bulk_one_keeps_its_large_one() {
+        let (mut app, mut reader) = tokio::io::duplex(64 * 1024);
+        let (mut writer, mut peer) = tokio::io::duplex(64 * 1024);
+        let mut half = Half::default();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        app.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(half.poll_copy(&mut cx, &mut reader, &mut writer).is_pending());
+        let mut got = [0u8; 18];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(half.buf.capacity(), 0, "an idle direction keeps its buffer");
+        // Reads that fill the buffer grow it; the large one stays between reads.
+        app.write_all(&[7u8; 3 * SMALL_BUFFER]).await.unwrap();
+        assert!(half.poll_copy(&mut cx, &mut reader, &mut writer).is_pending());
+        assert_eq!(half.buf.len(), LARGE_BUFFER);
+        let mut bulk = vec![0u8; 3 * SMALL_BUFFER];
+        peer.read_exact(&mut bulk).await.unwrap();
+        assert!(bulk.iter().all(|b| *b == 7));
     }
 
     #[tokio::test(start_paused = true)]
