@@ -32,6 +32,10 @@ struct Footprint {
     rss: u64,
     anon: u64,
     file: u64,
+    /// Proportional set size: shared pages (libc, the binary's text) divided among the
+    /// processes that map them, so nearer to what this process alone costs.
+    pss: u64,
+    threads: u64,
     fds: u64,
 }
 
@@ -44,7 +48,15 @@ fn footprint(pid: u32) -> Footprint {
             .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
             .unwrap_or(0)
     };
+    let pss = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
     Footprint {
+        pss,
+        threads: field("Threads:"),
         rss: field("VmRSS:"),
         anon: field("RssAnon:"),
         file: field("RssFile:"),
@@ -203,17 +215,19 @@ pub fn run() -> Result<(), String> {
     let base = pids.map(footprint);
     println!("\n== {connections} idle connections through one palisade pair ==");
     println!(
-        "{:<34} {:>9} {:>9} {:>9} {:>7}",
-        "", "VmRSS KiB", "RssAnon", "RssFile", "fds"
+        "{:<34} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
+        "", "VmRSS KiB", "RssAnon", "RssFile", "Pss", "threads", "fds"
     );
     let show = |label: &str, f: [Footprint; 2]| {
         for (name, f) in names.iter().zip(f) {
             println!(
-                "{:<34} {:>9} {:>9} {:>9} {:>7}",
+                "{:<34} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
                 format!("{name}, {label}"),
                 f.rss,
                 f.anon,
                 f.file,
+                f.pss,
+                f.threads,
                 f.fds
             );
         }

@@ -231,7 +231,14 @@ struct ProxyProc {
 
 impl ProxyProc {
     fn spawn(dir: &Path, role: &str, env: &[(&str, String)]) -> ProxyProc {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        let mut cmd = match std::env::var("BENCH_WRAP") {
+            Ok(w) if role != "echo" => {
+                let mut c = Command::new(w);
+                c.arg(std::env::current_exe().unwrap());
+                c
+            }
+            _ => Command::new(std::env::current_exe().unwrap()),
+        };
         cmd.env("PALISADE_BENCH_ROLE", role)
             .env("BENCH_DIR", dir)
             .stdin(Stdio::piped())
@@ -242,9 +249,11 @@ impl ProxyProc {
         }
         let mut child = cmd.spawn().unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        while out.read_line(&mut line).unwrap() > 0 && !line.starts_with("READY") {
+            line.clear();
+        }
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         let parts: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(
             parts.first(),

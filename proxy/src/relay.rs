@@ -291,14 +291,20 @@ mod tests {
         let mut half = Half::default();
         let mut cx = Context::from_waker(std::task::Waker::noop());
         app.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        assert!(half.poll_copy(&mut cx, &mut reader, &mut writer).is_pending());
+        assert!(
+            half.poll_copy(&mut cx, &mut reader, &mut writer)
+                .is_pending()
+        );
         let mut got = [0u8; 18];
         peer.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
         assert_eq!(half.buf.capacity(), 0, "an idle direction keeps its buffer");
         // Reads that fill the buffer grow it; the large one stays between reads.
         app.write_all(&[7u8; 3 * SMALL_BUFFER]).await.unwrap();
-        assert!(half.poll_copy(&mut cx, &mut reader, &mut writer).is_pending());
+        assert!(
+            half.poll_copy(&mut cx, &mut reader, &mut writer)
+                .is_pending()
+        );
         assert_eq!(half.buf.len(), LARGE_BUFFER);
         let mut bulk = vec![0u8; 3 * SMALL_BUFFER];
         peer.read_exact(&mut bulk).await.unwrap();
