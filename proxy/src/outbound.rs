@@ -93,7 +93,9 @@ pub async fn handle(
                 finish(&dp, relayed, dst);
             }
         }
-        Route::Mesh(expected) => match originate_mesh(&dp, dst, &expected).await {
+        // Boxed: the handshake's state is freed once it is done instead of sizing every
+        // connection's task for its whole life (the relay is what an idle connection holds).
+        Route::Mesh(expected) => match Box::pin(originate_mesh(&dp, dst, &expected)).await {
             Ok(tls) => {
                 tracing::debug!(dst = %dst, peer.id = %expected, "mTLS established");
                 finish(&dp, relay(stream, tls, dp.limits.idle_timeout).await, dst);
@@ -102,7 +104,7 @@ pub async fn handle(
         },
         Route::Service => {
             if let Some(routes) = answer.as_deref().and_then(|a| a.service.as_ref()) {
-                to_service(stream, &dp, dst, routes).await;
+                Box::pin(to_service(stream, &dp, dst, routes)).await;
             }
         }
     }
@@ -139,7 +141,7 @@ async fn to_service(stream: TcpStream, dp: &DataPath, dst: SocketAddr, routes: &
         tried.push(target.addr);
         let lease = dp.balancer.lease(target.addr);
         match &target.identity {
-            Some(expected) => match originate_mesh(dp, target.addr, expected).await {
+            Some(expected) => match Box::pin(originate_mesh(dp, target.addr, expected)).await {
                 Ok(tls) => {
                     tracing::debug!(dst = %dst, dst_service = service, endpoint = %target.addr, peer.id = %expected, "mTLS established");
                     return carry(dp, stream, tls, service, "mtls", lease).await;
