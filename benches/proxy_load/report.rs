@@ -168,8 +168,8 @@ pub fn print(rows: &[Row]) {
         None => "-".into(),
     };
     println!(
-        "\n== summary (issue #17 targets; one run, unisolated runs are noisy) ==\n{:<58} {:>9} {:>9} {:>9} {:>8}  {:<18} {}",
-        "figure", "direct", "haproxy", "palisade", "/haproxy", "target", "met"
+        "\n== summary (issue #17's targets, this run; unisolated runs are noisy) ==\n{:<58} {:>9} {:>9} {:>9} {:>8}  {:<18} met",
+        "figure", "direct", "haproxy", "palisade", "/haproxy", "target"
     );
     for r in rows {
         println!(
