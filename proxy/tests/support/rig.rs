@@ -80,6 +80,7 @@ pub fn limits() -> Limits {
         destination_wait: Duration::from_millis(300),
         max_connections: 64,
         max_connections_per_source: 64,
+        tunnels: true,
     }
 }
 
