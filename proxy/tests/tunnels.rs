@@ -251,3 +251,20 @@ async fn the_server_refuses_a_stream_from_a_caller_whose_leaf_expired() {
             >= 1
     );
 }
+
+#[tokio::test]
+async fn callers_arriving_together_wait_for_one_handshake() {
+    let a = Authority::new("mesh");
+    let p = std::sync::Arc::new(pair(&a).await);
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let p = p.clone();
+            tokio::spawn(async move { p.call(b"together").await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), b"together");
+    }
+    assert_eq!(p.handshakes(), 1);
+    assert_eq!(p.app.connections(), 8);
+}
