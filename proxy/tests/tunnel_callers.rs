@@ -142,7 +142,7 @@ async fn streams_past_the_per_source_cap_are_refused() {
         (http::StatusCode::OK, http::StatusCode::OK)
     );
     let third = open(&tunnel, http::Method::CONNECT, "127.0.0.1:80").await;
-    let err = third.err().expect("the third stream is refused");
+    let err = third.expect_err("the third stream is refused");
     assert_eq!(err.reason(), Some(h2::Reason::REFUSED_STREAM), "{err}");
     assert_eq!(
         server
