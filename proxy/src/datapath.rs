@@ -70,6 +70,9 @@ pub struct DataPath {
     /// connection and by every stream of an inbound tunnel.
     pub slots: [Arc<Semaphore>; 2],
     pub sources: SourceCounts,
+    /// Turns true when the inbound listener stops accepting (drain): open tunnels are told
+    /// to take no new stream (GOAWAY) so that they close with their last one.
+    pub inbound_draining: watch::Sender<bool>,
 }
 
 impl DataPath {
@@ -93,6 +96,7 @@ impl DataPath {
                 Arc::new(Semaphore::new(limits.max_connections)),
             ],
             sources: SourceCounts::new(limits.max_connections_per_source),
+            inbound_draining: watch::Sender::new(false),
             store,
             bundle,
             mesh,
@@ -210,6 +214,9 @@ pub async fn accept_loop<F, Fut>(
         }
     }
     drop(listeners);
+    if direction == Direction::Inbound {
+        data_path.inbound_draining.send_replace(true);
+    }
     tokio::select! {
         _ = until_true(&mut abort) => tasks.abort_all(),
         _ = async { while tasks.join_next().await.is_some() {} } => {}

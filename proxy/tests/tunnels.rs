@@ -268,3 +268,30 @@ async fn callers_arriving_together_wait_for_one_handshake() {
     assert_eq!(p.handshakes(), 1);
     assert_eq!(p.app.connections(), 8);
 }
+
+#[tokio::test]
+async fn a_draining_server_takes_no_new_stream_on_an_open_tunnel() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Authority::new("mesh");
+    let mut s = ProxySpec::new(&a, API);
+    s.drain = Duration::from_secs(30);
+    let p = pair_with(ProxySpec::new(&a, WEB), s).await;
+    // An app connection left open keeps the server draining.
+    let mut held = tokio::net::TcpStream::connect(p.client.bound.outbound)
+        .await
+        .unwrap();
+    held.write_all(b"held").await.unwrap();
+    let mut back = [0u8; 4];
+    held.read_exact(&mut back).await.unwrap();
+    p.server.bound.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A draining proxy takes no new connection, be it a stream on a tunnel already open.
+    assert!(p.call(b"late").await.is_empty());
+    assert_eq!(p.app.connections(), 1);
+    drop(held);
+    let stopped = tokio::time::timeout(Duration::from_secs(5), p.server.bound.wait()).await;
+    assert!(
+        stopped.is_ok(),
+        "the server proxy did not stop once its last stream ended"
+    );
+}

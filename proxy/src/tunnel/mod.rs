@@ -24,7 +24,7 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 512;
 pub const MAX_HEADER_LIST_SIZE: u32 = 4 * 1024;
 /// Receive window per stream: what one app connection may have in flight before its reader
 /// catches up. Large enough for bulk transfers on a fast link, bounded for memory.
-pub const STREAM_WINDOW: u32 = 256 * 1024;
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Receive window of a whole tunnel (all its streams together).
 pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// Bytes h2 buffers for sending per stream before asking the relay to wait.

@@ -101,7 +101,22 @@ where
     let caller = Arc::new(caller);
     let mut streams = JoinSet::new();
     let mut stale = false;
-    while let Some(accepted) = conn.accept().await {
+    let mut draining = dp.inbound_draining.subscribe();
+    let mut told_to_drain = false;
+    loop {
+        let accepted = tokio::select! {
+            accepted = conn.accept() => accepted,
+            _ = crate::datapath::until_true(&mut draining), if !told_to_drain => {
+                // The proxy is shutting down: the caller takes its new connections elsewhere,
+                // the open ones finish.
+                told_to_drain = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(accepted) = accepted else {
+            break;
+        };
         while streams.try_join_next().is_some() {}
         let (req, mut respond) = match accepted {
             Ok(a) => a,
