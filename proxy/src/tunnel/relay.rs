@@ -157,7 +157,9 @@ async fn stream_to_tcp(
     activity: &Activity,
     count: &AtomicU64,
 ) -> io::Result<()> {
+    use futures_util::FutureExt as _;
     loop {
+        let mut ended = false;
         let data = match recv.data().await {
             None => {
                 // The peer's END_STREAM: a half-close towards the app.
@@ -166,6 +168,27 @@ async fn stream_to_tcp(
             }
             Some(Err(e)) => return Err(h2_io(e)),
             Some(Ok(data)) => data,
+        };
+        // Frames already received go out in one write: DATA frames are at most 16 KiB, and a
+        // write per frame would cost a system call each during bulk transfers.
+        let data = if data.len() < LARGEST_READ {
+            let mut batch: Option<BytesMut> = None;
+            while batch.as_ref().map_or(data.len(), |b| b.len()) < LARGEST_READ {
+                match recv.data().now_or_never() {
+                    Some(Some(Ok(more))) => batch
+                        .get_or_insert_with(|| BytesMut::from(&data[..]))
+                        .extend_from_slice(&more),
+                    Some(Some(Err(e))) => return Err(h2_io(e)),
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            batch.map_or(data, BytesMut::freeze)
+        } else {
+            data
         };
         let n = data.len();
         activity.touch();
@@ -185,5 +208,9 @@ async fn stream_to_tcp(
         }
         // Only now may the peer send more: the window tracks what the app has taken.
         let _ = recv.flow_control().release_capacity(n);
+        if ended {
+            let _ = socket2::SockRef::from(tcp).shutdown(Shutdown::Write);
+            return Ok(());
+        }
     }
 }
