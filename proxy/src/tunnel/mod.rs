@@ -28,7 +28,7 @@ pub const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Receive window of a whole tunnel (all its streams together).
 pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// Bytes h2 buffers for sending per stream before asking the relay to wait.
-pub const MAX_SEND_BUFFER: usize = 64 * 1024;
+pub const MAX_SEND_BUFFER: usize = 256 * 1024;
 /// A tunnel without streams for this long is closed.
 pub const IDLE_TUNNEL: Duration = Duration::from_secs(60);
 /// How long a destination whose proxy answered without the tunnel ALPN is called without
