@@ -81,6 +81,8 @@ pub struct Config {
     /// Concurrent inbound connections from one source address.
     pub max_connections_per_source: usize,
     pub max_destinations: usize,
+    /// Pooled tunnels to other proxies (`PALISADE_TUNNELS`).
+    pub tunnels: bool,
     pub worker_threads: usize,
     pub cert_ttl: Option<Duration>,
     pub probe_timeout: Duration,
@@ -289,6 +291,7 @@ impl Config {
                 "",
                 count(1, MAX_WATCH_DESTINATIONS),
             )?,
+            tunnels: r.parsed(env::TUNNELS, Some("on"), "", parse_on_off)?,
             worker_threads: r.parsed(env::WORKER_THREADS, Some("1"), "", count(1, 64))?,
             cert_ttl: r.optional(env::CERT_TTL, |s| {
                 let d = parse_duration(s)?;
@@ -376,6 +379,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// `on` or `off`. Pure.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err("write on or off".to_owned()),
     }
 }
 

@@ -29,6 +29,22 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(c.worker_threads, 1);
     assert!(c.app_probes.is_empty());
     assert!(c.outbound_destination.is_none());
+    assert!(c.tunnels, "tunnels are on unless PALISADE_TUNNELS=off");
+}
+
+#[test]
+fn tunnels_are_switched_by_on_or_off() {
+    let mut env = base();
+    env.insert("PALISADE_TUNNELS", "off");
+    assert!(!Config::from_env(&env).unwrap().tunnels);
+    env.insert("PALISADE_TUNNELS", "on");
+    assert!(Config::from_env(&env).unwrap().tunnels);
+    env.insert("PALISADE_TUNNELS", "yes");
+    let err = Config::from_env(&env).unwrap_err().to_string();
+    assert!(
+        err.contains("PALISADE_TUNNELS") && err.contains("\"yes\""),
+        "{err}"
+    );
 }
 
 #[test]

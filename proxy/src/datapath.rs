@@ -33,6 +33,9 @@ pub struct Limits {
     /// Concurrent inbound connections from one source address, so that one hostile or broken
     /// caller (stalled ClientHellos, say) cannot fill the inbound cap for everyone else.
     pub max_connections_per_source: usize,
+    /// Pooled HTTP/2 tunnels between proxies (`PALISADE_TUNNELS`); off: one TLS connection per
+    /// app connection.
+    pub tunnels: bool,
 }
 
 impl Default for Limits {
@@ -45,6 +48,7 @@ impl Default for Limits {
             destination_wait: Duration::from_secs(2),
             max_connections: 8192,
             max_connections_per_source: 1024,
+            tunnels: true,
         }
     }
 }
@@ -60,6 +64,15 @@ pub struct DataPath {
     pub denials: DenialLog,
     pub balancer: Arc<Balancer>,
     pub limits: Limits,
+    /// Outbound tunnels to other proxies, by destination and identity.
+    pub tunnels: crate::tunnel::Pool,
+    /// Connection slots per direction, and inbound per source: taken by every accepted
+    /// connection and by every stream of an inbound tunnel.
+    pub slots: [Arc<Semaphore>; 2],
+    pub sources: SourceCounts,
+    /// Turns true when the inbound listener stops accepting (drain): open tunnels are told
+    /// to take no new stream (GOAWAY) so that they close with their last one.
+    pub inbound_draining: watch::Sender<bool>,
 }
 
 impl DataPath {
@@ -71,8 +84,19 @@ impl DataPath {
         limits: Limits,
     ) -> Result<Self, crate::tls::TlsError> {
         Ok(DataPath {
-            server_config: crate::tls::server_config(store.clone(), bundle.clone())?,
-            client_configs: ClientConfigs::new(store.clone(), bundle.clone()),
+            server_config: crate::tls::server_config(
+                store.clone(),
+                bundle.clone(),
+                limits.tunnels,
+            )?,
+            client_configs: ClientConfigs::new(store.clone(), bundle.clone(), limits.tunnels),
+            tunnels: crate::tunnel::Pool::default(),
+            slots: [
+                Arc::new(Semaphore::new(limits.max_connections)),
+                Arc::new(Semaphore::new(limits.max_connections)),
+            ],
+            sources: SourceCounts::new(limits.max_connections_per_source),
+            inbound_draining: watch::Sender::new(false),
             store,
             bundle,
             mesh,
@@ -133,11 +157,10 @@ pub async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let max = data_path.limits.max_connections;
-    let slots = Arc::new(Semaphore::new(max));
+    let slots = data_path.slots[direction as usize].clone();
     let limit_log = LogThrottle::new(1, 1);
     // Only inbound callers are told apart: outbound ones are all the pod's own app.
-    let sources = (direction == Direction::Inbound)
-        .then(|| SourceCounts::new(data_path.limits.max_connections_per_source));
+    let sources = (direction == Direction::Inbound).then_some(&data_path.sources);
     let source_log = LogThrottle::new(1, 1);
     let mut tasks = JoinSet::new();
     loop {
@@ -194,6 +217,9 @@ pub async fn accept_loop<F, Fut>(
         }
     }
     drop(listeners);
+    if direction == Direction::Inbound {
+        data_path.inbound_draining.send_replace(true);
+    }
     tokio::select! {
         _ = until_true(&mut abort) => tasks.abort_all(),
         _ = async { while tasks.join_next().await.is_some() {} } => {}
@@ -215,13 +241,13 @@ async fn accept_any(listeners: &[TcpListener]) -> std::io::Result<(TcpStream, So
 
 /// Open connections per source address, at most `cap` each; holds only sources with open
 /// connections.
-struct SourceCounts {
-    cap: usize,
+pub struct SourceCounts {
+    pub cap: usize,
     open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
 }
 
 /// One connection counted against its source until dropped.
-struct SourceHeld {
+pub struct SourceHeld {
     ip: std::net::IpAddr,
     open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
 }
@@ -234,7 +260,7 @@ impl SourceCounts {
         }
     }
 
-    fn admit(&self, ip: std::net::IpAddr) -> Option<SourceHeld> {
+    pub fn admit(&self, ip: std::net::IpAddr) -> Option<SourceHeld> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let n = open.entry(ip).or_default();
         if *n >= self.cap {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use palisade_ca_api::tls::MESH_ALPN;
+use palisade_ca_api::tls::{MESH_ALPN, MESH_TUNNEL_ALPN};
 use tokio::net::TcpStream;
 
 /// What the first bytes say.
@@ -86,7 +86,8 @@ fn client_hello_offers_mesh_alpn(record: &[u8]) -> Option<bool> {
             let mut list = Reader(a.take(list_len)?);
             while !list.0.is_empty() {
                 let n = list.u8()? as usize;
-                if list.take(n)? == MESH_ALPN {
+                let offered = list.take(n)?;
+                if offered == MESH_ALPN || offered == MESH_TUNNEL_ALPN {
                     return Some(true);
                 }
             }
@@ -185,6 +186,11 @@ mod tests {
     fn mesh_client_hello_is_recognised() {
         let hello = client_hello(&[b"h2", MESH_ALPN]);
         assert_eq!(classify(&hello), Sniff::Mesh);
+        assert_eq!(
+            classify(&client_hello(&[MESH_TUNNEL_ALPN, MESH_ALPN])),
+            Sniff::Mesh
+        );
+        assert_eq!(classify(&client_hello(&[MESH_TUNNEL_ALPN])), Sniff::Mesh);
         // Any prefix needs more bytes, never a wrong verdict.
         for cut in [1, 3, 5, 40, hello.len() - 1] {
             assert_eq!(classify(&hello[..cut]), Sniff::NeedMore, "cut at {cut}");

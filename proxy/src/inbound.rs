@@ -1,6 +1,7 @@
 //! Inbound: connections to this workload, captured by iptables. A mesh caller (TLS with ALPN
-//! `palisade/1`) is authenticated by its client certificate; anyone else is a plaintext
-//! caller. Policy decides; allowed connections are forwarded to the address and port the
+//! `palisade-tunnel/1` or `palisade/1`) is authenticated by its client certificate; anyone
+//! else is a plaintext caller. A tunnel carries many app connections, each decided on its
+//! own (`crate::tunnel`). Policy decides; allowed connections are forwarded to the address and port the
 //! caller asked for — the pod's own address, never loopback — so a listener the app bound to
 //! loopback on purpose is not reachable through the mesh (ports opted in by the pod's
 //! `palisade.dev/inbound-loopback-ports` annotation excepted).
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use palisade_ca_api::SpiffeId;
 use palisade_ca_api::cert::spiffe_id_from_cert;
 use palisade_ca_api::policy::{Caller, Decision, InboundPolicy, Reason, evaluate_inbound};
+use palisade_ca_api::tls::MESH_TUNNEL_ALPN;
 use tokio::net::TcpStream;
 
 use crate::datapath::{DataPath, OpenConnection, connect};
@@ -60,9 +62,13 @@ pub fn decide(policy: Option<&InboundPolicy>, port: u16, caller: Caller<'_>) -> 
 
 /// Handles one captured connection.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, dp: Arc<DataPath>, target: InboundTarget) {
-    let _open = OpenConnection::new(dp.metrics.clone(), Direction::Inbound);
-    let Some(upstream) = upstream_of(&stream, &dp, &target) else {
+    let open = OpenConnection::new(dp.metrics.clone(), Direction::Inbound);
+    let Some(original) = original_of(&stream, &dp, &target) else {
         return;
+    };
+    let upstream = match &target {
+        InboundTarget::FixedPort(_) => original,
+        InboundTarget::OriginalDst { loopback_ports } => forward_to(original, loopback_ports),
     };
     let port = upstream.port();
     let sniffed = match sniff(&stream, dp.limits.detect_window).await {
@@ -74,9 +80,38 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, dp: Arc<DataPath>, targ
     };
     match sniffed {
         Sniff::Mesh => {
+            let made = crate::tunnel::Generations::now(&dp);
             let Some((tls, caller_id)) = accept_mesh(stream, &dp).await else {
                 return;
             };
+            if tls.get_ref().1.alpn_protocol() == Some(MESH_TUNNEL_ALPN) {
+                let until = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|leaf| crate::tunnel::leaf_not_after(leaf))
+                    .unwrap_or(i64::MIN);
+                let streams_to = match &target {
+                    InboundTarget::FixedPort(p) => crate::tunnel::StreamTarget::Fixed(*p),
+                    InboundTarget::OriginalDst { loopback_ports } => {
+                        crate::tunnel::StreamTarget::Pod {
+                            ip: original.ip(),
+                            loopback_ports: loopback_ports.clone(),
+                        }
+                    }
+                };
+                let caller = crate::tunnel::TunnelCaller {
+                    id: caller_id,
+                    peer,
+                    until,
+                    made,
+                };
+                // From here the tunnel's streams are the connections counted, one each, so
+                // that the gauges still count app connections.
+                drop(open);
+                return crate::tunnel::serve(tls, caller, dp.clone(), streams_to).await;
+            }
             if !admit(&dp, peer, port, Caller::Authenticated(&caller_id)) {
                 return;
             }
@@ -100,18 +135,16 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, dp: Arc<DataPath>, targ
     }
 }
 
-/// Where the app is for this connection: the address and port the caller asked for (from
-/// `SO_ORIGINAL_DST`), or 127.0.0.1 and a fixed port (tests, demo). A connection that reached
-/// the inbound port without being redirected is refused.
-fn upstream_of(stream: &TcpStream, dp: &DataPath, target: &InboundTarget) -> Option<SocketAddr> {
-    let (local, loopback_ports) = match target {
+/// The address and port the caller asked for (from `SO_ORIGINAL_DST`), or 127.0.0.1 and a
+/// fixed port (tests, demo). A connection that reached the inbound port without being
+/// redirected is refused.
+fn original_of(stream: &TcpStream, dp: &DataPath, target: &InboundTarget) -> Option<SocketAddr> {
+    let local = match target {
         InboundTarget::FixedPort(p) => return Some(SocketAddr::from((Ipv4Addr::LOCALHOST, *p))),
-        InboundTarget::OriginalDst { loopback_ports } => {
-            (stream.local_addr().ok()?, loopback_ports)
-        }
+        InboundTarget::OriginalDst { .. } => stream.local_addr().ok()?,
     };
     match crate::orig_dst::original_dst(stream, local) {
-        Ok(d) if d.port() != local.port() => Some(forward_to(d, loopback_ports)),
+        Ok(d) if d.port() != local.port() => Some(d),
         Ok(_) | Err(_) => {
             dp.metrics.refused(Direction::Inbound, "not_redirected");
             tracing::warn!(
@@ -156,7 +189,7 @@ async fn accept_mesh(
 }
 
 /// Connects to the app; a refusal is counted and logged.
-async fn connect_app(dp: &DataPath, upstream: SocketAddr) -> Option<TcpStream> {
+pub(crate) async fn connect_app(dp: &DataPath, upstream: SocketAddr) -> Option<TcpStream> {
     let port = upstream.port();
     match connect(upstream, dp.limits.connect_timeout).await {
         Ok(s) => Some(s),
@@ -169,7 +202,7 @@ async fn connect_app(dp: &DataPath, upstream: SocketAddr) -> Option<TcpStream> {
 }
 
 /// Evaluates policy, counts the decision, logs a denial or would-deny; true when allowed.
-fn admit(dp: &DataPath, peer: SocketAddr, port: u16, caller: Caller<'_>) -> bool {
+pub(crate) fn admit(dp: &DataPath, peer: SocketAddr, port: u16, caller: Caller<'_>) -> bool {
     let policy = dp.mesh.inbound();
     let decision = decide(policy.as_deref(), port, caller);
     dp.metrics

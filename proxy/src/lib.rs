@@ -25,5 +25,6 @@ pub mod relay;
 pub mod run;
 pub mod source;
 pub mod tls;
+pub mod tunnel;
 
 pub use palisade_ca_api as api;

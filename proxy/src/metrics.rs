@@ -38,6 +38,8 @@ pub struct Metrics {
     opened: CounterFamily,
     closed: CounterFamily,
     active: [AtomicI64; 2],
+    tunnels_opened: CounterFamily,
+    tunnels_active: [AtomicI64; 2],
     bytes: CounterFamily,
     handshake_failures: CounterFamily,
     decisions: CounterFamily,
@@ -74,6 +76,25 @@ impl Metrics {
 
     pub fn active(&self, d: Direction) -> i64 {
         self.active[d.index()].load(Ordering::Relaxed)
+    }
+
+    /// A pooled tunnel was made (outbound: its TLS handshake; inbound: accepted).
+    pub fn tunnel_opened(&self, d: Direction) {
+        self.tunnels_opened.add(&[("direction", d.as_str())], 1);
+        self.tunnels_active[d.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tunnel_closed(&self, d: Direction) {
+        self.tunnels_active[d.index()].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Tunnels made so far in a direction (each one TLS handshake).
+    pub fn tunnels_opened(&self, d: Direction) -> u64 {
+        self.tunnels_opened.get(&[("direction", d.as_str())])
+    }
+
+    pub fn tunnels_active(&self, d: Direction) -> i64 {
+        self.tunnels_active[d.index()].load(Ordering::Relaxed)
     }
 
     /// `flow` is `to_upstream` (what the accepted side sent) or `to_downstream`.
@@ -238,6 +259,24 @@ impl Metrics {
         out.family(active, Kind::Gauge, "Connections open now, by direction.");
         for d in [Direction::Inbound, Direction::Outbound] {
             out.sample(active, &[("direction", d.as_str())], self.active(d));
+        }
+        self.tunnels_opened.encode(
+            &mut out,
+            "palisade_tunnels_opened_total",
+            "Pooled mTLS tunnels made (outbound) or accepted (inbound), by direction.",
+        );
+        let tunnels = "palisade_tunnels_active";
+        out.family(
+            tunnels,
+            Kind::Gauge,
+            "Pooled mTLS tunnels open now, by direction.",
+        );
+        for d in [Direction::Inbound, Direction::Outbound] {
+            out.sample(
+                tunnels,
+                &[("direction", d.as_str())],
+                self.tunnels_active(d),
+            );
         }
         self.bytes.encode(
             &mut out,

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use palisade_ca_api::SpiffeId;
-use palisade_ca_api::tls::MESH_ALPN;
+use palisade_ca_api::tls::{MESH_ALPN, MESH_TUNNEL_ALPN};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
@@ -95,13 +95,15 @@ pub async fn handle(
         }
         // Boxed: the handshake's state is freed once it is done instead of sizing every
         // connection's task for its whole life (the relay is what an idle connection holds).
-        Route::Mesh(expected) => match Box::pin(originate_mesh(&dp, dst, &expected)).await {
-            Ok(tls) => {
-                tracing::debug!(dst = %dst, peer.id = %expected, "mTLS established");
-                finish(&dp, relay(stream, tls, dp.limits.idle_timeout).await, dst);
+        Route::Mesh(expected) => {
+            match Box::pin(crate::tunnel::connect(&dp, dst, &expected)).await {
+                Ok(upstream) => {
+                    tracing::debug!(dst = %dst, peer.id = %expected, "mTLS established");
+                    finish(&dp, relay_upstream(&dp, stream, upstream).await, dst);
+                }
+                Err(failure) => failure.count(&dp, dst, &expected),
             }
-            Err(failure) => failure.count(&dp, dst, &expected),
-        },
+        }
         Route::Service => {
             if let Some(routes) = answer.as_deref().and_then(|a| a.service.as_ref()) {
                 Box::pin(to_service(stream, &dp, dst, routes)).await;
@@ -141,19 +143,25 @@ async fn to_service(stream: TcpStream, dp: &DataPath, dst: SocketAddr, routes: &
         tried.push(target.addr);
         let lease = dp.balancer.lease(target.addr);
         match &target.identity {
-            Some(expected) => match Box::pin(originate_mesh(dp, target.addr, expected)).await {
-                Ok(tls) => {
-                    tracing::debug!(dst = %dst, dst_service = service, endpoint = %target.addr, peer.id = %expected, "mTLS established");
-                    return carry(dp, stream, tls, service, "mtls", lease).await;
-                }
-                Err(failure) => {
-                    failure.count(dp, target.addr, expected);
-                    if !failure.retry {
-                        break;
+            Some(expected) => {
+                match Box::pin(crate::tunnel::connect(dp, target.addr, expected)).await {
+                    Ok(upstream) => {
+                        tracing::debug!(dst = %dst, dst_service = service, endpoint = %target.addr, peer.id = %expected, "mTLS established");
+                        dp.metrics.service_connection(service, "mtls");
+                        let endpoint = lease.addr();
+                        finish(dp, relay_upstream(dp, stream, upstream).await, endpoint);
+                        drop(lease);
+                        return;
                     }
-                    dp.metrics.endpoint_failure(service, failure.reason);
+                    Err(failure) => {
+                        failure.count(dp, target.addr, expected);
+                        if !failure.retry {
+                            break;
+                        }
+                        dp.metrics.endpoint_failure(service, failure.reason);
+                    }
                 }
-            },
+            }
             None => match connect(target.addr, dp.limits.connect_timeout).await {
                 Ok(upstream) => {
                     tracing::debug!(dst = %dst, dst_service = service, endpoint = %target.addr, "endpoint without a proxy: plain TCP");
@@ -175,6 +183,20 @@ async fn to_service(stream: TcpStream, dp: &DataPath, dst: SocketAddr, routes: &
     dp.metrics.service_connection(service, "failed");
     tracing::warn!(dst = %dst, dst_service = service, tried = ?tried,
         "no endpoint of the Service could be reached: closing the app's connection");
+}
+
+/// Relays the app's connection over a tunnel stream or its own TLS connection.
+async fn relay_upstream(
+    dp: &DataPath,
+    app: TcpStream,
+    upstream: crate::tunnel::Upstream,
+) -> crate::relay::Relayed {
+    match upstream {
+        crate::tunnel::Upstream::Stream(s) => {
+            crate::tunnel::relay_app(app, s, dp.limits.idle_timeout).await
+        }
+        crate::tunnel::Upstream::Tls(tls) => relay(app, tls, dp.limits.idle_timeout).await,
+    }
 }
 
 /// Relays the app's connection to the endpoint it was given, counted as `outcome` for the
@@ -231,6 +253,15 @@ pub struct OriginateFailure {
 }
 
 impl OriginateFailure {
+    /// A failure already counted and logged where it happened.
+    pub(crate) fn new(reason: &'static str, retry: bool) -> Self {
+        OriginateFailure {
+            reason,
+            retry,
+            handshake: false,
+        }
+    }
+
     fn count(&self, dp: &DataPath, dst: SocketAddr, expected: &SpiffeId) {
         if self.handshake {
             dp.metrics
@@ -241,8 +272,9 @@ impl OriginateFailure {
 }
 
 /// Originates mTLS to `dst`, presenting our certificate and requiring `expected`'s, with ALPN
-/// `palisade/1`. Every refusal is counted and logged; nothing is sent in plaintext.
-async fn originate_mesh(
+/// `palisade-tunnel/1` (when tunnels are on) or `palisade/1`. Every refusal is counted and
+/// logged; nothing is sent in plaintext.
+pub(crate) async fn originate_mesh(
     dp: &DataPath,
     dst: SocketAddr,
     expected: &SpiffeId,
@@ -295,7 +327,8 @@ async fn originate_mesh(
             return Err(failed(handshake_failure_reason(&e)));
         }
     };
-    if tls.get_ref().1.alpn_protocol() != Some(MESH_ALPN) {
+    let alpn = tls.get_ref().1.alpn_protocol();
+    if alpn != Some(MESH_ALPN) && alpn != Some(MESH_TUNNEL_ALPN) {
         return Err(failed("no_alpn"));
     }
     Ok(tls)

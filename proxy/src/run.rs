@@ -161,6 +161,7 @@ fn settings(config: &Config) -> Settings {
             destination_wait: config.destination_wait,
             max_connections: config.max_connections,
             max_connections_per_source: config.max_connections_per_source,
+            tunnels: config.tunnels,
         },
         drain_timeout: config.drain_timeout,
         probes: config.app_probes.clone(),

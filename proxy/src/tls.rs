@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use palisade_ca_api::SpiffeId;
 use palisade_ca_api::cert::{CertError, parse_pem_certs, sha256_fingerprint, spiffe_id_from_cert};
-use palisade_ca_api::tls::{MESH_ALPN, crypto_provider, handshake_signature, root_store};
+use palisade_ca_api::tls::{
+    MESH_ALPN, MESH_TUNNEL_ALPN, crypto_provider, handshake_signature, root_store,
+};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -305,21 +307,34 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// The inbound server config: TLS 1.3, ALPN `palisade/1`, client certificate required. No
-/// resumption: every connection proves its identity against the current bundle.
+/// The inbound server config: TLS 1.3, ALPN `palisade-tunnel/1` (preferred, when `tunnels`)
+/// and `palisade/1`, client certificate required. No resumption: every connection proves its
+/// identity against the current bundle.
 pub fn server_config(
     store: Arc<CertStore>,
     bundle: Arc<TrustBundle>,
+    tunnels: bool,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(Arc::new(MeshClientVerifier { bundle }))
         .with_cert_resolver(store);
-    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    config.alpn_protocols = alpn(tunnels);
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
+}
+
+/// The ALPN list both sides offer: the tunnel first when tunnels are on; `palisade/1` always,
+/// so that a proxy without tunnels (older, or `PALISADE_TUNNELS=off`) still meets this one.
+fn alpn(tunnels: bool) -> Vec<Vec<u8>> {
+    let mut list = Vec::with_capacity(2);
+    if tunnels {
+        list.push(MESH_TUNNEL_ALPN.to_vec());
+    }
+    list.push(MESH_ALPN.to_vec());
+    list
 }
 
 /// Most distinct destination identities whose client config is kept; past it the cache is
@@ -328,14 +343,16 @@ const MAX_CLIENT_CONFIGS: usize = 512;
 
 /// Outbound client configs, one per expected server identity, each built once.
 pub struct ClientConfigs {
+    tunnels: bool,
     store: Arc<CertStore>,
     bundle: Arc<TrustBundle>,
     by_identity: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
 }
 
 impl ClientConfigs {
-    pub fn new(store: Arc<CertStore>, bundle: Arc<TrustBundle>) -> Self {
+    pub fn new(store: Arc<CertStore>, bundle: Arc<TrustBundle>, tunnels: bool) -> Self {
         ClientConfigs {
+            tunnels,
             store,
             bundle,
             by_identity: Mutex::new(HashMap::new()),
@@ -360,7 +377,7 @@ impl ClientConfigs {
                 expected: expected.clone(),
             }))
             .with_client_cert_resolver(self.store.clone());
-        config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+        config.alpn_protocols = alpn(self.tunnels);
         // No resumption: a resumed session would skip the identity check above.
         config.resumption = rustls::client::Resumption::disabled();
         let config = Arc::new(config);

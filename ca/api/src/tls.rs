@@ -13,6 +13,11 @@ use crate::spiffe::SpiffeId;
 /// The ALPN protocol of mesh connections between proxies.
 pub const MESH_ALPN: &[u8] = b"palisade/1";
 
+/// The ALPN protocol of pooled tunnels between proxies: HTTP/2 over the mTLS connection, one
+/// CONNECT stream per app connection (docs/proxy.md, "Pooled tunnels"). Offered before
+/// [`MESH_ALPN`], which stays for proxies that do not speak it.
+pub const MESH_TUNNEL_ALPN: &[u8] = b"palisade-tunnel/1";
+
 /// The rustls crypto provider every Palisade component uses. Nothing else names a provider.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();

@@ -107,6 +107,17 @@ impl CertStore {
         self.installs.subscribe()
     }
 
+    /// How many certificates were installed so far: a tunnel made under one generation is
+    /// not used for new streams under the next.
+    pub fn generation(&self) -> u64 {
+        *self.installs.borrow()
+    }
+
+    /// The proxy's clock, the one certificate validity is judged by.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// The installed certificate, expired or not.
     pub fn current(&self) -> Option<Arc<Installed>> {
         self.current.load_full()

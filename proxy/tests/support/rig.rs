@@ -80,6 +80,7 @@ pub fn limits() -> Limits {
         destination_wait: Duration::from_millis(300),
         max_connections: 64,
         max_connections_per_source: 64,
+        tunnels: true,
     }
 }
 
@@ -91,6 +92,8 @@ pub struct ProxySpec<'a> {
     pub limits: Limits,
     pub drain: Duration,
     pub probes: &'a str,
+    /// The proxy's clock (default: the system's).
+    pub clock: Option<Clock>,
 }
 
 impl<'a> ProxySpec<'a> {
@@ -103,12 +106,13 @@ impl<'a> ProxySpec<'a> {
             limits: limits(),
             drain: Duration::from_secs(5),
             probes: "{}",
+            clock: None,
         }
     }
 }
 
 pub async fn start_proxy(spec: ProxySpec<'_>) -> Proxy {
-    let clock = Clock::system();
+    let clock = spec.clock.clone().unwrap_or_else(Clock::system);
     let store = Arc::new(CertStore::new(clock));
     if let Some(leaf) = &spec.leaf {
         store.install(Installed::from_chain(leaf.chain.clone(), leaf.key()).unwrap());

@@ -37,6 +37,9 @@ pub mod env {
     pub const WORKER_THREADS: &str = "PALISADE_WORKER_THREADS";
     pub const CERT_TTL: &str = "PALISADE_CERT_TTL";
     pub const PROBE_TIMEOUT: &str = "PALISADE_PROBE_TIMEOUT";
+    /// `on` (default): app connections to meshed destinations share pooled HTTP/2 tunnels;
+    /// `off`: one TLS connection per app connection.
+    pub const TUNNELS: &str = "PALISADE_TUNNELS";
     /// Inbound ports forwarded to the app's loopback address instead of the pod's own
     /// (comma-separated; empty for none). From the pod's
     /// `palisade.dev/inbound-loopback-ports` annotation.
