@@ -189,6 +189,8 @@ fn proxy_role(role: &str) {
                 limits: Limits {
                     max_connections: 16_384,
                     max_connections_per_source: 16_384,
+                    // As the proxy reads PALISADE_TUNNELS: on unless `off`.
+                    tunnels: std::env::var("PALISADE_TUNNELS").map_or(true, |v| v != "off"),
                     ..Limits::default()
                 },
                 drain_timeout: Duration::from_secs(1),
@@ -380,6 +382,10 @@ fn bench() -> Result<(), String> {
     let (http_client, http_server) = pair(dir.path(), 18080, 1, &[]);
     let (two_client, two_server) = pair(dir.path(), 18080, 2, &[]);
     let (bulk_client, _bulk_server) = pair(dir.path(), 15201, 1, &[]);
+    // One TLS connection per app connection, as before pooled tunnels: what pooling pays.
+    let (off_client, off_server) =
+        pair(dir.path(), 18080, 1, &[("PALISADE_TUNNELS", "off".into())]);
+    let palisade_off = off_client.outbound.to_string();
     let (svc_client, svc_servers) = service_path(dir.path(), 18080);
     let service = svc_client.outbound.to_string();
     let palisade = http_client.outbound.to_string();
@@ -463,6 +469,7 @@ fn bench() -> Result<(), String> {
     let nginx = child_of(pids_of(&peer_dir.join("nginx.pid"))).unwrap_or(0);
     let pal_pids = [http_client.child.id(), http_server.child.id()];
     let two_pids = [two_client.child.id(), two_server.child.id()];
+    let off_pids = [off_client.child.id(), off_server.child.id()];
     // The Service path's client proxy and both of its servers (one request uses one server).
     let svc_pids = [
         svc_client.child.id(),
@@ -485,6 +492,11 @@ fn bench() -> Result<(), String> {
             &two_pids[..],
         ),
         ("palisade Service path", service.as_str(), &svc_pids[..]),
+        (
+            "palisade mTLS pair, tunnels off",
+            palisade_off.as_str(),
+            &off_pids[..],
+        ),
     ] {
         let run = wrk(addr, 50, false, nginx, proxies);
         let c = run.cpu;
@@ -508,6 +520,7 @@ fn bench() -> Result<(), String> {
         ("haproxy mTLS pair", "127.0.0.1:18081"),
         ("palisade mTLS pair", palisade.as_str()),
         ("palisade Service path", service.as_str()),
+        ("palisade mTLS pair, tunnels off", palisade_off.as_str()),
     ] {
         let run = wrk(addr, 20, true, nginx, &[]);
         println!(
@@ -523,6 +536,19 @@ fn bench() -> Result<(), String> {
         f.path_cpu_us = ka[k].cpu.total();
         f.proxies_cpu_us = ka[k].cpu.proxies;
     }
+    println!(
+        "pooled tunnels on (default) / off, same run: new connection per request {:.2}x ({:.0} vs {:.0} req/s), keep-alive {:.2}x ({:.0} vs {:.0}); off/haproxy: {:.2}x and {:.2}x; proxies' user CPU per request on {:.1} us, off {:.1} us",
+        per_conn[2] / per_conn[4].max(1e-9),
+        per_conn[2],
+        per_conn[4],
+        ka[2].rps / ka[5].rps.max(1e-9),
+        ka[2].rps,
+        ka[5].rps,
+        per_conn[4] / per_conn[1].max(1e-9),
+        ka[5].rps / ka[1].rps.max(1e-9),
+        ka[2].cpu.proxies.0,
+        ka[5].cpu.proxies.0
+    );
     println!(
         "Service path (a Service address, balanced over 2 server proxies) / pod address path (same run): keep-alive {:.1}%, new connection per request {:.1}%   (target >= 95%)",
         100.0 * ka[4].rps / ka[2].rps,
@@ -611,8 +637,8 @@ fn bench() -> Result<(), String> {
 
     lookup::print();
 
-    // A second Palisade setting (e.g. PALISADE_TUNNELS=on in `pair`'s `setting`) adds its
-    // figures here with `report::rows(&figures[0], &figures[1], &its_figures, "tunnels on")`.
+    // The default setting (pooled tunnels on); the tunnels-off pair is the line above the
+    // Service path's in the keep-alive block.
     report::print(&report::rows(&figures[0], &figures[1], &figures[2], ""));
 
     Ok(())
