@@ -36,6 +36,10 @@ pub struct Limits {
     /// Pooled HTTP/2 tunnels between proxies (`PALISADE_TUNNELS`); off: one TLS connection per
     /// app connection.
     pub tunnels: bool,
+    /// An inbound tunnel that carries no stream for this long is closed (GOAWAY), so that a
+    /// caller cannot hold a connection slot with an empty tunnel; callers close theirs sooner
+    /// ([`crate::tunnel::IDLE_TUNNEL`]).
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -49,6 +53,7 @@ impl Default for Limits {
             max_connections: 8192,
             max_connections_per_source: 1024,
             tunnels: true,
+            tunnel_idle_timeout: 2 * crate::tunnel::IDLE_TUNNEL,
         }
     }
 }

@@ -162,6 +162,7 @@ fn settings(config: &Config) -> Settings {
             max_connections: config.max_connections,
             max_connections_per_source: config.max_connections_per_source,
             tunnels: config.tunnels,
+            ..Limits::default()
         },
         drain_timeout: config.drain_timeout,
         probes: config.app_probes.clone(),

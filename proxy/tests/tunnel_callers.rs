@@ -15,6 +15,18 @@ use tokio::net::TcpStream;
 
 /// A tunnel to `addr` presenting `leaf`, ALPN `palisade-tunnel/1`.
 async fn raw_tunnel(addr: SocketAddr, leaf: &Leaf) -> h2::client::SendRequest<Bytes> {
+    raw_tunnel_and_connection(addr, leaf).await.0
+}
+
+/// A tunnel as [`raw_tunnel`], and the task driving its connection, which ends when the
+/// connection does.
+async fn raw_tunnel_and_connection(
+    addr: SocketAddr,
+    leaf: &Leaf,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
     let mut config = (*raw_client(Some(leaf))).clone();
     config.alpn_protocols = vec![palisade_ca_api::tls::MESH_TUNNEL_ALPN.to_vec()];
     let tcp = TcpStream::connect(addr).await.unwrap();
@@ -23,8 +35,7 @@ async fn raw_tunnel(addr: SocketAddr, leaf: &Leaf) -> h2::client::SendRequest<By
         .await
         .unwrap();
     let (send, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(conn);
-    send
+    (send, tokio::spawn(conn))
 }
 
 type Opened = (http::StatusCode, h2::SendStream<Bytes>, h2::RecvStream);
@@ -158,4 +169,26 @@ async fn streams_past_the_per_source_cap_are_refused() {
         .unwrap();
     assert_eq!(fourth.0, http::StatusCode::OK);
     assert_eq!(app.connections(), 3);
+}
+
+#[tokio::test]
+async fn a_tunnel_left_without_streams_is_closed() {
+    let a = Authority::new("mesh");
+    let (server, _app) = server(&a, |s| {
+        s.limits.tunnel_idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (tunnel, connection) = raw_tunnel_and_connection(server.bound.inbound, &a.leaf(WEB)).await;
+    let opened = open(&tunnel, http::Method::CONNECT, "127.0.0.1:80")
+        .await
+        .unwrap();
+    assert_eq!(echo(opened, b"once").await, b"once");
+    // The caller keeps the tunnel but sends nothing more: the server closes it, so an empty
+    // tunnel cannot hold a connection slot for ever.
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(
+        ended.is_ok(),
+        "the server kept a tunnel without streams open"
+    );
+    assert!(eventually(|| server.metrics.active(Direction::Inbound) == 0).await);
 }

@@ -104,11 +104,21 @@ where
     let mut draining = dp.inbound_draining.subscribe();
     let mut told_to_drain = false;
     loop {
+        // The connection is polled all along (it drives every stream's I/O); finished streams
+        // are reaped as they end, and a tunnel left without streams is closed after a while,
+        // so that an empty tunnel does not hold a connection slot.
         let accepted = tokio::select! {
             accepted = conn.accept() => accepted,
+            Some(_) = streams.join_next(), if !streams.is_empty() => continue,
             _ = crate::datapath::until_true(&mut draining), if !told_to_drain => {
                 // The proxy is shutting down: the caller takes its new connections elsewhere,
                 // the open ones finish.
+                told_to_drain = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+            _ = tokio::time::sleep(dp.limits.tunnel_idle_timeout), if streams.is_empty() && !told_to_drain => {
+                tracing::debug!(peer.id = %caller.id, "tunnel without streams: closing");
                 told_to_drain = true;
                 conn.graceful_shutdown();
                 continue;
@@ -117,7 +127,6 @@ where
         let Some(accepted) = accepted else {
             break;
         };
-        while streams.try_join_next().is_some() {}
         let (req, mut respond) = match accepted {
             Ok(a) => a,
             Err(e) => {

@@ -81,6 +81,7 @@ pub fn limits() -> Limits {
         max_connections: 64,
         max_connections_per_source: 64,
         tunnels: true,
+        ..Limits::default()
     }
 }
 
