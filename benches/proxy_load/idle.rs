@@ -194,8 +194,9 @@ fn wait_for_fds(pids: [u32; 2], base: [Footprint; 2], limit: Duration) {
 
 pub fn run() -> Result<(), String> {
     let nofile = raise_nofile()?;
-    // Each proxy holds two fds per connection, and some of its own.
-    let connections = CONNECTIONS.min((nofile.saturating_sub(256) / 2) as usize);
+    // With pooled tunnels (the default) each proxy holds one fd per connection (the app's side;
+    // the tunnels between them are few), and some of its own; without them, two.
+    let connections = CONNECTIONS.min(nofile.saturating_sub(512) as usize);
     if connections < CONNECTIONS {
         println!(
             "open-files limit {nofile} (the hard limit could not be raised): {connections} connections, not {CONNECTIONS}"
