@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use super::pressure::Pressure;
 use crate::config::ConnectionLimits;
 use crate::handlers::Body;
 use crate::state::Ca;
@@ -36,6 +37,7 @@ pub(super) async fn serve_api(
 ) {
     let limits = ca.config.connections;
     let gate = ConnectionGate::new(limits.max_connections, limits.max_connections_per_source);
+    let pressure = Arc::new(Pressure::new(limits.max_connections));
     let builder = Arc::new(http_builder(&limits));
     let mut connections = JoinSet::new();
     loop {
@@ -51,7 +53,9 @@ pub(super) async fn serve_api(
             },
             _ = until_true(&mut shutdown) => break,
         };
-        let permit = match gate.admit(peer.ip()) {
+        let admitted = gate.admit(peer.ip());
+        pressure.update(gate.open());
+        let permit = match admitted {
             Ok(permit) => permit,
             Err(why) => {
                 ca.metrics.api_connections.refused(why, peer.ip());
@@ -60,15 +64,22 @@ pub(super) async fn serve_api(
             }
         };
         let _ = tcp.set_nodelay(true);
-        connections.spawn(serve_connection(
+        let (gate, pressure) = (gate.clone(), pressure.clone());
+        let connection = serve_connection(
             tcp,
             peer,
             permit,
             acceptor.clone(),
             ca.clone(),
             builder.clone(),
+            pressure.subscribe(),
             shutdown.clone(),
-        ));
+        );
+        connections.spawn(async move {
+            connection.await;
+            // The permit is back: the count may have fallen below the low mark.
+            pressure.update(gate.open());
+        });
     }
     let grace = ca.config.shutdown_grace;
     let drain = async { while connections.join_next().await.is_some() {} };
@@ -104,6 +115,7 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     ca: Arc<Ca>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    mut near_cap: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _open = (ca.metrics.api_connections.track(), permit);
@@ -139,7 +151,8 @@ async fn serve_connection(
     // bounds the drain) or for idleness (a short one).
     let mut closing: Option<Option<Instant>> = None;
     let result = loop {
-        let idle = activity.idle_deadline(&limits);
+        let shed = *near_cap.borrow_and_update();
+        let idle = activity.idle_deadline(&limits, shed);
         tokio::select! {
             result = conn.as_mut() => break result,
             _ = until_true(&mut shutdown), if closing.is_none() => {
@@ -147,7 +160,7 @@ async fn serve_connection(
                 closing = Some(None);
             }
             _ = sleep_until(idle.map(|(at, _)| at)), if closing.is_none() => {
-                if let Some((at, bound)) = activity.idle_deadline(&limits)
+                if let Some((at, bound)) = activity.idle_deadline(&limits, shed)
                     && at <= Instant::now()
                 {
                     stats.closed_by(bound, peer.ip());
@@ -155,6 +168,9 @@ async fn serve_connection(
                     closing = Some(Some(Instant::now() + CLOSE_GRACE));
                 }
             }
+            // Either can move the idle deadline: look again.
+            _ = activity.idled.notified(), if closing.is_none() => {}
+            _ = near_cap.changed(), if closing.is_none() => {}
             _ = sleep_until(closing.flatten()), if closing.flatten().is_some() => return,
         }
     };
@@ -202,7 +218,12 @@ fn bound_that_bit(error: &(dyn std::error::Error + 'static), h2: bool) -> Option
 }
 
 /// Whether a connection has a request in flight, and since when it has had none.
-struct Activity(Mutex<ActivityState>);
+struct Activity {
+    state: Mutex<ActivityState>,
+    /// Woken when the last request in flight ends, so that the idle deadline is looked at
+    /// again.
+    idled: tokio::sync::Notify,
+}
 
 struct ActivityState {
     in_flight: usize,
@@ -251,15 +272,18 @@ impl hyper::body::Body for InFlightBody {
 
 impl Activity {
     fn new() -> Self {
-        Activity(Mutex::new(ActivityState {
-            in_flight: 0,
-            idle_since: Instant::now(),
-            requests: 0,
-        }))
+        Activity {
+            state: Mutex::new(ActivityState {
+                in_flight: 0,
+                idle_since: Instant::now(),
+                requests: 0,
+            }),
+            idled: tokio::sync::Notify::new(),
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, ActivityState> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
@@ -271,8 +295,13 @@ impl Activity {
 
     /// When the connection is to be closed if nothing happens, and which bound that is: the
     /// header-read timeout for a connection that has sent no request yet, the idle timeout
-    /// after; `None` while a request is in flight.
-    fn idle_deadline(&self, limits: &ConnectionLimits) -> Option<(Instant, &'static str)> {
+    /// after, or at once when the port is near its cap (`shed`, [`Pressure`]); `None` while a
+    /// request is in flight.
+    fn idle_deadline(
+        &self,
+        limits: &ConnectionLimits,
+        shed: bool,
+    ) -> Option<(Instant, &'static str)> {
         let state = self.state();
         if state.in_flight > 0 {
             return None;
@@ -282,6 +311,8 @@ impl Activity {
                 state.idle_since + limits.header_read_timeout,
                 "header_timeout",
             )
+        } else if shed {
+            (state.idle_since, "idle_near_cap")
         } else {
             (state.idle_since + limits.idle_timeout, "idle_timeout")
         })
@@ -294,6 +325,7 @@ impl Drop for InFlight {
         state.in_flight -= 1;
         if state.in_flight == 0 {
             state.idle_since = Instant::now();
+            self.0.idled.notify_one();
         }
     }
 }

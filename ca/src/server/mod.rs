@@ -4,6 +4,7 @@
 
 mod accept;
 mod parts;
+mod pressure;
 mod serving_cert;
 
 use std::net::SocketAddr;
