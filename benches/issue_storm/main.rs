@@ -174,11 +174,14 @@ fn main() {
         "  ceiling:     CA efficiency = crypto/cert ÷ CA CPU/cert = {crypto_us:.0} ÷ {ca_us:.0} = {efficiency:.0}% of the crypto ceiling (target ≥ 85%); naive: {rate:.0}/s ÷ ({cores} cores ÷ {crypto_us:.0} µs = {ceiling_rate:.0}/s) = {:.0}%, the load client sharing the cores",
         100.0 * rate / ceiling_rate
     );
-    println!("  audit:       {audited} lines for {served} certificates issued");
+    println!(
+        "  audit:       {audited} lines for {served} certificates received ({} issued to proxies that had given up waiting: work the CA did for nothing)",
+        audited.saturating_sub(served)
+    );
     assert_eq!(failed, 0, "proxies without a certificate");
-    assert_eq!(
-        audited, served,
-        "audit lines and certificates issued differ"
+    assert!(
+        audited >= served,
+        "a certificate received has no audit line"
     );
 }
 
