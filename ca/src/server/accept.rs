@@ -72,8 +72,10 @@ pub(super) async fn serve_api(
             acceptor.clone(),
             ca.clone(),
             builder.clone(),
-            pressure.subscribe(),
-            shutdown.clone(),
+            Signals {
+                near_cap: pressure.subscribe(),
+                shutdown: shutdown.clone(),
+            },
         );
         connections.spawn(async move {
             connection.await;
@@ -108,6 +110,13 @@ fn http_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// What a connection listens to besides its peer: the CA shutting down, and the port nearing its
+/// cap ([`Pressure`]).
+struct Signals {
+    near_cap: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+}
+
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -115,9 +124,12 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     ca: Arc<Ca>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    mut near_cap: watch::Receiver<bool>,
-    mut shutdown: watch::Receiver<bool>,
+    signals: Signals,
 ) {
+    let Signals {
+        mut near_cap,
+        mut shutdown,
+    } = signals;
     let _open = (ca.metrics.api_connections.track(), permit);
     let limits = ca.config.connections;
     let stats = ca.metrics.api_connections.clone();
