@@ -1,6 +1,6 @@
 //! The API listener: admission within the connection caps, the first byte peeked (plain HTTP
-//! gets a JSON 400 naming https), the TLS handshake within its deadline, then HTTP/1.1 or HTTP/2
-//! to the handlers under the header, idle and HTTP/2 bounds, and a graceful drain on shutdown.
+//! gets a JSON 400 naming https), the TLS handshake in turn within its deadlines
+//! ([`super::handshakes`]), then HTTP/1.1 or HTTP/2 to the handlers under the header, idle and HTTP/2 bounds, and a graceful drain on shutdown.
 //! Every bound that bites is counted (`palisade_ca_api_connections_*`) and logged at most every
 //! 10 s.
 
@@ -11,7 +11,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use palisade_ca_api::wire::{ErrorBody, ErrorCode};
 use palisade_plumbing::conn_gate::{ConnectionGate, ConnectionPermit};
 use palisade_plumbing::until_true;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,6 +19,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use super::handshakes::{Handshakes, NotHandshaken};
 use super::pressure::Pressure;
 use crate::config::ConnectionLimits;
 use crate::handlers::Body;
@@ -39,6 +39,7 @@ pub(super) async fn serve_api(
     let gate = ConnectionGate::new(limits.max_connections, limits.max_connections_per_source);
     let pressure = Arc::new(Pressure::new(limits.max_connections));
     let builder = Arc::new(http_builder(&limits));
+    let handshakes = Arc::new(Handshakes::new(acceptor, limits));
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -63,13 +64,14 @@ pub(super) async fn serve_api(
                 continue;
             }
         };
+        let accepted_at = Instant::now();
         let _ = tcp.set_nodelay(true);
         let (gate, pressure) = (gate.clone(), pressure.clone());
         let connection = serve_connection(
             tcp,
             peer,
-            permit,
-            acceptor.clone(),
+            (permit, accepted_at),
+            handshakes.clone(),
             ca.clone(),
             builder.clone(),
             Signals {
@@ -120,8 +122,8 @@ struct Signals {
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
-    permit: ConnectionPermit,
-    acceptor: TlsAcceptor,
+    (permit, accepted_at): (ConnectionPermit, Instant),
+    handshakes: Arc<Handshakes>,
     ca: Arc<Ca>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     signals: Signals,
@@ -133,13 +135,11 @@ async fn serve_connection(
     let _open = (ca.metrics.api_connections.track(), permit);
     let limits = ca.config.connections;
     let stats = ca.metrics.api_connections.clone();
-    let tls = match tokio::time::timeout(limits.handshake_timeout, handshake(tcp, &acceptor, &ca))
-        .await
-    {
-        Ok(Some(tls)) => tls,
-        Ok(None) => return,
-        Err(_) => {
-            stats.closed_by("handshake_timeout", peer.ip());
+    let tls = match handshakes.handshake(tcp, accepted_at, &ca).await {
+        Ok(tls) => tls,
+        Err(NotHandshaken::Refused) => return,
+        Err(NotHandshaken::Bound(bound)) => {
+            stats.closed_by(bound, peer.ip());
             return;
         }
     };
@@ -340,47 +340,4 @@ impl Drop for InFlight {
             self.0.idled.notify_one();
         }
     }
-}
-
-/// Peeks at the first byte: TLS goes on to the handshake; plain HTTP gets a JSON 400 that says
-/// to use https; anything else is dropped. The caller bounds the whole in time.
-async fn handshake(
-    tcp: TcpStream,
-    acceptor: &TlsAcceptor,
-    ca: &Ca,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    let mut first = [0u8; 1];
-    match tcp.peek(&mut first).await {
-        Ok(1) => {}
-        _ => return None,
-    }
-    if first[0] != 0x16 {
-        ca.metrics.refused(ErrorCode::TlsRequired.as_str());
-        if first[0].is_ascii_uppercase() {
-            reply_tls_required(tcp).await;
-        }
-        return None;
-    }
-    match acceptor.accept(tcp).await {
-        Ok(tls) => Some(tls),
-        Err(error) => {
-            tracing::debug!(%error, "TLS handshake failed");
-            None
-        }
-    }
-}
-
-async fn reply_tls_required(mut tcp: TcpStream) {
-    use tokio::io::AsyncWriteExt;
-    let body = serde_json::to_string(&ErrorBody::new(
-        ErrorCode::TlsRequired,
-        "this port speaks HTTPS (TLS 1.3) only: use https:// and trust the mesh root from GET /v1/trust-bundle or `palisade-ca bundle`",
-    ))
-    .expect("serializes");
-    let resp = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(resp.as_bytes())).await;
-    let _ = tcp.shutdown().await;
 }
