@@ -1,7 +1,7 @@
 //! One proxy of the storm asking for its first certificate, as `palisade-proxy` does: its own
 //! connection (TCP, TLS 1.3 verifying the CA's chain against the mesh roots, HTTP/2), the steps
 //! of `palisade_ca_api::client::CaClient` with its 10 s bounds (`PALISADE_CA_TIMEOUT`), and on
-//! any failure the proxy's retry schedule (`palisade_proxy::identity::backoff` from 1 s, capped
+//! any failure the proxy's retry schedule (`palisade_proxy::identity::jittered_backoff` from 1 s, capped
 //! at 60 s, as `palisade_proxy::run` sets it). What differs is only what a load client must do
 //! to stand for 20,000 pods in one process: each proxy connects from an address of its own in
 //! 127.0.0.0/8 (pods have their own IPs; the CA caps connections per source address), the
@@ -110,7 +110,7 @@ pub async fn ask(proxy: &Proxy, target: &Target, released: Instant, bound: Durat
             }
             Err(why) => failures.push(why),
         }
-        let wait = palisade_proxy::identity::backoff(attempt, BACKOFF_BASE, BACKOFF_CAP);
+        let wait = palisade_proxy::identity::jittered_backoff(attempt, BACKOFF_BASE, BACKOFF_CAP);
         attempt += 1;
         if released.elapsed() + wait >= bound {
             return Outcome {

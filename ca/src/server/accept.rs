@@ -135,7 +135,7 @@ async fn serve_connection(
     let _open = (ca.metrics.api_connections.track(), permit);
     let limits = ca.config.connections;
     let stats = ca.metrics.api_connections.clone();
-    let tls = match handshakes.handshake(tcp, accepted_at, &ca).await {
+    let tls = match handshakes.handshake(tcp, accepted_at, &ca.metrics).await {
         Ok(tls) => tls,
         Err(NotHandshaken::Refused) => return,
         Err(NotHandshaken::Bound(bound)) => {
