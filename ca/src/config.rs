@@ -78,6 +78,9 @@ pub struct ConnectionLimits {
     pub max_connections_per_source: usize,
     /// From accept to a finished TLS handshake.
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once; more wait their turn, first come first served, for at
+    /// most the header-read timeout from accept.
+    pub max_concurrent_handshakes: usize,
     /// For the headers of a request (HTTP/1.1), and for the first request of a connection.
     pub header_read_timeout: Duration,
     /// A connection with no request in flight this long is closed.
@@ -98,6 +101,7 @@ impl Default for ConnectionLimits {
             max_connections: 10_000,
             max_connections_per_source: 64,
             handshake_timeout: Duration::from_secs(5),
+            max_concurrent_handshakes: crate::server::handshakes::default_concurrency(),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             h2_max_concurrent_streams: 100,
@@ -200,6 +204,9 @@ impl ServeConfig {
                 "--max-connections-per-source",
                 "must be at least 1",
             ));
+        }
+        if c.max_concurrent_handshakes == 0 {
+            return Err(invalid("--max-concurrent-handshakes", "must be at least 1"));
         }
         for (flag, d) in [
             ("--tls-handshake-timeout", c.handshake_timeout),

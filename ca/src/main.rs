@@ -232,6 +232,10 @@ struct ServeArgs {
     /// Time from accept to a finished TLS handshake.
     #[arg(long, env = "PALISADE_TLS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     tls_handshake_timeout: std::time::Duration,
+    /// TLS handshakes in progress at once on the API port; more wait their turn. Default: 4 per
+    /// core.
+    #[arg(long, env = "PALISADE_MAX_CONCURRENT_HANDSHAKES")]
+    max_concurrent_handshakes: Option<usize>,
     /// Time for a request's headers, and for a connection's first request.
     #[arg(long, env = "PALISADE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     header_read_timeout: std::time::Duration,
@@ -355,6 +359,9 @@ fn serve_config(a: ServeArgs) -> anyhow::Result<ServeConfig> {
     config.connections.max_connections = a.max_connections;
     config.connections.max_connections_per_source = a.max_connections_per_source;
     config.connections.handshake_timeout = a.tls_handshake_timeout;
+    if let Some(n) = a.max_concurrent_handshakes {
+        config.connections.max_concurrent_handshakes = n;
+    }
     config.connections.header_read_timeout = a.header_read_timeout;
     config.connections.idle_timeout = a.idle_timeout;
     let duration = |flag: &str, d: std::time::Duration| {

@@ -38,6 +38,8 @@ pub struct Metrics {
     intermediate_not_after: AtomicI64,
     /// What the API port's connection bounds did.
     pub api_connections: Arc<ConnectionStats>,
+    /// API connections whose TLS handshake waits for its turn.
+    pub api_handshakes_waiting: AtomicI64,
     /// What the admin port's connection bounds did.
     pub admin_connections: Arc<ConnectionStats>,
     source_limited: AtomicU64,
@@ -69,6 +71,7 @@ impl Metrics {
             kube_watch_errors: CounterFamily::default(),
             intermediate_not_after: AtomicI64::new(intermediate_not_after_unix),
             api_connections: Arc::new(ConnectionStats::new("api")),
+            api_handshakes_waiting: AtomicI64::new(0),
             admin_connections: Arc::new(ConnectionStats::new("admin")),
             source_limited: AtomicU64::new(0),
             source_limited_log: LogThrottle::default(),
@@ -292,6 +295,12 @@ impl Metrics {
             self.source_limited.load(Ordering::Relaxed),
         );
         self.api_connections.encode(&mut out, "palisade_ca_api");
+        out.single(
+            "palisade_ca_api_handshakes_waiting",
+            Kind::Gauge,
+            "API connections accepted whose TLS handshake waits for its turn (at most --max-concurrent-handshakes are in progress).",
+            self.api_handshakes_waiting.load(Ordering::Relaxed),
+        );
         self.admin_connections.encode(&mut out, "palisade_ca_admin");
         out.finish()
     }

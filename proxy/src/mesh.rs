@@ -27,7 +27,7 @@ use palisade_ca_api::wire::{
 };
 use tokio::sync::{Notify, watch};
 
-use crate::identity::{CertStore, EarlyRenewal, backoff};
+use crate::identity::{CertStore, EarlyRenewal, jittered_backoff};
 use crate::source::MeshWatcher;
 use crate::tls::{Offer, TrustBundle, parse_pem_list};
 
@@ -483,7 +483,8 @@ pub async fn run_watch(
             _ = shutdown.wait_for(|s| *s) => return,
         };
         if failed {
-            let wait = backoff(attempt, state.config.backoff_base, state.config.backoff_cap);
+            let wait =
+                jittered_backoff(attempt, state.config.backoff_base, state.config.backoff_cap);
             attempt = attempt.saturating_add(1);
             // A new leaf or new roots may be what the CA was refusing: try them at once.
             tokio::select! {

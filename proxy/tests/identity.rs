@@ -164,17 +164,23 @@ async fn failures_back_off_exponentially_and_the_proxy_waits_for_the_ca() {
     ]);
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(run_rotation(r.identity.clone(), stopped));
-    tokio::time::sleep(Duration::from_millis(14_500)).await;
+    // Four refusals wait at least 0.5 + 1 + 2 + 4 s (equal jitter: each wait is in the upper
+    // half of its doubling step).
+    tokio::time::sleep(Duration::from_millis(7_400)).await;
     // A control plane down at start-up: no certificate, so not ready.
     assert!(r.identity.store.valid().is_none());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // ... and at most 1 + 2 + 4 + 8 s.
+    tokio::time::sleep(Duration::from_millis(8_000)).await;
     let seen = r.ca.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 5);
-    let gaps: Vec<u64> = seen
-        .windows(2)
-        .map(|w| (w[1].at - w[0].at).as_secs())
-        .collect();
-    assert_eq!(gaps, [1, 2, 4, 8]);
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].at - w[0].at).collect();
+    for (gap, step) in gaps.iter().zip([1u64, 2, 4, 8]) {
+        let step = Duration::from_secs(step);
+        assert!(
+            *gap >= step / 2 && *gap <= step,
+            "a wait outside the upper half of its step: {gaps:?}"
+        );
+    }
     assert!(r.identity.store.valid().is_some());
     assert_eq!(r.identity.metrics.rotations(), (1, 4));
     stop.send(true).unwrap();

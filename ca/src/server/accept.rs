@@ -1,6 +1,6 @@
 //! The API listener: admission within the connection caps, the first byte peeked (plain HTTP
-//! gets a JSON 400 naming https), the TLS handshake within its deadline, then HTTP/1.1 or HTTP/2
-//! to the handlers under the header, idle and HTTP/2 bounds, and a graceful drain on shutdown.
+//! gets a JSON 400 naming https), the TLS handshake in turn within its deadlines
+//! ([`super::handshakes`]), then HTTP/1.1 or HTTP/2 to the handlers under the header, idle and HTTP/2 bounds, and a graceful drain on shutdown.
 //! Every bound that bites is counted (`palisade_ca_api_connections_*`) and logged at most every
 //! 10 s.
 
@@ -11,7 +11,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use palisade_ca_api::wire::{ErrorBody, ErrorCode};
 use palisade_plumbing::conn_gate::{ConnectionGate, ConnectionPermit};
 use palisade_plumbing::until_true;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,6 +19,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use super::handshakes::{Handshakes, NotHandshaken};
+use super::pressure::Pressure;
 use crate::config::ConnectionLimits;
 use crate::handlers::Body;
 use crate::state::Ca;
@@ -36,7 +37,9 @@ pub(super) async fn serve_api(
 ) {
     let limits = ca.config.connections;
     let gate = ConnectionGate::new(limits.max_connections, limits.max_connections_per_source);
+    let pressure = Arc::new(Pressure::new(limits.max_connections));
     let builder = Arc::new(http_builder(&limits));
+    let handshakes = Arc::new(Handshakes::new(acceptor, limits));
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -51,7 +54,9 @@ pub(super) async fn serve_api(
             },
             _ = until_true(&mut shutdown) => break,
         };
-        let permit = match gate.admit(peer.ip()) {
+        let admitted = gate.admit(peer.ip());
+        pressure.update(gate.open());
+        let permit = match admitted {
             Ok(permit) => permit,
             Err(why) => {
                 ca.metrics.api_connections.refused(why, peer.ip());
@@ -59,16 +64,26 @@ pub(super) async fn serve_api(
                 continue;
             }
         };
+        let accepted_at = Instant::now();
         let _ = tcp.set_nodelay(true);
-        connections.spawn(serve_connection(
+        let (gate, pressure) = (gate.clone(), pressure.clone());
+        let connection = serve_connection(
             tcp,
             peer,
-            permit,
-            acceptor.clone(),
+            (permit, accepted_at),
+            handshakes.clone(),
             ca.clone(),
             builder.clone(),
-            shutdown.clone(),
-        ));
+            Signals {
+                near_cap: pressure.subscribe(),
+                shutdown: shutdown.clone(),
+            },
+        );
+        connections.spawn(async move {
+            connection.await;
+            // The permit is back: the count may have fallen below the low mark.
+            pressure.update(gate.open());
+        });
     }
     let grace = ca.config.shutdown_grace;
     let drain = async { while connections.join_next().await.is_some() {} };
@@ -97,25 +112,34 @@ fn http_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// What a connection listens to besides its peer: the CA shutting down, and the port nearing its
+/// cap ([`Pressure`]).
+struct Signals {
+    near_cap: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+}
+
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
-    permit: ConnectionPermit,
-    acceptor: TlsAcceptor,
+    (permit, accepted_at): (ConnectionPermit, Instant),
+    handshakes: Arc<Handshakes>,
     ca: Arc<Ca>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    mut shutdown: watch::Receiver<bool>,
+    signals: Signals,
 ) {
+    let Signals {
+        mut near_cap,
+        mut shutdown,
+    } = signals;
     let _open = (ca.metrics.api_connections.track(), permit);
     let limits = ca.config.connections;
     let stats = ca.metrics.api_connections.clone();
-    let tls = match tokio::time::timeout(limits.handshake_timeout, handshake(tcp, &acceptor, &ca))
-        .await
-    {
-        Ok(Some(tls)) => tls,
-        Ok(None) => return,
-        Err(_) => {
-            stats.closed_by("handshake_timeout", peer.ip());
+    let tls = match handshakes.handshake(tcp, accepted_at, &ca.metrics).await {
+        Ok(tls) => tls,
+        Err(NotHandshaken::Refused) => return,
+        Err(NotHandshaken::Bound(bound)) => {
+            stats.closed_by(bound, peer.ip());
             return;
         }
     };
@@ -139,7 +163,8 @@ async fn serve_connection(
     // bounds the drain) or for idleness (a short one).
     let mut closing: Option<Option<Instant>> = None;
     let result = loop {
-        let idle = activity.idle_deadline(&limits);
+        let shed = *near_cap.borrow_and_update();
+        let idle = activity.idle_deadline(&limits, shed);
         tokio::select! {
             result = conn.as_mut() => break result,
             _ = until_true(&mut shutdown), if closing.is_none() => {
@@ -147,7 +172,7 @@ async fn serve_connection(
                 closing = Some(None);
             }
             _ = sleep_until(idle.map(|(at, _)| at)), if closing.is_none() => {
-                if let Some((at, bound)) = activity.idle_deadline(&limits)
+                if let Some((at, bound)) = activity.idle_deadline(&limits, shed)
                     && at <= Instant::now()
                 {
                     stats.closed_by(bound, peer.ip());
@@ -155,6 +180,9 @@ async fn serve_connection(
                     closing = Some(Some(Instant::now() + CLOSE_GRACE));
                 }
             }
+            // Either can move the idle deadline: look again.
+            _ = activity.idled.notified(), if closing.is_none() => {}
+            _ = near_cap.changed(), if closing.is_none() => {}
             _ = sleep_until(closing.flatten()), if closing.flatten().is_some() => return,
         }
     };
@@ -202,7 +230,12 @@ fn bound_that_bit(error: &(dyn std::error::Error + 'static), h2: bool) -> Option
 }
 
 /// Whether a connection has a request in flight, and since when it has had none.
-struct Activity(Mutex<ActivityState>);
+struct Activity {
+    state: Mutex<ActivityState>,
+    /// Woken when the last request in flight ends, so that the idle deadline is looked at
+    /// again.
+    idled: tokio::sync::Notify,
+}
 
 struct ActivityState {
     in_flight: usize,
@@ -251,15 +284,18 @@ impl hyper::body::Body for InFlightBody {
 
 impl Activity {
     fn new() -> Self {
-        Activity(Mutex::new(ActivityState {
-            in_flight: 0,
-            idle_since: Instant::now(),
-            requests: 0,
-        }))
+        Activity {
+            state: Mutex::new(ActivityState {
+                in_flight: 0,
+                idle_since: Instant::now(),
+                requests: 0,
+            }),
+            idled: tokio::sync::Notify::new(),
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, ActivityState> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
@@ -271,8 +307,13 @@ impl Activity {
 
     /// When the connection is to be closed if nothing happens, and which bound that is: the
     /// header-read timeout for a connection that has sent no request yet, the idle timeout
-    /// after; `None` while a request is in flight.
-    fn idle_deadline(&self, limits: &ConnectionLimits) -> Option<(Instant, &'static str)> {
+    /// after, or at once when the port is near its cap (`shed`, [`Pressure`]); `None` while a
+    /// request is in flight.
+    fn idle_deadline(
+        &self,
+        limits: &ConnectionLimits,
+        shed: bool,
+    ) -> Option<(Instant, &'static str)> {
         let state = self.state();
         if state.in_flight > 0 {
             return None;
@@ -282,6 +323,8 @@ impl Activity {
                 state.idle_since + limits.header_read_timeout,
                 "header_timeout",
             )
+        } else if shed {
+            (state.idle_since, "idle_near_cap")
         } else {
             (state.idle_since + limits.idle_timeout, "idle_timeout")
         })
@@ -294,49 +337,7 @@ impl Drop for InFlight {
         state.in_flight -= 1;
         if state.in_flight == 0 {
             state.idle_since = Instant::now();
+            self.0.idled.notify_one();
         }
     }
-}
-
-/// Peeks at the first byte: TLS goes on to the handshake; plain HTTP gets a JSON 400 that says
-/// to use https; anything else is dropped. The caller bounds the whole in time.
-async fn handshake(
-    tcp: TcpStream,
-    acceptor: &TlsAcceptor,
-    ca: &Ca,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    let mut first = [0u8; 1];
-    match tcp.peek(&mut first).await {
-        Ok(1) => {}
-        _ => return None,
-    }
-    if first[0] != 0x16 {
-        ca.metrics.refused(ErrorCode::TlsRequired.as_str());
-        if first[0].is_ascii_uppercase() {
-            reply_tls_required(tcp).await;
-        }
-        return None;
-    }
-    match acceptor.accept(tcp).await {
-        Ok(tls) => Some(tls),
-        Err(error) => {
-            tracing::debug!(%error, "TLS handshake failed");
-            None
-        }
-    }
-}
-
-async fn reply_tls_required(mut tcp: TcpStream) {
-    use tokio::io::AsyncWriteExt;
-    let body = serde_json::to_string(&ErrorBody::new(
-        ErrorCode::TlsRequired,
-        "this port speaks HTTPS (TLS 1.3) only: use https:// and trust the mesh root from GET /v1/trust-bundle or `palisade-ca bundle`",
-    ))
-    .expect("serializes");
-    let resp = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(resp.as_bytes())).await;
-    let _ = tcp.shutdown().await;
 }

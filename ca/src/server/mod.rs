@@ -3,7 +3,9 @@
 //! tests bind port 0. Each step is a function of [`parts`]; this file only puts them in order.
 
 mod accept;
+pub(crate) mod handshakes;
 mod parts;
+mod pressure;
 mod serving_cert;
 
 use std::net::SocketAddr;

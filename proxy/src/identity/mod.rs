@@ -11,5 +11,5 @@ mod store;
 pub use anchors::{ANCHORS_POLL_INTERVAL, AnchorsFile, AnchorsReader, Reading, watch_anchors};
 pub use early::{Ask, EarlyRenewal, directive_delay};
 pub use rotation::{Identity, IdentityConfig, IdentityError, run_rotation};
-pub use schedule::{backoff, renew_at};
+pub use schedule::{backoff, jittered_backoff, renew_at};
 pub use store::{CertStore, Installed, issuer_fingerprint};

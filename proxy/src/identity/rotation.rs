@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::anchors::AnchorsFile;
 use super::early::EarlyRenewal;
-use super::schedule::{backoff, renew_at};
+use super::schedule::{jittered_backoff, renew_at};
 use super::store::{CertStore, Installed, issuer_fingerprint};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
@@ -253,7 +253,7 @@ pub async fn run_rotation(identity: Arc<Identity>, mut shutdown: watch::Receiver
             }
             Err(e) => {
                 identity.metrics.rotation_failed();
-                let mut wait = backoff(
+                let mut wait = jittered_backoff(
                     attempt,
                     identity.config.backoff_base,
                     identity.config.backoff_cap,

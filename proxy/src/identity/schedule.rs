@@ -22,6 +22,20 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     base.checked_mul(factor).unwrap_or(cap).min(cap)
 }
 
+/// [`backoff`] with equal jitter: a wait drawn uniformly from its upper half, so that proxies
+/// refused together (a CA restart, a renewal storm) do not all come back at the same instant,
+/// while each still waits at least half the step and never more than it (nor more than `cap`).
+pub fn jittered_backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    equal_jitter(backoff(attempt, base, cap), fastrand::f64())
+}
+
+/// `wait` moved into its upper half by `unit` (in `0.0..=1.0`): half of `wait` at 0, all of it
+/// at 1.
+pub fn equal_jitter(wait: Duration, unit: f64) -> Duration {
+    let half = wait / 2;
+    half + (wait - half).mul_f64(unit.clamp(0.0, 1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +67,40 @@ mod tests {
         let waits: Vec<u64> = (0..9).map(|a| backoff(a, b, cap).as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
         assert_eq!(backoff(200, b, cap), cap);
+    }
+
+    #[test]
+    fn equal_jitter_stays_in_the_upper_half() {
+        let d = Duration::from_secs(8);
+        assert_eq!(equal_jitter(d, 0.0), Duration::from_secs(4));
+        assert_eq!(equal_jitter(d, 1.0), d);
+        assert_eq!(equal_jitter(d, 0.5), Duration::from_secs(6));
+        assert_eq!(equal_jitter(d, 7.0), d, "out of range is clamped");
+    }
+
+    #[test]
+    fn jittered_backoff_is_spread_and_bounded() {
+        let (base, cap) = (Duration::from_secs(1), Duration::from_secs(60));
+        for attempt in [0, 1, 3, 6, 10] {
+            let step = backoff(attempt, base, cap);
+            let waits: Vec<Duration> = (0..1000)
+                .map(|_| jittered_backoff(attempt, base, cap))
+                .collect();
+            assert!(
+                waits
+                    .iter()
+                    .all(|w| *w >= step / 2 && *w <= step && *w <= cap),
+                "attempt {attempt}: a wait outside {:?}..={step:?}",
+                step / 2
+            );
+            // Spread: a thousand proxies refused at once land across the range, not together.
+            let (lo, hi) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+            assert!(
+                *hi - *lo > step * 4 / 10,
+                "attempt {attempt}: waits bunched in {lo:?}..{hi:?}"
+            );
+            let distinct: std::collections::BTreeSet<_> = waits.iter().collect();
+            assert!(distinct.len() > 900, "attempt {attempt}: waits repeat");
+        }
     }
 }
