@@ -115,16 +115,14 @@ fn make_certs(dir: &Path) {
 fn proxy_role(role: &str) {
     palisade_ca_api::tls::install_default_provider();
     let dir = PathBuf::from(std::env::var("BENCH_DIR").unwrap());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::env::var("BENCH_WORKERS")
-                .ok()
-                .and_then(|w| w.parse().ok())
-                .unwrap_or(1),
-        )
-        .enable_all()
-        .build()
-        .unwrap();
+    // The runtime the proxy builds for PALISADE_WORKER_THREADS.
+    let rt = palisade_proxy::run::runtime(
+        std::env::var("BENCH_WORKERS")
+            .ok()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(1),
+    )
+    .unwrap();
     // Both client roles (pod address, Service address) are the client identity.
     let identity = if role == "server" { "server" } else { "client" };
     rt.block_on(async move {

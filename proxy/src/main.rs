@@ -163,11 +163,7 @@ fn main() -> ExitCode {
             };
             // The filter was checked with the rest of the configuration.
             let _ = palisade_plumbing::logging::init(&config.log, config.log_format);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(config.worker_threads)
-                .enable_all()
-                .build()
-                .expect("a tokio runtime");
+            let rt = palisade_proxy::run::runtime(config.worker_threads).expect("a tokio runtime");
             match rt.block_on(palisade_proxy::run::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
